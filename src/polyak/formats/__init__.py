@@ -1,0 +1,213 @@
+"""Checkpoint formats, each one module behind the reader/writer interface of ``base``.
+
+The registry below is the one place that lists them. Modules are imported only
+when a file of their format is opened, so ``import polyak`` never imports torch.
+
+| format          | suffixes                      | module          |
+|-----------------|-------------------------------|-----------------|
+| safetensors     | .safetensors, sharded dirs    | safetensors     |
+| npz             | .npz                          | npz             |
+| torch           | .pt .pth .bin .ckpt           | torch           |
+| keras-weights   | .weights.h5                   | keras           |
+| keras           | .keras                        | keras           |
+| keras-h5        | .h5 .hdf5 (legacy full model) | keras           |
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from polyak.errors import CheckpointError, OutputError
+from polyak.formats.base import CheckpointReader, CheckpointWriter, TensorInfo
+
+__all__ = [
+    "FORMATS",
+    "CheckpointReader",
+    "CheckpointWriter",
+    "Format",
+    "TensorInfo",
+    "format_for_output",
+    "format_of",
+    "open_checkpoint",
+]
+
+# Files inside a directory checkpoint (Hugging Face layout) that hold the model.
+DIRECTORY_MODEL_FILES = (
+    "model.safetensors.index.json",
+    "model.safetensors",
+    "pytorch_model.bin",
+)
+
+
+@dataclass(frozen=True)
+class Format:
+    """One checkpoint format: how to recognize it and which module reads and writes it."""
+
+    name: str
+    suffixes: tuple[str, ...]
+    module: str
+    reader: str
+    writer: str
+    description: str
+
+    def load(self, attribute: str) -> Any:
+        return getattr(importlib.import_module(self.module), attribute)
+
+    def open(self, path: Path, **options: Any) -> CheckpointReader:
+        return self.load(self.reader)(path, **options)
+
+    def write(self, path, tensors, template) -> None:
+        self.load(self.writer)(path, tensors, template)
+
+
+FORMATS: tuple[Format, ...] = (
+    Format(
+        "safetensors",
+        (".safetensors",),
+        "polyak.formats.safetensors",
+        "SafetensorsReader",
+        "write_safetensors",
+        "safetensors, memory-mapped",
+    ),
+    Format(
+        "sharded-safetensors",
+        (".safetensors.index.json",),
+        "polyak.formats.safetensors",
+        "ShardedSafetensorsReader",
+        "write_safetensors",
+        "sharded safetensors with a model.safetensors.index.json",
+    ),
+    Format("npz", (".npz",), "polyak.formats.npz", "NpzReader", "write_npz", "numpy .npz"),
+    Format(
+        "torch",
+        (".pt", ".pth", ".bin", ".ckpt"),
+        "polyak.formats.torch",
+        "TorchReader",
+        "write_torch",
+        "PyTorch pickle (weights_only), plain or Lightning/timm/fairseq checkpoint dict",
+    ),
+    Format(
+        "keras-weights",
+        (".weights.h5",),
+        "polyak.formats.keras",
+        "KerasWeightsReader",
+        "write_keras_weights",
+        "Keras 3 save_weights",
+    ),
+    Format(
+        "keras",
+        (".keras",),
+        "polyak.formats.keras",
+        "KerasArchiveReader",
+        "write_keras_archive",
+        "Keras 3 model.save (.keras zip)",
+    ),
+    Format(
+        "keras-h5",
+        (".h5", ".hdf5"),
+        "polyak.formats.keras",
+        "KerasLegacyH5Reader",
+        "write_keras_legacy_h5",
+        "legacy Keras full-model HDF5 (model.save('x.h5'))",
+    ),
+)
+_BY_NAME = {fmt.name: fmt for fmt in FORMATS}
+
+
+def _match_suffix(name: str) -> Format | None:
+    # Longest suffix wins, so ".weights.h5" is not taken for legacy ".h5".
+    best: tuple[int, Format] | None = None
+    lower = name.lower()
+    for fmt in FORMATS:
+        for suffix in fmt.suffixes:
+            if lower.endswith(suffix) and (best is None or len(suffix) > best[0]):
+                best = (len(suffix), fmt)
+    return best[1] if best else None
+
+
+def directory_model_file(path: Path) -> Path | None:
+    """The model file inside a directory checkpoint such as ``checkpoint-500/``, if any."""
+    for name in DIRECTORY_MODEL_FILES:
+        candidate = path / name
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def resolve_checkpoint_file(path: Path) -> Path:
+    """The file to open for a checkpoint path (a directory resolves to its model file)."""
+    if path.is_dir():
+        inner = directory_model_file(path)
+        if inner is None:
+            expected = ", ".join(DIRECTORY_MODEL_FILES)
+            raise CheckpointError(
+                f"checkpoint {path}: the directory holds no model file; expected one of {expected}."
+            )
+        return inner
+    return path
+
+
+def format_of(path: str | Path) -> Format:
+    """The format of a checkpoint path, from its suffix (directories: from their model file)."""
+    file = resolve_checkpoint_file(Path(path))
+    fmt = _match_suffix(file.name)
+    if fmt is None:
+        known = ", ".join(s for f in FORMATS for s in f.suffixes)
+        raise CheckpointError(
+            f"checkpoint {path}: unknown format of '{file.name}'. Known suffixes: {known}."
+        )
+    return fmt
+
+
+def format_for_output(path: str | Path, input_format: Format) -> Format:
+    """The format to write ``path`` in: its suffix decides; it must be able to hold the input.
+
+    Keras containers need a member of the same format as their template, so they
+    can only be written from inputs of that format. Any format converts to
+    safetensors, npz and torch.
+    """
+    fmt = _match_suffix(Path(path).name)
+    if fmt is None:
+        known = ", ".join(s for f in FORMATS for s in f.suffixes)
+        raise OutputError(f"output {path}: unknown suffix. Use one of: {known}.")
+    if fmt.name == "sharded-safetensors":
+        fmt = _BY_NAME["safetensors"]
+    if fmt.name.startswith("keras") and fmt.name != input_format.name:
+        raise OutputError(
+            f"output {path}: a {fmt.name} file can only be written from {fmt.name} inputs "
+            f"(it copies their architecture); the inputs are {input_format.name}. "
+            "Write .safetensors, .npz or .pt instead."
+        )
+    return fmt
+
+
+def open_checkpoint(path: str | Path, **options: Any) -> CheckpointReader:
+    """Open a checkpoint for reading, whatever its format.
+
+    Args:
+        path: a checkpoint file, or a directory holding one (``checkpoint-500/``).
+        **options: format-specific options, e.g. ``key="state_dict_ema"`` for torch.
+
+    Returns:
+        A reader with ``names()``, ``info(name)``, ``read(name)``; use it as a context manager.
+
+    Example:
+        >>> with polyak.open_checkpoint("model_499.h5") as reader:  # doctest: +SKIP
+        ...     print(reader.names())
+    """
+    path = Path(path)
+    options = {name: value for name, value in options.items() if value is not None}
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path}: no such file or directory.")
+    file = resolve_checkpoint_file(path)
+    fmt = format_of(file)
+    supported = {"key"} if fmt.name == "torch" else set()
+    unknown = set(options) - supported
+    if unknown:
+        raise CheckpointError(
+            f"checkpoint {path}: option(s) {sorted(unknown)} do not apply to {fmt.name} files."
+        )
+    return fmt.open(file, **options)

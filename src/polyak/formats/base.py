@@ -1,0 +1,149 @@
+"""The one small interface every checkpoint format implements.
+
+A reader looks like ``safetensors.safe_open``: it lists tensor names and tells each
+tensor's shape and dtype without reading data, then reads one tensor at a time.
+The averaging engine therefore holds one running sum and one tensor at a time,
+whatever the format.
+
+A writer is a function ``write(path, tensors, template)``: ``tensors`` is an
+iterable of ``(name, array)`` pairs in the order the output should hold them, and
+``template`` is the reader of the member whose container the output copies
+(the newest member: its architecture, its optimizer state where the container
+needs one). Each array is valid only until the next pair is requested, so the
+engine can reuse its buffers; a writer that must hold arrays copies them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import ml_dtypes
+import numpy as np
+
+__all__ = [
+    "DTYPES",
+    "CheckpointReader",
+    "CheckpointWriter",
+    "TensorInfo",
+    "dtype_name",
+    "is_floating",
+    "numpy_dtype",
+]
+
+# Canonical dtype names polyak reports and compares, and their numpy types.
+# bfloat16 comes from ml_dtypes (numpy has none).
+DTYPES: dict[str, np.dtype] = {
+    "float64": np.dtype(np.float64),
+    "float32": np.dtype(np.float32),
+    "float16": np.dtype(np.float16),
+    "bfloat16": np.dtype(ml_dtypes.bfloat16),
+    "int64": np.dtype(np.int64),
+    "int32": np.dtype(np.int32),
+    "int16": np.dtype(np.int16),
+    "int8": np.dtype(np.int8),
+    "uint64": np.dtype(np.uint64),
+    "uint32": np.dtype(np.uint32),
+    "uint16": np.dtype(np.uint16),
+    "uint8": np.dtype(np.uint8),
+    "bool": np.dtype(np.bool_),
+}
+_FLOATING = frozenset({"float64", "float32", "float16", "bfloat16"})
+_NAMES_BY_DTYPE = {dtype: name for name, dtype in DTYPES.items()}
+
+
+def dtype_name(dtype: np.dtype) -> str | None:
+    """The canonical name of a numpy dtype, or None if polyak does not support it."""
+    return _NAMES_BY_DTYPE.get(np.dtype(dtype).newbyteorder("="))
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    """The numpy dtype of a canonical dtype name."""
+    return DTYPES[name]
+
+
+def is_floating(name: str) -> bool:
+    """Whether tensors of this dtype are averaged (the others are carried over)."""
+    return name in _FLOATING
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What a reader knows about a tensor before reading it."""
+
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def size(self) -> int:
+        """Number of elements."""
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def nbytes(self) -> int:
+        """Number of bytes of the data."""
+        return self.size * DTYPES[self.dtype].itemsize
+
+
+class CheckpointReader(Protocol):
+    """A lazily opened checkpoint: names and infos first, data one tensor at a time."""
+
+    path: Path
+    format: str
+
+    def names(self) -> list[str]:
+        """Tensor names, in the file's own order."""
+        ...
+
+    def info(self, name: str) -> TensorInfo:
+        """Shape and dtype of one tensor, without reading its data."""
+        ...
+
+    def read(self, name: str) -> np.ndarray:
+        """The data of one tensor (possibly a read-only memory map)."""
+        ...
+
+    def close(self) -> None:
+        """Release files and memory maps."""
+        ...
+
+    def __enter__(self) -> CheckpointReader: ...
+
+    def __exit__(self, *exc_info: object) -> None: ...
+
+
+class CheckpointWriter(Protocol):
+    """Writes tensors to ``path`` in a format, copying ``template``'s container."""
+
+    def __call__(
+        self,
+        path: Path,
+        tensors: Iterable[tuple[str, np.ndarray]],
+        template: CheckpointReader | None,
+    ) -> None: ...
+
+
+class ReaderBase:
+    """Context-manager plumbing shared by the readers."""
+
+    path: Path
+    format: str
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:  # pragma: no cover - overridden where there is something to close
+        pass
+
+    def items(self) -> Iterator[tuple[str, np.ndarray]]:
+        """Every tensor, one at a time, in the file's order."""
+        for name in self.names():
+            yield name, self.read(name)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.path}>"
