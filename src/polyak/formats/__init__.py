@@ -30,6 +30,7 @@ __all__ = [
     "Format",
     "TensorInfo",
     "format_for_output",
+    "format_from_name",
     "format_of",
     "open_checkpoint",
 ]
@@ -117,7 +118,8 @@ FORMATS: tuple[Format, ...] = (
 _BY_NAME = {fmt.name: fmt for fmt in FORMATS}
 
 
-def _match_suffix(name: str) -> Format | None:
+def format_from_name(name: str) -> Format | None:
+    """The format a file name's suffix says, or None."""
     # Longest suffix wins, so ".weights.h5" is not taken for legacy ".h5".
     best: tuple[int, Format] | None = None
     lower = name.lower()
@@ -153,7 +155,7 @@ def resolve_checkpoint_file(path: Path) -> Path:
 def format_of(path: str | Path) -> Format:
     """The format of a checkpoint path, from its suffix (directories: from their model file)."""
     file = resolve_checkpoint_file(Path(path))
-    fmt = _match_suffix(file.name)
+    fmt = format_from_name(file.name)
     if fmt is None:
         known = ", ".join(s for f in FORMATS for s in f.suffixes)
         raise CheckpointError(
@@ -169,7 +171,7 @@ def format_for_output(path: str | Path, input_format: Format) -> Format:
     can only be written from inputs of that format. Any format converts to
     safetensors, npz and torch.
     """
-    fmt = _match_suffix(Path(path).name)
+    fmt = format_from_name(Path(path).name)
     if fmt is None:
         known = ", ".join(s for f in FORMATS for s in f.suffixes)
         raise OutputError(f"output {path}: unknown suffix. Use one of: {known}.")

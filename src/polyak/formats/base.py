@@ -27,6 +27,7 @@ __all__ = [
     "DTYPES",
     "CheckpointReader",
     "CheckpointWriter",
+    "PlannedTensors",
     "TensorInfo",
     "dtype_name",
     "is_floating",
@@ -85,6 +86,38 @@ class TensorInfo:
     def nbytes(self) -> int:
         """Number of bytes of the data."""
         return self.size * DTYPES[self.dtype].itemsize
+
+
+class PlannedTensors:
+    """Tensors to write, with every name, shape and dtype known before any data.
+
+    Iterating yields ``(name, array)`` pairs in the order of ``infos``. Writers
+    whose format puts a header before the data (safetensors) read ``infos`` first
+    and stream the arrays after it; the others simply iterate.
+    """
+
+    def __init__(
+        self,
+        infos: list[tuple[str, TensorInfo]],
+        arrays: Iterable[tuple[str, np.ndarray]],
+    ) -> None:
+        self.infos = infos
+        self._arrays = arrays
+
+    def __iter__(self) -> Iterator[tuple[str, np.ndarray]]:
+        return iter(self._arrays)
+
+    @classmethod
+    def from_arrays(cls, tensors: Iterable[tuple[str, np.ndarray]]) -> PlannedTensors:
+        """Plan tensors that are all in memory already (e.g. a dict's items)."""
+        pairs = list(tensors)
+        infos = []
+        for name, array in pairs:
+            dtype = dtype_name(array.dtype)
+            if dtype is None:
+                raise ValueError(f"tensor {name}: dtype {array.dtype} is not supported.")
+            infos.append((name, TensorInfo(tuple(int(d) for d in array.shape), dtype)))
+        return cls(infos, pairs)
 
 
 class CheckpointReader(Protocol):

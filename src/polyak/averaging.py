@@ -1,0 +1,411 @@
+"""The streaming averaging engine: one pass, tensor by tensor, buffers reused.
+
+Numeric policy (tested in tests/test_averaging.py):
+
+- Floating tensors (float16, bfloat16, float32, float64) are averaged. Weights are
+  computed and normalized in float64; the sum accumulates in float32 for 16- and
+  32-bit inputs and in float64 for float64 inputs, then is rounded once, to nearest,
+  back to the tensor's own dtype. For n members the accumulated result differs from
+  the exact weighted mean by at most about ``(n + 1) * 2**-24 * sum_i w_i |x_i|``
+  before that final rounding.
+- Integer and bool tensors (BatchNorm ``num_batches_tracked``, step counters) are
+  never averaged: they are taken from the newest member. With
+  ``integers="require-equal"`` a difference between members is an error instead.
+- Members must agree on tensor names, shapes and dtypes; the differences are listed
+  otherwise, never papered over by averaging fewer members.
+- NaN or infinity in any member's floating tensor is refused, naming the file and
+  tensor, unless ``allow_nonfinite=True``.
+
+Memory: the engine holds one float32 accumulator chunk, one conversion chunk and
+one output buffer the size of the largest tensor, all allocated once and reused;
+inputs are read through each format's reader (memory-mapped for safetensors).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from polyak.discovery import Checkpoint, find_checkpoints
+from polyak.errors import (
+    IncompatibleCheckpointsError,
+    NonFiniteError,
+    OutputError,
+    PolyakError,
+    SchemeError,
+)
+from polyak.files import atomic_output, check_output_path
+from polyak.formats import format_for_output, format_of, open_checkpoint
+from polyak.formats.base import (
+    CheckpointReader,
+    PlannedTensors,
+    TensorInfo,
+    is_floating,
+    numpy_dtype,
+)
+from polyak.schemes import Scheme, normalize, parse_scheme
+
+__all__ = [
+    "INTEGER_POLICIES",
+    "AverageResult",
+    "average",
+    "average_readers",
+    "average_to",
+    "check_compatible",
+]
+
+INTEGER_POLICIES = ("newest", "require-equal")
+# Elements per chunk: 256 Ki float32 values = 1 MiB, small enough to stay in cache.
+CHUNK_ELEMENTS = 1 << 18
+_MAX_LISTED_DIFFERENCES = 5
+
+
+@dataclass(frozen=True)
+class AverageResult:
+    """What an average was made of.
+
+    Attributes:
+        members: the checkpoints averaged, newest first.
+        weights: their normalized weights, newest first.
+        scheme: the spec of the scheme that gave the weights.
+        output: the file written, or None.
+        format: the output's format name, or None.
+        tensors: number of tensors in the result.
+        averaged: number of floating tensors averaged (the rest were carried over).
+        parameters: number of elements in all tensors.
+    """
+
+    members: list[Checkpoint]
+    weights: np.ndarray
+    scheme: str
+    output: Path | None
+    format: str | None
+    tensors: int
+    averaged: int
+    parameters: int
+
+
+def check_compatible(readers: Sequence[CheckpointReader]) -> list[tuple[str, TensorInfo]]:
+    """Check that members hold the same tensors; return the newest member's plan.
+
+    Args:
+        readers: the members, newest first.
+
+    Returns:
+        ``(name, info)`` of every tensor, in the newest member's order.
+
+    Raises:
+        IncompatibleCheckpointsError: listing the first differences with file names.
+    """
+    newest = readers[0]
+    plan = [(name, newest.info(name)) for name in newest.names()]
+    expected = dict(plan)
+    differences: list[str] = []
+    for reader in readers[1:]:
+        names = reader.names()
+        missing = [name for name in expected if name not in set(names)]
+        extra = [name for name in names if name not in expected]
+        for name in missing:
+            differences.append(f"{reader.path.name} lacks tensor {name}")
+        for name in extra:
+            differences.append(f"{reader.path.name} has tensor {name} that {newest.path.name} lacks")
+        for name in names:
+            if name not in expected:
+                continue
+            info, reference = reader.info(name), expected[name]
+            if info.shape != reference.shape:
+                differences.append(
+                    f"{reader.path.name}: tensor {name} has shape {info.shape}; "
+                    f"{newest.path.name} has {reference.shape}"
+                )
+            elif info.dtype != reference.dtype:
+                differences.append(
+                    f"{reader.path.name}: tensor {name} has dtype {info.dtype}; "
+                    f"{newest.path.name} has {reference.dtype}"
+                )
+    if differences:
+        shown = "; ".join(differences[:_MAX_LISTED_DIFFERENCES])
+        more = len(differences) - _MAX_LISTED_DIFFERENCES
+        tail = f"; and {more} more difference(s)" if more > 0 else ""
+        raise IncompatibleCheckpointsError(
+            f"checkpoints cannot be averaged, they hold different tensors: {shown}{tail}."
+        )
+    if not plan:
+        raise IncompatibleCheckpointsError(f"checkpoint {newest.path}: holds no tensors.")
+    return plan
+
+
+class _Buffers:
+    """Scratch memory allocated once per average and reused for every tensor."""
+
+    def __init__(self, plan: list[tuple[str, TensorInfo]], chunk: int) -> None:
+        largest = max((info.nbytes for _, info in plan), default=0)
+        self.output = np.empty(max(largest, 1), dtype=np.uint8)
+        floating = [info for _, info in plan if is_floating(info.dtype)]
+        chunk = min(chunk, max((info.size for info in floating), default=1))
+        self.accumulator = {
+            np.dtype(np.float32): np.empty(chunk, np.float32),
+            np.dtype(np.float64): np.empty(chunk, np.float64),
+        }
+        self.scratch = {dtype: np.empty_like(buffer) for dtype, buffer in self.accumulator.items()}
+        self.chunk = chunk
+
+    def output_array(self, info: TensorInfo) -> np.ndarray:
+        dtype = numpy_dtype(info.dtype)
+        return self.output[: info.nbytes].view(dtype).reshape(info.shape)
+
+
+def _accumulator_dtype(dtype_name: str) -> np.dtype:
+    return np.dtype(np.float64 if dtype_name == "float64" else np.float32)
+
+
+def _average_floating(
+    name: str,
+    info: TensorInfo,
+    readers: Sequence[CheckpointReader],
+    weights: np.ndarray,
+    buffers: _Buffers,
+    allow_nonfinite: bool,
+) -> np.ndarray:
+    out = buffers.output_array(info).reshape(-1)
+    sources = [reader.read(name).reshape(-1) for reader in readers]
+    accumulate_dtype = _accumulator_dtype(info.dtype)
+    accumulator = buffers.accumulator[accumulate_dtype]
+    scratch = buffers.scratch[accumulate_dtype]
+    member_weights = [accumulate_dtype.type(w) for w in weights]
+    for start in range(0, info.size, buffers.chunk):
+        stop = min(start + buffers.chunk, info.size)
+        total = accumulator[: stop - start]
+        term = scratch[: stop - start]
+        np.multiply(sources[0][start:stop], member_weights[0], out=total, dtype=accumulate_dtype)
+        for source, weight in zip(sources[1:], member_weights[1:], strict=True):
+            np.multiply(source[start:stop], weight, out=term, dtype=accumulate_dtype)
+            np.add(total, term, out=total)
+        if not allow_nonfinite and not np.isfinite(total).all():
+            _raise_nonfinite(name, readers, sources, start, stop)
+        np.copyto(out[start:stop], total, casting="unsafe")
+    return out.reshape(info.shape)
+
+
+def _raise_nonfinite(
+    name: str,
+    readers: Sequence[CheckpointReader],
+    sources: Sequence[np.ndarray],
+    start: int,
+    stop: int,
+) -> None:
+    for reader, source in zip(readers, sources, strict=True):
+        if not np.isfinite(source[start:stop].astype(np.float64)).all():
+            raise NonFiniteError(
+                f"checkpoint {reader.path}: tensor {name} holds NaN or infinite values. "
+                "Leave this checkpoint out, or pass --allow-nonfinite to average it anyway."
+            )
+    raise NonFiniteError(  # pragma: no cover - finite inputs with weights <= 1 cannot overflow
+        f"tensor {name}: the weighted sum overflowed; the inputs are too large to average."
+    )
+
+
+def _carry_integer(
+    name: str, readers: Sequence[CheckpointReader], integers: str
+) -> np.ndarray:
+    newest = readers[0].read(name)
+    if integers == "require-equal":
+        for reader in readers[1:]:
+            if not np.array_equal(reader.read(name), newest):
+                raise IncompatibleCheckpointsError(
+                    f"checkpoint {reader.path}: integer tensor {name} differs from the newest "
+                    f"member {readers[0].path.name}, and --integers require-equal forbids that. "
+                    "Use --integers newest to take the newest member's values."
+                )
+    return newest
+
+
+def average_readers(
+    readers: Sequence[CheckpointReader],
+    weights: Sequence[float] | np.ndarray,
+    *,
+    integers: str = "newest",
+    allow_nonfinite: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> PlannedTensors:
+    """Average open checkpoints, lazily: iterate the result to compute it tensor by tensor.
+
+    Args:
+        readers: the members, newest first.
+        weights: one weight per member, newest first; normalized here.
+        integers: ``"newest"`` (take integer and bool tensors from the newest member)
+            or ``"require-equal"`` (and refuse any difference between members).
+        allow_nonfinite: average NaN and infinity instead of refusing them.
+        progress: called with the number of input bytes processed after each tensor.
+
+    Returns:
+        The planned tensors; each array yielded is valid only until the next one is
+        requested (the buffers are reused): copy it to keep it.
+    """
+    if not readers:
+        raise IncompatibleCheckpointsError("no checkpoints to average.")
+    if integers not in INTEGER_POLICIES:
+        raise SchemeError(
+            f"integers policy must be one of {', '.join(INTEGER_POLICIES)}; received {integers!r}."
+        )
+    normalized = normalize(weights, source="weights")
+    if len(normalized) != len(readers):
+        raise SchemeError(
+            f"weights: {len(normalized)} weights were given for {len(readers)} checkpoints."
+        )
+    plan = check_compatible(readers)
+
+    def generate() -> Iterator[tuple[str, np.ndarray]]:
+        buffers = _Buffers(plan, CHUNK_ELEMENTS)
+        for name, info in plan:
+            if is_floating(info.dtype):
+                array = _average_floating(
+                    name, info, readers, normalized, buffers, allow_nonfinite
+                )
+                done = info.nbytes * len(readers)
+            else:
+                array = _carry_integer(name, readers, integers)
+                done = info.nbytes
+            yield name, array
+            if progress is not None:
+                progress(done)
+
+    return PlannedTensors(plan, generate())
+
+
+def _weights_for(scheme: str | Scheme, count: int) -> tuple[Scheme, np.ndarray]:
+    parsed = parse_scheme(scheme)
+    return parsed, parsed.weights(count)
+
+
+def _open_members(
+    members: list[Checkpoint], key: str | None
+) -> list[CheckpointReader]:
+    readers: list[CheckpointReader] = []
+    try:
+        for member in members:
+            readers.append(open_checkpoint(member.path, key=key))
+    except BaseException:
+        for reader in readers:
+            reader.close()
+        raise
+    return readers
+
+
+def average(
+    paths: str | Path | Sequence[str | Path],
+    scheme: str | Scheme = "equal",
+    last: int | None = None,
+    *,
+    integers: str = "newest",
+    allow_nonfinite: bool = False,
+    key: str | None = None,
+) -> dict[str, np.ndarray]:
+    """Average checkpoints and return the result as numpy arrays keyed by tensor name.
+
+    Args:
+        paths: checkpoint files, directories or glob patterns; ordered by the numbers
+            in their names, newest first.
+        scheme: a scheme or its spec: ``"equal"``, ``"linear"``, ``"exp:2"``,
+            ``"custom:0.5,0.3,0.2"`` (weights newest first).
+        last: average only the ``last`` newest checkpoints.
+        integers: ``"newest"`` or ``"require-equal"``; see the module's numeric policy.
+        allow_nonfinite: average NaN and infinity instead of refusing them.
+        key: for PyTorch checkpoint dicts, the key holding the weights.
+
+    Returns:
+        ``{name: array}`` in each tensor's own dtype.
+
+    Example:
+        >>> weights = polyak.average("run/model_*.h5", scheme="exp:2", last=5)  # doctest: +SKIP
+    """
+    members = find_checkpoints(paths, last=last)
+    _, weights = _weights_for(scheme, len(members))
+    readers = _open_members(members, key)
+    try:
+        tensors = average_readers(
+            readers, weights, integers=integers, allow_nonfinite=allow_nonfinite
+        )
+        return {name: np.array(array, copy=True) for name, array in tensors}
+    finally:
+        for reader in readers:
+            reader.close()
+
+
+def average_to(
+    paths: str | Path | Sequence[str | Path],
+    out: str | Path,
+    scheme: str | Scheme = "equal",
+    last: int | None = None,
+    *,
+    overwrite: bool = False,
+    integers: str = "newest",
+    allow_nonfinite: bool = False,
+    key: str | None = None,
+    progress: Callable[[int], None] | None = None,
+    on_start: Callable[[list[Checkpoint], np.ndarray, int], None] | None = None,
+) -> AverageResult:
+    """Average checkpoints into one file, written atomically.
+
+    The output's suffix chooses its format; by default use the inputs' suffix to keep
+    their container (a ``.keras`` or legacy ``.h5`` keeps its architecture, a
+    Lightning ``.ckpt`` its other entries). Optimizer state is never averaged: Keras
+    containers keep the newest member's, torch checkpoint dicts drop it.
+
+    Args:
+        paths, scheme, last, integers, allow_nonfinite, key: as for :func:`average`.
+        out: the file to write; must not be one of the inputs.
+        overwrite: replace ``out`` if it exists.
+        progress: called with the number of input bytes processed after each tensor.
+        on_start: called once with the members, their weights and the total bytes to
+            process, before any tensor is read.
+
+    Returns:
+        An :class:`AverageResult` describing the members, weights and output.
+    """
+    out = Path(out)
+    members = find_checkpoints(paths, last=last)
+    parsed, weights = _weights_for(scheme, len(members))
+    check_output_path(out, [member.path for member in members], overwrite=overwrite)
+    input_format = format_of(members[0].path)
+    output_format = format_for_output(out, input_format)
+    readers = _open_members(members, key)
+    try:
+        tensors = average_readers(
+            readers,
+            weights,
+            integers=integers,
+            allow_nonfinite=allow_nonfinite,
+            progress=progress,
+        )
+        if on_start is not None:
+            total = sum(
+                info.nbytes * (len(readers) if is_floating(info.dtype) else 1)
+                for _, info in tensors.infos
+            )
+            on_start(members, weights, total)
+        try:
+            with atomic_output(out) as temporary:
+                output_format.write(temporary, tensors, readers[0])
+        except PolyakError:
+            raise
+        except OSError as error:
+            reason = error.strerror or str(error)
+            raise OutputError(f"output {out}: cannot be written ({reason}).") from None
+    finally:
+        for reader in readers:
+            reader.close()
+    floating = [info for _, info in tensors.infos if is_floating(info.dtype)]
+    return AverageResult(
+        members=members,
+        weights=weights,
+        scheme=parsed.spec,
+        output=out,
+        format=output_format.name,
+        tensors=len(tensors.infos),
+        averaged=len(floating),
+        parameters=sum(info.size for _, info in tensors.infos),
+    )

@@ -1,0 +1,1 @@
+"""The ``polyak`` command line: one thin module per subcommand over the library."""

@@ -1,0 +1,78 @@
+"""``polyak inspect``: the checkpoints found, in the order used, and whether they average."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from polyak.averaging import check_compatible
+from polyak.cli.main import app
+from polyak.cli.output import console, human_bytes, path_size, print_json
+from polyak.discovery import find_checkpoints
+from polyak.errors import IncompatibleCheckpointsError
+from polyak.formats import open_checkpoint
+from polyak.formats.base import is_floating
+
+
+@app.command("inspect")
+def inspect_command(
+    paths: list[str] = typer.Argument(..., help="Checkpoint files, directories or globs."),
+    last: int | None = typer.Option(None, "--last", "-n", help="Keep only the N newest."),
+    key: str | None = typer.Option(
+        None, "--key", help="PyTorch checkpoint dicts: the key holding the weights."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """List checkpoints newest first with format, step, tensors, parameters and size,
+    and say whether they can be averaged together."""
+    members = find_checkpoints(paths, last=last)
+    readers = []
+    rows = []
+    try:
+        for member in members:
+            reader = open_checkpoint(member.path, key=key)
+            readers.append(reader)
+            infos = [reader.info(name) for name in reader.names()]
+            rows.append(
+                {
+                    "path": str(member.path),
+                    "format": reader.format,
+                    "step": member.step,
+                    "epoch": member.epoch,
+                    "tensors": len(infos),
+                    "floating_tensors": sum(is_floating(info.dtype) for info in infos),
+                    "parameters": sum(info.size for info in infos),
+                    "bytes": path_size(Path(member.path)),
+                }
+            )
+        try:
+            check_compatible(readers)
+            compatible, reason = True, None
+        except IncompatibleCheckpointsError as error:
+            compatible, reason = False, str(error)
+    finally:
+        for reader in readers:
+            reader.close()
+    if as_json:
+        print_json({"checkpoints": rows, "compatible": compatible, "reason": reason})
+        return
+    table = Table(title="Checkpoints, newest first")
+    for column in ("#", "checkpoint", "format", "step", "tensors", "parameters", "size"):
+        table.add_column(column, justify="left" if column in {"checkpoint", "format"} else "right")
+    for number, row in enumerate(rows, start=1):
+        table.add_row(
+            str(number),
+            row["path"],
+            row["format"],
+            "-" if row["step"] is None else str(row["step"]),
+            f"{row['tensors']} ({row['floating_tensors']} float)",
+            f"{row['parameters']:,}",
+            human_bytes(row["bytes"]),
+        )
+    console.print(table)
+    if compatible:
+        console.print(f"These {len(rows)} checkpoint(s) can be averaged together.")
+    else:
+        console.print(f"Cannot be averaged together: {reason}")

@@ -1,0 +1,81 @@
+"""The ``polyak`` entry point: subcommands, one-line errors and exit codes.
+
+Exit codes: 0 done, 2 bad input or refused (any ``PolyakError`` or usage error),
+1 a bug. ``-v`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+
+import typer
+
+from polyak import __version__
+from polyak.errors import PolyakError
+
+app = typer.Typer(
+    name="polyak",
+    help="Polyak-Ruppert weight averaging of neural network checkpoints.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+class _State:
+    verbose = False
+
+
+STATE = _State()
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"polyak {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    verbose: bool = typer.Option(False, "-v", "--verbose", help="Show tracebacks on errors."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Show the version and exit."
+    ),
+) -> None:
+    """Polyak-Ruppert weight averaging of neural network checkpoints."""
+    STATE.verbose = verbose
+
+
+def _register() -> None:
+    # One module per subcommand; each adds its command to ``app``.
+    from polyak.cli import average, inspect  # noqa: F401
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the command line; never returns (exits with the command's code)."""
+    _register()
+    arguments = sys.argv[1:] if argv is None else argv
+    STATE.verbose = "-v" in arguments or "--verbose" in arguments
+    command = typer.main.get_command(app)
+    try:
+        # Standalone mode: typer itself reports usage errors (exit 2) and --help.
+        command.main(args=arguments, prog_name="polyak", standalone_mode=True)
+    except PolyakError as error:
+        if STATE.verbose:
+            traceback.print_exc()
+        print(f"polyak: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("polyak: interrupted.", file=sys.stderr)
+        sys.exit(130)
+    except Exception as error:  # a bug: say so, and how to see more
+        if STATE.verbose:
+            traceback.print_exc()
+        print(
+            f"polyak: internal error (a bug, please report it): {type(error).__name__}: {error}"
+            + ("" if STATE.verbose else " (run with -v for the traceback)"),
+            file=sys.stderr,
+        )
+        sys.exit(1)

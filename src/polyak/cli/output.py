@@ -1,0 +1,85 @@
+"""Shared console output: rich tables on stdout, a progress bar on stderr.
+
+The progress bar appears only on a terminal and only once work has run longer
+than a second, so short runs and pipes stay quiet.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
+
+console = Console(highlight=False)
+error_console = Console(stderr=True, highlight=False)
+
+
+def print_json(data: Any) -> None:
+    """Print JSON for scripts (plain, no colors)."""
+    print(json.dumps(data, indent=2, default=str))
+
+
+def human_bytes(count: int) -> str:
+    """``1536`` -> ``1.5 KiB``."""
+    size = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def path_size(path: Path) -> int:
+    """Bytes of a file, or of the files directly inside a directory."""
+    if path.is_dir():
+        return sum(child.stat().st_size for child in path.iterdir() if child.is_file())
+    return path.stat().st_size
+
+
+class DelayedProgress:
+    """A byte-count progress bar that shows only after ``delay`` seconds on a terminal."""
+
+    def __init__(self, description: str, delay: float = 1.0) -> None:
+        self.description = description
+        self.delay = delay
+        self.total = 0
+        self.done = 0
+        self._started = time.monotonic()
+        self._progress: Progress | None = None
+        self._task = None
+
+    def start(self, total: int) -> None:
+        self.total = total
+        self._started = time.monotonic()
+
+    def advance(self, amount: int) -> None:
+        self.done += amount
+        if self._progress is None:
+            if not error_console.is_terminal or time.monotonic() - self._started < self.delay:
+                return
+            self._progress = Progress(
+                "[progress.description]{task.description}",
+                BarColumn(),
+                DownloadColumn(binary_units=True),
+                TimeRemainingColumn(),
+                console=error_console,
+                transient=True,
+            )
+            self._progress.start()
+            self._task = self._progress.add_task(self.description, total=self.total)
+        self._progress.update(self._task, completed=self.done)
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+    def __enter__(self) -> DelayedProgress:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

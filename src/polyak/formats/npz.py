@@ -1,0 +1,119 @@
+"""numpy ``.npz`` archives: one ``.npy`` member per tensor.
+
+Read member by member with ``allow_pickle=False``: an archive holding pickled
+objects is refused, never unpickled. Shapes and dtypes come from each member's
+``.npy`` header, without reading the data. The writer streams one member at a
+time into the zip (stored, like ``numpy.savez``), so the whole model is never
+held in memory.
+
+numpy's ``.npy`` format has no bfloat16; such tensors are refused on write with
+a pointer to safetensors.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+from polyak.errors import CheckpointError, OutputError
+from polyak.formats.base import ReaderBase, TensorInfo, dtype_name
+
+__all__ = ["NpzReader", "write_npz"]
+
+_SUFFIX = ".npy"
+
+
+class NpzReader(ReaderBase):
+    """A lazily read ``.npz`` archive.
+
+    Example:
+        >>> with NpzReader(Path("weights.npz")) as reader:  # doctest: +SKIP
+        ...     print(reader.info("dense/kernel"))
+    """
+
+    format = "npz"
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        try:
+            self._zip = zipfile.ZipFile(self.path)
+        except (OSError, zipfile.BadZipFile, ValueError) as error:
+            raise CheckpointError(
+                f"checkpoint {self.path}: cannot be read as a .npz archive ({error})."
+            ) from None
+        self._members: dict[str, str] = {}
+        self._infos: dict[str, TensorInfo] = {}
+        for member in self._zip.namelist():
+            name = member[: -len(_SUFFIX)] if member.endswith(_SUFFIX) else member
+            if name in self._members:
+                raise CheckpointError(f"checkpoint {self.path}: tensor {name} appears twice.")
+            self._members[name] = member
+            self._infos[name] = self._read_header(name, member)
+
+    def _read_header(self, name: str, member: str) -> TensorInfo:
+        where = f"checkpoint {self.path}: tensor {name}"
+        try:
+            with self._zip.open(member) as file:
+                version = np.lib.format.read_magic(file)
+                read_header = (
+                    np.lib.format.read_array_header_1_0
+                    if version == (1, 0)
+                    else np.lib.format.read_array_header_2_0
+                )
+                shape, _, dtype = read_header(file)
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
+            raise CheckpointError(f"{where}: not a valid .npy member ({error}).") from None
+        if dtype.hasobject:
+            raise CheckpointError(
+                f"{where}: holds Python objects, which would need unpickling; polyak reads "
+                "only numeric arrays (allow_pickle=False)."
+            )
+        canonical = dtype_name(dtype)
+        if canonical is None:
+            raise CheckpointError(f"{where}: dtype {dtype} is not supported.")
+        return TensorInfo(tuple(int(d) for d in shape), canonical)
+
+    def names(self) -> list[str]:
+        return list(self._members)
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self._infos[name]
+        except KeyError:
+            raise CheckpointError(f"checkpoint {self.path}: no tensor named {name}.") from None
+
+    def read(self, name: str) -> np.ndarray:
+        info = self.info(name)
+        try:
+            with self._zip.open(self._members[name]) as file:
+                array = np.lib.format.read_array(file, allow_pickle=False)
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
+            raise CheckpointError(
+                f"checkpoint {self.path}: tensor {name} cannot be read ({error})."
+            ) from None
+        if tuple(array.shape) != info.shape:
+            raise CheckpointError(f"checkpoint {self.path}: tensor {name} is truncated.")
+        return array
+
+    def close(self) -> None:
+        self._zip.close()
+
+
+def write_npz(
+    path: Path,
+    tensors: Iterable[tuple[str, np.ndarray]],
+    template: object | None = None,
+) -> None:
+    """Write tensors to a ``.npz`` archive, one member at a time."""
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+        for name, array in tensors:
+            if dtype_name(array.dtype) == "bfloat16":
+                raise OutputError(
+                    f"output {path}: tensor {name} is bfloat16, which .npz cannot hold. "
+                    "Write .safetensors or .pt instead."
+                )
+            with archive.open(name + _SUFFIX, "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)

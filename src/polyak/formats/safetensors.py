@@ -1,0 +1,338 @@
+"""safetensors, single files and sharded directories.
+
+Reading parses the header with polyak's own validating parser and memory-maps the
+file once: every tensor is a read-only numpy view of the page cache, no copy. The
+safetensors package's ``safe_open(framework="numpy")`` copies each tensor into fresh
+memory, which on large models costs more than the arithmetic (see bench/), and its
+writer ``save_file`` needs every tensor in memory at once; polyak's writer streams:
+header first, then each tensor as it is computed. Files are checked against the
+safetensors package in the tests, both ways.
+
+Layout (https://github.com/huggingface/safetensors): 8 bytes little-endian header
+length N, N bytes of JSON ``{name: {"dtype", "shape", "data_offsets": [begin, end]},
+"__metadata__": {str: str}}``, then the data; offsets are relative to the data start.
+
+Sharded checkpoints (Hugging Face): ``model.safetensors.index.json`` holds
+``{"metadata": {...}, "weight_map": {tensor name: shard file name}}`` with the shards
+in the same directory.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+from polyak.errors import CheckpointError
+from polyak.formats.base import DTYPES, PlannedTensors, ReaderBase, TensorInfo
+
+__all__ = ["ShardedSafetensorsReader", "SafetensorsReader", "write_safetensors"]
+
+# safetensors dtype codes and polyak's canonical names.
+_CODES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U64": "uint64",
+    "U32": "uint32",
+    "U16": "uint16",
+    "U8": "uint8",
+    "BOOL": "bool",
+}
+_CODE_OF = {name: code for code, name in _CODES.items()}
+# The reference implementation refuses headers above 100 MB; so do we, before reading them.
+MAX_HEADER_BYTES = 100_000_000
+_METADATA = "__metadata__"
+
+
+def _reject_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    seen: dict = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"duplicate tensor name '{key}'")
+        seen[key] = value
+    return seen
+
+
+def parse_header(path: Path, header_bytes: bytes, data_size: int) -> tuple[dict, dict]:
+    """Validate a safetensors header and return ``(entries, metadata)``.
+
+    ``entries`` maps each tensor name to ``(TensorInfo, begin, end)`` with byte offsets
+    relative to the data start. Every rule of the format is checked: JSON object,
+    known dtypes, non-negative integer shapes, offsets inside the data, sizes equal to
+    shape times item size, no overlaps, no duplicate names.
+    """
+    try:
+        header = json.loads(header_bytes.decode("utf-8"), object_pairs_hook=_reject_duplicates)
+    except UnicodeDecodeError:
+        raise CheckpointError(f"checkpoint {path}: safetensors header is not UTF-8.") from None
+    except ValueError as error:
+        raise CheckpointError(f"checkpoint {path}: safetensors header is invalid: {error}.") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"checkpoint {path}: safetensors header is not a JSON object.")
+    metadata = header.pop(_METADATA, None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise CheckpointError(f"checkpoint {path}: __metadata__ must map strings to strings.")
+    entries: dict[str, tuple[TensorInfo, int, int]] = {}
+    for name, entry in header.items():
+        where = f"checkpoint {path}: tensor {name}"
+        if not isinstance(entry, dict):
+            raise CheckpointError(f"{where}: header entry is not an object.")
+        code = entry.get("dtype")
+        if code not in _CODES:
+            known = ", ".join(_CODES)
+            raise CheckpointError(f"{where}: dtype {code!r} is not supported (known: {known}).")
+        shape = entry.get("shape")
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        ):
+            raise CheckpointError(f"{where}: shape {shape!r} is not a list of integers >= 0.")
+        offsets = entry.get("data_offsets")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+        ):
+            raise CheckpointError(f"{where}: data_offsets {offsets!r} is not [begin, end].")
+        begin, end = offsets
+        if not 0 <= begin <= end <= data_size:
+            raise CheckpointError(
+                f"{where}: data_offsets [{begin}, {end}] fall outside the {data_size} bytes "
+                "of data; the file is truncated or corrupt."
+            )
+        info = TensorInfo(tuple(shape), _CODES[code])
+        if end - begin != info.nbytes:
+            raise CheckpointError(
+                f"{where}: shape {tuple(shape)} of {info.dtype} needs {info.nbytes} bytes; "
+                f"data_offsets give {end - begin}."
+            )
+        entries[name] = (info, begin, end)
+    previous_end, previous_name = 0, None
+    for name, (info, begin, end) in sorted(entries.items(), key=lambda item: item[1][1:]):
+        if begin < previous_end and info.nbytes:
+            raise CheckpointError(
+                f"checkpoint {path}: tensors {previous_name} and {name} overlap in the data."
+            )
+        if info.nbytes:
+            previous_end, previous_name = end, name
+    return entries, metadata
+
+
+class SafetensorsReader(ReaderBase):
+    """A memory-mapped safetensors file; ``read`` returns read-only views, no copy.
+
+    Example:
+        >>> with SafetensorsReader(Path("model.safetensors")) as reader:  # doctest: +SKIP
+        ...     kernel = reader.read("dense.weight")
+    """
+
+    format = "safetensors"
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._map: mmap.mmap | None = None
+        try:
+            with open(self.path, "rb") as file:
+                size = os.fstat(file.fileno()).st_size
+                if size < 8:
+                    raise CheckpointError(
+                        f"checkpoint {self.path}: {size} bytes is too small for a safetensors "
+                        "file (at least 8)."
+                    )
+                header_size = int.from_bytes(file.read(8), "little")
+                if header_size > MAX_HEADER_BYTES or header_size > size - 8:
+                    raise CheckpointError(
+                        f"checkpoint {self.path}: safetensors header length {header_size} is "
+                        f"larger than the file ({size} bytes) or the {MAX_HEADER_BYTES}-byte "
+                        "limit; the file is truncated or not safetensors."
+                    )
+                header_bytes = file.read(header_size)
+                self._data_start = 8 + header_size
+                self._entries, self.metadata = parse_header(
+                    self.path, header_bytes, size - self._data_start
+                )
+                if size > 0:
+                    self._map = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+        except OSError as error:
+            raise CheckpointError(f"checkpoint {self.path}: cannot be read ({error}).") from None
+
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def info(self, name: str) -> TensorInfo:
+        return self._entry(name)[0]
+
+    def read(self, name: str) -> np.ndarray:
+        info, begin, _ = self._entry(name)
+        if self._map is None:
+            raise CheckpointError(f"checkpoint {self.path}: the reader is closed.")
+        array = np.frombuffer(
+            self._map, dtype=DTYPES[info.dtype], count=info.size, offset=self._data_start + begin
+        )
+        return array.reshape(info.shape)
+
+    def _entry(self, name: str) -> tuple[TensorInfo, int, int]:
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise CheckpointError(f"checkpoint {self.path}: no tensor named {name}.") from None
+
+    def close(self) -> None:
+        if self._map is not None:
+            try:
+                self._map.close()
+            except BufferError:
+                # Arrays handed out still view the map; it closes when they are gone.
+                pass
+            self._map = None
+
+
+def _shard_path(index_path: Path, shard: object, tensor: str) -> Path:
+    if not isinstance(shard, str) or not shard or Path(shard).name != shard or shard in {".", ".."}:
+        raise CheckpointError(
+            f"checkpoint {index_path}: tensor {tensor} points to shard {shard!r}; shards must be "
+            "plain file names in the index's own directory."
+        )
+    return index_path.parent / shard
+
+
+class ShardedSafetensorsReader(ReaderBase):
+    """A sharded safetensors checkpoint, read through its ``*.safetensors.index.json``.
+
+    ``path`` is the index file. Shards are opened on first use and stay open.
+    """
+
+    format = "sharded-safetensors"
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        try:
+            index = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as error:
+            raise CheckpointError(
+                f"checkpoint {self.path}: the shard index cannot be read as JSON ({error})."
+            ) from None
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(
+                f"checkpoint {self.path}: the shard index has no 'weight_map' of tensor names "
+                "to shard files."
+            )
+        self.metadata = index.get("metadata") or {}
+        self._shard_of = {
+            name: _shard_path(self.path, shard, name) for name, shard in weight_map.items()
+        }
+        for shard in dict.fromkeys(self._shard_of.values()):
+            if not shard.is_file():
+                raise CheckpointError(
+                    f"checkpoint {self.path}: shard {shard.name} named in the index is missing."
+                )
+        self._shards: dict[Path, SafetensorsReader] = {}
+        self._names: list[str] = []
+        for shard in dict.fromkeys(self._shard_of.values()):
+            reader = self._open(shard)
+            for name in reader.names():
+                if self._shard_of.get(name) != shard:
+                    raise CheckpointError(
+                        f"checkpoint {self.path}: tensor {name} is in shard {shard.name} but the "
+                        "index does not map it there."
+                    )
+                self._names.append(name)
+        missing = set(self._shard_of) - set(self._names)
+        if missing:
+            first = sorted(missing)[0]
+            raise CheckpointError(
+                f"checkpoint {self.path}: tensor {first} is in the index but not in shard "
+                f"{self._shard_of[first].name}."
+            )
+
+    @property
+    def shard_files(self) -> list[Path]:
+        """The shard files, in the order of the index."""
+        return list(dict.fromkeys(self._shard_of.values()))
+
+    def shard_of(self, name: str) -> Path:
+        """The shard file holding a tensor."""
+        return self._shard_of[name]
+
+    def _open(self, shard: Path) -> SafetensorsReader:
+        reader = self._shards.get(shard)
+        if reader is None:
+            reader = self._shards[shard] = SafetensorsReader(shard)
+        return reader
+
+    def names(self) -> list[str]:
+        return list(self._names)
+
+    def _reader(self, name: str) -> SafetensorsReader:
+        shard = self._shard_of.get(name)
+        if shard is None:
+            raise CheckpointError(f"checkpoint {self.path}: no tensor named {name}.")
+        return self._open(shard)
+
+    def info(self, name: str) -> TensorInfo:
+        return self._reader(name).info(name)
+
+    def read(self, name: str) -> np.ndarray:
+        return self._reader(name).read(name)
+
+    def close(self) -> None:
+        for reader in self._shards.values():
+            reader.close()
+        self._shards.clear()
+
+
+def _header_bytes(infos: list[tuple[str, TensorInfo]], metadata: dict[str, str] | None) -> bytes:
+    header: dict[str, object] = {}
+    if metadata:
+        header[_METADATA] = metadata
+    offset = 0
+    for name, info in infos:
+        header[name] = {
+            "dtype": _CODE_OF[info.dtype],
+            "shape": list(info.shape),
+            "data_offsets": [offset, offset + info.nbytes],
+        }
+        offset += info.nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    # Pad with spaces so the data starts 8-byte aligned, as the reference writer does.
+    encoded += b" " * (-len(encoded) % 8)
+    return len(encoded).to_bytes(8, "little") + encoded
+
+
+def write_safetensors(
+    path: Path,
+    tensors: Iterable[tuple[str, np.ndarray]],
+    template: object | None = None,
+) -> None:
+    """Write tensors to a safetensors file, header first, data streamed after it.
+
+    The template's ``__metadata__`` (e.g. ``{"format": "pt"}``) is kept when the
+    template is a safetensors file.
+    """
+    planned = tensors if isinstance(tensors, PlannedTensors) else PlannedTensors.from_arrays(tensors)
+    metadata = getattr(template, "metadata", None) if template is not None else None
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        metadata = None
+    expected = iter(planned.infos)
+    with open(path, "wb") as file:
+        file.write(_header_bytes(planned.infos, metadata))
+        for name, array in planned:
+            planned_name, info = next(expected)
+            if name != planned_name or tuple(array.shape) != info.shape:
+                raise ValueError(f"tensor {name}: does not match the planned {planned_name}.")
+            data = np.ascontiguousarray(array, dtype=DTYPES[info.dtype])
+            file.write(data.reshape(-1).view(np.uint8).data)

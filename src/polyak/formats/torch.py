@@ -1,0 +1,426 @@
+"""PyTorch checkpoints: plain state dicts and Lightning, timm and fairseq checkpoint dicts.
+
+Reading is always ``torch.load(path, map_location="cpu", weights_only=True, mmap=True)``
+(files in torch's legacy, non-zip serialization are loaded without ``mmap``, still with
+``weights_only=True``). polyak never unpickles arbitrary Python objects: a file that
+``weights_only`` refuses raises ``CheckpointError`` naming the refused classes, and there is
+no fallback to ``weights_only=False``.
+
+Where the weights are:
+
+- a dict of tensors (what ``torch.save(model.state_dict(), path)`` writes) is the state dict;
+- otherwise the entry named by ``key``, or by default the first of ``state_dict``
+  (Lightning, timm), ``model`` (fairseq) and ``state_dict_ema`` (timm's EMA). timm
+  checkpoints hold both ``state_dict`` and ``state_dict_ema``: the default reads
+  ``state_dict``; ``key="state_dict_ema"`` (CLI ``--key state_dict_ema``) reads the EMA.
+
+Inside the state dict only ``torch.Tensor`` values are tensors to average; other values
+(``_extra_state`` entries, for example) are kept as they are in the template. A prefix that
+every tensor name shares, ``module.`` (DistributedDataParallel) or ``_orig_mod.``
+(``torch.compile``), possibly nested, is stripped from the names and put back on write.
+
+Writing (``write_torch``) builds a state dict of new tensors in the order received. With a
+``TorchReader`` as template it puts back the template's prefix, its non-tensor entries and
+its ``_metadata`` (module versions used by ``load_state_dict``), and if the template was a
+checkpoint dict, writes a shallow copy of that dict with the weights entry replaced. The
+copy keeps everything else (``epoch``, ``global_step``, ``hyper_parameters``, callbacks,
+other weights entries such as timm's ``state_dict_ema``, which stay the template's) but
+drops optimizer and scheduler state (see ``DROPPED_KEYS``): averaged weights match no
+optimizer state, so resuming training from the output starts fresh optimizers, while
+``load_state_dict`` and Lightning's ``load_from_checkpoint`` work. With any other template
+(conversion from another format) the output is a plain state dict.
+
+Example:
+    >>> with TorchReader(Path("last.ckpt")) as reader:  # doctest: +SKIP
+    ...     reader.key, reader.names()[:2]
+    ('state_dict', ['encoder.weight', 'encoder.bias'])
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import ml_dtypes
+import numpy as np
+
+from polyak.errors import CheckpointError, OutputError, require
+from polyak.formats.base import DTYPES, CheckpointReader, ReaderBase, TensorInfo, dtype_name
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "DEFAULT_KEYS",
+    "DROPPED_KEYS",
+    "STRIPPED_PREFIXES",
+    "TorchReader",
+    "write_torch",
+]
+
+# Entries of a checkpoint dict that hold the weights, in the order tried by default.
+DEFAULT_KEYS = ("state_dict", "model", "state_dict_ema")
+
+# Name prefixes added by wrappers, stripped when every tensor name has one.
+STRIPPED_PREFIXES = ("module.", "_orig_mod.")
+
+# Top-level entries dropped from a checkpoint dict on write: averaged weights match no
+# optimizer, scheduler or gradient-scaler state (fairseq keeps its optimizer state in
+# ``last_optimizer_state``).
+DROPPED_KEYS = (
+    "optimizer_states",
+    "lr_schedulers",
+    "optimizer",
+    "optimizers",
+    "scheduler",
+    "lr_scheduler",
+    "amp_scaler",
+    "scaler",
+    "last_optimizer_state",
+)
+
+_ZIP_MAGIC = b"PK\x03\x04"
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+_REFUSED_GLOBAL = re.compile(r"GLOBAL\s+([\w.]+)")
+_MAX_LISTED_KEYS = 20
+
+
+def _torch():
+    return require("torch", "torch", "reading PyTorch checkpoints")
+
+
+def _dtype_names() -> dict[Any, str]:
+    """Canonical dtype names of the torch dtypes polyak supports."""
+    torch = _torch()
+    names = {}
+    for name in DTYPES:
+        torch_dtype = getattr(torch, name, None)
+        if isinstance(torch_dtype, torch.dtype):
+            names[torch_dtype] = name
+    return names
+
+
+def _is_zip(path: Path) -> bool:
+    with open(path, "rb") as file:
+        return file.read(4) == _ZIP_MAGIC
+
+
+def _short_reason(error: BaseException) -> str:
+    """The useful part of a torch.load error, on one line."""
+    text = _ANSI_ESCAPE.sub("", str(error))
+    match = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\s*\n|$)", text, re.S)
+    if match:
+        reason = match.group(1)
+    else:
+        reason = text.strip().split("\n", 1)[0]
+        reason = reason.split(". ", 1)[0].rstrip(".")
+    reason = " ".join(reason.split())
+    if not reason:
+        reason = "unexpected end of file" if isinstance(error, EOFError) else type(error).__name__
+    if len(reason) > 160:
+        reason = reason[:157] + "..."
+    return reason
+
+
+def _load_error(path: Path, error: BaseException) -> CheckpointError:
+    text = _ANSI_ESCAPE.sub("", str(error))
+    refused = list(dict.fromkeys(_REFUSED_GLOBAL.findall(text)))
+    if refused:
+        return CheckpointError(
+            f"checkpoint {path}: refused to load {', '.join(refused)}. The file holds pickled "
+            "Python objects besides tensors, and polyak never unpickles arbitrary objects "
+            "(it loads with torch.load(..., weights_only=True)). If you trust the file, load "
+            "it yourself and re-save the weights alone with "
+            "torch.save(model.state_dict(), path)."
+        )
+    return CheckpointError(
+        f"checkpoint {path}: cannot be read as a PyTorch checkpoint ({_short_reason(error)})."
+    )
+
+
+def _load(path: Path) -> Any:
+    """``torch.load`` with ``weights_only=True``, memory-mapped unless the file is legacy."""
+    torch = _torch()
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:
+            # mmap needs the zip serialization; legacy files load without it, still
+            # weights_only. Anything else fails the same way again, so it is not retried.
+            if _is_zip(path):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise _load_error(path, error) from None
+
+
+def _list_keys(mapping: Mapping) -> str:
+    keys = [repr(key) for key in mapping]
+    if len(keys) > _MAX_LISTED_KEYS:
+        keys = [*keys[:_MAX_LISTED_KEYS], f"... ({len(keys) - _MAX_LISTED_KEYS} more)"]
+    return "[" + ", ".join(keys) + "]"
+
+
+def _count_tensors(mapping: Mapping) -> int:
+    torch = _torch()
+    return sum(isinstance(value, torch.Tensor) for value in mapping.values())
+
+
+def _is_plain_state_dict(obj: Any) -> bool:
+    """A mapping of tensors, with non-tensor values only under ``..._extra_state`` keys."""
+    torch = _torch()
+    if not isinstance(obj, Mapping) or _count_tensors(obj) == 0:
+        return False
+    return all(
+        isinstance(value, torch.Tensor) or (isinstance(key, str) and key.endswith("_extra_state"))
+        for key, value in obj.items()
+    )
+
+
+def _common_prefix(names: list[str]) -> str:
+    """The wrapper prefixes (``module.``, ``_orig_mod.``, nested) that every name starts with."""
+    prefix = ""
+    stripped = names
+    while stripped:
+        for candidate in STRIPPED_PREFIXES:
+            if all(name.startswith(candidate) and name != candidate for name in stripped):
+                prefix += candidate
+                stripped = [name[len(candidate) :] for name in stripped]
+                break
+        else:
+            return prefix
+    return prefix
+
+
+class TorchReader(ReaderBase):
+    """Reads the weights of a PyTorch checkpoint, loaded with ``weights_only=True``.
+
+    Attributes:
+        path: the checkpoint file.
+        format: ``"torch"``.
+        key: the entry of the checkpoint dict that holds the weights (``"state_dict"``,
+            ``"model"``, ...), or None when the file is a plain state dict.
+        prefix: the wrapper prefix stripped from every tensor name (``"module."``,
+            ``"_orig_mod."``, nested ones concatenated), or ``""``.
+        container: the whole loaded object (the checkpoint dict, or the state dict itself).
+        state_dict: the state dict the weights come from, with its names as stored.
+        metadata: the state dict's ``_metadata`` (module versions), or None.
+        extras: the state dict's non-tensor entries, under their names as stored (prefix
+            included); they are not averaged and are written back from the template.
+
+    Args:
+        path: a file written by ``torch.save``.
+        key: the entry holding the weights, e.g. ``"state_dict_ema"``; by default the
+            first of ``state_dict``, ``model``, ``state_dict_ema``.
+
+    Raises:
+        CheckpointError: the file cannot be read, holds objects ``weights_only`` refuses,
+            or has no state dict where it was looked for.
+
+    Example:
+        >>> with TorchReader(Path("model.pt")) as reader:  # doctest: +SKIP
+        ...     reader.info("0.weight")
+        TensorInfo(shape=(3, 2), dtype='float32')
+    """
+
+    format = "torch"
+
+    def __init__(self, path: Path, key: str | None = None) -> None:
+        torch = _torch()
+        self.path = Path(path)
+        self.container: Any = _load(self.path)
+        self.key, self.state_dict = self._find_state_dict(self.container, key)
+        self._dtype_names = _dtype_names()
+        raw_names = []
+        self.extras: dict[str, Any] = {}
+        for name, value in self.state_dict.items():
+            if not isinstance(name, str):
+                raise CheckpointError(
+                    f"checkpoint {self.path}: the state dict has a key {name!r} of type "
+                    f"{type(name).__name__}; state dict keys must be strings."
+                )
+            if isinstance(value, torch.Tensor):
+                raw_names.append(name)
+            else:
+                self.extras[name] = value
+        self.prefix = _common_prefix(raw_names)
+        self._tensors: dict[str, torch.Tensor] = {
+            name[len(self.prefix) :]: self.state_dict[name] for name in raw_names
+        }
+        self._names = list(self._tensors)
+        # Module versions that load_state_dict reads; kept for the writer.
+        self.metadata: dict | None = getattr(self.state_dict, "_metadata", None)
+        self._closed = False
+
+    def _find_state_dict(self, obj: Any, key: str | None) -> tuple[str | None, Mapping]:
+        what = type(obj).__name__
+        if key is not None:
+            if not isinstance(obj, Mapping):
+                raise CheckpointError(
+                    f"checkpoint {self.path}: key={key!r} was given, but the file holds a "
+                    f"{what}, not a dict. Leave out key (CLI --key)."
+                )
+            if _is_plain_state_dict(obj) and key not in obj:
+                raise CheckpointError(
+                    f"checkpoint {self.path}: key={key!r} was given, but the file is a plain "
+                    f"state dict of {_count_tensors(obj)} tensors. Leave out key (CLI --key)."
+                )
+            if key not in obj:
+                raise CheckpointError(
+                    f"checkpoint {self.path}: has no entry {key!r}; its top-level keys are "
+                    f"{_list_keys(obj)}. Pass one of them as key=... (CLI --key)."
+                )
+            value = obj[key]
+            if not isinstance(value, Mapping) or _count_tensors(value) == 0:
+                raise CheckpointError(
+                    f"checkpoint {self.path}: entry {key!r} holds a value of type "
+                    f"{type(value).__name__} without tensors, not a state dict. Pass the key of "
+                    "the entry that holds "
+                    f"the weights (CLI --key); the top-level keys are {_list_keys(obj)}."
+                )
+            return key, value
+        if _is_plain_state_dict(obj):
+            return None, obj
+        if not isinstance(obj, Mapping):
+            raise CheckpointError(
+                f"checkpoint {self.path}: holds a {what}, not a state dict or a checkpoint dict. "
+                "Save the weights with torch.save(model.state_dict(), path)."
+            )
+        for candidate in DEFAULT_KEYS:
+            value = obj.get(candidate)
+            if isinstance(value, Mapping) and _count_tensors(value) > 0:
+                return candidate, value
+        expected = ", ".join(repr(candidate) for candidate in DEFAULT_KEYS)
+        raise CheckpointError(
+            f"checkpoint {self.path}: found no weights. The file is a dict with top-level keys "
+            f"{_list_keys(obj)}, none of which is a state dict polyak looks for ({expected}). "
+            "Pass the key of the entry that holds the weights as key=... (CLI --key)."
+        )
+
+    def _tensor(self, name: str) -> torch.Tensor:
+        torch = _torch()
+        if self._closed:
+            raise CheckpointError(f"checkpoint {self.path}: the reader is closed.")
+        try:
+            tensor = self._tensors[name]
+        except KeyError:
+            raise CheckpointError(
+                f"checkpoint {self.path}: has no tensor {name!r} "
+                f"({len(self._tensors)} tensors, see names())."
+            ) from None
+        if tensor.layout != torch.strided:
+            raise CheckpointError(
+                f"checkpoint {self.path}: tensor {name!r} is sparse ({tensor.layout}); polyak "
+                "reads dense tensors only. Save it dense with tensor.to_dense()."
+            )
+        if tensor.dtype not in self._dtype_names:
+            supported = ", ".join(self._dtype_names.values())
+            raise CheckpointError(
+                f"checkpoint {self.path}: tensor {name!r} has dtype {tensor.dtype}, which "
+                f"polyak does not support (supported: {supported}). Convert it, e.g. to "
+                "float32, or remove it from the state dict before averaging."
+            )
+        return tensor
+
+    def names(self) -> list[str]:
+        """Tensor names, prefix stripped, in the state dict's order."""
+        return list(self._names)
+
+    def info(self, name: str) -> TensorInfo:
+        """Shape and canonical dtype of one tensor."""
+        tensor = self._tensor(name)
+        return TensorInfo(
+            tuple(int(size) for size in tensor.shape), self._dtype_names[tensor.dtype]
+        )
+
+    def read(self, name: str) -> np.ndarray:
+        """The data of one tensor, read-only, sharing memory with the loaded file."""
+        torch = _torch()
+        tensor = self._tensor(name).detach()
+        if not tensor.is_contiguous():
+            tensor = tensor.contiguous()
+        if tensor.dtype == torch.bfloat16:
+            array = tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        else:
+            array = tensor.numpy()
+        array.flags.writeable = False
+        return array
+
+    def close(self) -> None:
+        """Drop the loaded tensors and container (and so the memory map)."""
+        self._closed = True
+        self._tensors = {}
+        self.container = None
+        self.state_dict = None
+
+
+def _to_torch(name: str, array: np.ndarray, path: Path) -> torch.Tensor:
+    """A new tensor holding a copy of ``array`` (the engine reuses the array's buffer)."""
+    torch = _torch()
+    array = np.asarray(array)
+    dtype = dtype_name(array.dtype)
+    if dtype is None:
+        raise OutputError(
+            f"output {path}: tensor {name!r} has dtype {array.dtype}, which cannot be written "
+            f"(supported: {', '.join(DTYPES)})."
+        )
+    native = DTYPES[dtype]
+    copied = np.array(array, dtype=native, copy=True, order="C")
+    if dtype == "bfloat16":
+        return torch.from_numpy(copied.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(copied)
+
+
+def write_torch(
+    path: Path,
+    tensors: Iterable[tuple[str, np.ndarray]],
+    template: CheckpointReader | None,
+) -> None:
+    """Write tensors with ``torch.save``, in the template's container when it is a torch file.
+
+    Args:
+        path: the file to write (the caller renames it into place).
+        tensors: ``(name, array)`` pairs in output order; each array is copied at once.
+        template: the reader whose container is copied. A ``TorchReader`` gives back its
+            name prefix, non-tensor entries, ``_metadata`` and, for a checkpoint dict, the
+            dict itself with the weights replaced and ``DROPPED_KEYS`` removed. Anything
+            else gives a plain state dict.
+
+    Raises:
+        OutputError: a tensor has an unsupported dtype, a name repeats, the template was
+            closed, or the file cannot be written.
+    """
+    torch = _torch()
+    path = Path(path)
+    is_torch_template = isinstance(template, TorchReader)
+    prefix = template.prefix if is_torch_template else ""
+    if is_torch_template and template.key is not None and template.container is None:
+        raise OutputError(
+            f"output {path}: the template {template.path} was closed before writing; its "
+            f"{template.key!r} checkpoint dict is needed. Write while the template is open."
+        )
+    state_dict: OrderedDict[str, Any] = OrderedDict()
+    for name, array in tensors:
+        full_name = prefix + name
+        if full_name in state_dict:
+            raise OutputError(f"output {path}: tensor {name!r} was given twice.")
+        state_dict[full_name] = _to_torch(name, array, path)
+    obj: Any = state_dict
+    if is_torch_template:
+        for name, value in template.extras.items():
+            state_dict.setdefault(name, value)
+        if template.metadata is not None:
+            state_dict._metadata = copy.copy(template.metadata)  # type: ignore[attr-defined]
+        if template.key is not None:
+            obj = copy.copy(template.container)
+            obj[template.key] = state_dict
+            for dropped in DROPPED_KEYS:
+                obj.pop(dropped, None)
+    try:
+        torch.save(obj, path)
+    except OSError as error:
+        raise OutputError(f"output {path}: cannot be written ({error}).") from error

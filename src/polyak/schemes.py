@@ -1,0 +1,257 @@
+"""Weighting schemes: how much each member counts in the average. numpy only.
+
+Members are ordered newest first, ``i = 1..n``. Every scheme returns ``n`` weights
+as a float64 array normalized to sum to 1 (so, like ``numpy.average``, only their
+ratios matter):
+
+=============== ======================================= =========================
+scheme          weight of member i (before normalizing) spec string
+=============== ======================================= =========================
+equal           1/n                                      ``equal``
+linear          (n - i + 1)/n: n/n, (n-1)/n, ..., 1/n    ``linear``
+exponential     exp(-i/alpha), alpha > 0                 ``exp:2``
+custom          given, newest first                      ``custom:0.5,0.3,0.2``
+=============== ======================================= =========================
+
+Example:
+    >>> from polyak.schemes import parse_scheme
+    >>> parse_scheme("linear").weights(3).round(3).tolist()
+    [0.5, 0.333, 0.167]
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from polyak.errors import SchemeError
+
+__all__ = [
+    "SCHEMES",
+    "Custom",
+    "Equal",
+    "Exponential",
+    "Linear",
+    "Scheme",
+    "normalize",
+    "parse_scheme",
+    "parse_schemes",
+]
+
+
+def normalize(weights: object, *, source: str = "weights") -> np.ndarray:
+    """Check raw weights and scale them to sum to 1.
+
+    Refuses negative, non-finite, empty or all-zero weights, saying which.
+
+    Args:
+        weights: a sequence of numbers.
+        source: how to name the weights in an error message.
+    """
+    try:
+        values = np.asarray(weights, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        raise SchemeError(f"{source} must be numbers; received {weights!r}.") from None
+    if values.size == 0:
+        raise SchemeError(f"{source}: at least one weight is needed; received none.")
+    if not np.all(np.isfinite(values)):
+        raise SchemeError(f"{source} must be finite; received {values.tolist()}.")
+    if np.any(values < 0):
+        raise SchemeError(f"{source} must be >= 0; received {values.tolist()}.")
+    total = values.sum()
+    if total <= 0:
+        raise SchemeError(f"{source} sum to zero; at least one must be positive.")
+    return values / total
+
+
+class Scheme:
+    """A weighting scheme: ``weights(n)`` for the n newest members, newest first."""
+
+    spec: str
+
+    def raw_weights(self, n: int) -> np.ndarray:
+        """Unnormalized weights (the formula), newest first."""
+        raise NotImplementedError
+
+    def weights(self, n: int) -> np.ndarray:
+        """Weights of the n newest members, newest first, summing to 1."""
+        if not isinstance(n, (int, np.integer)) or n < 1:
+            raise SchemeError(f"scheme {self.spec}: the number of members must be >= 1; got {n}.")
+        return normalize(self.raw_weights(int(n)), source=f"scheme {self.spec}")
+
+    def __str__(self) -> str:
+        return self.spec
+
+
+@dataclass(frozen=True)
+class Equal(Scheme):
+    """Every member counts the same: w_i = 1/n."""
+
+    @property
+    def spec(self) -> str:
+        return "equal"
+
+    def raw_weights(self, n: int) -> np.ndarray:
+        return np.full(n, 1.0 / n)
+
+
+@dataclass(frozen=True)
+class Linear(Scheme):
+    """Linearly decreasing: w_i = (n - i + 1)/n, so the newest gets n/n and the oldest 1/n.
+
+    Normalized, w_i = 2 (n - i + 1) / (n (n + 1)).
+    """
+
+    @property
+    def spec(self) -> str:
+        return "linear"
+
+    def raw_weights(self, n: int) -> np.ndarray:
+        i = np.arange(1, n + 1, dtype=np.float64)
+        return (n - i + 1) / n
+
+
+@dataclass(frozen=True)
+class Exponential(Scheme):
+    """Exponentially decreasing: w_i = exp(-i/alpha); alpha > 0 is the decay rate.
+
+    A larger alpha spreads the weight over more members; alpha -> 0 keeps only the newest.
+    """
+
+    alpha: float = 2.0
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha)) or (
+            self.alpha <= 0
+        ):
+            raise SchemeError(
+                f"exponential scheme: alpha must be a finite number > 0; received {self.alpha!r}."
+            )
+
+    @property
+    def spec(self) -> str:
+        return f"exp:{self.alpha:g}"
+
+    def raw_weights(self, n: int) -> np.ndarray:
+        i = np.arange(1, n + 1, dtype=np.float64)
+        # Shift the exponent so the newest is exp(0) = 1: same ratios, no underflow to
+        # all zeros for tiny alpha.
+        return np.exp(-(i - 1) / self.alpha)
+
+
+@dataclass(frozen=True)
+class Custom(Scheme):
+    """Weights given by the user, newest first; normalized to sum to 1."""
+
+    values: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        normalize(self.values, source="custom weights")
+
+    @property
+    def spec(self) -> str:
+        return "custom:" + ",".join(f"{v:g}" for v in self.values)
+
+    def raw_weights(self, n: int) -> np.ndarray:
+        if n != len(self.values):
+            raise SchemeError(
+                f"custom weights: {len(self.values)} values were given for {n} members; "
+                "give one weight per member, newest first."
+            )
+        return np.asarray(self.values, dtype=np.float64)
+
+
+# The one list of schemes: spec name -> how to build it from its parameters.
+SCHEMES = {
+    "equal": "Equal members: 1/n",
+    "linear": "Linearly decreasing: (n-i+1)/n, newest first",
+    "exp": "Exponentially decreasing: exp(-i/alpha), spec exp:ALPHA",
+    "custom": "Given weights, newest first, spec custom:W1,W2,...",
+}
+
+
+def _number(text: str, spec: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise SchemeError(f"scheme '{spec}': '{text}' is not a number.") from None
+    return value
+
+
+def parse_scheme(spec: str | Scheme) -> Scheme:
+    """Build a scheme from its spec string: ``equal``, ``linear``, ``exp:2``, ``custom:0.5,0.3``.
+
+    ``exp`` alone means alpha = 2, the classic experiment's decay rate.
+    """
+    if isinstance(spec, Scheme):
+        return spec
+    if not isinstance(spec, str):
+        raise SchemeError(f"a scheme must be a spec string; received {spec!r}.")
+    text = spec.strip()
+    name, _, argument = text.partition(":")
+    name = name.strip().lower()
+    if name == "equal" and not argument:
+        return Equal()
+    if name == "linear" and not argument:
+        return Linear()
+    if name in {"exp", "exponential"}:
+        if not argument:
+            return Exponential(2.0)
+        if "," in argument:
+            raise SchemeError(
+                f"scheme '{spec}': one alpha per exponential scheme; for a grid of decay "
+                "rates use a list of schemes, e.g. --schemes exp:0.5,1,2."
+            )
+        return Exponential(_number(argument, spec))
+    if name == "custom":
+        parts = [part for part in argument.split(",") if part.strip()]
+        if not parts:
+            raise SchemeError(f"scheme '{spec}': give the weights, e.g. custom:0.5,0.3,0.2.")
+        return Custom(tuple(_number(part, spec) for part in parts))
+    known = ", ".join(("equal", "linear", "exp:ALPHA", "custom:W1,W2,..."))
+    raise SchemeError(f"unknown scheme '{spec}'. Known schemes: {known}.")
+
+
+def parse_schemes(specs: str | list[str]) -> list[Scheme]:
+    """Parse a comma-separated list of schemes, e.g. ``equal,linear,exp:0.5,1,2``.
+
+    Numbers after ``exp:`` form a grid of decay rates (``exp:0.5,1,2`` is three
+    schemes); numbers after ``custom:`` are that scheme's weights.
+    """
+    items = specs if isinstance(specs, list) else [specs]
+    groups: list[list[str]] = []  # a scheme token followed by the numbers after it
+    for item in items:
+        for token in (t.strip() for t in item.split(",")):
+            if not token:
+                continue
+            if _is_number(token):
+                if not groups:
+                    raise SchemeError(f"schemes '{item}': the number {token} follows no scheme.")
+                groups[-1].append(token)
+            else:
+                groups.append([token])
+    schemes: list[Scheme] = []
+    for head, *numbers in groups:
+        name = head.partition(":")[0].strip().lower()
+        if name == "custom":
+            schemes.append(parse_scheme(",".join([head, *numbers])))
+        elif name in {"exp", "exponential"}:
+            schemes.append(parse_scheme(head))
+            schemes.extend(parse_scheme(f"exp:{number}") for number in numbers)
+        elif numbers:
+            raise SchemeError(f"scheme '{head}' takes no numbers; received {','.join(numbers)}.")
+        else:
+            schemes.append(parse_scheme(head))
+    if not schemes:
+        raise SchemeError("no scheme given; e.g. equal, linear, exp:2.")
+    return list(dict.fromkeys(schemes))
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
