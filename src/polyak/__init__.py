@@ -11,11 +11,8 @@ Example:
 """
 
 from polyak import schemes
-from polyak.averaging import AverageResult
-from polyak.averaging import average
-from polyak.averaging import average_to
-from polyak.discovery import Checkpoint
-from polyak.discovery import find_checkpoints
+from polyak.averaging import AverageResult, average, average_to
+from polyak.discovery import Checkpoint, find_checkpoints
 from polyak.errors import PolyakError
 from polyak.formats import open_checkpoint
 from polyak.schemes import parse_scheme

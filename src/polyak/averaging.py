@@ -3,11 +3,18 @@
 Numeric policy (tested in tests/test_averaging.py):
 
 - Floating tensors (float16, bfloat16, float32, float64) are averaged. Weights are
-  computed and normalized in float64; the sum accumulates in float32 for 16- and
-  32-bit inputs and in float64 for float64 inputs, then is rounded once, to nearest,
-  back to the tensor's own dtype. For n members the accumulated result differs from
-  the exact weighted mean by at most about ``(n + 1) * 2**-24 * sum_i w_i |x_i|``
-  before that final rounding.
+  computed and normalized in float64. Since they sum to 1, the average is computed
+  relative to the newest member x_1::
+
+      mean = x_1 + sum_{i=2..n} w_i (x_i - x_1)
+
+  accumulating in float32 for 16- and 32-bit inputs and in float64 for float64
+  inputs, then rounded once, to nearest, back to the tensor's own dtype. Identical
+  members therefore give themselves back exactly, and before that final rounding the
+  result differs from the exact weighted mean by at most
+  ``(n + 2) * u * (|x_1| + sum_{i>=2} w_i |x_i - x_1|)``, with u = 2**-24 for a
+  float32 accumulator (2**-53 for float64): small where members are close, as the
+  last checkpoints of one run are.
 - Integer and bool tensors (BatchNorm ``num_batches_tracked``, step counters) are
   never averaged: they are taken from the newest member. With
   ``integers="require-equal"`` a difference between members is an error instead.
@@ -16,7 +23,7 @@ Numeric policy (tested in tests/test_averaging.py):
 - NaN or infinity in any member's floating tensor is refused, naming the file and
   tensor, unless ``allow_nonfinite=True``.
 
-Memory: the engine holds one float32 accumulator chunk, one conversion chunk and
+Memory: the engine holds three float32 (or float64) chunks of 1 MiB and
 one output buffer the size of the largest tensor, all allocated once and reused;
 inputs are read through each format's reader (memory-mapped for safetensors).
 """
@@ -111,7 +118,9 @@ def check_compatible(readers: Sequence[CheckpointReader]) -> list[tuple[str, Ten
         for name in missing:
             differences.append(f"{reader.path.name} lacks tensor {name}")
         for name in extra:
-            differences.append(f"{reader.path.name} has tensor {name} that {newest.path.name} lacks")
+            differences.append(
+                f"{reader.path.name} has tensor {name} that {newest.path.name} lacks"
+            )
         for name in names:
             if name not in expected:
                 continue
@@ -145,17 +154,18 @@ class _Buffers:
         largest = max((info.nbytes for _, info in plan), default=0)
         self.output = np.empty(max(largest, 1), dtype=np.uint8)
         floating = [info for _, info in plan if is_floating(info.dtype)]
-        chunk = min(chunk, max((info.size for info in floating), default=1))
-        self.accumulator = {
-            np.dtype(np.float32): np.empty(chunk, np.float32),
-            np.dtype(np.float64): np.empty(chunk, np.float64),
-        }
-        self.scratch = {dtype: np.empty_like(buffer) for dtype, buffer in self.accumulator.items()}
-        self.chunk = chunk
+        self.chunk = min(chunk, max((info.size for info in floating), default=1))
+        self._chunks: dict[np.dtype, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
     def output_array(self, info: TensorInfo) -> np.ndarray:
         dtype = numpy_dtype(info.dtype)
         return self.output[: info.nbytes].view(dtype).reshape(info.shape)
+
+    def chunks(self, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The (total, term, base) chunks of an accumulator dtype, made on first use."""
+        if dtype not in self._chunks:
+            self._chunks[dtype] = tuple(np.empty(self.chunk, dtype) for _ in range(3))
+        return self._chunks[dtype]
 
 
 def _accumulator_dtype(dtype_name: str) -> np.dtype:
@@ -173,17 +183,20 @@ def _average_floating(
     out = buffers.output_array(info).reshape(-1)
     sources = [reader.read(name).reshape(-1) for reader in readers]
     accumulate_dtype = _accumulator_dtype(info.dtype)
-    accumulator = buffers.accumulator[accumulate_dtype]
-    scratch = buffers.scratch[accumulate_dtype]
+    accumulator, scratch, base_buffer = buffers.chunks(accumulate_dtype)
     member_weights = [accumulate_dtype.type(w) for w in weights]
     for start in range(0, info.size, buffers.chunk):
         stop = min(start + buffers.chunk, info.size)
         total = accumulator[: stop - start]
         term = scratch[: stop - start]
-        np.multiply(sources[0][start:stop], member_weights[0], out=total, dtype=accumulate_dtype)
+        base = base_buffer[: stop - start]
+        np.copyto(base, sources[0][start:stop], casting="unsafe")
+        total.fill(0)
         for source, weight in zip(sources[1:], member_weights[1:], strict=True):
-            np.multiply(source[start:stop], weight, out=term, dtype=accumulate_dtype)
+            np.subtract(source[start:stop], base, out=term, dtype=accumulate_dtype)
+            np.multiply(term, weight, out=term)
             np.add(total, term, out=total)
+        np.add(total, base, out=total)
         if not allow_nonfinite and not np.isfinite(total).all():
             _raise_nonfinite(name, readers, sources, start, stop)
         np.copyto(out[start:stop], total, casting="unsafe")
@@ -208,9 +221,7 @@ def _raise_nonfinite(
     )
 
 
-def _carry_integer(
-    name: str, readers: Sequence[CheckpointReader], integers: str
-) -> np.ndarray:
+def _carry_integer(name: str, readers: Sequence[CheckpointReader], integers: str) -> np.ndarray:
     newest = readers[0].read(name)
     if integers == "require-equal":
         for reader in readers[1:]:
@@ -262,9 +273,7 @@ def average_readers(
         buffers = _Buffers(plan, CHUNK_ELEMENTS)
         for name, info in plan:
             if is_floating(info.dtype):
-                array = _average_floating(
-                    name, info, readers, normalized, buffers, allow_nonfinite
-                )
+                array = _average_floating(name, info, readers, normalized, buffers, allow_nonfinite)
                 done = info.nbytes * len(readers)
             else:
                 array = _carry_integer(name, readers, integers)
@@ -281,9 +290,7 @@ def _weights_for(scheme: str | Scheme, count: int) -> tuple[Scheme, np.ndarray]:
     return parsed, parsed.weights(count)
 
 
-def _open_members(
-    members: list[Checkpoint], key: str | None
-) -> list[CheckpointReader]:
+def _open_members(members: list[Checkpoint], key: str | None) -> list[CheckpointReader]:
     readers: list[CheckpointReader] = []
     try:
         for member in members:

@@ -20,6 +20,7 @@ What counts as a checkpoint:
 from __future__ import annotations
 
 import glob
+import itertools
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -176,7 +177,7 @@ def find_checkpoints(
                     "it out."
                 )
     checkpoints.sort(key=lambda c: c.key, reverse=True)
-    for newer, older in zip(checkpoints, checkpoints[1:], strict=False):
+    for newer, older in itertools.pairwise(checkpoints):
         if newer.key == older.key:
             raise DiscoveryError(
                 f"checkpoints {older.path} and {newer.path} have the same step numbers "

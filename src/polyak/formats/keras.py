@@ -87,6 +87,10 @@ def _natural_key(name: str) -> list[tuple[int, int | str]]:
     return [(0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", name)]
 
 
+def _describe(error: BaseException) -> str:
+    return str(error) or type(error).__name__
+
+
 def _listing(names: Iterable[str]) -> str:
     names = list(names)
     shown = ", ".join(f"'{name}'" for name in names[:_SHOWN])
@@ -165,9 +169,9 @@ class _KerasHdf5Reader(ReaderBase):
             self._file = h5py.File(source, "r")
         except _HDF5_ERRORS as error:
             raise CheckpointError(
-                f"checkpoint {self.path}: {where} is not a readable HDF5 file ({error}). "
-                f"A {self.format} checkpoint is an HDF5 file written by Keras; the file may be "
-                "truncated or of another format. Save it again with Keras."
+                f"checkpoint {self.path}: {where} is not a readable HDF5 file "
+                f"({_describe(error)}). A {self.format} checkpoint is an HDF5 file written by "
+                "Keras; the file may be truncated or of another format. Save it again with Keras."
             ) from error
         try:
             self._check_layout(self._file)
@@ -179,17 +183,27 @@ class _KerasHdf5Reader(ReaderBase):
             self.close()
             raise CheckpointError(
                 f"checkpoint {self.path}: the HDF5 structure of {where} cannot be read "
-                f"({error}); the file is probably corrupt. Save it again with Keras."
+                f"({_describe(error)}); the file is probably corrupt. Save it again with Keras."
             ) from error
         self._names = names
         self._name_set = frozenset(names)
 
     def _check_layout(self, file: h5py.File) -> None:
-        """Raise CheckpointError if the file's top level is not this format's."""
+        """Raise CheckpointError if the file's top level is not this format's.
+
+        The Keras 3 layout (weights files and .keras archives) is checked here; the
+        legacy reader overrides it.
+        """
+        if "model_weights" in file and "layers" not in file:
+            raise CheckpointError(
+                f"checkpoint {self.path}: a {self.format} checkpoint holds Keras 3 weights "
+                "groups ('layers', 'vars'); this one has 'model_weights', the layout of a legacy "
+                "full-model HDF5 from model.save('m.h5'). Rename such a file to end in '.h5'."
+            )
 
     def _is_model_tensor(self, name: str) -> bool:
         """Whether the dataset at this full path is a model tensor (not optimizer state)."""
-        raise NotImplementedError
+        return name.split("/", 1)[0] != "optimizer"
 
     def _walk(self, file: h5py.File) -> list[str]:
         # Pre-order walk in natural order, following hard links only. A group or a
@@ -293,8 +307,8 @@ class _KerasHdf5Reader(ReaderBase):
             array = np.asarray(dataset[()])
         except _HDF5_ERRORS as error:
             raise CheckpointError(
-                f"checkpoint {self.path}: tensor '{name}' cannot be read ({error}); the file "
-                "is probably corrupt. Save it again with Keras."
+                f"checkpoint {self.path}: tensor '{name}' cannot be read ({_describe(error)}); "
+                "the file is probably corrupt. Save it again with Keras."
             ) from error
         if not array.dtype.isnative:
             array = array.astype(array.dtype.newbyteorder("="))
@@ -328,17 +342,6 @@ class KerasWeightsReader(_KerasHdf5Reader):
     def __init__(self, path: str | Path) -> None:
         super().__init__(path)
         self._open_hdf5(self.path, "the file")
-
-    def _check_layout(self, file: h5py.File) -> None:
-        if "model_weights" in file and "layers" not in file:
-            raise CheckpointError(
-                f"checkpoint {self.path}: a .weights.h5 file holds Keras 3 save_weights "
-                "groups ('layers', 'vars'); this one has 'model_weights', the layout of a "
-                "legacy full-model HDF5 from model.save('m.h5'). Rename it to end in '.h5'."
-            )
-
-    def _is_model_tensor(self, name: str) -> bool:
-        return name.split("/", 1)[0] != "optimizer"
 
 
 class KerasLegacyH5Reader(_KerasHdf5Reader):
@@ -416,10 +419,10 @@ class KerasArchiveReader(_KerasHdf5Reader):
         self.zip_path = self.path
         self._view: _ZipMemberView | None = None
         self._extracted: Path | None = None
+        self._weights_start: int | None = None
         limit = MAX_WEIGHTS_BYTES if max_weights_bytes is None else max_weights_bytes
         try:
             self.weights_info, self.member_names = self._inspect_zip(limit)
-            self._weights_start: int | None = None
             if self.weights_info.compress_type == zipfile.ZIP_STORED:
                 self._weights_start = self._stored_data_offset(self.weights_info)
                 self._view = _ZipMemberView(
@@ -440,8 +443,8 @@ class KerasArchiveReader(_KerasHdf5Reader):
         except _ZIP_ERRORS as error:
             raise CheckpointError(
                 f"checkpoint {self.path}: a .keras file is a zip archive written by "
-                f"model.save(); this one cannot be read as a zip ({error}). The file may be "
-                "truncated or of another format: save the model again."
+                f"model.save(); this one cannot be read as a zip ({_describe(error)}). The file "
+                "may be truncated or of another format: save the model again."
             ) from error
         names = [info.filename for info in infos]
         for name in names:
@@ -488,7 +491,9 @@ class KerasArchiveReader(_KerasHdf5Reader):
                 file.seek(info.header_offset)
                 header = file.read(_LOCAL_HEADER_SIZE)
         except OSError as error:
-            raise CheckpointError(f"checkpoint {self.path}: cannot be read ({error}).") from error
+            raise CheckpointError(
+                f"checkpoint {self.path}: cannot be read ({_describe(error)})."
+            ) from error
         if len(header) < _LOCAL_HEADER_SIZE or header[:4] != _LOCAL_HEADER_SIGNATURE:
             raise CheckpointError(
                 f"checkpoint {self.path}: the local header of member '{WEIGHTS_MEMBER}' is "
@@ -518,8 +523,8 @@ class KerasArchiveReader(_KerasHdf5Reader):
             target.unlink(missing_ok=True)
             raise CheckpointError(
                 f"checkpoint {self.path}: member '{WEIGHTS_MEMBER}' cannot be extracted "
-                f"({error}); the zip is corrupt or uses an unsupported compression. Save the "
-                "model again."
+                f"({_describe(error)}); the zip is corrupt or uses an unsupported compression. "
+                "Save the model again."
             ) from error
         except BaseException:
             target.unlink(missing_ok=True)
@@ -546,7 +551,7 @@ class KerasArchiveReader(_KerasHdf5Reader):
             with contextlib.suppress(OSError):
                 self._extracted.unlink()
             self._extracted = None
-            self._weights_start = None
+        self._weights_start = None
 
 
 # -- writers -------------------------------------------------------------------------------
@@ -574,7 +579,9 @@ def _write_replacing(path: Path, build: Callable[[Path], None]) -> None:
     try:
         handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as error:
-        raise OutputError(f"output {path}: cannot create a file there ({error}).") from error
+        raise OutputError(
+            f"output {path}: cannot create a file there ({_describe(error)})."
+        ) from error
     os.close(handle)
     temporary = Path(name)
     try:
@@ -585,7 +592,7 @@ def _write_replacing(path: Path, build: Callable[[Path], None]) -> None:
         raise
     except OSError as error:
         temporary.unlink(missing_ok=True)
-        raise OutputError(f"output {path}: cannot be written ({error}).") from error
+        raise OutputError(f"output {path}: cannot be written ({_describe(error)}).") from error
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
@@ -763,7 +770,7 @@ def write_keras_archive(
         except _ZIP_ERRORS as error:
             if isinstance(error, PolyakError):
                 raise
-            raise OutputError(f"output {path}: cannot be written ({error}).") from error
+            raise OutputError(f"output {path}: cannot be written ({_describe(error)}).") from error
         finally:
             weights.unlink(missing_ok=True)
 

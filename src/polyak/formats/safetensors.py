@@ -30,7 +30,7 @@ import numpy as np
 from polyak.errors import CheckpointError
 from polyak.formats.base import DTYPES, PlannedTensors, ReaderBase, TensorInfo
 
-__all__ = ["ShardedSafetensorsReader", "SafetensorsReader", "write_safetensors"]
+__all__ = ["SafetensorsReader", "ShardedSafetensorsReader", "write_safetensors"]
 
 # safetensors dtype codes and polyak's canonical names.
 _CODES = {
@@ -76,7 +76,9 @@ def parse_header(path: Path, header_bytes: bytes, data_size: int) -> tuple[dict,
     except UnicodeDecodeError:
         raise CheckpointError(f"checkpoint {path}: safetensors header is not UTF-8.") from None
     except ValueError as error:
-        raise CheckpointError(f"checkpoint {path}: safetensors header is invalid: {error}.") from None
+        raise CheckpointError(
+            f"checkpoint {path}: safetensors header is invalid: {error}."
+        ) from None
     if not isinstance(header, dict):
         raise CheckpointError(f"checkpoint {path}: safetensors header is not a JSON object.")
     metadata = header.pop(_METADATA, None) or {}
@@ -321,7 +323,9 @@ def write_safetensors(
     The template's ``__metadata__`` (e.g. ``{"format": "pt"}``) is kept when the
     template is a safetensors file.
     """
-    planned = tensors if isinstance(tensors, PlannedTensors) else PlannedTensors.from_arrays(tensors)
+    planned = (
+        tensors if isinstance(tensors, PlannedTensors) else PlannedTensors.from_arrays(tensors)
+    )
     metadata = getattr(template, "metadata", None) if template is not None else None
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()

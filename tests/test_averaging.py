@@ -1,0 +1,356 @@
+"""The engine against an independent float64 reference, its numeric policy and refusals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.numpy import load_file, save_file
+
+import polyak
+from polyak.averaging import average_readers, check_compatible
+from polyak.errors import (
+    IncompatibleCheckpointsError,
+    NonFiniteError,
+    OutputError,
+    SchemeError,
+)
+from polyak.formats import open_checkpoint
+
+# Mantissa bits of each dtype: the final rounding to it costs at most 2**-(m+1) relative.
+MANTISSA_BITS = {np.float32: 23, np.float16: 10, ml_dtypes.bfloat16: 7}
+SUBNORMAL_FLOOR = {np.float32: 2.0**-150, np.float16: 2.0**-25, ml_dtypes.bfloat16: 2.0**-134}
+
+
+def write_members(directory: Path, members: list[dict[str, np.ndarray]]) -> list[Path]:
+    """Write members oldest first as ck_<i>.safetensors; return paths oldest first."""
+    paths = []
+    for step, tensors in enumerate(members):
+        path = directory / f"ck_{step}.safetensors"
+        save_file(tensors, str(path))
+        paths.append(path)
+    return paths
+
+
+def reference_mean(members_newest_first: list[np.ndarray], weights: np.ndarray) -> np.ndarray:
+    return sum(w * x.astype(np.float64) for w, x in zip(weights, members_newest_first, strict=True))
+
+
+def error_bound(members_newest_first: list[np.ndarray], weights: np.ndarray, dtype) -> np.ndarray:
+    """The bound of the module docstring plus the final rounding to the tensor's dtype."""
+    n = len(members_newest_first)
+    unit = 2.0**-24
+    newest = members_newest_first[0].astype(np.float64)
+    spread = np.abs(newest) + sum(
+        w * np.abs(x.astype(np.float64) - newest)
+        for w, x in zip(weights[1:], members_newest_first[1:], strict=True)
+    )
+    accumulation = (n + 2) * unit * spread
+    reference = np.abs(reference_mean(members_newest_first, weights))
+    rounding = 2.0 ** -(MANTISSA_BITS[dtype] + 1) * (reference + accumulation)
+    return accumulation + rounding + SUBNORMAL_FLOOR[dtype]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, ml_dtypes.bfloat16])
+@pytest.mark.parametrize("scheme", ["equal", "linear", "exp:2", "exp:0.5", "custom:3,0,1,2,5,1"])
+def test_average_matches_float64_reference_within_bound(tmp_path, dtype, scheme):
+    rng = np.random.default_rng(7)
+    base = rng.normal(size=(64, 33))
+    members = [{"w": (base + 0.05 * rng.normal(size=base.shape)).astype(dtype)} for _ in range(6)]
+    write_members(tmp_path, members)
+    result = polyak.average(tmp_path, scheme=scheme)["w"]
+    newest_first = [m["w"] for m in reversed(members)]
+    weights = polyak.parse_scheme(scheme).weights(6)
+    reference = reference_mean(newest_first, weights)
+    assert result.dtype == np.dtype(dtype)
+    error = np.abs(result.astype(np.float64) - reference)
+    assert np.all(error <= error_bound(newest_first, weights, dtype))
+
+
+def test_float32_accumulation_beats_summing_in_bfloat16(tmp_path):
+    # Summing bf16 in bf16 loses the small differences between members; polyak does not.
+    members = [
+        {"w": np.full(1000, 1.0 + step * 2.0**-7, dtype=ml_dtypes.bfloat16)} for step in range(8)
+    ]
+    write_members(tmp_path, members)
+    result = polyak.average(tmp_path)["w"].astype(np.float64)
+    exact = np.mean([1.0 + step * 2.0**-7 for step in range(8)])
+    assert np.all(np.abs(result - exact) <= 2.0**-8)
+
+
+def test_float64_tensors_accumulate_in_float64(tmp_path):
+    rng = np.random.default_rng(1)
+    members = [{"w": rng.normal(size=50)} for _ in range(4)]
+    write_members(tmp_path, members)
+    result = polyak.average(tmp_path, scheme="linear")["w"]
+    weights = polyak.parse_scheme("linear").weights(4)
+    reference = reference_mean([m["w"] for m in reversed(members)], weights)
+    assert result.dtype == np.float64
+    np.testing.assert_allclose(result, reference, rtol=1e-14, atol=1e-15)
+
+
+def test_large_tensor_spanning_many_chunks(tmp_path):
+    rng = np.random.default_rng(2)
+    members = [{"big": rng.normal(size=(700, 1000)).astype(np.float32)} for _ in range(3)]
+    write_members(tmp_path, members)
+    result = polyak.average(tmp_path, scheme="exp:1")["big"]
+    weights = polyak.parse_scheme("exp:1").weights(3)
+    newest_first = [m["big"] for m in reversed(members)]
+    reference = reference_mean(newest_first, weights)
+    assert np.all(np.abs(result - reference) <= error_bound(newest_first, weights, np.float32))
+
+
+def test_integer_and_bool_tensors_come_from_the_newest_member(tmp_path):
+    members = [
+        {
+            "w": np.ones(3, np.float32) * step,
+            "num_batches_tracked": np.array(100 * step, dtype=np.int64),
+            "mask": np.array([step % 2 == 0, True]),
+        }
+        for step in range(4)
+    ]
+    write_members(tmp_path, members)
+    result = polyak.average(tmp_path)
+    assert result["num_batches_tracked"].dtype == np.int64
+    assert result["num_batches_tracked"] == 300
+    np.testing.assert_array_equal(result["mask"], [False, True])
+    np.testing.assert_allclose(result["w"], 1.5)
+
+
+def test_require_equal_refuses_differing_integers(tmp_path):
+    members = [{"w": np.ones(2, np.float32), "steps": np.array(step)} for step in range(2)]
+    write_members(tmp_path, members)
+    with pytest.raises(
+        IncompatibleCheckpointsError, match=r"ck_0.safetensors: integer tensor steps differs"
+    ):
+        polyak.average(tmp_path, integers="require-equal")
+    same = [{"w": np.ones(2, np.float32), "steps": np.array(5)} for _ in range(2)]
+    write_members(tmp_path, same)
+    assert polyak.average(tmp_path, integers="require-equal")["steps"] == 5
+
+
+def test_unknown_integer_policy_is_refused(tmp_path):
+    write_members(tmp_path, [{"w": np.ones(2, np.float32)}])
+    with pytest.raises(SchemeError, match="integers policy must be one of newest, require-equal"):
+        polyak.average(tmp_path, integers="mean")
+
+
+def test_identical_members_give_themselves_back_exactly(tmp_path):
+    rng = np.random.default_rng(3)
+    tensors = {
+        "a": rng.normal(size=100).astype(np.float32),
+        "b": rng.normal(size=100).astype(np.float16),
+        "c": rng.normal(size=100).astype(ml_dtypes.bfloat16),
+        "d": rng.normal(size=100),
+    }
+    write_members(tmp_path, [tensors] * 7)
+    for scheme in ("equal", "linear", "exp:2", "custom:1,2,3,4,5,6,7"):
+        result = polyak.average(tmp_path, scheme=scheme)
+        for name, array in tensors.items():
+            np.testing.assert_array_equal(result[name], array, err_msg=f"{scheme} {name}")
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    values=st.lists(st.floats(-1e6, 1e6, allow_nan=False, width=32), min_size=2, max_size=6),
+    seed=st.integers(0, 2**16),
+)
+def test_order_of_equal_weight_members_does_not_matter(values, seed):
+    members = [np.array([v], dtype=np.float32) for v in values]
+    permuted = list(np.random.default_rng(seed).permutation(len(members)))
+    weights = np.full(len(members), 1 / len(members))
+    first = _average_in_memory(members, weights)
+    second = _average_in_memory([members[i] for i in permuted], weights)
+    bound_first = error_bound(members, weights, np.float32)
+    bound_second = error_bound([members[i] for i in permuted], weights, np.float32)
+    assert abs(float(first[0]) - float(second[0])) <= float(bound_first[0] + bound_second[0])
+
+
+class _ArrayReader:
+    """A reader over in-memory arrays, to drive the engine without files."""
+
+    format = "memory"
+
+    def __init__(self, name: str, tensors: dict[str, np.ndarray]) -> None:
+        self.path = Path(name)
+        self.tensors = tensors
+
+    def names(self):
+        return list(self.tensors)
+
+    def info(self, name):
+        from polyak.formats.base import TensorInfo, dtype_name
+
+        array = self.tensors[name]
+        return TensorInfo(tuple(array.shape), dtype_name(array.dtype))
+
+    def read(self, name):
+        return self.tensors[name]
+
+    def close(self):
+        pass
+
+
+def _average_in_memory(members: list[np.ndarray], weights: np.ndarray) -> np.ndarray:
+    readers = [_ArrayReader(f"m{i}", {"x": member}) for i, member in enumerate(members)]
+    return np.array(dict(average_readers(readers, weights))["x"])
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    value=st.floats(-(2.0**100), 2.0**100, allow_nan=False, width=32),
+    count=st.integers(1, 9),
+    raw=st.lists(st.floats(0.01, 100), min_size=9, max_size=9),
+)
+def test_identical_inputs_any_weights_are_exact(value, count, raw):
+    members = [np.array([value], dtype=np.float32)] * count
+    result = _average_in_memory(members, np.array(raw[:count]))
+    assert result[0] == np.float32(value)
+
+
+def test_members_with_different_tensors_are_refused_with_the_differences(tmp_path):
+    members = [
+        {"dense/kernel": np.zeros((2, 25), np.float32), "dense/bias": np.zeros(25, np.float32)},
+        {"dense/kernel": np.zeros((2, 26), np.float32), "dense/bias": np.zeros(25, np.float32)},
+        {"dense/kernel": np.zeros((2, 25), np.float32)},
+        {"dense/kernel": np.zeros((2, 25), np.float16), "dense/bias": np.zeros(25, np.float32)},
+    ]
+    write_members(tmp_path, members)
+    with pytest.raises(IncompatibleCheckpointsError) as caught:
+        polyak.average(tmp_path)
+    message = str(caught.value)
+    # ck_3 is the newest member, the reference the others are compared with.
+    assert "ck_2.safetensors lacks tensor dense/bias" in message
+    assert (
+        "ck_1.safetensors: tensor dense/kernel has shape (2, 26); ck_3.safetensors has (2, 25)"
+        in message
+    )
+    assert (
+        "ck_0.safetensors: tensor dense/kernel has dtype float32; ck_3.safetensors has float16"
+        in message
+    )
+
+
+def test_extra_tensor_in_an_older_member_is_refused(tmp_path):
+    write_members(
+        tmp_path,
+        [
+            {"a": np.zeros(1, np.float32), "b": np.zeros(1, np.float32)},
+            {"a": np.zeros(1, np.float32)},
+        ],
+    )
+    with pytest.raises(
+        IncompatibleCheckpointsError,
+        match="ck_0.safetensors has tensor b that ck_1.safetensors lacks",
+    ):
+        polyak.average(tmp_path)
+
+
+def test_long_difference_lists_are_cut(tmp_path):
+    write_members(
+        tmp_path,
+        [{f"t{i}": np.zeros(1, np.float32) for i in range(20)}, {"other": np.zeros(1, np.float32)}],
+    )
+    with pytest.raises(IncompatibleCheckpointsError, match=r"and 16 more difference\(s\)"):
+        polyak.average(tmp_path)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nonfinite_values_are_refused_naming_file_and_tensor(tmp_path, bad):
+    members = [{"w": np.ones(4, np.float32)} for _ in range(3)]
+    members[1]["w"][2] = bad
+    write_members(tmp_path, members)
+    with pytest.raises(NonFiniteError, match=r"ck_1.safetensors: tensor w holds NaN or infinite"):
+        polyak.average(tmp_path)
+    allowed = polyak.average(tmp_path, allow_nonfinite=True)["w"]
+    assert not np.isfinite(allowed[2])
+    np.testing.assert_array_equal(allowed[[0, 1, 3]], 1.0)
+
+
+def test_nonfinite_member_with_zero_weight_is_still_refused(tmp_path):
+    members = [{"w": np.ones(2, np.float32)}, {"w": np.array([1.0, np.nan], np.float32)}]
+    write_members(tmp_path, members)
+    with pytest.raises(NonFiniteError, match="ck_1.safetensors: tensor w"):
+        polyak.average(tmp_path, scheme="custom:0,1")
+
+
+def test_wrong_number_of_weights_is_refused(tmp_path):
+    write_members(tmp_path, [{"w": np.ones(2, np.float32)}] * 2)
+    readers = [open_checkpoint(tmp_path / f"ck_{i}.safetensors") for i in range(2)]
+    with pytest.raises(SchemeError, match="3 weights were given for 2 checkpoints"):
+        average_readers(readers, [1, 1, 1])
+
+
+def test_check_compatible_returns_the_newest_members_plan(tmp_path):
+    write_members(tmp_path, [{"a": np.zeros((2, 3), np.float16), "n": np.array(1)}] * 2)
+    readers = [open_checkpoint(tmp_path / f"ck_{i}.safetensors") for i in (1, 0)]
+    plan = check_compatible(readers)
+    assert [name for name, _ in plan] == readers[0].names()
+    assert sorted((name, info.shape, info.dtype) for name, info in plan) == [
+        ("a", (2, 3), "float16"),
+        ("n", (), "int64"),
+    ]
+
+
+def test_last_keeps_the_newest_members(tmp_path):
+    write_members(tmp_path, [{"w": np.full(2, float(step), np.float32)} for step in range(10)])
+    np.testing.assert_allclose(polyak.average(tmp_path, last=3)["w"], 8.0)
+
+
+def test_average_to_writes_the_format_and_reports_members(tmp_path):
+    members = [{"w": np.full(2, float(step), np.float32), "n": np.array(step)} for step in range(3)]
+    write_members(tmp_path, members)
+    out = tmp_path / "out" / "avg.safetensors"
+    out.parent.mkdir()
+    result = polyak.average_to(tmp_path, out, scheme="linear")
+    weights = np.array([3, 2, 1]) / 6
+    np.testing.assert_allclose(result.weights, weights)
+    assert [m.path.name for m in result.members] == [
+        "ck_2.safetensors",
+        "ck_1.safetensors",
+        "ck_0.safetensors",
+    ]
+    assert (result.tensors, result.averaged, result.format) == (2, 1, "safetensors")
+    written = load_file(str(out))
+    np.testing.assert_allclose(written["w"], np.dot(weights, [2.0, 1.0, 0.0]))
+    assert written["n"] == 2
+    assert not [p for p in out.parent.iterdir() if p.name != "avg.safetensors"]
+
+
+def test_average_to_converts_to_npz_and_torch(tmp_path):
+    torch = pytest.importorskip("torch")
+    inputs = tmp_path / "run"
+    inputs.mkdir()
+    write_members(inputs, [{"w": np.full(2, float(step), np.float32)} for step in range(2)])
+    polyak.average_to(inputs, tmp_path / "avg.npz")
+    np.testing.assert_allclose(np.load(tmp_path / "avg.npz")["w"], 0.5)
+    polyak.average_to(inputs, tmp_path / "avg.pt")
+    state = torch.load(tmp_path / "avg.pt", weights_only=True)
+    np.testing.assert_allclose(state["w"].numpy(), 0.5)
+
+
+def test_average_to_refuses_existing_output_and_leaves_it(tmp_path):
+    write_members(tmp_path, [{"w": np.ones(2, np.float32)}] * 2)
+    out = tmp_path / "avg.safetensors"
+    out.write_bytes(b"previous")
+    with pytest.raises(OutputError, match="already exists. Pass --overwrite"):
+        polyak.average_to(tmp_path / "ck_*.safetensors", out)
+    assert out.read_bytes() == b"previous"
+    polyak.average_to(tmp_path / "ck_*.safetensors", out, overwrite=True)
+    assert load_file(str(out))["w"].tolist() == [1.0, 1.0]
+
+
+def test_failed_average_leaves_no_output_and_no_temporary(tmp_path):
+    members = [{"w": np.ones(2, np.float32)}, {"w": np.array([np.nan, 1], np.float32)}]
+    paths = write_members(tmp_path, members)
+    before = {p: p.read_bytes() for p in paths}
+    out = tmp_path / "avg.safetensors"
+    with pytest.raises(NonFiniteError):
+        polyak.average_to(tmp_path / "ck_*", out)
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck_0.safetensors", "ck_1.safetensors"]
+    assert {p: p.read_bytes() for p in paths} == before

@@ -1,0 +1,217 @@
+"""The command line: output, one-line errors, exit codes 0/2/1, inputs left untouched."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from polyak.cli.main import main
+
+
+def run(arguments: list[str], capsys) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exited:
+        main(arguments)
+    captured = capsys.readouterr()
+    return exited.value.code, captured.out, captured.err
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    directory = tmp_path / "run"
+    directory.mkdir()
+    for step in range(490, 500):
+        save_file(
+            {
+                "dense/kernel": np.full((2, 3), float(step), np.float32),
+                "steps": np.array(step, dtype=np.int64),
+            },
+            str(directory / f"ckpt_{step}.safetensors"),
+        )
+    return directory
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(directory.iterdir())}
+
+
+def test_inspect_lists_checkpoints_newest_first(run_dir, capsys):
+    code, out, _ = run(["inspect", str(run_dir), "--json"], capsys)
+    assert code == 0
+    report = json.loads(out)
+    assert [Path(row["path"]).name for row in report["checkpoints"]][:2] == [
+        "ckpt_499.safetensors",
+        "ckpt_498.safetensors",
+    ]
+    first = report["checkpoints"][0]
+    assert (first["format"], first["step"], first["tensors"], first["parameters"]) == (
+        "safetensors",
+        499,
+        2,
+        7,
+    )
+    assert report["compatible"] is True
+
+
+def test_inspect_table_says_whether_they_average(run_dir, capsys):
+    save_file({"other": np.zeros(1, np.float32)}, str(run_dir / "ckpt_500.safetensors"))
+    code, out, _ = run(["inspect", str(run_dir), "--last", "3"], capsys)
+    assert code == 0
+    assert "ckpt_500" in out and "ckpt_497" not in out
+    assert "Cannot be averaged together" in out
+    assert "ckpt_499.safetensors lacks tensor other" in out
+
+
+def test_average_writes_output_and_prints_members_and_weights(run_dir, tmp_path, capsys):
+    out_file = tmp_path / "avg.safetensors"
+    code, out, err = run(
+        ["average", str(run_dir), "--last", "3", "--scheme", "linear", "-o", str(out_file)],
+        capsys,
+    )
+    assert code == 0, err
+    assert "0.5000" in out and "0.3333" in out and "0.1667" in out
+    assert "Wrote" in out
+    result = load_file(str(out_file))
+    np.testing.assert_allclose(result["dense/kernel"], (3 * 499 + 2 * 498 + 497) / 6)
+    assert result["steps"] == 499
+
+
+def test_average_json(run_dir, tmp_path, capsys):
+    out_file = tmp_path / "avg.npz"
+    code, out, _ = run(
+        [
+            "average",
+            str(run_dir / "ckpt_*.safetensors"),
+            "-s",
+            "exp:2",
+            "-o",
+            str(out_file),
+            "--json",
+        ],
+        capsys,
+    )
+    assert code == 0
+    report = json.loads(out)
+    assert report["format"] == "npz" and report["scheme"] == "exp:2"
+    weights = np.exp(-np.arange(10) / 2)
+    np.testing.assert_allclose([m["weight"] for m in report["members"]], weights / weights.sum())
+    assert report["members"][0]["step"] == 499
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["-s", "custom:1,2"], "custom weights: 2 values were given for 10 members"),
+        (["-s", "exp:-1"], "alpha must be a finite number > 0"),
+        (["-s", "bogus"], "unknown scheme 'bogus'"),
+        (["--last", "0"], "last must be a whole number >= 1"),
+        (["--integers", "mean"], "--integers must be one of newest, require-equal"),
+    ],
+)
+def test_bad_options_exit_2_with_one_line(run_dir, tmp_path, capsys, arguments, message):
+    before = snapshot(run_dir)
+    out_file = tmp_path / "avg.safetensors"
+    code, _, err = run(["average", str(run_dir), "-o", str(out_file), *arguments], capsys)
+    assert code == 2
+    assert message in err
+    assert err.count("\n") == 1 and err.startswith("polyak: error: ")
+    assert not out_file.exists()
+    assert snapshot(run_dir) == before
+
+
+def test_output_equal_to_an_input_is_refused(run_dir, capsys):
+    before = snapshot(run_dir)
+    target = run_dir / "ckpt_495.safetensors"
+    code, _, err = run(["average", str(run_dir), "-o", str(target), "--overwrite"], capsys)
+    assert code == 2
+    assert "polyak never overwrites an input" in err
+    assert snapshot(run_dir) == before
+
+
+def test_existing_output_needs_overwrite(run_dir, tmp_path, capsys):
+    out_file = tmp_path / "avg.safetensors"
+    out_file.write_bytes(b"keep me")
+    code, _, err = run(["average", str(run_dir), "-o", str(out_file)], capsys)
+    assert code == 2 and "Pass --overwrite" in err
+    assert out_file.read_bytes() == b"keep me"
+
+
+def test_incompatible_members_exit_2_naming_files(run_dir, tmp_path, capsys):
+    save_file(
+        {"dense/kernel": np.zeros((2, 4), np.float32), "steps": np.array(1)},
+        str(run_dir / "ckpt_500.safetensors"),
+    )
+    code, _, err = run(["average", str(run_dir), "-o", str(tmp_path / "a.safetensors")], capsys)
+    assert code == 2
+    assert (
+        "ckpt_499.safetensors: tensor dense/kernel has shape (2, 3); ckpt_500.safetensors has (2, 4)"
+        in err
+    )
+
+
+def test_corrupt_checkpoint_exit_2_naming_the_file(run_dir, tmp_path, capsys):
+    (run_dir / "ckpt_500.safetensors").write_bytes(b"\x00" * 4)
+    code, _, err = run(["average", str(run_dir), "-o", str(tmp_path / "a.safetensors")], capsys)
+    assert code == 2
+    assert "ckpt_500.safetensors: 4 bytes is too small" in err
+
+
+def test_verbose_shows_the_traceback(run_dir, tmp_path, capsys):
+    code, _, err = run(
+        ["-v", "average", str(run_dir), "-s", "bogus", "-o", str(tmp_path / "a.safetensors")],
+        capsys,
+    )
+    assert code == 2
+    assert "Traceback" in err and "unknown scheme 'bogus'" in err
+
+
+def test_usage_error_exits_2(capsys):
+    code, _, err = run(["average"], capsys)
+    assert code == 2
+    assert "Missing" in err
+
+
+def test_missing_path_exits_2(tmp_path, capsys):
+    code, _, err = run(["inspect", str(tmp_path / "nope.pt")], capsys)
+    assert code == 2
+    assert f"checkpoint {tmp_path / 'nope.pt'}: no such file or directory" in err
+
+
+def test_a_bug_exits_1_with_a_hint(monkeypatch, run_dir, tmp_path, capsys):
+    import polyak.cli.average as average_module
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(average_module, "average_to", broken)
+    code, _, err = run(["average", str(run_dir), "-o", str(tmp_path / "a.safetensors")], capsys)
+    assert code == 1
+    assert "internal error" in err and "RuntimeError: boom" in err and "-v" in err
+
+
+def test_module_entry_point_and_version():
+    completed = subprocess.run(
+        [sys.executable, "-m", "polyak", "--version"], capture_output=True, text=True, check=False
+    )
+    assert completed.returncode == 0
+    assert completed.stdout.startswith("polyak ")
+
+
+def test_console_script_error_exit_code(tmp_path):
+    script = Path(sys.executable).parent / "polyak"
+    if not script.exists():
+        pytest.skip("console script not installed")
+    completed = subprocess.run(
+        [str(script), "average", str(tmp_path / "missing.pt"), "-o", str(tmp_path / "x.pt")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert completed.returncode == 2
+    assert completed.stderr.strip().count("\n") == 0
+    assert "missing.pt: no such file or directory" in completed.stderr
