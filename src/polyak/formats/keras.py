@@ -572,30 +572,17 @@ def _require_template(path: Path, template: object, kind: type[_Reader]) -> _Rea
 
 
 def _write_replacing(path: Path, build: Callable[[Path], None]) -> None:
-    """Run ``build(temporary)`` on a file beside ``path``, then rename it to ``path``.
+    """Run ``build(path)``, turning file-system failures into ``OutputError``.
 
-    A failed write leaves neither a partial output nor the temporary file behind.
+    ``path`` is already a temporary file of the caller's (``polyak.files.atomic_output``
+    renames it into place on success and removes it on failure), so nothing here renames.
     """
     try:
-        handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as error:
-        raise OutputError(
-            f"output {path}: cannot create a file there ({_describe(error)})."
-        ) from error
-    os.close(handle)
-    temporary = Path(name)
-    try:
-        build(temporary)
-        os.replace(temporary, path)
+        build(path)
     except PolyakError:
-        temporary.unlink(missing_ok=True)
         raise
     except OSError as error:
-        temporary.unlink(missing_ok=True)
         raise OutputError(f"output {path}: cannot be written ({_describe(error)}).") from error
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
 
 
 def _overwrite_datasets(
