@@ -161,7 +161,9 @@ def test_several_directories_listed(tmp_path: Path) -> None:
     assert names(found) == ["checkpoint-1000", "checkpoint-500"]
 
 
-@given(steps=st.lists(st.integers(min_value=0, max_value=10**9), min_size=1, max_size=30, unique=True))
+@given(
+    steps=st.lists(st.integers(min_value=0, max_value=10**9), min_size=1, max_size=30, unique=True)
+)
 def test_property_order_is_by_number_whatever_the_listing_order(steps: list[int]) -> None:
     checkpoints = [order_key(Path(f"model_{step}.pt")) for step in steps]
     ordered = sorted(checkpoints, key=lambda c: c.key, reverse=True)
@@ -268,7 +270,9 @@ def test_discovery_error_is_a_value_error() -> None:
 
 def test_same_numbers_are_ambiguous(tmp_path: Path) -> None:
     touch(tmp_path, "model_5.pt", "model_05.pt", "model_6.pt")
-    with pytest.raises(DiscoveryError, match=r"model_0?5\.pt and .*model_0?5\.pt have the same") as e:
+    with pytest.raises(
+        DiscoveryError, match=r"model_0?5\.pt and .*model_0?5\.pt have the same"
+    ) as e:
         find_checkpoints(tmp_path)
     message = str(e.value)
     assert "model_5.pt" in message and "model_05.pt" in message

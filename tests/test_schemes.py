@@ -248,7 +248,8 @@ def test_specs() -> None:
 
 
 @pytest.mark.parametrize(
-    "spec", ["equal", "linear", "exp:2", "exp:0.5", "exp:0.01", "custom:0.5,0.3,0.2", "custom:0,0,1"]
+    "spec",
+    ["equal", "linear", "exp:2", "exp:0.5", "exp:0.01", "custom:0.5,0.3,0.2", "custom:0,0,1"],
 )
 def test_spec_round_trip(spec: str) -> None:
     scheme = parse_scheme(spec)
@@ -385,7 +386,9 @@ def test_bad_alpha_refused_in_constructor() -> None:
 
 
 def test_unknown_scheme_refused_naming_the_known_ones() -> None:
-    with pytest.raises(SchemeError, match=r"unknown scheme 'cosine'\. Known schemes: equal, linear"):
+    with pytest.raises(
+        SchemeError, match=r"unknown scheme 'cosine'\. Known schemes: equal, linear"
+    ):
         parse_scheme("cosine")
     with pytest.raises(SchemeError, match="unknown scheme 'cosine'"):
         parse_schemes("equal,cosine")
@@ -418,7 +421,9 @@ def test_single_exp_with_several_alphas_suggests_a_list() -> None:
 
 @pytest.mark.parametrize("n", [0, -1])
 def test_weights_of_no_members_refused(n: int) -> None:
-    with pytest.raises(SchemeError, match=rf"scheme linear: the number of members must be >= 1; got {n}"):
+    with pytest.raises(
+        SchemeError, match=rf"scheme linear: the number of members must be >= 1; got {n}"
+    ):
         Linear().weights(n)
 
 
