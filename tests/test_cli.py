@@ -148,10 +148,8 @@ def test_incompatible_members_exit_2_naming_files(run_dir, tmp_path, capsys):
     )
     code, _, err = run(["average", str(run_dir), "-o", str(tmp_path / "a.safetensors")], capsys)
     assert code == 2
-    assert (
-        "ckpt_499.safetensors: tensor dense/kernel has shape (2, 3); ckpt_500.safetensors has (2, 4)"
-        in err
-    )
+    assert "ckpt_499.safetensors: tensor dense/kernel has shape (2, 3);" in err
+    assert "ckpt_500.safetensors has (2, 4)" in err
 
 
 def test_corrupt_checkpoint_exit_2_naming_the_file(run_dir, tmp_path, capsys):

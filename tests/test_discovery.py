@@ -360,12 +360,6 @@ def test_nothing_given() -> None:
         find_checkpoints([])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a glob that matches only files of unknown format (e.g. run/*.txt) expands to "
-    "nothing and find_checkpoints raises the generic 'no checkpoints given.', which names "
-    "neither the pattern nor what it matched",
-)
 def test_glob_matching_only_non_checkpoints_names_the_pattern(tmp_path: Path) -> None:
     touch(tmp_path, "notes.txt", "hparams.txt")
     pattern = str(tmp_path / "*.txt")

@@ -139,12 +139,6 @@ def test_stale_temporary_removed_even_if_the_new_write_fails(tmp_path: Path) -> 
     assert not stale.exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: _remove_stale_temporaries passes the output name to Path.glob unescaped, so "
-    "for an output such as 'avg[1].npz' the pattern '[1]' is a character class and the "
-    "stale '.avg[1].npz.polyak-tmp-PID-...' file is never matched nor removed",
-)
 def test_stale_temporary_removed_for_a_name_with_glob_characters(tmp_path: Path) -> None:
     out = tmp_path / "avg[1].npz"
     stale = tmp_path / f".avg[1].npz.polyak-tmp-{dead_pid()}-abcd"

@@ -186,11 +186,6 @@ def test_property_custom_valid_and_proportional(values: list[float]) -> None:
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: normalize() divides by values.sum(), which overflows to inf for large finite "
-    "weights, so custom:1e308,1e308 gives weights [0, 0] that do not sum to 1",
-)
 def test_custom_huge_finite_weights_still_sum_to_one() -> None:
     weights = Custom((1e308, 1e308)).weights(2)
     np.testing.assert_allclose(weights, [0.5, 0.5], rtol=1e-15)
@@ -263,22 +258,11 @@ def test_property_exp_spec_round_trip_for_short_alphas(alpha: float) -> None:
     assert parse_scheme(scheme.spec) == scheme
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: Exponential.spec (and Custom.spec) format numbers with '{:g}', six "
-    "significant digits, so parse_scheme(scheme.spec) is another scheme: alpha=0.123456789 "
-    "gives spec 'exp:0.123457'",
-)
 def test_exp_spec_round_trip_keeps_every_digit() -> None:
     scheme = Exponential(0.123456789)
     assert parse_scheme(scheme.spec) == scheme
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: Custom.spec formats weights with '{:g}' (six significant digits), so "
-    "custom:0.1234567,1 reparses to different weights",
-)
 def test_custom_spec_round_trip_keeps_every_digit() -> None:
     scheme = Custom((0.1234567, 1.0))
     assert parse_scheme(scheme.spec) == scheme

@@ -14,7 +14,7 @@ What counts as a checkpoint:
   (optimizer, scheduler) are ignored;
 - inside a directory given on the command line: every such file and directory.
   Lightning's ``last.ckpt`` is a copy of another snapshot, not a step of its own,
-  so a directory scan skips it; name it explicitly to use it.
+  so directory scans and globs skip it; name it explicitly to use it.
 """
 
 from __future__ import annotations
@@ -123,8 +123,14 @@ def _expand(entry: str | Path) -> list[Path]:
             if match.is_dir():
                 if directory_model_file(match) is not None:
                     expanded.append(match)
-            elif _is_checkpoint_file(match):
+            elif _is_checkpoint_file(match) and match.name not in _SKIPPED_IN_SCANS:
                 expanded.append(match)
+        if not expanded:
+            shown = ", ".join(match.name for match in matches[:3])
+            raise DiscoveryError(
+                f"pattern {entry}: matches {len(matches)} path(s) ({shown}), none of them a "
+                "checkpoint (a file with a known suffix or a directory holding a model file)."
+            )
         return expanded
     raise DiscoveryError(f"checkpoint {entry}: no such file or directory.")
 

@@ -10,6 +10,7 @@ write to the same output.
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import secrets
 from collections.abc import Iterable, Iterator
@@ -53,7 +54,7 @@ def check_output_path(out: Path, inputs: Iterable[Path], *, overwrite: bool) -> 
 
 def _remove_stale_temporaries(out: Path) -> None:
     prefix = f".{out.name}{_TEMP_MARK}"
-    for stale in out.parent.glob(prefix + "*"):
+    for stale in out.parent.glob(glob.escape(prefix) + "*"):
         pid_text = stale.name[len(prefix) :].split("-", 1)[0]
         if pid_text.isdigit() and int(pid_text) != os.getpid() and not _alive(int(pid_text)):
             with contextlib.suppress(OSError):

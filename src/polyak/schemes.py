@@ -60,10 +60,18 @@ def normalize(weights: object, *, source: str = "weights") -> np.ndarray:
         raise SchemeError(f"{source} must be finite; received {values.tolist()}.")
     if np.any(values < 0):
         raise SchemeError(f"{source} must be >= 0; received {values.tolist()}.")
-    total = values.sum()
-    if total <= 0:
+    largest = values.max()
+    if largest <= 0:
         raise SchemeError(f"{source} sum to zero; at least one must be positive.")
-    return values / total
+    # Scale by the largest first: the sum of huge finite weights must not overflow.
+    scaled = values / largest
+    return scaled / scaled.sum()
+
+
+def format_number(value: float) -> str:
+    """The shortest text that parses back to exactly ``value``: ``2.0`` -> ``2``."""
+    short = f"{value:g}"
+    return short if float(short) == value else repr(float(value))
 
 
 class Scheme:
@@ -132,7 +140,7 @@ class Exponential(Scheme):
 
     @property
     def spec(self) -> str:
-        return f"exp:{self.alpha:g}"
+        return f"exp:{format_number(self.alpha)}"
 
     def raw_weights(self, n: int) -> np.ndarray:
         i = np.arange(1, n + 1, dtype=np.float64)
@@ -152,7 +160,7 @@ class Custom(Scheme):
 
     @property
     def spec(self) -> str:
-        return "custom:" + ",".join(f"{v:g}" for v in self.values)
+        return "custom:" + ",".join(format_number(v) for v in self.values)
 
     def raw_weights(self, n: int) -> np.ndarray:
         if n != len(self.values):

@@ -176,7 +176,10 @@ def format_for_output(path: str | Path, input_format: Format) -> Format:
         known = ", ".join(s for f in FORMATS for s in f.suffixes)
         raise OutputError(f"output {path}: unknown suffix. Use one of: {known}.")
     if fmt.name == "sharded-safetensors":
-        fmt = _BY_NAME["safetensors"]
+        raise OutputError(
+            f"output {path}: a shard index is not a checkpoint file of its own. "
+            "Write a single .safetensors file instead."
+        )
     if fmt.name.startswith("keras") and fmt.name != input_format.name:
         raise OutputError(
             f"output {path}: a {fmt.name} file can only be written from {fmt.name} inputs "
