@@ -45,7 +45,7 @@ from polyak.errors import (
     SchemeError,
 )
 from polyak.files import atomic_output, check_output_path
-from polyak.formats import format_for_output, format_of, open_checkpoint
+from polyak.formats import Format, format_for_output, format_of, open_checkpoint
 from polyak.formats.base import (
     CheckpointReader,
     PlannedTensors,
@@ -62,6 +62,8 @@ __all__ = [
     "average_readers",
     "average_to",
     "check_compatible",
+    "open_members",
+    "write_output",
 ]
 
 INTEGER_POLICIES = ("newest", "require-equal")
@@ -290,7 +292,7 @@ def _weights_for(scheme: str | Scheme, count: int) -> tuple[Scheme, np.ndarray]:
     return parsed, parsed.weights(count)
 
 
-def _open_members(members: list[Checkpoint], key: str | None) -> list[CheckpointReader]:
+def open_members(members: list[Checkpoint], key: str | None) -> list[CheckpointReader]:
     readers: list[CheckpointReader] = []
     try:
         for member in members:
@@ -300,6 +302,24 @@ def _open_members(members: list[Checkpoint], key: str | None) -> list[Checkpoint
             reader.close()
         raise
     return readers
+
+
+def write_output(
+    out: Path, tensors: PlannedTensors, template: CheckpointReader, output_format: Format
+) -> None:
+    """Write tensors atomically to ``out`` in ``output_format``, copying ``template``'s container.
+
+    File-system failures become ``OutputError`` naming ``out``; on any failure ``out``
+    is left as it was.
+    """
+    try:
+        with atomic_output(out) as temporary:
+            output_format.write(temporary, tensors, template)
+    except PolyakError:
+        raise
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise OutputError(f"output {out}: cannot be written ({reason}).") from None
 
 
 def average(
@@ -331,7 +351,7 @@ def average(
     """
     members = find_checkpoints(paths, last=last)
     _, weights = _weights_for(scheme, len(members))
-    readers = _open_members(members, key)
+    readers = open_members(members, key)
     try:
         tensors = average_readers(
             readers, weights, integers=integers, allow_nonfinite=allow_nonfinite
@@ -379,7 +399,7 @@ def average_to(
     check_output_path(out, [member.path for member in members], overwrite=overwrite)
     input_format = format_of(members[0].path)
     output_format = format_for_output(out, input_format)
-    readers = _open_members(members, key)
+    readers = open_members(members, key)
     try:
         tensors = average_readers(
             readers,
@@ -394,14 +414,7 @@ def average_to(
                 for _, info in tensors.infos
             )
             on_start(members, weights, total)
-        try:
-            with atomic_output(out) as temporary:
-                output_format.write(temporary, tensors, readers[0])
-        except PolyakError:
-            raise
-        except OSError as error:
-            reason = error.strerror or str(error)
-            raise OutputError(f"output {out}: cannot be written ({reason}).") from None
+        write_output(out, tensors, readers[0], output_format)
     finally:
         for reader in readers:
             reader.close()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 __all__ = [
     "CheckpointError",
+    "DataError",
     "DiscoveryError",
     "IncompatibleCheckpointsError",
     "MissingDependencyError",
@@ -46,6 +47,10 @@ class NonFiniteError(CheckpointError):
 
 class IncompatibleCheckpointsError(PolyakError, ValueError):
     """Members disagree on tensor names, shapes or dtypes, or on integer values."""
+
+
+class DataError(PolyakError, ValueError):
+    """Evaluation data cannot be used: missing file, wrong arrays, mismatched model."""
 
 
 class OutputError(PolyakError, OSError):

@@ -25,6 +25,7 @@ import numpy as np
 
 __all__ = [
     "DTYPES",
+    "ArrayReader",
     "CheckpointReader",
     "CheckpointWriter",
     "PlannedTensors",
@@ -180,3 +181,29 @@ class ReaderBase:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.path}>"
+
+
+class ArrayReader(ReaderBase):
+    """A reader over arrays already in memory, e.g. a Keras model's ``get_weights()``.
+
+    ``path`` only names the member in messages.
+    """
+
+    format = "memory"
+
+    def __init__(self, name: str | Path, tensors: dict[str, np.ndarray]) -> None:
+        self.path = Path(name)
+        self._tensors = tensors
+
+    def names(self) -> list[str]:
+        return list(self._tensors)
+
+    def info(self, name: str) -> TensorInfo:
+        array = self._tensors[name]
+        dtype = dtype_name(array.dtype)
+        if dtype is None:
+            raise ValueError(f"{self.path}: tensor {name} has unsupported dtype {array.dtype}.")
+        return TensorInfo(tuple(int(d) for d in array.shape), dtype)
+
+    def read(self, name: str) -> np.ndarray:
+        return self._tensors[name]

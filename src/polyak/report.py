@@ -1,0 +1,114 @@
+"""Reports of a sweep: the classic lines, a table, a plot and a JSON file.
+
+The classic lines are those of the tutorial polyak started from, one per n for each
+scheme: ``> 3: single=0.811, ensemble=0.813``, where ``single`` is the n-th newest
+member on its own and ``ensemble`` the average of the n newest.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.table import Table
+
+from polyak.errors import OutputError, require
+from polyak.files import atomic_output
+from polyak.sweep import SweepResult
+
+__all__ = ["classic_lines", "sweep_table", "write_json", "write_plot"]
+
+
+def classic_lines(result: SweepResult, scheme: str) -> list[str]:
+    """The tutorial's lines for one scheme, on test data: ``> n: single=..., ensemble=...``."""
+    lines = []
+    for candidate in result.candidates_of(scheme):
+        single = result.single[candidate.n - 1].test
+        lines.append(f"> {candidate.n}: single={single:.3f}, ensemble={candidate.test:.3f}")
+    return lines
+
+
+def sweep_table(result: SweepResult) -> Table:
+    """Every scheme side by side against n, beside each single member, on test data."""
+    schemes = result.schemes or list(dict.fromkeys(c.scheme for c in result.candidates))
+    title = f"Test {result.metric} by number of newest members averaged"
+    table = Table(title=title)
+    table.add_column("n", justify="right")
+    table.add_column("single", justify="right")
+    for scheme in schemes:
+        table.add_column(scheme, justify="right")
+    by_key = {(c.scheme, c.n): c for c in result.candidates}
+    for n, single in enumerate(result.single, start=1):
+        cells = []
+        for scheme in schemes:
+            candidate = by_key.get((scheme, n))
+            if candidate is None:
+                cells.append("")
+            elif candidate == result.best:
+                cells.append(f"[bold]{candidate.test:.4f}*[/bold]")
+            else:
+                cells.append(f"{candidate.test:.4f}")
+        table.add_row(str(n), f"{single.test:.4f}", *cells)
+    best = result.best
+    validation = f", validation {best.validation:.4f}" if best.validation is not None else ""
+    table.caption = (
+        f"* best: {best.scheme}, n={best.n}: test {best.test:.4f}{validation} "
+        f"(selected on {result.selected_on})"
+    )
+    return table
+
+
+def write_json(result: SweepResult, path: str | Path) -> Path:
+    """Write the report as JSON, atomically."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise OutputError(f"output {path}: the directory {path.parent} does not exist.")
+    with atomic_output(path) as temporary:
+        temporary.write_text(json.dumps(result.to_json(), indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def write_plot(result: SweepResult, path: str | Path) -> Path:
+    """Plot test metric against n: single members as dots, one line per scheme (PNG)."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise OutputError(f"output {path}: the directory {path.parent} does not exist.")
+    matplotlib = require("matplotlib", "plot", "writing the sweep's plot")
+    matplotlib.use("Agg", force=True)
+    from matplotlib import pyplot
+
+    figure, axes = pyplot.subplots(figsize=(7, 4.2), dpi=110)
+    n_values = list(range(1, len(result.single) + 1))
+    axes.plot(
+        n_values, [s.test for s in result.single], "o", color="0.35", label="single (n-th newest)"
+    )
+    for scheme in result.schemes or dict.fromkeys(c.scheme for c in result.candidates):
+        candidates = result.candidates_of(scheme)
+        marker = "s" if len(candidates) == 1 else None
+        axes.plot(
+            [c.n for c in candidates],
+            [c.test for c in candidates],
+            marker=marker,
+            linewidth=1.8,
+            label=f"average, {scheme}",
+        )
+    best = result.best
+    axes.plot(
+        [best.n],
+        [best.test],
+        "*",
+        markersize=14,
+        color="gold",
+        markeredgecolor="black",
+        label=f"selected on {result.selected_on}: {best.scheme}, n={best.n}",
+    )
+    axes.set_xlabel("n newest members")
+    axes.set_ylabel(f"test {result.metric}")
+    axes.set_xticks(n_values if len(n_values) <= 20 else n_values[:: max(1, len(n_values) // 10)])
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    with atomic_output(path) as temporary:
+        figure.savefig(temporary, format="png")
+    pyplot.close(figure)
+    return path
