@@ -15,6 +15,9 @@ What counts as a checkpoint:
 - inside a directory given on the command line: every such file and directory.
   Lightning's ``last.ckpt`` is a copy of another snapshot, not a step of its own,
   so directory scans and globs skip it; name it explicitly to use it.
+- inside a snapshot directory, one holding a ``polyak-manifest.json`` written by
+  ``polyak.snapshots``: exactly the files the manifest lists, not a scan, so files
+  a crash left behind are ignored. A listed file that is missing is an error.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from pathlib import Path
 
 from polyak.errors import DiscoveryError
 from polyak.formats import directory_model_file, format_from_name
+from polyak.snapshots import MANIFEST_NAME, read_manifest
 
 __all__ = ["Checkpoint", "find_checkpoints", "order_key"]
 
@@ -90,7 +94,27 @@ def _is_checkpoint_file(path: Path) -> bool:
     return fmt is not None and fmt.name != "sharded-safetensors"
 
 
+def _manifest_members(directory: Path) -> list[Path]:
+    snapshots = read_manifest(directory) or []
+    manifest = directory / MANIFEST_NAME
+    missing = [snapshot.name for snapshot in snapshots if not snapshot.path.exists()]
+    if missing:
+        raise DiscoveryError(
+            f"directory {directory}: {manifest.name} lists {', '.join(missing)}, which "
+            f"{'is' if len(missing) == 1 else 'are'} missing. Restore the file(s), or pass "
+            "the remaining files explicitly."
+        )
+    if not snapshots:
+        raise DiscoveryError(
+            f"directory {directory}: {manifest.name} lists no snapshots yet (training has "
+            "not saved any)."
+        )
+    return [snapshot.path for snapshot in snapshots]
+
+
 def _scan_directory(directory: Path) -> list[Path]:
+    if (directory / MANIFEST_NAME).is_file():
+        return _manifest_members(directory)
     if directory_model_file(directory) is not None:
         return [directory]
     found = []
@@ -151,7 +175,9 @@ def find_checkpoints(
 
     Raises:
         DiscoveryError: nothing found, a name without a number among several, two
-            checkpoints with the same numbers, or ``last`` < 1.
+            checkpoints with the same numbers, a file a snapshot manifest lists is
+            missing, or ``last`` < 1.
+        CheckpointError: a snapshot directory's manifest is damaged.
 
     Example:
         >>> [c.name for c in find_checkpoints("run/")]  # doctest: +SKIP

@@ -1,0 +1,599 @@
+"""A directory of training snapshots that a crash cannot corrupt.
+
+The framework adapters (the Keras callback; later a PyTorch saver and a Lightning
+callback) save every snapshot through :class:`SnapshotDirectory`. It keeps the
+newest ``keep`` snapshots and a manifest, ``polyak-manifest.json``, that lists each
+one, oldest first, with its epoch, step, training logs, size and SHA-256.
+``polyak.find_checkpoints`` reads a directory that holds a manifest as exactly the
+files it lists, so a file left over by a crash is never averaged.
+
+One commit, every file fsynced and every rename followed by an fsync of the
+directory:
+
+1. ``write(temporary)`` saves the snapshot to a hidden file beside its final name,
+   ``.polyak-tmp-PID-RANDOM-NAME`` (ending like ``NAME``, as Keras requires); its
+   size and SHA-256 are taken.
+2. The manifest is rewritten with the new entry under ``"pending"``; the listed
+   snapshots are unchanged.
+3. The temporary file is renamed to ``NAME``.
+4. The manifest is rewritten listing the kept snapshots, the new one last, and the
+   names retention evicts under ``"evicting"``.
+5. The evicted files are deleted, then the manifest is rewritten without
+   ``"evicting"``.
+
+Guarantees, whenever the process dies: the manifest is always a complete one (it
+is replaced atomically); every file it lists is complete and matches its
+checksum; and it never lists fewer snapshots than before the interrupted commit,
+since nothing is removed before step 4 and step 4 adds the new snapshot. The one
+window that needs care is re-committing a name already listed (a resumed run):
+between steps 3 and 4 the file holds the new content, which matches the
+``"pending"`` entry rather than the listed one; :func:`verify` accepts it.
+
+Opening a directory (constructing :class:`SnapshotDirectory`, which every commit
+also does first) completes or undoes an interrupted commit:
+
+- a pending entry whose file is on disk with its size and checksum is adopted (its
+  rename happened); otherwise it is dropped;
+- files listed under ``"evicting"`` and not listed as snapshots are deleted;
+- temporary files of processes that are no longer alive are deleted.
+
+No other file is ever deleted: files of the user's, or snapshots from before the
+manifest existed, stay where they are (and are ignored by ``find_checkpoints``).
+One process writes a directory at a time.
+
+Manifest::
+
+    {"format": "polyak-snapshots", "version": 1,
+     "snapshots": [{"file": "model_0499.weights.h5", "epoch": 499, "step": 1234,
+                    "logs": {"loss": 0.3}, "sha256": "…", "bytes": 123,
+                    "time": "2025-01-01T12:00:00.000Z"}]}
+
+Log values are stored as JSON numbers and strings only: numpy scalars and 0-d
+tensors become numbers, NaN and infinity the strings ``"nan"``, ``"inf"`` and
+``"-inf"``; anything else is dropped.
+
+Example:
+    >>> snapshots = SnapshotDirectory("run/", keep=10)  # doctest: +SKIP
+    >>> snapshots.commit(model.save_weights, "model_0499.weights.h5", epoch=499)  # doctest: +SKIP
+    >>> [s.path.name for s in verify("run/")]  # doctest: +SKIP
+    ['model_0490.weights.h5', ..., 'model_0499.weights.h5']
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import re
+import secrets
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from polyak.errors import CheckpointError, OutputError
+from polyak.files import _fsync_directory, atomic_output
+
+__all__ = [
+    "MANIFEST_NAME",
+    "Snapshot",
+    "SnapshotDirectory",
+    "read_manifest",
+    "verify",
+]
+
+MANIFEST_NAME = "polyak-manifest.json"
+MANIFEST_FORMAT = "polyak-snapshots"
+MANIFEST_VERSION = 1
+
+_TEMPORARY_MARK = ".polyak-tmp-"
+# A snapshot's temporary file, and atomic_output's temporary file of the manifest.
+_TEMPORARIES = (
+    re.compile(r"^\.polyak-tmp-(\d+)-[0-9a-f]+-.+$"),
+    re.compile(r"^\." + re.escape(MANIFEST_NAME) + r"\.polyak-tmp-(\d+)-[0-9a-f]+$"),
+)
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_CHUNK_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One committed snapshot, as its manifest entry records it.
+
+    Attributes:
+        path: the file, inside the snapshot directory.
+        epoch: the training epoch it was saved at, if known.
+        step: the training step (global batch count) it was saved at, if known.
+        logs: the training logs at that point (numbers and strings only).
+        sha256: the hex SHA-256 of the file.
+        bytes: the size of the file.
+        time: when it was committed, ISO 8601 in UTC.
+    """
+
+    path: Path
+    epoch: int | None = None
+    step: int | None = None
+    logs: dict[str, float | int | str] = field(default_factory=dict)
+    sha256: str = ""
+    bytes: int = 0
+    time: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def _record(self) -> dict[str, Any]:
+        return {
+            "file": self.name,
+            "epoch": self.epoch,
+            "step": self.step,
+            "logs": dict(self.logs),
+            "sha256": self.sha256,
+            "bytes": self.bytes,
+            "time": self.time,
+        }
+
+
+@dataclass(frozen=True)
+class _Manifest:
+    snapshots: list[Snapshot]
+    pending: list[Snapshot]
+    evicting: list[str]
+
+
+# ---------------------------------------------------------------- reading
+
+
+def _check_file_name(name: object) -> str | None:
+    """Why ``name`` cannot be a snapshot file name in the directory, or None."""
+    if not isinstance(name, str) or not name:
+        return "is not a non-empty string"
+    if "/" in name or "\\" in name or name in (".", ".."):
+        return "is not a plain file name (it has a path separator or is '.' or '..')"
+    if name.startswith("."):
+        return "is hidden (starts with '.'), which polyak keeps for temporary files"
+    if name == MANIFEST_NAME:
+        return "is the manifest's own name"
+    return None
+
+
+def _optional_int(value: object) -> bool:
+    return value is None or (isinstance(value, int) and not isinstance(value, bool))
+
+
+def _entry(directory: Path, record: object, manifest: Path, where: str) -> Snapshot:
+    def bad(problem: str) -> CheckpointError:
+        return CheckpointError(
+            f"manifest {manifest}: {where} {problem}. The manifest is damaged; restore it, "
+            "or delete it to treat the directory as plain checkpoint files."
+        )
+
+    if not isinstance(record, dict):
+        raise bad(f"is {type(record).__name__}, not an object")
+    problem = _check_file_name(record.get("file"))
+    if problem is not None:
+        raise bad(f"has a 'file' that {problem} (received {record.get('file')!r})")
+    for key in ("epoch", "step"):
+        if not _optional_int(record.get(key)):
+            raise bad(f"has a '{key}' that is not a whole number or null")
+    logs = record.get("logs", {})
+    if not isinstance(logs, dict) or not all(
+        isinstance(value, (int, float, str)) and not isinstance(value, bool)
+        for value in logs.values()
+    ):
+        raise bad("has 'logs' that are not an object of numbers and strings")
+    sha256 = record.get("sha256")
+    if not isinstance(sha256, str) or not _SHA256.match(sha256):
+        raise bad("has no valid 'sha256' (64 lowercase hex digits)")
+    size = record.get("bytes")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise bad("has no valid 'bytes' (a whole number >= 0)")
+    time = record.get("time", "")
+    if not isinstance(time, str):
+        raise bad("has a 'time' that is not a string")
+    return Snapshot(
+        path=directory / record["file"],
+        epoch=record.get("epoch"),
+        step=record.get("step"),
+        logs=dict(logs),
+        sha256=sha256,
+        bytes=size,
+        time=time,
+    )
+
+
+def _read(directory: Path) -> _Manifest | None:
+    manifest = directory / MANIFEST_NAME
+    try:
+        raw = manifest.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        raise CheckpointError(
+            f"manifest {manifest}: cannot be read ({error.strerror or error})."
+        ) from None
+
+    def bad(problem: str) -> CheckpointError:
+        return CheckpointError(
+            f"manifest {manifest}: {problem}. The manifest is damaged or is not a polyak "
+            "snapshot manifest; restore it, or delete it to treat the directory as plain "
+            "checkpoint files."
+        )
+
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise bad(f"is not valid JSON ({error})") from None
+    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
+        raise bad(f'has no "format": "{MANIFEST_FORMAT}"')
+    version = data.get("version")
+    if version != MANIFEST_VERSION:
+        raise bad(
+            f"has version {version!r}; this polyak reads version {MANIFEST_VERSION} "
+            "(a newer polyak may have written it)"
+        )
+    sections = []
+    for key in ("snapshots", "pending"):
+        records = data.get(key, [])
+        if not isinstance(records, list):
+            raise bad(f"has a '{key}' that is not a list")
+        entries = [
+            _entry(directory, record, manifest, f"entry {index} of '{key}'")
+            for index, record in enumerate(records)
+        ]
+        names = [entry.name for entry in entries]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise bad(f"lists {', '.join(duplicates)} more than once in '{key}'")
+        sections.append(entries)
+    evicting = data.get("evicting", [])
+    if not isinstance(evicting, list) or any(_check_file_name(name) for name in evicting):
+        raise bad("has an 'evicting' that is not a list of plain file names")
+    return _Manifest(snapshots=sections[0], pending=sections[1], evicting=list(evicting))
+
+
+def read_manifest(directory: str | Path) -> list[Snapshot] | None:
+    """The snapshots a directory's manifest lists, oldest first; None without a manifest.
+
+    Reads the manifest only; :func:`verify` also checks the files.
+
+    Raises:
+        CheckpointError: the manifest cannot be read or parsed, naming it.
+    """
+    manifest = _read(Path(directory))
+    return None if manifest is None else manifest.snapshots
+
+
+def _digest(path: Path, *, sync: bool = False) -> tuple[str, int]:
+    """SHA-256 and size of a file; with ``sync``, fsync it too."""
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb+" if sync else "rb") as file:
+        while chunk := file.read(_CHUNK_BYTES):
+            digest.update(chunk)
+            size += len(chunk)
+        if sync:
+            os.fsync(file.fileno())
+    return digest.hexdigest(), size
+
+
+def _matches(snapshot: Snapshot) -> bool:
+    try:
+        if not snapshot.path.is_file() or snapshot.path.stat().st_size != snapshot.bytes:
+            return False
+        return _digest(snapshot.path) == (snapshot.sha256, snapshot.bytes)
+    except OSError:
+        return False
+
+
+def verify(directory: str | Path) -> list[Snapshot]:
+    """Check every snapshot the manifest lists against its size and SHA-256.
+
+    Returns:
+        The snapshots, oldest first. A file caught mid-way through being committed
+        again under the same name is returned with the pending entry it matches.
+
+    Raises:
+        CheckpointError: no manifest, a damaged manifest, or a listed file that is
+            missing or differs from its entry; the message names the file.
+
+    Example:
+        >>> [snapshot.name for snapshot in verify("run/")]  # doctest: +SKIP
+        ['model_0497.weights.h5', 'model_0498.weights.h5', 'model_0499.weights.h5']
+    """
+    directory = Path(directory)
+    path = directory / MANIFEST_NAME
+    manifest = _read(directory)
+    if manifest is None:
+        raise CheckpointError(
+            f"manifest {path}: not found, so {directory} is not a polyak snapshot directory."
+        )
+    pending = {entry.name: entry for entry in manifest.pending}
+    verified = []
+    for entry in manifest.snapshots:
+        if not entry.path.is_file():
+            raise CheckpointError(
+                f"snapshot {entry.path}: listed in {path} but missing. It was deleted or "
+                "moved after it was saved."
+            )
+        try:
+            digest, size = _digest(entry.path)
+        except OSError as error:
+            raise CheckpointError(
+                f"snapshot {entry.path}: cannot be read ({error.strerror or error})."
+            ) from None
+        candidates = [entry, pending[entry.name]] if entry.name in pending else [entry]
+        match = next((c for c in candidates if (c.sha256, c.bytes) == (digest, size)), None)
+        if match is None:
+            raise CheckpointError(
+                f"snapshot {entry.path}: has {size} bytes with SHA-256 {digest}; {path} "
+                f"records {entry.bytes} bytes with SHA-256 {entry.sha256}. The file was "
+                "changed or damaged after it was saved."
+            )
+        verified.append(match)
+    return verified
+
+
+# ---------------------------------------------------------------- writing
+
+
+def _json_value(value: object) -> float | int | str | None:
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        number = float(value)
+        if math.isfinite(number):
+            return number
+        return "nan" if math.isnan(number) else ("inf" if number > 0 else "-inf")
+    # numpy 0-d arrays and 0-d tensors of any framework, without importing one.
+    shape = getattr(value, "shape", None)
+    if shape is not None and tuple(shape) == () and hasattr(value, "item"):
+        try:
+            item = value.item()
+        except (TypeError, ValueError, RuntimeError):
+            return None
+        if isinstance(item, (bool, int, float, str)):
+            return _json_value(item)
+    return None
+
+
+def _json_logs(logs: Mapping[str, Any] | None) -> dict[str, float | int | str]:
+    converted = {}
+    for key, value in (logs or {}).items():
+        number = _json_value(value)
+        if number is not None:
+            converted[str(key)] = number
+    return converted
+
+
+def _write_manifest(
+    directory: Path,
+    snapshots: Iterable[Snapshot],
+    *,
+    pending: Iterable[Snapshot] = (),
+    evicting: Iterable[str] = (),
+) -> None:
+    data: dict[str, Any] = {
+        "format": MANIFEST_FORMAT,
+        "version": MANIFEST_VERSION,
+        "snapshots": [snapshot._record() for snapshot in snapshots],
+    }
+    pending = [snapshot._record() for snapshot in pending]
+    evicting = list(evicting)
+    if pending:
+        data["pending"] = pending
+    if evicting:
+        data["evicting"] = evicting
+    text = json.dumps(data, indent=2, allow_nan=False) + "\n"
+    manifest = directory / MANIFEST_NAME
+    try:
+        with atomic_output(manifest) as temporary:
+            temporary.write_bytes(text.encode("utf-8"))
+    except OutputError:
+        raise
+    except OSError as error:
+        raise OutputError(
+            f"manifest {manifest}: cannot be written ({error.strerror or error})."
+        ) from None
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError, OSError):
+        # Someone else's process, or a pid we cannot ask about: keep its files.
+        return True
+    return True
+
+
+def _delete(directory: Path, names: Iterable[str]) -> list[str]:
+    """Delete files by name; return the names that could not be deleted."""
+    failed = []
+    for name in names:
+        try:
+            (directory / name).unlink()
+        except FileNotFoundError:
+            pass
+        except OSError:
+            failed.append(name)
+    _fsync_directory(directory)
+    return failed
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class SnapshotDirectory:
+    """Snapshots in one directory: committed atomically, the newest ``keep`` kept.
+
+    Opening a directory creates it if needed and completes or undoes a commit a
+    crash interrupted (see the module docstring); it never deletes a file polyak
+    did not write.
+
+    Args:
+        directory: where the snapshots and ``polyak-manifest.json`` live.
+        keep: how many snapshots to keep, the newest by order of commit.
+
+    Raises:
+        ValueError: ``keep`` is not a whole number >= 1.
+        OutputError: the directory cannot be created.
+        CheckpointError: the directory holds a damaged manifest.
+
+    Example:
+        >>> snapshots = SnapshotDirectory("run/", keep=3)  # doctest: +SKIP
+        >>> for epoch in range(10):  # doctest: +SKIP
+        ...     train_one_epoch()
+        ...     snapshots.commit(save, f"model_{epoch:04d}.npz", epoch=epoch)
+        >>> [s.name for s in snapshots.snapshots()]  # doctest: +SKIP
+        ['model_0007.npz', 'model_0008.npz', 'model_0009.npz']
+    """
+
+    def __init__(self, directory: str | Path, keep: int) -> None:
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+            raise ValueError(f"keep must be a whole number >= 1; received {keep!r}.")
+        self.directory = Path(directory)
+        self.keep = keep
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            raise OutputError(
+                f"snapshot directory {self.directory}: exists and is not a directory."
+            ) from None
+        except OSError as error:
+            raise OutputError(
+                f"snapshot directory {self.directory}: cannot be created "
+                f"({error.strerror or error})."
+            ) from None
+        self._recover()
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.directory / MANIFEST_NAME
+
+    def snapshots(self) -> list[Snapshot]:
+        """The committed snapshots, oldest first, as the manifest lists them."""
+        return read_manifest(self.directory) or []
+
+    def _recover(self) -> list[Snapshot]:
+        """Complete or undo an interrupted commit; return the committed snapshots."""
+        manifest = _read(self.directory)
+        self._remove_dead_temporaries()
+        if manifest is None:
+            return []
+        snapshots = list(manifest.snapshots)
+        for entry in manifest.pending:
+            if _matches(entry):
+                snapshots = [s for s in snapshots if s.name != entry.name] + [entry]
+        listed = {snapshot.name for snapshot in snapshots}
+        remaining = _delete(
+            self.directory, [name for name in manifest.evicting if name not in listed]
+        )
+        if manifest.pending or remaining != manifest.evicting:
+            _write_manifest(self.directory, snapshots, evicting=remaining)
+        return snapshots
+
+    def _remove_dead_temporaries(self) -> None:
+        for child in self.directory.iterdir():
+            for pattern in _TEMPORARIES:
+                match = pattern.match(child.name)
+                if match is None:
+                    continue
+                pid = int(match.group(1))
+                if pid != os.getpid() and not _process_alive(pid) and child.is_file():
+                    with contextlib.suppress(OSError):
+                        child.unlink()
+                break
+
+    def commit(
+        self,
+        write: Callable[[Path], object],
+        file_name: str,
+        epoch: int | None = None,
+        step: int | None = None,
+        logs: Mapping[str, Any] | None = None,
+    ) -> Snapshot:
+        """Save one snapshot through ``write`` and add it to the manifest atomically.
+
+        Args:
+            write: saves the snapshot to the path it is given (a hidden temporary
+                file beside the final one, ending like ``file_name``), e.g.
+                ``model.save_weights``.
+            file_name: the snapshot's name in the directory; put the epoch or step
+                in it (``model_0499.weights.h5``): checkpoints are ordered by the
+                numbers in their names. A name already listed is replaced.
+            epoch: the epoch, recorded in the manifest.
+            step: the step (global batch count), recorded in the manifest.
+            logs: training logs; numbers and strings are recorded, the rest dropped.
+
+        Returns:
+            The committed snapshot.
+
+        Raises:
+            ValueError: ``file_name`` is not a plain, visible file name.
+            OutputError: the snapshot or the manifest cannot be written.
+            Whatever ``write`` raises, after its temporary file is removed.
+        """
+        problem = _check_file_name(file_name)
+        if problem is not None:
+            raise ValueError(f"snapshot file name {file_name!r} {problem}.")
+        for key, value in (("epoch", epoch), ("step", step)):
+            if not _optional_int(value):
+                raise ValueError(f"{key} must be a whole number or None; received {value!r}.")
+        committed = self._recover()
+        final = self.directory / file_name
+        temporary = self.directory / (
+            f"{_TEMPORARY_MARK}{os.getpid()}-{secrets.token_hex(4)}-{file_name}"
+        )
+        try:
+            write(temporary)
+            if not temporary.is_file():
+                raise OutputError(
+                    f"snapshot {final}: the save function wrote no file at {temporary}."
+                )
+            try:
+                digest, size = _digest(temporary, sync=True)
+            except OSError as error:
+                raise OutputError(
+                    f"snapshot {final}: cannot be written ({error.strerror or error})."
+                ) from None
+            snapshot = Snapshot(
+                path=final,
+                epoch=epoch,
+                step=step,
+                logs=_json_logs(logs),
+                sha256=digest,
+                bytes=size,
+                time=_now(),
+            )
+            _write_manifest(self.directory, committed, pending=[snapshot])
+            try:
+                os.replace(temporary, final)
+            except OSError as error:
+                raise OutputError(
+                    f"snapshot {final}: cannot be written ({error.strerror or error})."
+                ) from None
+        except BaseException:
+            with contextlib.suppress(OSError):
+                temporary.unlink()
+            raise
+        _fsync_directory(self.directory)
+        kept = [s for s in committed if s.name != file_name] + [snapshot]
+        evicting = [s.name for s in kept[: -self.keep]]
+        kept = kept[-self.keep :]
+        _write_manifest(self.directory, kept, evicting=evicting)
+        if evicting:
+            remaining = _delete(self.directory, evicting)
+            _write_manifest(self.directory, kept, evicting=remaining)
+        return snapshot
