@@ -20,7 +20,8 @@ together, one per alpha, one per custom scheme) plus one candidate.
 
 Selection is honest: with a validation evaluator the best candidate is chosen on
 validation and its test score reported; with test data only, the report says the
-choice was made on test.
+choice was made on test. A tie goes to the candidate with fewer members, then to the
+scheme listed first; a NaN score never wins.
 
 The evaluator is one plain callable over numpy arrays keyed by tensor name:
 ``evaluate(tensors)`` returns a float (a test score only) or a mapping
@@ -37,13 +38,21 @@ from pathlib import Path
 
 import numpy as np
 
-from polyak.averaging import check_compatible, open_members
+from polyak.averaging import check_compatible, open_members, write_output
 from polyak.discovery import Checkpoint, find_checkpoints
 from polyak.errors import SchemeError
-from polyak.formats.base import CheckpointReader, TensorInfo, is_floating, numpy_dtype
+from polyak.files import check_output_path
+from polyak.formats import format_for_output, format_of, open_checkpoint
+from polyak.formats.base import (
+    CheckpointReader,
+    PlannedTensors,
+    TensorInfo,
+    is_floating,
+    numpy_dtype,
+)
 from polyak.schemes import Custom, Equal, Exponential, Linear, Scheme, parse_schemes
 
-__all__ = ["Candidate", "SingleResult", "SweepResult", "run_sweep", "sweep"]
+__all__ = ["Candidate", "SingleResult", "SweepResult", "run_sweep", "sweep", "write_best"]
 
 Evaluate = Callable[[Mapping[str, np.ndarray]], "float | Mapping[str, float]"]
 
@@ -204,9 +213,8 @@ def run_sweep(
             )
     plan = check_compatible(readers)
     floating = [(name, info) for name, info in plan if is_floating(info.dtype)]
-    carried = {
-        name: np.array(readers[0].read(name)) for name, info in plan if not is_floating(info.dtype)
-    }
+    integer_names = [name for name, info in plan if not is_floating(info.dtype)]
+    carried = {name: np.array(readers[0].read(name)) for name in integer_names}
     sums = [_RunningSums(scheme, floating) for scheme in schemes]
     candidate_tensors = {
         name: np.empty(info.shape, numpy_dtype(info.dtype)) for name, info in floating
@@ -239,7 +247,8 @@ def run_sweep(
     for i, (reader, member) in enumerate(zip(readers, members, strict=True), start=1):
         if progress is not None:
             progress(f"member {i}/{len(readers)}: {member.path.name}")
-        own = dict(carried)
+        # A single member is evaluated as it was saved, integer tensors included.
+        own = dict(carried) if i == 1 else {name: reader.read(name) for name in integer_names}
         for name, _ in floating:
             array = reader.read(name)
             own[name] = array
@@ -266,6 +275,9 @@ def run_sweep(
                 best = candidate
                 best_tensors = {name: np.array(array) for name, array in candidate_tensors.items()}
     assert best is not None  # at least one member and one scheme give a candidate
+    # Computed member by member; reported scheme by scheme, each by n.
+    order = {scheme.spec: index for index, scheme in enumerate(schemes)}
+    candidates.sort(key=lambda candidate: (order[candidate.scheme], candidate.n))
     return SweepResult(
         metric=metric,
         higher_is_better=higher_is_better,
@@ -329,3 +341,31 @@ def sweep(
     finally:
         for reader in readers:
             reader.close()
+
+
+def write_best(result: SweepResult, out: str | Path, *, overwrite: bool = False) -> Path:
+    """Write the sweep's selected candidate as a checkpoint file, atomically.
+
+    The newest member is the template: by default the output has its format and
+    container (an averaged ``.keras`` keeps the architecture); an explicit suffix
+    (``.safetensors``, ``.npz``, ``.pt``) converts.
+
+    Args:
+        result: a sweep's result, holding ``best_tensors``.
+        out: the file to write; never one of the members.
+        overwrite: replace ``out`` if it exists.
+
+    Returns:
+        ``out`` as a Path.
+    """
+    out = Path(out)
+    members = result.members
+    if result.best_tensors is None:
+        raise SchemeError("the sweep result holds no tensors of its best candidate to write.")
+    check_output_path(out, [member.path for member in members], overwrite=overwrite)
+    output_format = format_for_output(out, format_of(members[0].path))
+    with open_checkpoint(members[0].path) as template:
+        plan = [(name, template.info(name)) for name in template.names()]
+        tensors = PlannedTensors(plan, [(name, result.best_tensors[name]) for name, _ in plan])
+        write_output(out, tensors, template, output_format)
+    return out

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,14 @@ from polyak.sweep import SweepResult, run_sweep
 
 keras = require("keras", "keras", "polyak.keras")
 
-__all__ = ["Dataset", "KerasEvaluator", "load_dataset", "resolve_metric", "sweep"]
+__all__ = [
+    "Dataset",
+    "KerasEvaluator",
+    "ModelCallableEvaluator",
+    "load_dataset",
+    "resolve_metric",
+    "sweep",
+]
 
 
 @dataclass(frozen=True)
@@ -44,10 +52,25 @@ class Dataset:
 
 
 def load_dataset(path: str | Path) -> Dataset:
-    """Read ``x`` and ``y`` from an ``.npz`` file (``allow_pickle=False``)."""
+    """Read ``x`` and ``y`` from an ``.npz`` file (``allow_pickle=False``).
+
+    Raises:
+        DataError: the file is missing, empty, not an ``.npz`` archive, lacks ``x``
+            or ``y``, or they differ in length; the message names the file.
+    """
     path = Path(path)
     try:
-        with np.load(path, allow_pickle=False) as archive:
+        loaded = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        reason = "the file is empty" if isinstance(error, EOFError) else str(error)
+        raise DataError(f"data {path}: cannot be read as .npz ({reason}).") from None
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise DataError(
+            f"data {path}: holds a single array (a .npy file); save x and y together "
+            "with numpy.savez(path, x=x, y=y)."
+        )
+    try:
+        with loaded as archive:
             missing = [key for key in ("x", "y") if key not in archive.files]
             if missing:
                 raise DataError(
@@ -56,8 +79,10 @@ def load_dataset(path: str | Path) -> Dataset:
             x, y = archive["x"], archive["y"]
     except DataError:
         raise
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
         raise DataError(f"data {path}: cannot be read as .npz ({error}).") from None
+    if x.ndim == 0 or y.ndim == 0:
+        raise DataError(f"data {path}: x and y must have one row per example; one is a scalar.")
     if len(x) != len(y):
         raise DataError(f"data {path}: x has {len(x)} rows but y has {len(y)}.")
     if len(x) == 0:
@@ -175,11 +200,34 @@ class KerasEvaluator:
         return {split: self.score(data) for split, data in self.splits.items()}
 
 
+class ModelCallableEvaluator:
+    """``evaluate(tensors)`` that loads the tensors into one model and calls ``evaluate(model)``.
+
+    Args:
+        model: a built Keras model, reused for every candidate.
+        weight_map: maps checkpoint tensor names to the model's variables.
+        evaluate: the user's ``evaluate(model)``, returning a float (a test score) or
+            ``{"test": float, "validation": float}``.
+    """
+
+    def __init__(self, model: Any, weight_map: KerasWeightMap, evaluate: Callable) -> None:
+        self.model = model
+        self.weight_map = weight_map
+        self.evaluate = evaluate
+        self.evaluations = 0
+
+    def __call__(self, tensors: Mapping[str, np.ndarray]) -> Any:
+        self.weight_map.assign(tensors)
+        self.evaluations += 1
+        return self.evaluate(self.model)
+
+
 def sweep(
     paths: str | Path | Sequence[str | Path],
-    test_data: Dataset | tuple | str | Path,
+    test_data: Dataset | tuple | str | Path | None = None,
     validation_data: Dataset | tuple | str | Path | None = None,
     *,
+    evaluate: Callable[[Any], float | Mapping[str, float]] | None = None,
     schemes: str | Sequence[str | Scheme] = "equal,linear,exp:2",
     last: int | None = None,
     model: Any = None,
@@ -190,40 +238,66 @@ def sweep(
 ) -> SweepResult:
     """Sweep Keras checkpoints: every member and every (scheme, n) average, evaluated.
 
-    Each checkpoint is read once; one model is reused for every candidate.
+    Each checkpoint is read once; one model is reused for every candidate. Give
+    either data (``test_data``, optionally ``validation_data``, and a ``metric``) or
+    your own ``evaluate(model)``.
 
     Args:
         paths: ``.keras``, legacy ``.h5`` or ``.weights.h5`` checkpoints.
         test_data: ``(x, y)``, a :class:`Dataset` or an ``.npz`` path.
         validation_data: the same; when given, the best candidate is chosen on it.
+        evaluate: instead of data, ``evaluate(model) -> float`` (a test score), or
+            ``-> {"test": float, "validation": float}`` to choose on validation; it
+            is called with the model holding each candidate's weights.
         schemes: e.g. ``"equal,linear,exp:2"`` or ``"exp:0.5,1,2,4,8"``.
         last: sweep the ``last`` newest checkpoints only.
         model: the architecture for weights-only files (see ``resolve_model``).
-        metric: ``"accuracy"``, ``"loss"``, ``(y_true, y_pred) -> float`` or
-            ``"module:function"``.
-        higher_is_better: override the metric's direction (losses: False).
+        metric: with data: ``"accuracy"``, ``"loss"``, ``(y_true, y_pred) -> float``
+            or ``"module:function"``; with ``evaluate``: the name for the report.
+        higher_is_better: the metric's direction (default: True, False for losses).
         batch_size: examples per forward pass.
 
     Example:
         >>> result = polyak.keras.sweep("snapshots/", "test.npz", "val.npz")  # doctest: +SKIP
+        >>> result = polyak.keras.sweep("snapshots/", evaluate=lambda m: score(m))  # doctest: +SKIP
     """
+    if (evaluate is None) == (test_data is None):
+        raise DataError(
+            "sweep needs either test data or evaluate(model), and not both; received "
+            f"test_data={'given' if test_data is not None else None} and "
+            f"evaluate={'given' if evaluate is not None else None}."
+        )
+    if evaluate is not None and validation_data is not None:
+        raise DataError(
+            "validation_data goes with test_data; with evaluate(model), return "
+            '{"test": ..., "validation": ...} from it instead.'
+        )
+    if evaluate is not None and not callable(evaluate):
+        raise DataError(f"evaluate must be a callable taking the model; received {evaluate!r}.")
     members = find_checkpoints(paths, last=last)
     parsed = parse_schemes(schemes if isinstance(schemes, str) else [str(s) for s in schemes])
-    test = _as_dataset(test_data, "test")
-    validation = None if validation_data is None else _as_dataset(validation_data, "validation")
+    if evaluate is None:
+        test = _as_dataset(test_data, "test")
+        validation = None if validation_data is None else _as_dataset(validation_data, "validation")
     target = resolve_model(model, members[0].path)
     readers = open_members(members, None)
     try:
-        evaluator = KerasEvaluator(
-            target, KerasWeightMap(target, readers[0]), test, validation, metric, batch_size
-        )
-        direction = evaluator.higher_is_better if higher_is_better is None else higher_is_better
+        weight_map = KerasWeightMap(target, readers[0])
+        if evaluate is None:
+            evaluator = KerasEvaluator(target, weight_map, test, validation, metric, batch_size)
+            name, direction = evaluator.metric, evaluator.higher_is_better
+        else:
+            evaluator = ModelCallableEvaluator(target, weight_map, evaluate)
+            name = metric if isinstance(metric, str) and metric != "accuracy" else "metric"
+            direction = True
+        if higher_is_better is not None:
+            direction = higher_is_better
         return run_sweep(
             readers,
             members,
             parsed,
             evaluator,
-            metric=evaluator.metric,
+            metric=name,
             higher_is_better=direction,
             progress=progress,
         )

@@ -78,7 +78,10 @@ def average_models(models: Sequence[Any], weights: str | Scheme | Sequence[float
         )
         for index, model in enumerate(models)
     ]
-    averaged = dict(average_readers(readers, member_weights))
+    # The engine reuses its output buffer for every tensor: copy each one out.
+    averaged = {
+        name: np.array(array, copy=True) for name, array in average_readers(readers, member_weights)
+    }
     result = keras.models.clone_model(models[0])
     result.set_weights([np.array(averaged[str(i)]) for i in range(len(averaged))])
     return result

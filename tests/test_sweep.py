@@ -1,0 +1,425 @@
+"""The sweep: candidates against numpy.average, one read per tensor, honest selection, JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+import polyak.sweep as sweep_module
+from polyak.errors import OutputError, SchemeError
+from polyak.sweep import Candidate, SingleResult, SweepResult, sweep, write_best
+
+STEPS = list(range(490, 495))  # five members, 494 the newest
+NEWEST_FIRST = STEPS[::-1]
+N = len(STEPS)
+FLOATING = ("dense/kernel", "dense/bias", "norm/scale")
+INTEGERS = ("steps", "mask")
+SCHEMES = ["equal", "linear", "exp:0.5", "exp:2", "custom:3,2,1"]
+
+
+def member_tensors(step: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(step)
+    return {
+        "dense/kernel": rng.normal(size=(4, 3)).astype(np.float32),
+        "dense/bias": rng.normal(size=(3,)).astype(np.float16),
+        "norm/scale": rng.normal(size=(2, 2)).astype(np.float64),
+        "steps": np.array(step, dtype=np.int64),
+        "mask": np.array([step % 2 == 0, step % 3 == 0]),
+    }
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    directory = tmp_path / "run"
+    directory.mkdir()
+    for step in STEPS:
+        save_file(member_tensors(step), str(directory / f"ckpt_{step}.safetensors"))
+    return directory
+
+
+def formula_weights(scheme: str, n: int) -> np.ndarray:
+    """Normalized weights of the n newest members, newest first, from the schemes' formulas."""
+    i = np.arange(1, n + 1, dtype=np.float64)
+    if scheme == "equal":
+        raw = np.full(n, 1.0 / n)
+    elif scheme == "linear":
+        raw = (n - i + 1) / n
+    elif scheme.startswith("exp:"):
+        raw = np.exp(-i / float(scheme.partition(":")[2]))
+    else:
+        raw = np.array([float(v) for v in scheme.partition(":")[2].split(",")])
+        assert len(raw) == n
+    return raw / raw.sum()
+
+
+def expected_pairs() -> list[tuple[str, int]]:
+    """(scheme, n) of every candidate, in the order the sweep reports them."""
+    return [
+        (scheme, n)
+        for n in range(1, N + 1)
+        for scheme in SCHEMES
+        if not scheme.startswith("custom") or n == 3
+    ]
+
+
+class Recorder:
+    """An evaluator that keeps a copy of every call's tensors; call k scores k."""
+
+    def __init__(self, scores=None) -> None:
+        self.calls: list[dict[str, np.ndarray]] = []
+        self.scores = scores
+
+    def __call__(self, tensors):
+        self.calls.append({name: np.array(value, copy=True) for name, value in tensors.items()})
+        index = len(self.calls) - 1
+        return float(index) if self.scores is None else self.scores(index)
+
+
+def assert_float_close(actual: np.ndarray, expected: np.ndarray, scale: np.ndarray) -> None:
+    """Equal to the float64 reference within the rounding to the tensor's own dtype.
+
+    float16 and float32 results are the float64 sums rounded once: half an ulp, with a margin.
+    float64 results are the sums themselves; the linear scheme's ``(n+1) S - T`` cancels, so
+    they are allowed a few ulps of the members' magnitude ``scale``.
+    """
+    unit = {np.float16: 2.0**-11, np.float32: 2.0**-24, np.float64: 2.0**-53}[actual.dtype.type]
+    tolerance = 2 * unit * np.abs(expected) + np.finfo(actual.dtype).smallest_subnormal
+    if actual.dtype == np.float64:
+        tolerance = tolerance + 2.0**-48 * scale
+    assert np.all(np.abs(actual.astype(np.float64) - expected) <= tolerance), (actual, expected)
+
+
+@pytest.fixture
+def swept(run_dir):
+    recorder = Recorder()
+    result = sweep(run_dir, recorder, schemes=",".join(SCHEMES))
+    return result, recorder
+
+
+def test_candidates_are_reported_in_order_with_formula_weights(swept):
+    result, _ = swept
+    assert sorted((c.scheme, c.n) for c in result.candidates) == sorted(expected_pairs())
+    assert result.schemes == SCHEMES
+    for candidate in result.candidates:
+        np.testing.assert_allclose(
+            candidate.weights, formula_weights(candidate.scheme, candidate.n), rtol=1e-12
+        )
+        assert sum(candidate.weights) == pytest.approx(1.0, abs=1e-12)
+
+
+@pytest.mark.parametrize(("scheme", "n"), expected_pairs())
+def test_candidate_equals_numpy_average_of_the_n_newest(swept, scheme, n):
+    result, recorder = swept
+    (candidate,) = [c for c in result.candidates if (c.scheme, c.n) == (scheme, n)]
+    received = recorder.calls[int(candidate.test)]
+    members = [member_tensors(step) for step in NEWEST_FIRST[:n]]
+    weights = formula_weights(scheme, n)
+    for name in FLOATING:
+        expected = np.average(
+            [m[name].astype(np.float64) for m in members], axis=0, weights=weights
+        )
+        assert received[name].dtype == members[0][name].dtype
+        assert received[name].shape == members[0][name].shape
+        scale = np.max([np.abs(m[name].astype(np.float64)) for m in members], axis=0)
+        assert_float_close(received[name], expected, scale)
+    newest = member_tensors(NEWEST_FIRST[0])
+    for name in INTEGERS:
+        assert received[name].dtype == newest[name].dtype
+        np.testing.assert_array_equal(received[name], newest[name])
+
+
+def test_singles_are_each_members_own_floating_tensors_newest_first(swept):
+    result, recorder = swept
+    assert [s.checkpoint.step for s in result.single] == NEWEST_FIRST
+    assert [m.step for m in result.members] == NEWEST_FIRST
+    for single, step in zip(result.single, NEWEST_FIRST, strict=True):
+        received = recorder.calls[int(single.test)]
+        own = member_tensors(step)
+        for name in FLOATING:
+            assert received[name].dtype == own[name].dtype
+            np.testing.assert_array_equal(received[name], own[name])
+
+
+def test_singles_carry_their_own_integer_tensors(swept):
+    result, recorder = swept
+    for single, step in zip(result.single, NEWEST_FIRST, strict=True):
+        received = recorder.calls[int(single.test)]
+        own = member_tensors(step)
+        for name in INTEGERS:
+            np.testing.assert_array_equal(received[name], own[name])
+
+
+def test_candidates_are_in_scheme_order_then_n(swept):
+    result, _ = swept
+    by_scheme_then_n = sorted(expected_pairs(), key=lambda pair: (SCHEMES.index(pair[0]), pair[1]))
+    assert [(c.scheme, c.n) for c in result.candidates] == by_scheme_then_n
+
+
+def test_best_tensors_are_the_best_candidates(swept):
+    result, recorder = swept
+    received = recorder.calls[int(result.best.test)]
+    assert set(result.best_tensors) == set(received)
+    for name, array in received.items():
+        np.testing.assert_array_equal(result.best_tensors[name], array)
+
+
+class CountingReader:
+    """Wraps a reader and counts reads per tensor name."""
+
+    def __init__(self, reader) -> None:
+        self._reader = reader
+        self.path = reader.path
+        self.format = reader.format
+        self.reads: dict[str, int] = {}
+
+    def names(self):
+        return self._reader.names()
+
+    def info(self, name):
+        return self._reader.info(name)
+
+    def read(self, name):
+        self.reads[name] = self.reads.get(name, 0) + 1
+        return self._reader.read(name)
+
+    def close(self):
+        self._reader.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+
+def test_each_checkpoint_is_read_once(run_dir, monkeypatch):
+    opened: list[CountingReader] = []
+    original = sweep_module.open_members
+
+    def counting_open_members(members, key):
+        readers = [CountingReader(reader) for reader in original(members, key)]
+        opened.extend(readers)
+        return readers
+
+    monkeypatch.setattr(sweep_module, "open_members", counting_open_members)
+    sweep(run_dir, Recorder(), schemes=",".join(SCHEMES))
+    assert [reader.path.name for reader in opened] == [
+        f"ckpt_{step}.safetensors" for step in NEWEST_FIRST
+    ]
+    # Every tensor of every member once: floating ones for the running sums, integer
+    # ones for that member's own evaluation (candidates take the newest member's).
+    for reader in opened:
+        for name in FLOATING + INTEGERS:
+            assert reader.reads.get(name) == 1, (reader.path.name, name, reader.reads)
+
+
+def distinct_scores(count: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).permutation(count).astype(np.float64)
+
+
+@pytest.mark.parametrize("higher_is_better", [True, False])
+def test_best_is_chosen_on_validation_and_reported_on_test(run_dir, higher_is_better):
+    total = N + len(expected_pairs())
+    # Opposite orders: the best on validation is the worst on test, whichever the direction.
+    validation = distinct_scores(total, 1)
+    test = total - 1 - validation
+    recorder = Recorder(lambda k: {"test": test[k], "validation": validation[k]})
+    result = sweep(run_dir, recorder, schemes=",".join(SCHEMES), higher_is_better=higher_is_better)
+    assert result.selected_on == "validation"
+    chooser = max if higher_is_better else min
+    by_validation = chooser(result.candidates, key=lambda c: c.validation)
+    by_test = chooser(result.candidates, key=lambda c: c.test)
+    assert by_validation != by_test  # the construction makes the two choices disagree
+    assert result.best == by_validation
+    assert result.best.test == test[validation.tolist().index(by_validation.validation)]
+    assert result.to_json()["selected_on"] == "validation"
+
+
+@pytest.mark.parametrize("higher_is_better", [True, False])
+def test_with_a_float_the_best_is_chosen_on_test(run_dir, higher_is_better):
+    total = N + len(expected_pairs())
+    test = distinct_scores(total, 3)
+    result = sweep(
+        run_dir,
+        Recorder(lambda k: test[k]),
+        schemes=",".join(SCHEMES),
+        higher_is_better=higher_is_better,
+    )
+    assert result.selected_on == "test"
+    chooser = max if higher_is_better else min
+    assert result.best == chooser(result.candidates, key=lambda c: c.test)
+    assert result.best.validation is None
+
+
+def test_loss_like_metric_picks_the_minimum(run_dir):
+    result = sweep(
+        run_dir,
+        Recorder(lambda k: 100.0 - k),
+        schemes="linear",
+        metric="loss",
+        higher_is_better=False,
+    )
+    assert result.best == min(result.candidates, key=lambda c: c.test)
+    assert (result.best.scheme, result.best.n) == ("linear", N)
+    assert result.metric == "loss" and result.higher_is_better is False
+
+
+@pytest.mark.parametrize("higher_is_better", [True, False])
+def test_nan_scores_never_win(run_dir, higher_is_better):
+    # The first candidate (equal, n=1) and every other call score NaN; the rest are finite.
+    def scores(k: int) -> float:
+        return float("nan") if k % 2 == 1 else float(k)
+
+    result = sweep(
+        run_dir, Recorder(scores), schemes="equal,linear", higher_is_better=higher_is_better
+    )
+    finite = [c for c in result.candidates if not np.isnan(c.test)]
+    assert finite and len(finite) < len(result.candidates)
+    assert np.isnan(result.candidates[0].test)
+    chooser = max if higher_is_better else min
+    assert result.best == chooser(finite, key=lambda c: c.test)
+
+
+def test_nan_validation_never_wins(run_dir):
+    def scores(k: int) -> dict[str, float]:
+        return {"test": 0.5, "validation": float("nan") if k % 2 else float(k)}
+
+    result = sweep(run_dir, Recorder(scores), schemes="equal,linear")
+    assert np.isnan(result.candidates[0].validation)
+    assert not np.isnan(result.best.validation)
+    finite = [c for c in result.candidates if not np.isnan(c.validation)]
+    assert result.best == max(finite, key=lambda c: c.validation)
+
+
+def test_evaluator_without_test_score_is_refused(run_dir):
+    with pytest.raises(SchemeError, match=r"it must return a float or a mapping with 'test'"):
+        sweep(run_dir, lambda tensors: {"validation": 0.5}, schemes="equal")
+
+
+def test_validation_for_some_candidates_only_is_refused(run_dir):
+    calls = []
+
+    def evaluate(tensors):
+        calls.append(None)
+        return 0.5 if len(calls) == 1 else {"test": 0.5, "validation": 0.4}
+
+    with pytest.raises(SchemeError, match="validation score for some candidates only"):
+        sweep(run_dir, evaluate, schemes="equal")
+
+
+def test_custom_scheme_longer_than_the_members_is_refused(run_dir):
+    with pytest.raises(SchemeError, match=r"custom:1,1,1,1,1,1: 6 weights but only 5 checkpoints"):
+        sweep(run_dir, Recorder(), schemes="custom:1,1,1,1,1,1")
+
+
+def test_last_limits_the_members(run_dir):
+    recorder = Recorder()
+    result = sweep(run_dir, recorder, schemes="equal", last=2)
+    assert [m.step for m in result.members] == NEWEST_FIRST[:2]
+    assert [c.n for c in result.candidates] == [1, 2]
+    received = recorder.calls[int(result.candidates[-1].test)]
+    expected = (
+        member_tensors(494)["dense/kernel"].astype(np.float64)
+        + member_tensors(493)["dense/kernel"].astype(np.float64)
+    ) / 2
+    assert_float_close(received["dense/kernel"], expected, np.abs(expected))
+
+
+def test_to_json_schema(run_dir):
+    result = sweep(
+        run_dir,
+        Recorder(lambda k: {"test": float(k), "validation": float(-k)}),
+        schemes="equal,exp:2",
+        metric="accuracy",
+    )
+    data = json.loads(json.dumps(result.to_json()))
+    assert {"metric", "selected_on", "members", "single", "candidates", "best"} <= set(data)
+    assert data["metric"] == "accuracy" and data["selected_on"] == "validation"
+    assert [Path(m["path"]).name for m in data["members"]] == [
+        f"ckpt_{step}.safetensors" for step in NEWEST_FIRST
+    ]
+    assert [m["step"] for m in data["members"]] == NEWEST_FIRST
+    assert [Path(s["path"]).name for s in data["single"]] == [
+        f"ckpt_{step}.safetensors" for step in NEWEST_FIRST
+    ]
+    assert [s["metric"] for s in data["single"]] == [s.test for s in result.single]
+    assert all(isinstance(s["metric"], float) for s in data["single"])
+    assert len(data["candidates"]) == 2 * N
+    for row, candidate in zip(data["candidates"], result.candidates, strict=True):
+        assert {"scheme", "n", "weights", "metric"} <= set(row)
+        assert (row["scheme"], row["n"], row["metric"]) == (
+            candidate.scheme,
+            candidate.n,
+            candidate.test,
+        )
+        assert row["validation"] == candidate.validation
+        np.testing.assert_allclose(row["weights"], formula_weights(row["scheme"], row["n"]))
+    assert {"scheme", "n", "metric"} <= set(data["best"])
+    assert (data["best"]["scheme"], data["best"]["n"], data["best"]["metric"]) == (
+        result.best.scheme,
+        result.best.n,
+        result.best.test,
+    )
+
+
+def test_to_json_without_validation_has_no_validation_keys(run_dir):
+    data = sweep(run_dir, Recorder(), schemes="equal").to_json()
+    assert data["selected_on"] == "test"
+    assert all("validation" not in row for row in data["single"] + data["candidates"])
+    assert "validation" not in data["best"]
+    json.dumps(data)
+
+
+def test_candidates_of_and_dataclasses():
+    from polyak.discovery import order_key
+
+    member = order_key(Path("ckpt_1.safetensors"))
+    first = Candidate("equal", 1, (1.0,), 0.5)
+    second = Candidate("linear", 1, (1.0,), 0.6)
+    result = SweepResult(
+        metric="accuracy",
+        higher_is_better=True,
+        selected_on="test",
+        members=[member],
+        single=[SingleResult(member, 0.5)],
+        candidates=[first, second],
+        best=second,
+        schemes=["equal", "linear"],
+    )
+    assert result.candidates_of("linear") == [second]
+    assert result.candidates_of("exp:2") == []
+
+
+def test_write_best_writes_the_selected_candidate(run_dir, tmp_path):
+    result = sweep(run_dir, Recorder(), schemes="equal,linear")
+    out = write_best(result, tmp_path / "best.safetensors")
+    with safe_open(str(out), "np") as written:
+        assert set(written.keys()) == set(result.best_tensors)
+        for name, array in result.best_tensors.items():
+            np.testing.assert_array_equal(written.get_tensor(name), array)
+
+
+def test_write_best_converts_by_suffix(run_dir, tmp_path):
+    result = sweep(run_dir, Recorder(), schemes="equal")
+    out = write_best(result, tmp_path / "best.npz")
+    with np.load(out) as written:
+        np.testing.assert_array_equal(written["dense/kernel"], result.best_tensors["dense/kernel"])
+
+
+def test_write_best_refuses_an_existing_file_and_a_member(run_dir, tmp_path):
+    result = sweep(run_dir, Recorder(), schemes="equal")
+    existing = tmp_path / "best.safetensors"
+    existing.write_bytes(b"keep me")
+    with pytest.raises(OutputError, match=r"already exists.*--overwrite"):
+        write_best(result, existing)
+    assert existing.read_bytes() == b"keep me"
+    member = run_dir / f"ckpt_{NEWEST_FIRST[0]}.safetensors"
+    before = member.read_bytes()
+    with pytest.raises(OutputError, match="input"):
+        write_best(result, member, overwrite=True)
+    assert member.read_bytes() == before
