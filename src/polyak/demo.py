@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from polyak.errors import require
+from polyak.keras_backend import choose_keras_backend
 
 __all__ = ["DemoResult", "classic_data", "run_demo"]
 
@@ -65,9 +66,8 @@ def classic_data(validation_seed: int = 3) -> dict[str, tuple[np.ndarray, np.nda
 
 def classic_model():
     """Input 2 -> Dense(25, relu) -> Dense(3, softmax), SGD(0.01, momentum 0.9)."""
+    choose_keras_backend()
     import keras
-
-    import polyak.keras  # noqa: F401  (chooses the backend before Keras is imported)
 
     model = keras.Sequential(
         [
@@ -103,11 +103,13 @@ def run_demo(
         overwrite: replace the results of an earlier run in ``out``.
         log: where progress messages go.
     """
+    choose_keras_backend()
     import keras
 
     from polyak.keras import SnapshotCheckpoint
     from polyak.keras.evaluation import sweep
     from polyak.report import write_json, write_plot
+    from polyak.sweep import write_best
 
     started = time.perf_counter()
     out = Path(out)
@@ -138,11 +140,7 @@ def run_demo(
     report = write_json(result, out / "report.json")
     plot = write_plot(result, out / "sweep.png")
     best_model = out / "best.keras"
-    from polyak.cli.sweep import _write_best
-
-    if best_model.exists() and overwrite:
-        best_model.unlink()
-    _write_best(result, best_model)
+    write_best(result, best_model, overwrite=overwrite)
     return DemoResult(
         sweep=result,
         snapshots=snapshots,

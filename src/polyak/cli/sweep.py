@@ -9,7 +9,6 @@ import typer
 from polyak.cli.main import app
 from polyak.cli.output import console, error_console, print_json
 from polyak.errors import OutputError
-from polyak.formats import format_for_output, format_of
 
 
 @app.command("sweep")
@@ -48,6 +47,7 @@ def sweep_command(
     reading each checkpoint once; print the classic lines, a table and the best."""
     from polyak.keras.evaluation import load_dataset, sweep
     from polyak.report import classic_lines, sweep_table, write_json, write_plot
+    from polyak.sweep import write_best
 
     outputs = [p for p in (json_path, plot_path, out_model) if p is not None]
     for output in outputs:
@@ -73,7 +73,7 @@ def sweep_command(
         progress=progress,
     )
     if out_model is not None:
-        _write_best(result, out_model)
+        write_best(result, out_model, overwrite=True)
     if json_path is not None:
         write_json(result, json_path)
     if plot_path is not None:
@@ -94,18 +94,3 @@ def sweep_command(
     for label, path in (("report", json_path), ("plot", plot_path), ("model", out_model)):
         if path is not None:
             console.print(f"Wrote {label}: {path}")
-
-
-def _write_best(result, out_model: Path) -> None:
-    from polyak.averaging import write_output
-    from polyak.files import check_output_path
-    from polyak.formats import open_checkpoint
-    from polyak.formats.base import PlannedTensors
-
-    members = result.members
-    check_output_path(out_model, [m.path for m in members], overwrite=True)
-    output_format = format_for_output(out_model, format_of(members[0].path))
-    with open_checkpoint(members[0].path) as template:
-        plan = [(name, template.info(name)) for name in template.names()]
-        tensors = PlannedTensors(plan, [(name, result.best_tensors[name]) for name, _ in plan])
-        write_output(out_model, tensors, template, output_format)
