@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all lint format bench clean
+.PHONY: demo test test-all lint format bench bench-sweep clean
 
 # torch first, pinned: pip takes the CPU wheel from local disk. Asking for the
 # rest first could let a dependency pull a multi-GB CUDA build.
@@ -30,6 +30,12 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(BIN)/ruff check --fix src tests bench
 	$(BIN)/ruff format src tests bench
+
+# Benchmarks run by hand; their results go into the README.
+bench: bench-sweep
+
+bench-sweep: $(STAMP)
+	$(BIN)/python bench/sweep.py --repeats 5
 
 clean:
 	rm -rf $(VENV) polyak-demo .pytest_cache
