@@ -220,7 +220,7 @@ def test_user_metric_from_module_function(tmp_path, monkeypatch):
     name, function, higher = resolve_metric("polyak_test_user_metrics:share_of_class_zero")
     assert (name, higher) == ("share_of_class_zero", True)
     assert function(None, np.eye(3)[[0, 0, 1, 2]]) == 0.5
-    with pytest.raises(DataError, match="polyak_test_user_metrics:missing: cannot be imported"):
+    with pytest.raises(DataError, match="polyak_test_user_metrics has no function missing"):
         resolve_metric("polyak_test_user_metrics:missing")
 
 

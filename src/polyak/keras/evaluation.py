@@ -13,17 +13,21 @@ better), a callable ``metric(y_true, y_pred) -> float``, or ``"module:function"`
 
 from __future__ import annotations
 
-import importlib
-import sys
-import zipfile
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from polyak.averaging import open_members
+from polyak.data import (
+    Dataset,
+    accuracy,
+    as_dataset,
+    check_data_or_evaluate,
+    load_dataset,
+    resolve_metric,
+)
 from polyak.discovery import find_checkpoints
 from polyak.errors import DataError, require
 from polyak.keras.models import KerasWeightMap, resolve_model
@@ -32,71 +36,17 @@ from polyak.sweep import SweepResult, run_sweep
 
 keras = require("keras", "keras", "polyak.keras")
 
+# Dataset, load_dataset, accuracy and resolve_metric live in polyak.data (no Keras
+# needed); they are re-exported here for the Keras API.
 __all__ = [
     "Dataset",
     "KerasEvaluator",
-    "ModelCallableEvaluator",
+    "accuracy",
     "load_dataset",
+    "predict",
     "resolve_metric",
     "sweep",
 ]
-
-
-@dataclass(frozen=True)
-class Dataset:
-    """Inputs ``x`` and targets ``y`` (class indices or one-hot)."""
-
-    x: np.ndarray
-    y: np.ndarray
-    name: str = "data"
-
-
-def load_dataset(path: str | Path) -> Dataset:
-    """Read ``x`` and ``y`` from an ``.npz`` file (``allow_pickle=False``).
-
-    Raises:
-        DataError: the file is missing, empty, not an ``.npz`` archive, lacks ``x``
-            or ``y``, or they differ in length; the message names the file.
-    """
-    path = Path(path)
-    try:
-        loaded = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
-        reason = "the file is empty" if isinstance(error, EOFError) else str(error)
-        raise DataError(f"data {path}: cannot be read as .npz ({reason}).") from None
-    if not isinstance(loaded, np.lib.npyio.NpzFile):
-        raise DataError(
-            f"data {path}: holds a single array (a .npy file); save x and y together "
-            "with numpy.savez(path, x=x, y=y)."
-        )
-    try:
-        with loaded as archive:
-            missing = [key for key in ("x", "y") if key not in archive.files]
-            if missing:
-                raise DataError(
-                    f"data {path}: needs arrays 'x' and 'y'; it holds {sorted(archive.files)}."
-                )
-            x, y = archive["x"], archive["y"]
-    except DataError:
-        raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
-        raise DataError(f"data {path}: cannot be read as .npz ({error}).") from None
-    if x.ndim == 0 or y.ndim == 0:
-        raise DataError(f"data {path}: x and y must have one row per example; one is a scalar.")
-    if len(x) != len(y):
-        raise DataError(f"data {path}: x has {len(x)} rows but y has {len(y)}.")
-    if len(x) == 0:
-        raise DataError(f"data {path}: holds no examples.")
-    return Dataset(x, y, path.name)
-
-
-def _as_dataset(data: Dataset | tuple | str | Path, name: str) -> Dataset:
-    if isinstance(data, Dataset):
-        return data
-    if isinstance(data, (str, Path)):
-        return load_dataset(data)
-    x, y = data
-    return Dataset(np.asarray(x), np.asarray(y), name)
 
 
 def predict(model: Any, x: np.ndarray, batch_size: int = 1024) -> np.ndarray:
@@ -108,16 +58,6 @@ def predict(model: Any, x: np.ndarray, batch_size: int = 1024) -> np.ndarray:
     return np.concatenate(outputs)
 
 
-def accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
-    """Share of correct predictions; ``y_true`` as class indices or one-hot."""
-    labels = y_true.argmax(-1) if y_true.ndim > 1 and y_true.shape[-1] > 1 else y_true.reshape(-1)
-    if y_pred.ndim == 1 or y_pred.shape[-1] == 1:
-        predicted = (y_pred.reshape(-1) > 0.5).astype(labels.dtype)
-    else:
-        predicted = y_pred.argmax(-1)
-    return float(np.mean(predicted == labels))
-
-
 def _loss_function(model: Any, y: np.ndarray) -> Callable:
     loss = getattr(model, "loss", None)
     if loss is not None and not isinstance(loss, (dict, list, tuple)):
@@ -127,50 +67,34 @@ def _loss_function(model: Any, y: np.ndarray) -> Callable:
     return keras.losses.sparse_categorical_crossentropy
 
 
-def resolve_metric(metric: str | Callable) -> tuple[str, Callable | None, bool]:
-    """``(name, function or None for loss, higher_is_better)`` of a metric spec."""
-    if callable(metric):
-        return getattr(metric, "__name__", "metric"), metric, True
-    if metric == "accuracy":
-        return "accuracy", accuracy, True
-    if metric == "loss":
-        return "loss", None, False
-    module_name, _, function_name = metric.partition(":")
-    if not function_name:
-        raise DataError(
-            f"metric {metric!r}: use accuracy, loss, or a function 'module:function' "
-            "taking (y_true, y_pred)."
-        )
-    if "" not in sys.path:
-        sys.path.insert(0, "")
-    try:
-        function = getattr(importlib.import_module(module_name), function_name)
-    except (ImportError, AttributeError) as error:
-        raise DataError(f"metric {metric}: cannot be imported ({error}).") from None
-    return function_name, function, True
-
-
 class KerasEvaluator:
-    """``evaluate(tensors) -> {"test": ..., "validation": ...}`` on one reused model.
+    """``evaluate(tensors)`` on one reused Keras model: data and a metric, or a function.
 
     Args:
         model: a built Keras model.
         weight_map: maps checkpoint tensor names to the model's variables.
-        test: test data.
+        test: test data (with ``metric``), or None with ``evaluate``.
         validation: validation data, optional.
         metric: ``"accuracy"``, ``"loss"``, a callable ``(y_true, y_pred) -> float``
             or ``"module:function"``.
-        batch_size: examples per forward pass.
+        batch_size: examples per forward pass (and per recalibration batch).
+        evaluate: instead of data, ``evaluate(model)`` returning a float or
+            ``{"test": ..., "validation": ...}``.
+        recalibrate: also score each candidate after BatchNorm recalibration on this
+            data (its ``x``) or by this callable ``recalibrate(model)``.
     """
 
     def __init__(
         self,
         model: Any,
         weight_map: KerasWeightMap,
-        test: Dataset,
+        test: Dataset | None = None,
         validation: Dataset | None = None,
         metric: str | Callable = "accuracy",
         batch_size: int = 1024,
+        *,
+        evaluate: Callable[[Any], Any] | None = None,
+        recalibrate: Dataset | tuple | str | Path | Callable[[Any], None] | None = None,
     ) -> None:
         self.model = model
         self.weight_map = weight_map
@@ -179,7 +103,19 @@ class KerasEvaluator:
         )
         self.metric, self._function, self.higher_is_better = resolve_metric(metric)
         self.batch_size = batch_size
+        self.evaluate = evaluate
+        self._recalibrate = self._recalibration(recalibrate)
         self.evaluations = 0
+
+    def _recalibration(self, recalibrate: Any) -> Callable[[Any], None] | None:
+        if recalibrate is None:
+            return None
+        if callable(recalibrate) and not isinstance(recalibrate, (Dataset, tuple)):
+            return recalibrate
+        from polyak.keras.batchnorm import recalibrate_batchnorm
+
+        data = as_dataset(recalibrate, "recalibration")
+        return lambda model: recalibrate_batchnorm(model, data.x, batch_size=self.batch_size)
 
     def score(self, data: Dataset) -> float:
         """The metric of the model as it is now, on ``data``."""
@@ -194,32 +130,32 @@ class KerasEvaluator:
             return float(np.mean(keras.ops.convert_to_numpy(losses)))
         return float(self._function(data.y, predictions))
 
-    def __call__(self, tensors: Mapping[str, np.ndarray]) -> dict[str, float]:
-        self.weight_map.assign(tensors)
-        self.evaluations += 1
+    def _scores(self) -> Any:
+        if self.evaluate is not None:
+            return self.evaluate(self.model)
         return {split: self.score(data) for split, data in self.splits.items()}
-
-
-class ModelCallableEvaluator:
-    """``evaluate(tensors)`` that loads the tensors into one model and calls ``evaluate(model)``.
-
-    Args:
-        model: a built Keras model, reused for every candidate.
-        weight_map: maps checkpoint tensor names to the model's variables.
-        evaluate: the user's ``evaluate(model)``, returning a float (a test score) or
-            ``{"test": float, "validation": float}``.
-    """
-
-    def __init__(self, model: Any, weight_map: KerasWeightMap, evaluate: Callable) -> None:
-        self.model = model
-        self.weight_map = weight_map
-        self.evaluate = evaluate
-        self.evaluations = 0
 
     def __call__(self, tensors: Mapping[str, np.ndarray]) -> Any:
         self.weight_map.assign(tensors)
         self.evaluations += 1
-        return self.evaluate(self.model)
+        plain = self._scores()
+        if self._recalibrate is None:
+            return plain
+        self._recalibrate(self.model)
+        recalibrated = self._scores()
+        result = dict(plain) if isinstance(plain, Mapping) else {"test": float(plain)}
+        result["recalibrated"] = (
+            dict(recalibrated) if isinstance(recalibrated, Mapping) else {"test": recalibrated}
+        )
+        return result
+
+    def recalibrated_tensors(self, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``tensors`` with the BatchNorm statistics recalibrated, for writing the best out."""
+        if self._recalibrate is None:
+            return dict(tensors)
+        self.weight_map.assign(tensors)
+        self._recalibrate(self.model)
+        return {**tensors, **self.weight_map.read(tensors)}
 
 
 def sweep(
@@ -234,13 +170,14 @@ def sweep(
     metric: str | Callable = "accuracy",
     higher_is_better: bool | None = None,
     batch_size: int = 1024,
+    recalibrate: Dataset | tuple | str | Path | Callable[[Any], None] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> SweepResult:
     """Sweep Keras checkpoints: every member and every (scheme, n) average, evaluated.
 
-    Each checkpoint is read once; one model is reused for every candidate. Give
-    either data (``test_data``, optionally ``validation_data``, and a ``metric``) or
-    your own ``evaluate(model)``.
+    Each checkpoint is read once (twice with ``greedy``); one model is reused for
+    every candidate. Give either data (``test_data``, optionally
+    ``validation_data``, and a ``metric``) or your own ``evaluate(model)``.
 
     Args:
         paths: ``.keras``, legacy ``.h5`` or ``.weights.h5`` checkpoints.
@@ -249,45 +186,41 @@ def sweep(
         evaluate: instead of data, ``evaluate(model) -> float`` (a test score), or
             ``-> {"test": float, "validation": float}`` to choose on validation; it
             is called with the model holding each candidate's weights.
-        schemes: e.g. ``"equal,linear,exp:2"`` or ``"exp:0.5,1,2,4,8"``.
+        schemes: e.g. ``"equal,linear,exp:2"``, ``"exp:0.5,1,2,4,8"``, ``"greedy"``.
         last: sweep the ``last`` newest checkpoints only.
         model: the architecture for weights-only files (see ``resolve_model``).
         metric: with data: ``"accuracy"``, ``"loss"``, ``(y_true, y_pred) -> float``
             or ``"module:function"``; with ``evaluate``: the name for the report.
         higher_is_better: the metric's direction (default: True, False for losses).
         batch_size: examples per forward pass.
+        recalibrate: also score every candidate after BatchNorm recalibration on
+            this data (``.npz``, ``(x, y)`` or Dataset) or by ``recalibrate(model)``.
 
     Example:
         >>> result = polyak.keras.sweep("snapshots/", "test.npz", "val.npz")  # doctest: +SKIP
         >>> result = polyak.keras.sweep("snapshots/", evaluate=lambda m: score(m))  # doctest: +SKIP
     """
-    if (evaluate is None) == (test_data is None):
-        raise DataError(
-            "sweep needs either test data or evaluate(model), and not both; received "
-            f"test_data={'given' if test_data is not None else None} and "
-            f"evaluate={'given' if evaluate is not None else None}."
-        )
-    if evaluate is not None and validation_data is not None:
-        raise DataError(
-            "validation_data goes with test_data; with evaluate(model), return "
-            '{"test": ..., "validation": ...} from it instead.'
-        )
-    if evaluate is not None and not callable(evaluate):
-        raise DataError(f"evaluate must be a callable taking the model; received {evaluate!r}.")
+    check_data_or_evaluate(test_data, validation_data, evaluate)
     members = find_checkpoints(paths, last=last)
     parsed = parse_schemes(schemes if isinstance(schemes, str) else [str(s) for s in schemes])
-    if evaluate is None:
-        test = _as_dataset(test_data, "test")
-        validation = None if validation_data is None else _as_dataset(validation_data, "validation")
+    test = None if test_data is None else as_dataset(test_data, "test")
+    validation = None if validation_data is None else as_dataset(validation_data, "validation")
     target = resolve_model(model, members[0].path)
     readers = open_members(members, None)
     try:
-        weight_map = KerasWeightMap(target, readers[0])
+        evaluator = KerasEvaluator(
+            target,
+            KerasWeightMap(target, readers[0]),
+            test,
+            validation,
+            metric if evaluate is None else "accuracy",
+            batch_size,
+            evaluate=evaluate,
+            recalibrate=recalibrate,
+        )
         if evaluate is None:
-            evaluator = KerasEvaluator(target, weight_map, test, validation, metric, batch_size)
             name, direction = evaluator.metric, evaluator.higher_is_better
         else:
-            evaluator = ModelCallableEvaluator(target, weight_map, evaluate)
             name = metric if isinstance(metric, str) and metric != "accuracy" else "metric"
             direction = True
         if higher_is_better is not None:

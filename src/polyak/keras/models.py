@@ -11,17 +11,16 @@ clones or compiles.
 
 from __future__ import annotations
 
-import importlib
 import math
-import sys
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from polyak.averaging import average, average_readers
+from polyak.data import import_callable
 from polyak.discovery import find_checkpoints
 from polyak.errors import CheckpointError, DataError, require
 from polyak.formats import format_of, open_checkpoint
@@ -87,24 +86,6 @@ def average_models(models: Sequence[Any], weights: str | Scheme | Sequence[float
     return result
 
 
-def _import_factory(spec: str) -> Callable[[], Any]:
-    module_name, _, function_name = spec.partition(":")
-    if not module_name or not function_name:
-        raise DataError(
-            f"model {spec!r}: give a model file (.keras, .h5) or a factory 'module:function'."
-        )
-    if "" not in sys.path and "." not in sys.path:
-        sys.path.insert(0, "")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as error:
-        raise DataError(f"model {spec}: cannot import module {module_name} ({error}).") from None
-    factory = getattr(module, function_name, None)
-    if not callable(factory):
-        raise DataError(f"model {spec}: {module_name} has no function {function_name}.")
-    return factory
-
-
 def _load_model_file(path: Path) -> Any:
     try:
         return keras.models.load_model(path)
@@ -137,7 +118,11 @@ def resolve_model(model: Any, checkpoint: str | Path) -> Any:
         if not Path(model).is_file():
             raise DataError(f"model {model}: no such file.")
         return _load_model_file(Path(model))
-    factory = _import_factory(model) if isinstance(model, str) else model
+    if isinstance(model, str) and ":" not in model:
+        raise DataError(
+            f"model {model!r}: give a model file (.keras, .h5) or a factory 'module:function'."
+        )
+    factory = import_callable(model, "model") if isinstance(model, str) else model
     if not callable(factory):
         raise DataError(f"model {model!r}: expected a keras.Model, a callable, or a file.")
     built = factory()
@@ -241,6 +226,15 @@ class KerasWeightMap:
         """Load tensors (by checkpoint name) into the model's variables."""
         for variable, name in self.pairs:
             variable.assign(tensors[name])
+
+    def read(self, like: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The variables' current values by checkpoint name, in the dtypes of ``like``."""
+        return {
+            name: np.asarray(keras.ops.convert_to_numpy(variable)).astype(
+                like[name].dtype, copy=False
+            )
+            for variable, name in self.pairs
+        }
 
 
 def load_averaged_model(

@@ -1,0 +1,195 @@
+"""Evaluation data and metrics, framework-free: ``.npz`` datasets, accuracy, user functions.
+
+Both framework adapters (``polyak.keras``, ``polyak.torch``) evaluate candidates on
+a :class:`Dataset` with a metric resolved here; only the forward pass and the loss
+are theirs.
+
+- Data: an ``.npz`` file with arrays ``x`` and ``y`` (``y`` as class indices or
+  one-hot), read with ``allow_pickle=False``; or ``(x, y)`` in memory.
+- Metrics: ``accuracy`` (argmax for several outputs, threshold 0.5 for one),
+  ``loss`` (each framework's cross-entropy; lower is better), a callable
+  ``metric(y_true, y_pred) -> float`` or ``"module:function"`` naming one.
+
+Example:
+    >>> import numpy as np
+    >>> from polyak.data import accuracy
+    >>> accuracy(np.array([0, 1, 1]), np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]]))
+    0.6666666666666666
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from polyak.errors import DataError
+
+__all__ = [
+    "Dataset",
+    "accuracy",
+    "as_dataset",
+    "check_data_or_evaluate",
+    "import_callable",
+    "load_dataset",
+    "resolve_metric",
+]
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Inputs ``x`` and targets ``y`` (class indices or one-hot)."""
+
+    x: np.ndarray
+    y: np.ndarray
+    name: str = "data"
+
+
+def load_dataset(path: str | Path) -> Dataset:
+    """Read ``x`` and ``y`` from an ``.npz`` file (``allow_pickle=False``).
+
+    Raises:
+        DataError: the file is missing, empty, not an ``.npz`` archive, lacks ``x``
+            or ``y``, or they differ in length; the message names the file.
+    """
+    path = Path(path)
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        reason = "the file is empty" if isinstance(error, EOFError) else str(error)
+        raise DataError(f"data {path}: cannot be read as .npz ({reason}).") from None
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise DataError(
+            f"data {path}: holds a single array (a .npy file); save x and y together "
+            "with numpy.savez(path, x=x, y=y)."
+        )
+    try:
+        with loaded as archive:
+            missing = [key for key in ("x", "y") if key not in archive.files]
+            if missing:
+                raise DataError(
+                    f"data {path}: needs arrays 'x' and 'y'; it holds {sorted(archive.files)}."
+                )
+            x, y = archive["x"], archive["y"]
+    except DataError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        raise DataError(f"data {path}: cannot be read as .npz ({error}).") from None
+    if x.ndim == 0 or y.ndim == 0:
+        raise DataError(f"data {path}: x and y must have one row per example; one is a scalar.")
+    if len(x) != len(y):
+        raise DataError(f"data {path}: x has {len(x)} rows but y has {len(y)}.")
+    if len(x) == 0:
+        raise DataError(f"data {path}: holds no examples.")
+    return Dataset(x, y, path.name)
+
+
+def as_dataset(data: Dataset | tuple | str | Path, name: str) -> Dataset:
+    """A :class:`Dataset` from a Dataset, an ``.npz`` path or an ``(x, y)`` pair."""
+    if isinstance(data, Dataset):
+        return data
+    if isinstance(data, (str, Path)):
+        return load_dataset(data)
+    try:
+        x, y = data
+    except (TypeError, ValueError):
+        raise DataError(
+            f"{name} data must be an .npz path, a Dataset or a pair (x, y); "
+            f"received {type(data).__name__}."
+        ) from None
+    x, y = np.asarray(x), np.asarray(y)
+    if x.ndim == 0 or len(x) != len(y) or len(x) == 0:
+        raise DataError(
+            f"{name} data: x and y must hold the same number of examples, at least one; "
+            f"received shapes {x.shape} and {y.shape}."
+        )
+    return Dataset(x, y, name)
+
+
+def accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Share of correct predictions; ``y_true`` as class indices or one-hot.
+
+    Several outputs: the predicted class is the argmax (logits or probabilities
+    alike). One output: a probability, predicted class 1 above 0.5.
+    """
+    labels = y_true.argmax(-1) if y_true.ndim > 1 and y_true.shape[-1] > 1 else y_true.reshape(-1)
+    if y_pred.ndim == 1 or y_pred.shape[-1] == 1:
+        predicted = (y_pred.reshape(-1) > 0.5).astype(labels.dtype)
+    else:
+        predicted = y_pred.argmax(-1)
+    return float(np.mean(predicted == labels))
+
+
+def import_callable(spec: str, role: str) -> Callable[..., Any]:
+    """The function a ``"module:function"`` spec names, importable from the working directory.
+
+    Args:
+        spec: e.g. ``"mymodels:build"``; ``module`` may be dotted.
+        role: what it is for, in messages (``"model"``, ``"metric"``, ``"eval"``).
+
+    Raises:
+        DataError: the spec is malformed, the module cannot be imported, or it has
+            no such callable.
+    """
+    module_name, _, function_name = spec.partition(":")
+    if not module_name or not function_name or ":" in function_name:
+        raise DataError(f"{role} {spec!r}: give a function as 'module:function'.")
+    if "" not in sys.path and "." not in sys.path:
+        sys.path.insert(0, "")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise DataError(f"{role} {spec}: cannot import module {module_name} ({error}).") from None
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise DataError(f"{role} {spec}: module {module_name} has no function {function_name}.")
+    return function
+
+
+def resolve_metric(metric: str | Callable) -> tuple[str, Callable | None, bool]:
+    """``(name, function, higher_is_better)`` of a metric spec; function None means loss.
+
+    Args:
+        metric: ``"accuracy"``, ``"loss"``, a callable ``(y_true, y_pred) -> float``
+            or ``"module:function"`` naming one (higher is better unless told).
+    """
+    if callable(metric):
+        return getattr(metric, "__name__", "metric"), metric, True
+    if metric == "accuracy":
+        return "accuracy", accuracy, True
+    if metric == "loss":
+        return "loss", None, False
+    if ":" not in str(metric):
+        raise DataError(
+            f"metric {metric!r}: use accuracy, loss, or a function 'module:function' "
+            "taking (y_true, y_pred)."
+        )
+    function = import_callable(metric, "metric")
+    return metric.partition(":")[2], function, True
+
+
+def check_data_or_evaluate(test_data: object, validation_data: object, evaluate: object) -> None:
+    """Refuse a sweep given both data and ``evaluate(model)``, or neither.
+
+    Raises:
+        DataError: saying which of the two to give.
+    """
+    if (evaluate is None) == (test_data is None):
+        raise DataError(
+            "sweep needs either test data or evaluate(model), and not both; received "
+            f"test_data={'given' if test_data is not None else None} and "
+            f"evaluate={'given' if evaluate is not None else None}."
+        )
+    if evaluate is not None and validation_data is not None:
+        raise DataError(
+            "validation_data goes with test_data; with evaluate(model), return "
+            '{"test": ..., "validation": ...} from it instead.'
+        )
+    if evaluate is not None and not callable(evaluate):
+        raise DataError(f"evaluate must be a callable taking the model; received {evaluate!r}.")
