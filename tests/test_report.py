@@ -112,7 +112,13 @@ def test_write_json_round_trips_and_leaves_no_temporary(tmp_path):
     with open(out, encoding="utf-8") as file:
         data = json.load(file)
     assert data == json.loads(json.dumps(result.to_json()))
-    assert data["best"] == {"scheme": "linear", "n": 3, "metric": 0.814, "validation": 0.82}
+    assert data["best"] == {
+        "scheme": "linear",
+        "n": 3,
+        "metric": 0.814,
+        "validation": 0.82,
+        "recalibrated": False,
+    }
     assert data["selected_on"] == "validation"
     assert [m["step"] for m in data["members"]] == [499, 498, 497, 496]
 

@@ -308,7 +308,9 @@ def test_validation_for_some_candidates_only_is_refused(run_dir):
         calls.append(None)
         return 0.5 if len(calls) == 1 else {"test": 0.5, "validation": 0.4}
 
-    with pytest.raises(SchemeError, match="validation score for some candidates only"):
+    with pytest.raises(
+        SchemeError, match="validation or recalibrated scores for some candidates only"
+    ):
         sweep(run_dir, evaluate, schemes="equal")
 
 
@@ -423,3 +425,161 @@ def test_write_best_refuses_an_existing_file_and_a_member(run_dir, tmp_path):
     with pytest.raises(OutputError, match="input"):
         write_best(result, member, overwrite=True)
     assert member.read_bytes() == before
+
+
+# ---------------------------------------------------------------- greedy soup
+
+# Members' "dense/kernel" values: near the target, except 492, far off (must be skipped).
+GREEDY_TARGET = 1.0
+GREEDY_VALUES = {490: 1.3, 491: 0.8, 492: 9.0, 493: 1.1, 494: 0.6}
+
+
+@pytest.fixture
+def soup_dir(tmp_path: Path) -> Path:
+    directory = tmp_path / "soup"
+    directory.mkdir()
+    for step, value in GREEDY_VALUES.items():
+        tensors = member_tensors(step)
+        tensors["dense/kernel"] = np.full((4, 3), value, dtype=np.float32)
+        save_file(tensors, str(directory / f"ckpt_{step}.safetensors"))
+    return directory
+
+
+def closeness(kernel: np.ndarray) -> float:
+    """Validation score: higher is better, best at the target."""
+    return -float(np.mean((kernel.astype(np.float64) - GREEDY_TARGET) ** 2))
+
+
+def reference_greedy_soup(values_newest_first: list[float]) -> list[int]:
+    """Algorithm 1 of "Model soups", written from the paper, on scalar members."""
+    scores = [closeness(np.array(v)) for v in values_newest_first]
+    order = sorted(range(len(scores)), key=lambda k: (-scores[k], k))
+    soup = [order[0]]
+    for k in order[1:]:
+        with_k = closeness(np.mean([values_newest_first[j] for j in [*soup, k]]))
+        without = closeness(np.mean([values_newest_first[j] for j in soup]))
+        if with_k >= without:
+            soup.append(k)
+    return sorted(soup)
+
+
+def test_greedy_soup_follows_its_definition_and_skips_a_member(soup_dir):
+    def evaluate(tensors):
+        score = closeness(tensors["dense/kernel"])
+        return {"test": score, "validation": score}
+
+    result = sweep(soup_dir, evaluate, schemes="equal,greedy")
+    (soup,) = result.candidates_of("greedy")
+    newest_first = [GREEDY_VALUES[step] for step in sorted(GREEDY_VALUES, reverse=True)]
+    expected = reference_greedy_soup(newest_first)
+    assert 2 in [i for i in range(5) if i not in expected]  # member 492 (index 2) is left out
+    assert list(soup.members) == expected
+    assert soup.n == len(expected)
+    assert soup.weights == tuple(1 / len(expected) if i in expected else 0.0 for i in range(5))
+    soup_mean = np.mean([newest_first[i] for i in expected])
+    assert soup.validation == pytest.approx(closeness(np.array(soup_mean)), rel=1e-4)
+    assert result.candidates[-1] == soup  # reported after the other schemes
+    assert result.best == soup  # the soup beats every average that includes the outlier
+
+
+def test_greedy_soup_tensors_are_the_uniform_average_of_the_kept_members(soup_dir):
+    def evaluate(tensors):
+        return {"test": 0.0, "validation": closeness(tensors["dense/kernel"])}
+
+    result = sweep(soup_dir, evaluate, schemes="greedy")
+    (soup,) = result.candidates
+    steps = sorted(GREEDY_VALUES, reverse=True)
+    kept = [member_tensors(steps[i]) for i in soup.members]
+    for name in ("dense/bias", "norm/scale"):
+        expected = np.mean([m[name].astype(np.float64) for m in kept], axis=0)
+        np.testing.assert_allclose(
+            result.best_tensors[name].astype(np.float64), expected, rtol=2e-3
+        )
+    # Integer tensors come from the newest member the soup kept.
+    newest_kept = member_tensors(steps[min(soup.members)])
+    for name in INTEGERS:
+        np.testing.assert_array_equal(result.best_tensors[name], newest_kept[name])
+
+
+def test_greedy_soup_without_validation_is_chosen_on_test(soup_dir):
+    result = sweep(soup_dir, lambda tensors: closeness(tensors["dense/kernel"]), schemes="greedy")
+    assert result.selected_on == "test"
+    assert result.to_json()["best"]["members"] == list(result.best.members)
+
+
+def test_greedy_soup_of_members_that_all_hurt_is_the_best_single(run_dir):
+    # Any average is worse than the best member alone: the soup keeps one member.
+    steps = NEWEST_FIRST
+
+    def evaluate(tensors):
+        distances = [
+            float(np.abs(tensors["dense/kernel"] - member_tensors(s)["dense/kernel"]).max())
+            for s in steps
+        ]
+        return -min(distances)  # 0 for any single member, negative for any mix
+
+    result = sweep(run_dir, evaluate, schemes="greedy")
+    (soup,) = result.candidates
+    assert soup.n == 1 and soup.members == (0,)
+
+
+def test_greedy_has_no_weights_outside_a_sweep():
+    from polyak.schemes import parse_scheme
+
+    with pytest.raises(SchemeError, match="greedy.*polyak sweep"):
+        parse_scheme("greedy").weights(3)
+
+
+# ---------------------------------------------------------------- recalibrated variants
+
+
+class Recalibrating:
+    """An evaluator that reports plain scores and 'recalibrated' ones, and can export them."""
+
+    def __init__(self, plain, recalibrated) -> None:
+        self.plain, self.recalibrated, self.calls = plain, recalibrated, 0
+        self.exported = []
+
+    def __call__(self, tensors):
+        index, self.calls = self.calls, self.calls + 1
+        return {
+            "test": self.plain(index),
+            "validation": self.plain(index),
+            "recalibrated": {
+                "test": self.recalibrated(index),
+                "validation": self.recalibrated(index),
+            },
+        }
+
+    def recalibrated_tensors(self, tensors):
+        self.exported.append(dict(tensors))
+        out = dict(tensors)
+        out["norm/scale"] = np.full_like(tensors["norm/scale"], 7.0)
+        return out
+
+
+def test_both_variants_compete_and_the_recalibrated_best_is_exported(run_dir):
+    # Call 3 (equal, n=2... whichever) gets the best recalibrated score of all.
+    evaluator = Recalibrating(lambda i: 0.5, lambda i: 0.9 if i == 3 else 0.4)
+    result = sweep(run_dir, evaluator, schemes="equal")
+    assert result.best_recalibrated is True
+    assert result.best_test == 0.9 and result.best.recalibrated_test == 0.9
+    assert result.recalibrated
+    assert len(evaluator.exported) == 1
+    np.testing.assert_array_equal(result.best_tensors["norm/scale"], 7.0)
+    data = result.to_json()
+    assert data["best"]["recalibrated"] is True and data["best"]["metric"] == 0.9
+    assert all("recalibrated" in c for c in data["candidates"] + data["single"])
+
+
+def test_a_plain_best_is_written_without_recalibration(run_dir):
+    evaluator = Recalibrating(lambda i: 0.9 if i == 3 else 0.5, lambda i: 0.4)
+    result = sweep(run_dir, evaluator, schemes="equal")
+    assert result.best_recalibrated is False
+    assert evaluator.exported == []
+    assert result.best_test == 0.9
+
+
+def test_a_malformed_recalibrated_entry_is_refused(run_dir):
+    with pytest.raises(SchemeError, match="'recalibrated' entry must be a mapping with 'test'"):
+        sweep(run_dir, lambda tensors: {"test": 1.0, "recalibrated": 0.5}, schemes="equal")

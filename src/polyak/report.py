@@ -20,8 +20,17 @@ __all__ = ["classic_lines", "sweep_table", "write_json", "write_plot"]
 
 
 def classic_lines(result: SweepResult, scheme: str) -> list[str]:
-    """The tutorial's lines for one scheme, on test data: ``> n: single=..., ensemble=...``."""
+    """The tutorial's lines for one scheme, on test data: ``> n: single=..., ensemble=...``.
+
+    The greedy soup has no n-th newest to compare with: its one line names the
+    members it kept (0 is the newest).
+    """
     lines = []
+    if scheme == "greedy":
+        for candidate in result.candidates_of(scheme):
+            kept = ", ".join(str(index) for index in candidate.members)
+            lines.append(f"> soup of {candidate.n} (members {kept}): ensemble={candidate.test:.3f}")
+        return lines
     for candidate in result.candidates_of(scheme):
         single = result.single[candidate.n - 1].test
         lines.append(f"> {candidate.n}: single={single:.3f}, ensemble={candidate.test:.3f}")
@@ -44,18 +53,29 @@ def sweep_table(result: SweepResult) -> Table:
             candidate = by_key.get((scheme, n))
             if candidate is None:
                 cells.append("")
-            elif candidate == result.best:
-                cells.append(f"[bold]{candidate.test:.4f}*[/bold]")
+                continue
+            text = _scores_text(candidate.test, candidate.recalibrated_test)
+            if candidate == result.best:
+                cells.append(f"[bold]{text}*[/bold]")
             else:
-                cells.append(f"{candidate.test:.4f}")
-        table.add_row(str(n), f"{single.test:.4f}", *cells)
+                cells.append(text)
+        table.add_row(str(n), _scores_text(single.test, single.recalibrated_test), *cells)
     best = result.best
-    validation = f", validation {best.validation:.4f}" if best.validation is not None else ""
+    validation = (
+        f", validation {result.best_validation:.4f}" if result.best_validation is not None else ""
+    )
+    variant = " after BatchNorm recalibration" if result.best_recalibrated else ""
     table.caption = (
-        f"* best: {best.scheme}, n={best.n}: test {best.test:.4f}{validation} "
+        f"* best: {best.scheme}, n={best.n}{variant}: test {result.best_test:.4f}{validation} "
         f"(selected on {result.selected_on})"
     )
+    if result.recalibrated:
+        table.caption += "; cells: as averaged -> after BatchNorm recalibration"
     return table
+
+
+def _scores_text(test: float, recalibrated: float | None) -> str:
+    return f"{test:.4f}" if recalibrated is None else f"{test:.4f} -> {recalibrated:.4f}"
 
 
 def write_json(result: SweepResult, path: str | Path) -> Path:
@@ -69,7 +89,11 @@ def write_json(result: SweepResult, path: str | Path) -> Path:
 
 
 def write_plot(result: SweepResult, path: str | Path) -> Path:
-    """Plot test metric against n: single members as dots, one line per scheme (PNG)."""
+    """Plot test metric against n: single members as dots, one line per scheme (PNG).
+
+    With BatchNorm recalibration each scheme also gets a dashed line of its
+    recalibrated scores.
+    """
     path = Path(path)
     if not path.parent.is_dir():
         raise OutputError(f"output {path}: the directory {path.parent} does not exist.")
@@ -85,22 +109,33 @@ def write_plot(result: SweepResult, path: str | Path) -> Path:
     for scheme in result.schemes or dict.fromkeys(c.scheme for c in result.candidates):
         candidates = result.candidates_of(scheme)
         marker = "s" if len(candidates) == 1 else None
-        axes.plot(
+        (line,) = axes.plot(
             [c.n for c in candidates],
             [c.test for c in candidates],
             marker=marker,
             linewidth=1.8,
             label=f"average, {scheme}",
         )
+        if result.recalibrated:
+            axes.plot(
+                [c.n for c in candidates],
+                [c.recalibrated_test for c in candidates],
+                marker=marker,
+                linestyle="--",
+                linewidth=1.4,
+                color=line.get_color(),
+                label=f"average, {scheme}, BatchNorm recalibrated",
+            )
     best = result.best
     axes.plot(
         [best.n],
-        [best.test],
+        [result.best_test],
         "*",
         markersize=14,
         color="gold",
         markeredgecolor="black",
-        label=f"selected on {result.selected_on}: {best.scheme}, n={best.n}",
+        label=f"selected on {result.selected_on}: {best.scheme}, n={best.n}"
+        + (" (recalibrated)" if result.best_recalibrated else ""),
     )
     axes.set_xlabel("n newest members")
     axes.set_ylabel(f"test {result.metric}")

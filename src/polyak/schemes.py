@@ -11,7 +11,14 @@ equal           1/n                                      ``equal``
 linear          (n - i + 1)/n: n/n, (n-1)/n, ..., 1/n    ``linear``
 exponential     exp(-i/alpha), alpha > 0                 ``exp:2``
 custom          given, newest first                      ``custom:0.5,0.3,0.2``
+greedy soup     1/k for the k members the soup keeps     ``greedy`` (sweep only)
 =============== ======================================= =========================
+
+The greedy soup (Wortsman et al., 2022, "Model soups", Algorithm 1) takes its
+members from evaluation, not from a formula: members are sorted by their own
+validation score, best first; each is added to the soup (a uniform average) if the
+soup's validation score does not get worse. Only ``polyak.sweep`` can build it;
+``Greedy.weights`` refuses.
 
 Example:
     >>> from polyak.schemes import parse_scheme
@@ -33,6 +40,7 @@ __all__ = [
     "Custom",
     "Equal",
     "Exponential",
+    "Greedy",
     "Linear",
     "Scheme",
     "normalize",
@@ -171,12 +179,29 @@ class Custom(Scheme):
         return np.asarray(self.values, dtype=np.float64)
 
 
+@dataclass(frozen=True)
+class Greedy(Scheme):
+    """Greedy soup: members chosen by evaluation, averaged equally (sweep only)."""
+
+    @property
+    def spec(self) -> str:
+        return "greedy"
+
+    def raw_weights(self, n: int) -> np.ndarray:
+        raise SchemeError(
+            "scheme greedy: a greedy soup's members come from evaluating them on "
+            "validation data, so it has no weights of its own. Use it in a sweep: "
+            "polyak sweep ... --schemes greedy."
+        )
+
+
 # The one list of schemes: spec name -> how to build it from its parameters.
 SCHEMES = {
     "equal": "Equal members: 1/n",
     "linear": "Linearly decreasing: (n-i+1)/n, newest first",
     "exp": "Exponentially decreasing: exp(-i/alpha), spec exp:ALPHA",
     "custom": "Given weights, newest first, spec custom:W1,W2,...",
+    "greedy": "Greedy soup: members kept while validation does not get worse (sweep only)",
 }
 
 
@@ -204,6 +229,8 @@ def parse_scheme(spec: str | Scheme) -> Scheme:
         return Equal()
     if name == "linear" and not argument:
         return Linear()
+    if name == "greedy" and not argument:
+        return Greedy()
     if name in {"exp", "exponential"}:
         if not argument:
             return Exponential(2.0)
@@ -218,7 +245,7 @@ def parse_scheme(spec: str | Scheme) -> Scheme:
         if not parts:
             raise SchemeError(f"scheme '{spec}': give the weights, e.g. custom:0.5,0.3,0.2.")
         return Custom(tuple(_number(part, spec) for part in parts))
-    known = ", ".join(("equal", "linear", "exp:ALPHA", "custom:W1,W2,..."))
+    known = ", ".join(("equal", "linear", "exp:ALPHA", "custom:W1,W2,...", "greedy"))
     raise SchemeError(f"unknown scheme '{spec}'. Known schemes: {known}.")
 
 

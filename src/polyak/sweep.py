@@ -13,10 +13,15 @@ while the members stream by, newest first (member i = 1..N):
                 mean = ((n+1) S_n - T_n) / (n (n+1) / 2)
 - exp(alpha):   E_n = sum_{i<=n} exp(-(i-1)/alpha) x_i,     mean = E_n / sum of the weights
 - custom (k weights): C = sum_{i<=k} c_i x_i, a candidate at n = k only.
+- greedy soup (``greedy``, Wortsman et al., 2022): after the pass, members sorted by
+  their own score (validation if there is one), best first; each joins the soup, a
+  uniform average, if the soup's score with it is at least as good as without
+  (Algorithm 1 of "Model soups"). One candidate; it reads each member once more.
 
-Integer and bool tensors come from the newest member, as in ``polyak.averaging``.
-Memory: one float64 copy of the model per running sum (two for equal and linear
-together, one per alpha, one per custom scheme) plus one candidate.
+Integer and bool tensors come from the newest member averaged, as in
+``polyak.averaging``. Memory: one float64 copy of the model per running sum (one for
+equal, two for linear, one per alpha, one per custom scheme, one for the greedy soup)
+plus one candidate.
 
 Selection is honest: with a validation evaluator the best candidate is chosen on
 validation and its test score reported; with test data only, the report says the
@@ -25,9 +30,12 @@ scheme listed first; a NaN score never wins.
 
 The evaluator is one plain callable over numpy arrays keyed by tensor name:
 ``evaluate(tensors)`` returns a float (a test score only) or a mapping
-``{"test": float, "validation": float}``; ``polyak.keras`` builds them for Keras
-models. It is called once per candidate, so a framework adapter loads each
-candidate's weights into its model once.
+``{"test": float, "validation": float}``, optionally with ``"recalibrated":
+{"test": ..., "validation": ...}``, the scores after BatchNorm recalibration; then
+both variants of every candidate compete and the report shows both numbers.
+``polyak.keras`` and ``polyak.torch`` build evaluators for their models. It is called
+once per candidate, so a framework adapter loads each candidate's weights into its
+model once.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -50,7 +59,7 @@ from polyak.formats.base import (
     is_floating,
     numpy_dtype,
 )
-from polyak.schemes import Custom, Equal, Exponential, Linear, Scheme, parse_schemes
+from polyak.schemes import Custom, Equal, Exponential, Greedy, Linear, Scheme, parse_schemes
 
 __all__ = ["Candidate", "SingleResult", "SweepResult", "run_sweep", "sweep", "write_best"]
 
@@ -59,22 +68,46 @@ Evaluate = Callable[[Mapping[str, np.ndarray]], "float | Mapping[str, float]"]
 
 @dataclass(frozen=True)
 class SingleResult:
-    """One member evaluated on its own."""
+    """One member evaluated on its own.
+
+    ``recalibrated_*`` are the scores after BatchNorm recalibration, when the
+    evaluator recalibrates; None otherwise.
+    """
 
     checkpoint: Checkpoint
     test: float
     validation: float | None = None
+    recalibrated_test: float | None = None
+    recalibrated_validation: float | None = None
 
 
 @dataclass(frozen=True)
 class Candidate:
-    """The average of the ``n`` newest members under ``scheme``, evaluated."""
+    """An average of members under ``scheme``, evaluated.
+
+    Attributes:
+        scheme: the scheme's spec, e.g. ``"exp:2"`` or ``"greedy"``.
+        n: the number of members averaged: the ``n`` newest, or for ``greedy`` the
+            members the soup kept.
+        weights: the normalized weights, newest first: of the ``n`` newest members,
+            or for ``greedy`` of all members (0 for those it left out).
+        test, validation: the scores of the average as computed.
+        recalibrated_test, recalibrated_validation: after BatchNorm recalibration,
+            when the evaluator recalibrates; None otherwise.
+    """
 
     scheme: str
     n: int
     weights: tuple[float, ...]
     test: float
     validation: float | None = None
+    recalibrated_test: float | None = None
+    recalibrated_validation: float | None = None
+
+    @property
+    def members(self) -> tuple[int, ...]:
+        """0-based indices of the members it averages (0 is the newest)."""
+        return tuple(index for index, weight in enumerate(self.weights) if weight > 0)
 
 
 @dataclass
@@ -89,7 +122,11 @@ class SweepResult:
         single: each member on its own, newest first.
         candidates: every (scheme, n) average, in scheme order then n.
         best: the selected candidate.
-        best_tensors: the selected candidate's tensors (for writing it out).
+        best_recalibrated: whether the selected variant is the best candidate after
+            BatchNorm recalibration (its scores then are ``best.recalibrated_*``).
+        schemes: the schemes' specs, in the order given.
+        best_tensors: the selected candidate's tensors (for writing it out), with
+            the recalibrated statistics when ``best_recalibrated``.
     """
 
     metric: str
@@ -101,6 +138,24 @@ class SweepResult:
     best: Candidate
     schemes: list[str] = field(default_factory=list)
     best_tensors: dict[str, np.ndarray] | None = field(default=None, repr=False)
+    best_recalibrated: bool = False
+
+    @property
+    def recalibrated(self) -> bool:
+        """Whether the candidates were also evaluated after BatchNorm recalibration."""
+        return self.best.recalibrated_test is not None
+
+    @property
+    def best_test(self) -> float:
+        """The selected variant's test score."""
+        return self.best.recalibrated_test if self.best_recalibrated else self.best.test
+
+    @property
+    def best_validation(self) -> float | None:
+        """The selected variant's validation score, if there is validation data."""
+        if self.best_recalibrated:
+            return self.best.recalibrated_validation
+        return self.best.validation
 
     def candidates_of(self, scheme: str) -> list[Candidate]:
         """The candidates of one scheme, by n."""
@@ -110,11 +165,22 @@ class SweepResult:
         """The report as JSON-ready data (the schema of ``polyak sweep --json``)."""
 
         def scores(item: SingleResult | Candidate) -> dict:
-            data = {"metric": item.test}
+            data: dict[str, Any] = {"metric": item.test}
             if item.validation is not None:
                 data["validation"] = item.validation
+            if item.recalibrated_test is not None:
+                data["recalibrated"] = {"metric": item.recalibrated_test}
+                if item.recalibrated_validation is not None:
+                    data["recalibrated"]["validation"] = item.recalibrated_validation
             return data
 
+        best: dict[str, Any] = {"scheme": self.best.scheme, "n": self.best.n}
+        best["metric"] = self.best_test
+        if self.best_validation is not None:
+            best["validation"] = self.best_validation
+        best["recalibrated"] = self.best_recalibrated
+        if self.best.scheme == "greedy":
+            best["members"] = list(self.best.members)
         return {
             "metric": self.metric,
             "higher_is_better": self.higher_is_better,
@@ -129,7 +195,7 @@ class SweepResult:
                 {"scheme": c.scheme, "n": c.n, "weights": list(c.weights), **scores(c)}
                 for c in self.candidates
             ],
-            "best": {"scheme": self.best.scheme, "n": self.best.n, **scores(self.best)},
+            "best": best,
         }
 
 
@@ -176,18 +242,96 @@ class _RunningSums:
             np.multiply(self.sums[0][name], 1.0 / self.norm, out=out, casting="unsafe")
 
 
+@dataclass(frozen=True)
+class _Scores:
+    test: float
+    validation: float | None
+    recalibrated_test: float | None
+    recalibrated_validation: float | None
+
+    def variants(self) -> list[tuple[float, bool]]:
+        """``(selection value, recalibrated?)`` of each variant, plain first."""
+        plain = self.validation if self.validation is not None else self.test
+        found = [(plain, False)]
+        if self.recalibrated_test is not None:
+            recalibrated = (
+                self.recalibrated_validation
+                if self.recalibrated_validation is not None
+                else self.recalibrated_test
+            )
+            found.append((recalibrated, True))
+        return found
+
+    @property
+    def plain(self) -> float:
+        return self.variants()[0][0]
+
+
 def _optional_float(value: object) -> float | None:
     return None if value is None else float(value)
 
 
-def _selection_key(candidate: Candidate) -> float:
-    return candidate.validation if candidate.validation is not None else candidate.test
-
-
 def _better(a: float, b: float, higher_is_better: bool) -> bool:
+    """Whether score ``a`` is strictly better than ``b``; NaN is worse than anything."""
+    if np.isnan(a):
+        return False
     if np.isnan(b):
-        return not np.isnan(a)
+        return True
     return a > b if higher_is_better else a < b
+
+
+class _ScoreReader:
+    """Turns the evaluator's answers into scores, checking they are alike for every call."""
+
+    def __init__(self, evaluate: Evaluate) -> None:
+        self.evaluate = evaluate
+        self.shape: tuple[bool, bool] | None = None  # (validation?, recalibrated?)
+
+    def __call__(self, tensors: Mapping[str, np.ndarray]) -> _Scores:
+        value = self.evaluate(tensors)
+        if isinstance(value, Mapping):
+            if "test" not in value:
+                raise SchemeError(
+                    f"the evaluator returned {sorted(value)}; it must return a float or a "
+                    "mapping with 'test' (and optionally 'validation' and 'recalibrated')."
+                )
+            recalibrated = value.get("recalibrated")
+            if recalibrated is not None and (
+                not isinstance(recalibrated, Mapping) or "test" not in recalibrated
+            ):
+                raise SchemeError(
+                    "the evaluator's 'recalibrated' entry must be a mapping with 'test' "
+                    f"(and optionally 'validation'); received {recalibrated!r}."
+                )
+            recalibrated = recalibrated or {}
+            scores = _Scores(
+                float(value["test"]),
+                _optional_float(value.get("validation")),
+                _optional_float(recalibrated.get("test")),
+                _optional_float(recalibrated.get("validation")),
+            )
+        else:
+            scores = _Scores(float(value), None, None, None)
+        shape = (scores.validation is not None, scores.recalibrated_test is not None)
+        if self.shape is not None and shape != self.shape:
+            raise SchemeError(
+                "the evaluator returned validation or recalibrated scores for some "
+                "candidates only; it must return the same kinds of score every time."
+            )
+        self.shape = shape
+        return scores
+
+
+def _check_schemes(schemes: Sequence[Scheme], count: int) -> None:
+    if not schemes:
+        raise SchemeError("the sweep needs at least one scheme, e.g. equal,linear,exp:2.")
+    for scheme in schemes:
+        if not isinstance(scheme, (Equal, Linear, Exponential, Custom, Greedy)):
+            raise SchemeError(f"scheme {scheme}: the sweep cannot compute it from running sums.")
+        if isinstance(scheme, Custom) and len(scheme.values) > count:
+            raise SchemeError(
+                f"scheme {scheme.spec}: {len(scheme.values)} weights but only {count} checkpoints."
+            )
 
 
 def run_sweep(
@@ -200,50 +344,29 @@ def run_sweep(
     higher_is_better: bool = True,
     progress: Callable[[str], None] | None = None,
 ) -> SweepResult:
-    """Sweep over open checkpoints; see :func:`sweep`."""
-    if not schemes:
-        raise SchemeError("the sweep needs at least one scheme, e.g. equal,linear,exp:2.")
-    for scheme in schemes:
-        if not isinstance(scheme, (Equal, Linear, Exponential, Custom)):
-            raise SchemeError(f"scheme {scheme}: the sweep cannot compute it from running sums.")
-        if isinstance(scheme, Custom) and len(scheme.values) > len(readers):
-            raise SchemeError(
-                f"scheme {scheme.spec}: {len(scheme.values)} weights but only "
-                f"{len(readers)} checkpoints."
-            )
+    """Sweep over open checkpoints; see :func:`sweep`.
+
+    ``evaluate`` may also offer ``recalibrated_tensors(tensors) -> {name: array}``:
+    the candidate's tensors with its BatchNorm statistics recalibrated, used to
+    write out a best candidate whose recalibrated variant won.
+    """
+    _check_schemes(schemes, len(readers))
     plan = check_compatible(readers)
     floating = [(name, info) for name, info in plan if is_floating(info.dtype)]
     integer_names = [name for name, info in plan if not is_floating(info.dtype)]
     carried = {name: np.array(readers[0].read(name)) for name in integer_names}
-    sums = [_RunningSums(scheme, floating) for scheme in schemes]
+    running = [
+        _RunningSums(scheme, floating) for scheme in schemes if not isinstance(scheme, Greedy)
+    ]
     candidate_tensors = {
         name: np.empty(info.shape, numpy_dtype(info.dtype)) for name, info in floating
     }
     candidate_tensors.update(carried)
-
-    selected_on: list[str] = []
-
-    def score(tensors: Mapping[str, np.ndarray]) -> tuple[float, float | None]:
-        value = evaluate(tensors)
-        if isinstance(value, Mapping):
-            if "test" not in value:
-                raise SchemeError(
-                    f"the evaluator returned {sorted(value)}; it must return a float or a "
-                    "mapping with 'test' (and optionally 'validation')."
-                )
-            scores = (float(value["test"]), _optional_float(value.get("validation")))
-        else:
-            scores = (float(value), None)
-        split = "test" if scores[1] is None else "validation"
-        if selected_on and selected_on[0] != split:
-            raise SchemeError("the evaluator returned a validation score for some candidates only.")
-        selected_on[:1] = [split]
-        return scores
+    score = _ScoreReader(evaluate)
+    chooser = _Chooser(higher_is_better)
 
     single: list[SingleResult] = []
     candidates: list[Candidate] = []
-    best: Candidate | None = None
-    best_tensors: dict[str, np.ndarray] | None = None
     for i, (reader, member) in enumerate(zip(readers, members, strict=True), start=1):
         if progress is not None:
             progress(f"member {i}/{len(readers)}: {member.path.name}")
@@ -253,42 +376,148 @@ def run_sweep(
             array = reader.read(name)
             own[name] = array
             value = np.asarray(array, dtype=np.float64)
-            for running in sums:
-                running.add(i, name, value)
-        for running in sums:
-            running.finish_member(i)
-        test_value, validation_value = score(own)
-        single.append(SingleResult(member, test_value, validation_value))
+            for sums in running:
+                sums.add(i, name, value)
+        for sums in running:
+            sums.finish_member(i)
+        scores = score(own)
+        single.append(SingleResult(member, *_fields(scores)))
         del own
-        for running in sums:
-            if not running.has_candidate(i):
+        for sums in running:
+            if not sums.has_candidate(i):
                 continue
             for name, _ in floating:
-                running.candidate(i, name, candidate_tensors[name])
-            test_value, validation_value = score(candidate_tensors)
-            weights = tuple(float(w) for w in running.scheme.weights(i))
-            candidate = Candidate(running.scheme.spec, i, weights, test_value, validation_value)
+                sums.candidate(i, name, candidate_tensors[name])
+            scores = score(candidate_tensors)
+            weights = tuple(float(w) for w in sums.scheme.weights(i))
+            candidate = Candidate(sums.scheme.spec, i, weights, *_fields(scores))
             candidates.append(candidate)
-            if best is None or _better(
-                _selection_key(candidate), _selection_key(best), higher_is_better
-            ):
-                best = candidate
-                best_tensors = {name: np.array(array) for name, array in candidate_tensors.items()}
-    assert best is not None  # at least one member and one scheme give a candidate
+            chooser.offer(candidate, scores, candidate_tensors)
+    if any(isinstance(scheme, Greedy) for scheme in schemes):
+        soup, soup_tensors = _greedy_soup(
+            readers, floating, integer_names, single, score, higher_is_better, progress
+        )
+        candidates.append(soup)
+        chooser.offer(soup, _Scores(*_fields_of(soup)), soup_tensors)
     # Computed member by member; reported scheme by scheme, each by n.
     order = {scheme.spec: index for index, scheme in enumerate(schemes)}
     candidates.sort(key=lambda candidate: (order[candidate.scheme], candidate.n))
+    best, recalibrated, best_tensors = chooser.result()
+    if recalibrated and hasattr(evaluate, "recalibrated_tensors"):
+        best_tensors = {
+            name: np.array(array)
+            for name, array in evaluate.recalibrated_tensors(best_tensors).items()
+        }
     return SweepResult(
         metric=metric,
         higher_is_better=higher_is_better,
-        selected_on=selected_on[0],
+        selected_on="validation" if score.shape and score.shape[0] else "test",
         members=list(members),
         single=single,
         candidates=candidates,
         best=best,
         schemes=[scheme.spec for scheme in schemes],
         best_tensors=best_tensors,
+        best_recalibrated=recalibrated,
     )
+
+
+def _fields(scores: _Scores) -> tuple[float, float | None, float | None, float | None]:
+    return (
+        scores.test,
+        scores.validation,
+        scores.recalibrated_test,
+        scores.recalibrated_validation,
+    )
+
+
+def _fields_of(item: Candidate | SingleResult) -> tuple:
+    return (item.test, item.validation, item.recalibrated_test, item.recalibrated_validation)
+
+
+class _Chooser:
+    """Keeps the best (candidate, variant) offered: strictly better wins, so ties go to
+    the one offered first (fewer members, then the scheme listed first)."""
+
+    def __init__(self, higher_is_better: bool) -> None:
+        self.higher_is_better = higher_is_better
+        self.best: tuple[Candidate, bool, float] | None = None
+        self.tensors: dict[str, np.ndarray] | None = None
+
+    def offer(
+        self, candidate: Candidate, scores: _Scores, tensors: Mapping[str, np.ndarray]
+    ) -> None:
+        for value, recalibrated in scores.variants():
+            if self.best is None or _better(value, self.best[2], self.higher_is_better):
+                self.best = (candidate, recalibrated, value)
+                self.tensors = {name: np.array(array) for name, array in tensors.items()}
+
+    def result(self) -> tuple[Candidate, bool, dict[str, np.ndarray]]:
+        assert self.best is not None and self.tensors is not None  # one candidate at least
+        return self.best[0], self.best[1], self.tensors
+
+
+def _greedy_soup(
+    readers: Sequence[CheckpointReader],
+    floating: list[tuple[str, TensorInfo]],
+    integer_names: list[str],
+    single: list[SingleResult],
+    score: _ScoreReader,
+    higher_is_better: bool,
+    progress: Callable[[str], None] | None,
+) -> tuple[Candidate, dict[str, np.ndarray]]:
+    """The greedy soup (Wortsman et al., 2022, Algorithm 1) over the members.
+
+    Members are sorted by their own score (validation if there is one, else test),
+    best first, ties to the newer; the soup starts with the best and takes each next
+    member if the soup's score with it is at least as good as without. The soup is a
+    uniform average; integer tensors come from its newest member. Each member is read
+    once more; memory: one float64 sum of the soup and one trial.
+    """
+    count = len(readers)
+
+    def rank(index: int) -> tuple[float, int]:
+        value = single[index].validation
+        value = single[index].test if value is None else value
+        if np.isnan(value):
+            return (np.inf, index)
+        return (-value if higher_is_better else value, index)
+
+    order = sorted(range(count), key=rank)
+    soup = [order[0]]
+    totals = {
+        name: np.asarray(readers[order[0]].read(name), dtype=np.float64).copy()
+        for name, _ in floating
+    }
+    soup_scores = _Scores(*_fields_of(single[order[0]]))
+    trial = {name: np.empty(info.shape, numpy_dtype(info.dtype)) for name, info in floating}
+
+    def fill(indices: list[int], extra: Mapping[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+        newest = min(indices)
+        for name, _ in floating:
+            total = totals[name] if extra is None else totals[name] + extra[name]
+            np.multiply(total, 1.0 / len(indices), out=trial[name], casting="unsafe")
+        tensors: dict[str, np.ndarray] = dict(trial)
+        tensors.update({name: readers[newest].read(name) for name in integer_names})
+        return tensors
+
+    for step, index in enumerate(order[1:], start=2):
+        if progress is not None:
+            progress(f"greedy soup: trying member {step}/{count}")
+        member = {
+            name: np.asarray(readers[index].read(name), dtype=np.float64) for name, _ in floating
+        }
+        scores = score(fill([*soup, index], member))
+        if not _better(soup_scores.plain, scores.plain, higher_is_better) and not np.isnan(
+            scores.plain
+        ):
+            soup.append(index)
+            soup_scores = scores
+            for name, _ in floating:
+                totals[name] += member[name]
+    weights = tuple(1.0 / len(soup) if index in soup else 0.0 for index in range(count))
+    candidate = Candidate("greedy", len(soup), weights, *_fields(soup_scores))
+    return candidate, {name: np.array(array) for name, array in fill(sorted(soup), None).items()}
 
 
 def sweep(

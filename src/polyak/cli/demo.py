@@ -39,8 +39,8 @@ def demo_command(
     best, final = sweep.best, sweep.single[0]
     console.print(
         f"Recommended (chosen on validation): {best.scheme} over the {best.n} newest snapshots, "
-        f"validation {best.validation:.3f}, test {best.test:.3f}; the final model alone: "
-        f"validation {final.validation:.3f}, test {final.test:.3f}."
+        f"validation {sweep.best_validation:.3f}, test {sweep.best_test:.3f}; "
+        f"the final model alone: validation {final.validation:.3f}, test {final.test:.3f}."
     )
     console.print(
         f"Wrote {result.report}, {result.plot} and {result.model} "
