@@ -1,4 +1,8 @@
-"""``polyak sweep``: evaluate every member and every (scheme, n) average; pick the best."""
+"""``polyak sweep``: evaluate every member and every (scheme, n) average; pick the best.
+
+Keras checkpoints (``.keras``, legacy ``.h5``, ``.weights.h5``) are evaluated with
+Keras; every other format with PyTorch, whose architecture ``--model`` gives.
+"""
 
 from __future__ import annotations
 
@@ -8,24 +12,37 @@ import typer
 
 from polyak.cli.main import app
 from polyak.cli.output import console, error_console, print_json
-from polyak.errors import OutputError
+from polyak.errors import DataError, OutputError
+
+KERAS_FORMATS = ("keras", "keras-h5", "keras-weights")
 
 
 @app.command("sweep")
 def sweep_command(
     paths: list[str] = typer.Argument(..., help="Checkpoint files, directories or globs."),
-    data: Path = typer.Option(..., "--data", help="Test data: .npz with arrays x and y."),
+    data: Path | None = typer.Option(
+        None, "--data", help="Test data: .npz with arrays x and y (or use --eval)."
+    ),
     val: Path | None = typer.Option(
         None, "--val", help="Validation data (.npz x, y): choose the best on it, report on test."
     ),
+    evaluate: str | None = typer.Option(
+        None,
+        "--eval",
+        help="Instead of --data: module:function taking the model, returning a float "
+        "(test) or a dict with test and validation.",
+    ),
     schemes: str = typer.Option(
-        "equal,linear,exp:2", "--schemes", help="Schemes, e.g. equal,linear,exp:0.5,1,2,4,8."
+        "equal,linear,exp:2",
+        "--schemes",
+        help="Schemes, e.g. equal,linear,exp:0.5,1,2,4,8,greedy.",
     ),
     last: int | None = typer.Option(None, "--last", "-n", help="Sweep only the N newest."),
     model: str | None = typer.Option(
         None,
         "--model",
-        help="Architecture for weights-only files: a .keras/.h5 file or module:function.",
+        help="The architecture: module:function returning the model (PyTorch: an "
+        "nn.Module); Keras also takes a .keras/.h5 file. Full Keras models need none.",
     ),
     metric: str = typer.Option(
         "accuracy", "--metric", help="accuracy, loss, or module:function(y_true, y_pred)."
@@ -33,6 +50,19 @@ def sweep_command(
     minimize: bool = typer.Option(
         False, "--minimize", help="Lower metric values are better (automatic for loss)."
     ),
+    recalibrate: Path | None = typer.Option(
+        None,
+        "--recalibrate",
+        help="Training data (.npz x): also score each candidate after recomputing its "
+        "BatchNorm statistics on it; both numbers are reported.",
+    ),
+    device: str | None = typer.Option(
+        None, "--device", help="PyTorch: cpu, cuda, cuda:1... (default: a GPU if there is one)."
+    ),
+    key: str | None = typer.Option(
+        None, "--key", help="PyTorch checkpoint dicts: the key holding the weights."
+    ),
+    batch_size: int = typer.Option(256, "--batch-size", help="Examples per forward pass."),
     json_path: Path | None = typer.Option(None, "--json", help="Write the JSON report here."),
     plot_path: Path | None = typer.Option(None, "--plot", help="Write the PNG plot here."),
     out_model: Path | None = typer.Option(
@@ -45,7 +75,9 @@ def sweep_command(
 ) -> None:
     """Evaluate each member and the average of the n newest for every n and scheme,
     reading each checkpoint once; print the classic lines, a table and the best."""
-    from polyak.keras.evaluation import load_dataset, sweep
+    from polyak.data import import_callable, load_dataset
+    from polyak.discovery import find_checkpoints
+    from polyak.formats import format_of
     from polyak.report import classic_lines, sweep_table, write_json, write_plot
     from polyak.sweep import write_best
 
@@ -53,25 +85,48 @@ def sweep_command(
     for output in outputs:
         if output.exists() and not overwrite:
             raise OutputError(f"output {output}: already exists. Pass --overwrite to replace it.")
-    test = load_dataset(data)
+    if (data is None) == (evaluate is None):
+        raise DataError("give test data with --data, or an evaluation function with --eval.")
+    if evaluate is not None and val is not None:
+        raise DataError(
+            "--val goes with --data; with --eval, return {'test': ..., 'validation': ...} "
+            "from the function instead."
+        )
+    if batch_size < 1:
+        raise DataError(f"--batch-size must be at least 1; received {batch_size}.")
+    test = load_dataset(data) if data is not None else None
     validation = load_dataset(val) if val is not None else None
+    calibration = load_dataset(recalibrate) if recalibrate is not None else None
+    user_evaluate = import_callable(evaluate, "eval") if evaluate is not None else None
+    members = find_checkpoints(paths, last=last)
+    keras_checkpoints = format_of(members[0].path).name in KERAS_FORMATS
     direction = False if minimize else None
 
     def progress(message: str) -> None:
         if error_console.is_terminal:
             error_console.print(f"[dim]{message}[/dim]", end="\r")
 
-    result = sweep(
-        paths,
-        test,
-        validation,
-        schemes=schemes,
-        last=last,
-        model=model,
-        metric=metric,
-        higher_is_better=direction,
-        progress=progress,
-    )
+    common = {
+        "evaluate": user_evaluate,
+        "schemes": schemes,
+        "model": model,
+        "metric": metric,
+        "higher_is_better": direction,
+        "batch_size": batch_size,
+        "recalibrate": calibration,
+        "progress": progress,
+    }
+    checkpoints = [member.path for member in members]
+    if keras_checkpoints:
+        if device is not None or key is not None:
+            raise DataError("--device and --key apply to PyTorch checkpoints, not Keras ones.")
+        from polyak.keras.evaluation import sweep
+
+        result = sweep(checkpoints, test, validation, **common)
+    else:
+        from polyak.torch.evaluation import sweep
+
+        result = sweep(checkpoints, test, validation, device=device, key=key, **common)
     if out_model is not None:
         write_best(result, out_model, overwrite=True)
     if json_path is not None:
@@ -88,8 +143,8 @@ def sweep_command(
     console.print(sweep_table(result))
     if result.selected_on == "test":
         console.print(
-            "Note: the best candidate was chosen on the test data itself (no --val given), "
-            "so its test score is optimistic."
+            "Note: the best candidate was chosen on the test data itself (no validation "
+            "given), so its test score is optimistic."
         )
     for label, path in (("report", json_path), ("plot", plot_path), ("model", out_model)):
         if path is not None:

@@ -1,0 +1,369 @@
+"""Evaluating PyTorch checkpoints: one reused module, data or a user function, a sweep.
+
+One ``nn.Module`` serves every candidate of a sweep: each candidate's tensors are
+loaded with ``load_state_dict`` (every parameter and buffer must be given: missing
+or unexpected names are an error, except ``_extra_state`` entries, which are not
+tensors), then the module is scored. No module is built per candidate.
+
+Scoring, either:
+
+- on data (``x``, ``y`` from ``.npz`` or memory): the module in eval mode predicts
+  ``module(x_batch)`` under ``torch.no_grad()``; ``accuracy`` takes the argmax of the
+  outputs (logits or probabilities alike); ``loss`` is the cross-entropy of the
+  outputs taken as logits (``y`` as class indices or one-hot; binary cross-entropy
+  for one output); lower is better. Floating ``x`` is cast to the module's
+  floating dtype;
+- or with the user's ``evaluate(module)``, returning a float or
+  ``{"test": ..., "validation": ...}``.
+
+BatchNorm recalibration (``recalibrate``): each candidate is also scored after
+:func:`polyak.torch.batchnorm.recalibrate_batchnorm` on the given data (its ``x`` in
+batches) or after the user's ``recalibrate(module)``; the sweep reports both numbers.
+
+The module runs on ``device``: by default CUDA when torch sees a GPU, else the CPU.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from polyak.averaging import open_members
+from polyak.data import (
+    Dataset,
+    as_dataset,
+    check_data_or_evaluate,
+    import_callable,
+    resolve_metric,
+)
+from polyak.discovery import find_checkpoints
+from polyak.errors import CheckpointError, DataError, require
+from polyak.schemes import Scheme, parse_schemes
+from polyak.sweep import SweepResult, run_sweep
+
+torch = require("torch", "torch", "polyak.torch")
+
+__all__ = [
+    "TorchEvaluator",
+    "default_device",
+    "load_tensors",
+    "module_tensors",
+    "resolve_module",
+    "sweep",
+]
+
+_MAX_LISTED_NAMES = 5
+Recalibrate = Dataset | tuple | str | Path | Callable[[Any], None]
+
+
+def default_device() -> str:
+    """``"cuda"`` when torch sees a GPU, else ``"cpu"``."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_module(model: Any) -> Any:
+    """The ``nn.Module`` to evaluate checkpoints with.
+
+    Args:
+        model: an ``nn.Module``, a callable returning one, or a factory
+            ``"module:function"`` importable from the working directory.
+
+    Raises:
+        DataError: the spec cannot be imported or does not give an ``nn.Module``.
+    """
+    if isinstance(model, torch.nn.Module):
+        return model
+    if model is None:
+        raise DataError(
+            "PyTorch checkpoints hold weights only: give the architecture with --model "
+            "module:function (a function returning the nn.Module)."
+        )
+    factory = import_callable(model, "model") if isinstance(model, str) else model
+    if not callable(factory):
+        raise DataError(f"model {model!r}: expected an nn.Module, a callable or 'module:function'.")
+    built = factory()
+    if not isinstance(built, torch.nn.Module):
+        raise DataError(
+            f"model {model}: the factory returned {type(built).__name__}, not a torch.nn.Module."
+        )
+    return built
+
+
+def _as_torch(array: np.ndarray) -> Any:
+    """A torch tensor sharing the array's memory where torch allows it (bfloat16 too)."""
+    with warnings.catch_warnings():
+        # Memory-mapped, read-only arrays: load_state_dict only reads them.
+        warnings.simplefilter("ignore", UserWarning)
+        if array.dtype == ml_dtypes.bfloat16:
+            return torch.from_numpy(np.ascontiguousarray(array).view(np.int16)).view(torch.bfloat16)
+        return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def _to_numpy(tensor: Any) -> np.ndarray:
+    tensor = tensor.detach().cpu()
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return tensor.numpy()
+
+
+def load_tensors(
+    module: Any, tensors: Mapping[str, np.ndarray], source: str = "checkpoint"
+) -> None:
+    """Load numpy tensors into a module's parameters and buffers, all of them.
+
+    Raises:
+        CheckpointError: names the module lacks or the tensors lack (``_extra_state``
+            aside), or shapes that differ, listing the first few.
+    """
+    state = {name: _as_torch(array) for name, array in tensors.items()}
+    try:
+        outcome = module.load_state_dict(state, strict=False)
+    except RuntimeError as error:
+        reason = str(error).replace("\n", " ").replace("\t", "")
+        raise CheckpointError(f"{source}: does not fit the model ({reason[:400]}).") from None
+    missing = [name for name in outcome.missing_keys if not name.endswith("_extra_state")]
+    unexpected = list(outcome.unexpected_keys)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"the model's {', '.join(missing[:_MAX_LISTED_NAMES])} are missing")
+        if unexpected:
+            parts.append(f"{', '.join(unexpected[:_MAX_LISTED_NAMES])} are not in the model")
+        raise CheckpointError(
+            f"{source}: does not fit the model: {'; '.join(parts)} "
+            f"({len(missing)} missing, {len(unexpected)} unexpected). Give the architecture "
+            "the checkpoints were saved from."
+        )
+
+
+def module_tensors(module: Any, names: Sequence[str], like: Mapping[str, np.ndarray]) -> dict:
+    """The module's current values of ``names``, as numpy in the dtypes of ``like``."""
+    state = module.state_dict()
+    return {name: _to_numpy(state[name]).astype(like[name].dtype, copy=False) for name in names}
+
+
+class TorchEvaluator:
+    """``evaluate(tensors)`` on one reused ``nn.Module``: data and a metric, or a function.
+
+    Args:
+        module: the model, moved to ``device`` once.
+        test: test data (with ``metric``), or None with ``evaluate``.
+        validation: validation data, optional.
+        metric: ``"accuracy"``, ``"loss"``, ``(y_true, y_pred) -> float`` or
+            ``"module:function"``.
+        evaluate: instead of data, ``evaluate(module)`` returning a float or
+            ``{"test": ..., "validation": ...}``.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; default: a GPU if there is one.
+        batch_size: examples per forward pass.
+        recalibrate: also score each candidate after BatchNorm recalibration on this
+            data (its ``x``) or by this callable ``recalibrate(module)``.
+    """
+
+    def __init__(
+        self,
+        module: Any,
+        *,
+        test: Dataset | None = None,
+        validation: Dataset | None = None,
+        metric: str | Callable = "accuracy",
+        evaluate: Callable[[Any], Any] | None = None,
+        device: str | None = None,
+        batch_size: int = 256,
+        recalibrate: Recalibrate | None = None,
+    ) -> None:
+        if batch_size < 1:
+            raise DataError(f"batch_size must be at least 1; received {batch_size}.")
+        self.device = torch.device(device or default_device())
+        self.module = module.to(self.device)
+        self.evaluate = evaluate
+        self.splits = (
+            {"test": test} if validation is None else {"test": test, "validation": validation}
+        )
+        self.metric, self._function, self.higher_is_better = resolve_metric(metric)
+        self.batch_size = batch_size
+        self._recalibrate = self._recalibration(recalibrate)
+        self.evaluations = 0
+
+    def _recalibration(self, recalibrate: Recalibrate | None) -> Callable[[Any], None] | None:
+        if recalibrate is None:
+            return None
+        if callable(recalibrate) and not isinstance(recalibrate, (Dataset, tuple)):
+            return recalibrate
+        from polyak.torch.batchnorm import recalibrate_batchnorm
+
+        data = as_dataset(recalibrate, "recalibration")
+        return lambda module: recalibrate_batchnorm(module, self._batches(data.x))
+
+    def _inputs(self, x: np.ndarray) -> Any:
+        tensor = torch.from_numpy(np.ascontiguousarray(x))
+        if tensor.is_floating_point():
+            floating = [p for p in self.module.parameters() if p.is_floating_point()]
+            if floating:
+                tensor = tensor.to(floating[0].dtype)
+        return tensor.to(self.device)
+
+    def _batches(self, x: np.ndarray) -> Iterator[Any]:
+        for start in range(0, len(x), self.batch_size):
+            yield self._inputs(x[start : start + self.batch_size])
+
+    def predict(self, data: Dataset) -> np.ndarray:
+        """The module's outputs on ``data.x``, in eval mode, as numpy."""
+        was_training = self.module.training
+        self.module.eval()
+        outputs = []
+        try:
+            with torch.no_grad():
+                for batch in self._batches(data.x):
+                    output = self.module(batch)
+                    if not isinstance(output, torch.Tensor):
+                        raise DataError(
+                            f"data {data.name}: the model returns {type(output).__name__}, not "
+                            "a tensor; score it with your own --eval module:function."
+                        )
+                    outputs.append(_to_numpy(output.float()))
+        except DataError:
+            raise
+        except Exception as error:  # torch raises many types for inputs a model cannot take
+            raise DataError(
+                f"data {data.name}: the model cannot predict on it ({str(error).splitlines()[0]})."
+            ) from None
+        finally:
+            self.module.train(was_training)
+        return np.concatenate(outputs)
+
+    def _loss(self, y: np.ndarray, outputs: np.ndarray) -> float:
+        logits = torch.from_numpy(outputs).double()
+        if logits.ndim == 1 or logits.shape[-1] == 1:
+            target = torch.from_numpy(np.asarray(y, dtype=np.float64).reshape(logits.shape))
+            return float(torch.nn.functional.binary_cross_entropy_with_logits(logits, target))
+        if y.ndim > 1 and y.shape[-1] > 1:
+            target = torch.from_numpy(np.asarray(y, dtype=np.float64))
+        else:
+            target = torch.from_numpy(np.asarray(y).reshape(-1).astype(np.int64))
+        return float(torch.nn.functional.cross_entropy(logits, target))
+
+    def _scores(self) -> float | dict[str, float]:
+        if self.evaluate is not None:
+            return self.evaluate(self.module)
+        scores = {}
+        for split, data in self.splits.items():
+            outputs = self.predict(data)
+            if self._function is None:
+                scores[split] = self._loss(data.y, outputs)
+            else:
+                scores[split] = float(self._function(data.y, outputs))
+        return scores
+
+    def __call__(self, tensors: Mapping[str, np.ndarray]) -> float | dict[str, Any]:
+        load_tensors(self.module, tensors)
+        self.evaluations += 1
+        plain = self._scores()
+        if self._recalibrate is None:
+            return plain
+        self._recalibrate(self.module)
+        recalibrated = self._scores()
+        result = dict(plain) if isinstance(plain, Mapping) else {"test": float(plain)}
+        result["recalibrated"] = (
+            dict(recalibrated) if isinstance(recalibrated, Mapping) else {"test": recalibrated}
+        )
+        return result
+
+    def recalibrated_tensors(self, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``tensors`` with the BatchNorm statistics recalibrated, for writing the best out."""
+        if self._recalibrate is None:
+            return dict(tensors)
+        load_tensors(self.module, tensors)
+        self._recalibrate(self.module)
+        return module_tensors(self.module, list(tensors), tensors)
+
+
+def sweep(
+    paths: str | Path | Sequence[str | Path],
+    test_data: Dataset | tuple | str | Path | None = None,
+    validation_data: Dataset | tuple | str | Path | None = None,
+    *,
+    model: Any,
+    evaluate: Callable[[Any], float | Mapping[str, float]] | None = None,
+    schemes: str | Sequence[str | Scheme] = "equal,linear,exp:2",
+    last: int | None = None,
+    metric: str | Callable = "accuracy",
+    higher_is_better: bool | None = None,
+    device: str | None = None,
+    batch_size: int = 256,
+    key: str | None = None,
+    recalibrate: Recalibrate | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> SweepResult:
+    """Sweep PyTorch checkpoints: every member and every (scheme, n) average, evaluated.
+
+    Each checkpoint is read once (twice with ``greedy``); one module is reused for
+    every candidate. Give either data (``test_data``, optionally
+    ``validation_data``, and a ``metric``) or your own ``evaluate(module)``.
+
+    Args:
+        paths: ``.pt``/``.pth``/``.bin``/``.ckpt``, safetensors (single or sharded,
+            Hugging Face ``checkpoint-N/`` directories) or ``.npz`` checkpoints.
+        test_data: ``(x, y)``, a Dataset or an ``.npz`` path.
+        validation_data: the same; when given, the best candidate is chosen on it.
+        model: the architecture: an ``nn.Module``, a callable returning one, or
+            ``"module:function"``.
+        evaluate: instead of data, ``evaluate(module) -> float`` or
+            ``-> {"test": float, "validation": float}``, called with the module
+            holding each candidate's weights.
+        schemes: e.g. ``"equal,linear,exp:2"``, ``"exp:0.5,1,2,4,8"``, ``"greedy"``.
+        last: sweep the ``last`` newest checkpoints only.
+        metric: with data: ``"accuracy"``, ``"loss"``, ``(y_true, y_pred) -> float`` or
+            ``"module:function"``; with ``evaluate``: the name for the report.
+        higher_is_better: the metric's direction (default: True, False for loss).
+        device: where the module runs; default a GPU if torch sees one.
+        batch_size: examples per forward pass (and per recalibration batch).
+        key: for checkpoint dicts, the entry holding the weights.
+        recalibrate: also score every candidate after BatchNorm recalibration on
+            this data (``.npz``, ``(x, y)`` or Dataset) or by ``recalibrate(module)``.
+
+    Example:
+        >>> from polyak.torch import sweep
+        >>> result = sweep("run/", "test.npz", "val.npz", model="net:build")  # doctest: +SKIP
+    """
+    check_data_or_evaluate(test_data, validation_data, evaluate)
+    members = find_checkpoints(paths, last=last)
+    parsed = parse_schemes(schemes if isinstance(schemes, str) else [str(s) for s in schemes])
+    test = None if test_data is None else as_dataset(test_data, "test")
+    validation = None if validation_data is None else as_dataset(validation_data, "validation")
+    module = resolve_module(model)
+    evaluator = TorchEvaluator(
+        module,
+        test=test,
+        validation=validation,
+        metric=metric if evaluate is None else "accuracy",
+        evaluate=evaluate,
+        device=device,
+        batch_size=batch_size,
+        recalibrate=recalibrate,
+    )
+    if evaluate is None:
+        name, direction = evaluator.metric, evaluator.higher_is_better
+    else:
+        name = metric if isinstance(metric, str) and metric != "accuracy" else "metric"
+        direction = True
+    if higher_is_better is not None:
+        direction = higher_is_better
+    readers = open_members(members, key)
+    try:
+        return run_sweep(
+            readers,
+            members,
+            parsed,
+            evaluator,
+            metric=name,
+            higher_is_better=direction,
+            progress=progress,
+        )
+    finally:
+        for reader in readers:
+            reader.close()
