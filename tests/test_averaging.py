@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import ml_dtypes
@@ -354,3 +356,169 @@ def test_failed_average_leaves_no_output_and_no_temporary(tmp_path):
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck_0.safetensors", "ck_1.safetensors"]
     assert {p: p.read_bytes() for p in paths} == before
+
+
+# ---------------------------------------------------------------- checkpoint directory output
+
+
+def write_sharded_members(directory: Path, steps: range) -> list[Path]:
+    """Hugging Face-style checkpoint-N/ directories, each in two shards with an index."""
+    rng = np.random.default_rng(7)
+    paths = []
+    for step in steps:
+        checkpoint = directory / f"checkpoint-{step}"
+        checkpoint.mkdir(parents=True)
+        shards = {
+            "model-00001-of-00002.safetensors": {
+                "embed.weight": rng.standard_normal((8, 4)).astype(np.float32),
+                "norm.weight": rng.standard_normal(4).astype(ml_dtypes.bfloat16),
+            },
+            "model-00002-of-00002.safetensors": {
+                "head.weight": rng.standard_normal((4, 3)).astype(np.float16),
+                "norm.num_batches_tracked": np.array(step, np.int64),
+            },
+        }
+        weight_map = {}
+        for shard, tensors in shards.items():
+            save_file(tensors, str(checkpoint / shard), metadata={"format": "pt"})
+            weight_map |= dict.fromkeys(tensors, shard)
+        index = {"metadata": {"total_size": 0}, "weight_map": weight_map}
+        (checkpoint / "model.safetensors.index.json").write_text(json.dumps(index))
+        (checkpoint / "optimizer.pt").write_bytes(b"not read")
+        paths.append(checkpoint)
+    return paths
+
+
+def directory_tensors(directory: Path) -> dict[str, np.ndarray]:
+    with open_checkpoint(directory) as reader:
+        return {name: np.array(reader.read(name)) for name in reader.names()}
+
+
+def same_bits(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
+    return list(a) == list(b) and all(
+        a[n].dtype == b[n].dtype and a[n].shape == b[n].shape and a[n].tobytes() == b[n].tobytes()
+        for n in a
+    )
+
+
+def test_sharded_inputs_average_into_the_same_shards(tmp_path):
+    write_sharded_members(tmp_path / "run", range(100, 400, 100))
+    single = tmp_path / "single.safetensors"
+    polyak.average_to(tmp_path / "run", single, scheme="linear")
+    out = tmp_path / "averaged"
+    result = polyak.average_to(tmp_path / "run", f"{out}/", scheme="linear")
+    assert (result.output, result.format) == (out, "sharded-safetensors")
+    assert result.files == (
+        out / "model-00001-of-00002.safetensors",
+        out / "model-00002-of-00002.safetensors",
+        out / "model.safetensors.index.json",
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["averaged", "run", "single.safetensors"]
+    newest = json.loads((tmp_path / "run/checkpoint-300/model.safetensors.index.json").read_text())
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert index["weight_map"] == newest["weight_map"]
+    assert index["metadata"] == {"total_size": 8 * 4 * 4 + 4 * 2 + 4 * 3 * 2 + 8}
+    # Bit for bit what the single-file average holds, whatever the container.
+    assert same_bits(directory_tensors(out), load_file(str(single)))
+    assert same_bits(directory_tensors(out), polyak.average(tmp_path / "run", "linear"))
+    assert directory_tensors(out)["norm.num_batches_tracked"] == 300
+
+
+def test_max_shard_size_splits_any_input(tmp_path):
+    write_members(
+        tmp_path,
+        [{f"w{i}": np.full(250, float(s + i), np.float32) for i in range(4)} for s in range(3)],
+    )
+    result = polyak.average_to(tmp_path / "ck_*", tmp_path / "averaged", max_shard_size="2KB")
+    assert [p.name for p in result.files] == [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json",
+    ]
+    assert same_bits(directory_tensors(tmp_path / "averaged"), polyak.average(tmp_path / "ck_*"))
+    # Without a limit, a directory output of unsharded inputs is one model.safetensors.
+    result = polyak.average_to(tmp_path / "ck_*", tmp_path / "one")
+    assert [p.name for p in result.files] == ["model.safetensors"]
+
+
+def test_max_shard_size_refused_for_a_file_output(tmp_path):
+    write_members(tmp_path, [{"w": np.ones(2, np.float32)}] * 2)
+    out = tmp_path / "avg.safetensors"
+    with pytest.raises(
+        OutputError,
+        match=rf"output {re.escape(str(out))}: --max-shard-size splits the output into "
+        r"safetensors shards in a directory, but avg\.safetensors names a single safetensors "
+        rf"file\. Give a directory instead, e\.g\. {re.escape(str(tmp_path / 'avg'))}/",
+    ):
+        polyak.average_to(tmp_path / "ck_*", out, max_shard_size="1MB")
+    with pytest.raises(OutputError, match="max_shard_size must be a size above 0"):
+        polyak.average_to(tmp_path / "ck_*", tmp_path / "averaged", max_shard_size="lots")
+    assert not out.exists() and not (tmp_path / "averaged").exists()
+
+
+def failing_after_first_shard(monkeypatch):
+    """Make the shard writer fail as a full disk would, once the first shard is written."""
+    import polyak.formats.safetensors as module
+
+    real = module._write_tensors
+    written = []
+
+    def write(file, *args, **kwargs):
+        if written:
+            raise OSError(28, "No space left on device")
+        real(file, *args, **kwargs)
+        written.append(file.name)
+
+    monkeypatch.setattr(module, "_write_tensors", write)
+    return written
+
+
+def test_failed_directory_write_leaves_no_output_and_no_temporary(tmp_path, monkeypatch):
+    write_sharded_members(tmp_path / "run", range(100, 300, 100))
+    written = failing_after_first_shard(monkeypatch)
+    out = tmp_path / "averaged"
+    with pytest.raises(
+        OutputError, match=rf"output {re.escape(str(out))}: cannot be written \(No space left"
+    ):
+        polyak.average_to(tmp_path / "run", out)
+    assert len(written) == 1  # the first shard was complete before the failure
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_failed_overwrite_keeps_the_previous_output_directory(tmp_path, monkeypatch):
+    write_sharded_members(tmp_path / "run", range(100, 300, 100))
+    out = tmp_path / "averaged"
+    polyak.average_to(tmp_path / "run", out, scheme="custom:1,0")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    failing_after_first_shard(monkeypatch)
+    with pytest.raises(OutputError, match="No space left"):
+        polyak.average_to(tmp_path / "run", out, overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["averaged", "run"]
+    monkeypatch.undo()
+    polyak.average_to(tmp_path / "run", out, overwrite=True)
+    assert same_bits(directory_tensors(out), polyak.average(tmp_path / "run"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["averaged", "run"]
+
+
+def test_nonfinite_in_a_later_shard_leaves_no_output(tmp_path):
+    paths = write_sharded_members(tmp_path / "run", range(100, 300, 100))
+    shard = paths[0] / "model-00002-of-00002.safetensors"
+    tensors = load_file(str(shard))
+    tensors["head.weight"][0, 0] = np.inf
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    with pytest.raises(NonFiniteError, match="tensor head.weight holds NaN or infinite"):
+        polyak.average_to(tmp_path / "run", tmp_path / "averaged")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_existing_output_directory_needs_overwrite(tmp_path):
+    write_sharded_members(tmp_path / "run", range(100, 300, 100))
+    out = tmp_path / "averaged"
+    polyak.average_to(tmp_path / "run", out)
+    with pytest.raises(OutputError, match=rf"output {re.escape(str(out))}: already exists"):
+        polyak.average_to(tmp_path / "run", out)
+    (out / "config.json").write_text("{}")
+    with pytest.raises(OutputError, match=r"holds config\.json, which polyak did not write"):
+        polyak.average_to(tmp_path / "run", out, overwrite=True)
+    assert (out / "config.json").exists()

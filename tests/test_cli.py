@@ -213,3 +213,110 @@ def test_console_script_error_exit_code(tmp_path):
     assert completed.returncode == 2
     assert completed.stderr.strip().count("\n") == 0
     assert "missing.pt: no such file or directory" in completed.stderr
+
+
+# ---------------------------------------------------------------- checkpoint directory output
+
+
+def test_average_into_a_sharded_directory_then_inspect_it(run_dir, tmp_path, capsys):
+    out_dir = tmp_path / "averaged"
+    code, out, err = run(
+        ["average", str(run_dir), "-o", f"{out_dir}/", "--max-shard-size", "30B", "--json"],
+        capsys,
+    )
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["format"] == "sharded-safetensors"
+    assert report["output"] == str(out_dir)
+    assert [Path(f).name for f in report["files"]] == [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json",
+    ]
+    single = tmp_path / "single.safetensors"
+    assert run(["average", str(run_dir), "-o", str(single)], capsys)[0] == 0
+    merged = {}
+    for shard in sorted(out_dir.glob("*.safetensors")):
+        merged |= load_file(str(shard))
+    assert merged.keys() == load_file(str(single)).keys()
+    for name, array in load_file(str(single)).items():
+        assert merged[name].tobytes() == array.tobytes()
+    code, out, _ = run(["inspect", str(out_dir), "--json"], capsys)
+    assert code == 0
+    row = json.loads(out)["checkpoints"][0]
+    assert (row["format"], row["shards"], row["tensors"]) == ("sharded-safetensors", 2, 2)
+
+
+def test_average_into_a_directory_prints_its_layout(run_dir, tmp_path, capsys):
+    code, out, err = run(["average", str(run_dir), "-o", str(tmp_path / "averaged")], capsys)
+    assert code == 0, err
+    assert "Wrote" in out and "1 file" in out
+    assert [p.name for p in (tmp_path / "averaged").iterdir()] == ["model.safetensors"]
+
+
+@pytest.mark.parametrize(
+    ("output", "arguments", "message"),
+    [
+        (
+            "averaged",
+            ["--max-shard-size", "5 parsecs"],
+            "--max-shard-size must be a size above 0 such as 500MB, 2GB, 1.5GiB or a whole "
+            "number of bytes; received '5 parsecs'.",
+        ),
+        ("averaged", ["--max-shard-size", "0"], "--max-shard-size must be a size above 0"),
+        (
+            "avg.safetensors",
+            ["--max-shard-size", "1GB"],
+            "avg.safetensors: --max-shard-size splits the output into safetensors shards in a "
+            "directory",
+        ),
+        (
+            "averaged/model.safetensors.index.json",
+            [],
+            "model.safetensors.index.json: a shard index is not a checkpoint file of its own. "
+            "Give the directory to write the shards and the index into instead",
+        ),
+    ],
+)
+def test_directory_output_refusals_exit_2(run_dir, tmp_path, capsys, output, arguments, message):
+    (tmp_path / "averaged").mkdir()
+    code, _, err = run(["average", str(run_dir), "-o", str(tmp_path / output), *arguments], capsys)
+    assert code == 2
+    assert message in err
+    assert err.count("\n") == 1 and err.startswith("polyak: error: ")
+    assert list((tmp_path / "averaged").iterdir()) == []
+
+
+def test_existing_output_directory_needs_overwrite(run_dir, tmp_path, capsys):
+    out_dir = tmp_path / "averaged"
+    assert run(["average", str(run_dir), "-o", str(out_dir)], capsys)[0] == 0
+    before = snapshot(out_dir)
+    code, _, err = run(["average", str(run_dir), "-o", str(out_dir), "--last", "2"], capsys)
+    assert code == 2
+    assert f"output {out_dir}: already exists. Pass --overwrite to replace it." in err
+    assert snapshot(out_dir) == before
+    code, _, err = run(
+        ["average", str(run_dir), "-o", str(out_dir), "--last", "2", "--overwrite"], capsys
+    )
+    assert code == 0, err
+    assert snapshot(out_dir) != before
+
+
+def test_output_directory_holding_the_inputs_is_refused(run_dir, capsys):
+    before = snapshot(run_dir)
+    code, _, err = run(["average", str(run_dir), "-o", f"{run_dir}/", "--overwrite"], capsys)
+    assert code == 2
+    assert f"output {run_dir}: holds the input {run_dir}/ckpt_" in err
+    assert "polyak never overwrites an input" in err
+    assert snapshot(run_dir) == before
+
+
+def test_output_inside_an_input_checkpoint_directory_is_refused(tmp_path, capsys):
+    checkpoint = tmp_path / "checkpoint-500"
+    checkpoint.mkdir()
+    save_file({"w": np.ones(2, np.float32)}, str(checkpoint / "model.safetensors"))
+    before = snapshot(checkpoint)
+    code, _, err = run(["average", str(checkpoint), "-o", str(checkpoint / "avg")], capsys)
+    assert code == 2
+    assert f"output {checkpoint / 'avg'}: lies inside the input checkpoint directory" in err
+    assert snapshot(checkpoint) == before

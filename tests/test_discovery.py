@@ -220,6 +220,21 @@ def test_scan_skips_last_ckpt_and_hidden_files(tmp_path: Path) -> None:
     assert names(find_checkpoints(tmp_path)) == ["epoch=2-step=200.ckpt", "epoch=1-step=100.ckpt"]
 
 
+@pytest.mark.parametrize(
+    ("files", "expected"),
+    [
+        (["checkpoint-10.pth.tar", "checkpoint-11.pth.tar", "last.pth.tar", "model_best.pth.tar"],
+         ["checkpoint-11.pth.tar", "checkpoint-10.pth.tar"]),
+        (["checkpoint1.pt", "checkpoint2.pt", "checkpoint_last.pt", "checkpoint_best.pt"],
+         ["checkpoint2.pt", "checkpoint1.pt"]),
+    ],
+)  # fmt: skip
+def test_scan_skips_timm_and_fairseq_copies(tmp_path: Path, files, expected) -> None:
+    touch(tmp_path, *files)
+    assert names(find_checkpoints(tmp_path)) == expected
+    assert names(find_checkpoints(str(tmp_path / "*"))) == expected
+
+
 def test_last_ckpt_given_explicitly_alone(tmp_path: Path) -> None:
     touch(tmp_path, "last.ckpt", "epoch=1-step=100.ckpt")
     found = find_checkpoints(tmp_path / "last.ckpt")

@@ -10,7 +10,12 @@ from pathlib import Path
 import pytest
 
 from polyak.errors import OutputError
-from polyak.files import atomic_output, check_output_path
+from polyak.files import (
+    atomic_directory,
+    atomic_output,
+    check_output_path,
+    is_directory_output,
+)
 
 
 def dead_pid() -> int:
@@ -22,6 +27,22 @@ def dead_pid() -> int:
 
 def leftovers(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir() if ".polyak-tmp-" in p.name)
+
+
+def checkpoint_directory(path: Path, content: bytes = b"old") -> Path:
+    """A directory shaped like a sharded safetensors output (contents are not read)."""
+    path.mkdir()
+    for name in (
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json",
+    ):
+        (path / name).write_bytes(content)
+    return path
+
+
+def contents(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
 
 
 # ---------------------------------------------------------------- atomic_output
@@ -234,13 +255,18 @@ def test_existing_output_without_overwrite(tmp_path: Path) -> None:
     assert out.read_bytes() == b"previous"
 
 
-def test_output_that_is_a_directory(tmp_path: Path) -> None:
+def test_file_output_that_is_a_directory(tmp_path: Path) -> None:
     source = tmp_path / "model_1.pt"
     source.touch()
-    out = tmp_path / "avg"
+    out = tmp_path / "avg.pt"
     out.mkdir()
     with pytest.raises(OutputError, match=rf"output {re.escape(str(out))}: is a directory"):
         check_output_path(out, [source], overwrite=True)
+    # Told explicitly that the output is a file, a suffix-less directory is refused too.
+    other = tmp_path / "avg"
+    other.mkdir()
+    with pytest.raises(OutputError, match="is a directory; give a file name"):
+        check_output_path(other, [source], overwrite=True, directory=False)
 
 
 def test_missing_parent_directory(tmp_path: Path) -> None:
@@ -257,3 +283,225 @@ def test_missing_parent_directory(tmp_path: Path) -> None:
 
 def test_output_error_is_an_os_error() -> None:
     assert issubclass(OutputError, OSError)
+
+
+# ---------------------------------------------------------------- output directories
+
+
+@pytest.mark.parametrize(
+    ("out", "expected"),
+    [
+        ("averaged/", True),
+        ("averaged", True),
+        ("runs/avg.v1/", True),
+        (Path("runs/averaged"), True),
+        (".", True),
+        ("avg.safetensors", False),
+        ("avg.v1", False),
+        (Path("runs/avg.pt"), False),
+        ("avg/model.safetensors.index.json", False),
+    ],
+)
+def test_is_directory_output(out, expected) -> None:
+    assert is_directory_output(out) is expected
+
+
+def test_a_fresh_or_empty_output_directory_is_fine(tmp_path: Path) -> None:
+    source = tmp_path / "model_1.pt"
+    source.touch()
+    check_output_path(tmp_path / "averaged", [source], overwrite=False)
+    (tmp_path / "empty").mkdir()
+    check_output_path(tmp_path / "empty", [source], overwrite=False)
+
+
+def test_existing_output_directory_needs_overwrite(tmp_path: Path) -> None:
+    source = tmp_path / "model_1.pt"
+    source.touch()
+    out = checkpoint_directory(tmp_path / "averaged")
+    with pytest.raises(
+        OutputError,
+        match=rf"output {re.escape(str(out))}: already exists\. Pass --overwrite to replace it",
+    ):
+        check_output_path(out, [source], overwrite=False)
+    check_output_path(out, [source], overwrite=True)
+    (out / "model-00001-of-00002.safetensors").unlink()
+    (out / "model.safetensors").write_bytes(b"x")  # an unsharded checkpoint directory
+    check_output_path(out, [source], overwrite=True)
+
+
+@pytest.mark.parametrize("foreign", ["config.json", "notes/", "run_1.pt"])
+def test_output_directory_with_other_files_is_never_replaced(tmp_path: Path, foreign) -> None:
+    source = tmp_path / "model_1.pt"
+    source.touch()
+    out = checkpoint_directory(tmp_path / "averaged")
+    if foreign.endswith("/"):
+        (out / foreign).mkdir()
+    else:
+        (out / foreign).write_text("{}")
+    with pytest.raises(
+        OutputError,
+        match=rf"output {re.escape(str(out))}: holds {re.escape(foreign)}, which polyak did not "
+        "write; --overwrite replaces the whole directory, so polyak refuses to",
+    ):
+        check_output_path(out, [source], overwrite=True)
+
+
+def test_output_directory_holding_an_input(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    source = run / "model_1.pt"
+    source.touch()
+    with pytest.raises(
+        OutputError,
+        match=rf"output {re.escape(str(run))}: holds the input {re.escape(str(source))}; polyak "
+        "never overwrites an input",
+    ):
+        check_output_path(run, [source], overwrite=True)
+    with pytest.raises(OutputError, match="holds the input"):
+        check_output_path(tmp_path, [source], overwrite=True)
+
+
+def test_output_directory_that_is_a_directory_input(tmp_path: Path) -> None:
+    checkpoint = checkpoint_directory(tmp_path / "checkpoint-500")
+    with pytest.raises(OutputError, match=rf"is the input {re.escape(str(checkpoint))}"):
+        check_output_path(checkpoint, [checkpoint], overwrite=True)
+    link = tmp_path / "averaged"
+    link.symlink_to(checkpoint)
+    with pytest.raises(OutputError, match="is the input"):
+        check_output_path(link, [checkpoint], overwrite=True)
+
+
+@pytest.mark.parametrize("inside", ["averaged", "avg.safetensors"])
+def test_new_output_inside_a_directory_input(tmp_path: Path, inside) -> None:
+    checkpoint = checkpoint_directory(tmp_path / "checkpoint-500")
+    out = checkpoint / inside
+    with pytest.raises(
+        OutputError,
+        match=rf"output {re.escape(str(out))}: lies inside the input checkpoint directory "
+        rf"{re.escape(str(checkpoint))}; polyak never writes into an input",
+    ):
+        check_output_path(out, [checkpoint], overwrite=False)
+
+
+def test_output_directory_that_is_a_symlink_or_a_file(tmp_path: Path) -> None:
+    source = tmp_path / "model_1.pt"
+    source.touch()
+    elsewhere = checkpoint_directory(tmp_path / "elsewhere")
+    link = tmp_path / "averaged"
+    link.symlink_to(elsewhere)
+    with pytest.raises(OutputError, match=rf"output {re.escape(str(link))}: is a symbolic link"):
+        check_output_path(link, [source], overwrite=True)
+    file = tmp_path / "plain"
+    file.write_bytes(b"a file")
+    with pytest.raises(
+        OutputError, match=rf"output {re.escape(str(file))}: is a file, but a path without a suffix"
+    ):
+        check_output_path(file, [source], overwrite=True)
+
+
+def test_output_directory_parent_must_exist(tmp_path: Path) -> None:
+    source = tmp_path / "model_1.pt"
+    source.touch()
+    out = tmp_path / "missing" / "averaged"
+    with pytest.raises(OutputError, match=r"the directory .*missing does not exist"):
+        check_output_path(out, [source], overwrite=False)
+
+
+def test_atomic_directory_renames_on_success(tmp_path: Path) -> None:
+    out = tmp_path / "averaged"
+    with atomic_directory(out) as temporary:
+        assert temporary.parent == tmp_path and temporary.is_dir()
+        assert temporary.name.startswith(f".averaged.polyak-tmp-{os.getpid()}-")
+        (temporary / "model.safetensors").write_bytes(b"new")
+        assert not out.exists()
+    assert contents(out) == {"model.safetensors": b"new"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["averaged"]
+
+
+def test_atomic_directory_fills_an_empty_directory(tmp_path: Path) -> None:
+    out = tmp_path / "averaged"
+    out.mkdir()
+    with atomic_directory(out) as temporary:
+        (temporary / "model.safetensors").write_bytes(b"new")
+    assert contents(out) == {"model.safetensors": b"new"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["averaged"]
+
+
+def test_atomic_directory_replaces_a_previous_output_as_a_whole(tmp_path: Path) -> None:
+    out = checkpoint_directory(tmp_path / "averaged")
+    with atomic_directory(out) as temporary:
+        (temporary / "model.safetensors").write_bytes(b"new")
+        assert contents(out)["model.safetensors.index.json"] == b"old"
+    # No old shard survives beside the new file.
+    assert contents(out) == {"model.safetensors": b"new"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["averaged"]
+
+
+def test_atomic_directory_failure_keeps_the_previous_output(tmp_path: Path) -> None:
+    out = checkpoint_directory(tmp_path / "averaged")
+    before = contents(out)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        with atomic_directory(out) as temporary:
+            (temporary / "model-00001-of-00002.safetensors").write_bytes(b"partial")
+            raise RuntimeError("disk on fire")
+    assert contents(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["averaged"]
+
+
+def test_atomic_directory_failure_leaves_nothing_when_there_was_nothing(tmp_path: Path) -> None:
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_directory(tmp_path / "averaged") as temporary:
+            (temporary / "model-00001-of-00002.safetensors").write_bytes(b"partial")
+            raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_directory_puts_the_old_output_back_if_the_new_cannot_go_in(
+    tmp_path: Path, monkeypatch
+) -> None:
+    out = checkpoint_directory(tmp_path / "averaged")
+    before = contents(out)
+    real_rename = os.rename
+
+    def rename(source, target):
+        if ".polyak-tmp-" in os.fspath(source):
+            raise OSError(28, "No space left on device")
+        return real_rename(source, target)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(
+        OutputError, match=rf"output {re.escape(str(out))}: cannot be written \(No space left"
+    ):
+        with atomic_directory(out) as temporary:
+            (temporary / "model.safetensors").write_bytes(b"new")
+    assert contents(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["averaged"]
+
+
+def test_atomic_directory_refuses_files_that_appeared_meanwhile(tmp_path: Path) -> None:
+    out = checkpoint_directory(tmp_path / "averaged")
+    with pytest.raises(OutputError, match=r"holds config\.json, which polyak did not write"):
+        with atomic_directory(out) as temporary:
+            (temporary / "model.safetensors").write_bytes(b"new")
+            (out / "config.json").write_text("{}")
+    assert "config.json" in contents(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["averaged"]
+
+
+def test_atomic_directory_cleans_stale_leftovers_of_dead_processes(tmp_path: Path) -> None:
+    dead = dead_pid()
+    stale = tmp_path / f".averaged.polyak-tmp-{dead}-abcd"
+    stale.mkdir()
+    (stale / "model-00001-of-00002.safetensors").write_bytes(b"half")
+    live = tmp_path / f".averaged.polyak-tmp-{os.getppid()}-beef"
+    live.mkdir()
+    old = checkpoint_directory(tmp_path / f".averaged.polyak-old-{dead}-abcd")
+    # No output yet: the set-aside old output is the only copy, so it is kept.
+    with atomic_directory(tmp_path / "averaged") as temporary:
+        assert not stale.exists() and live.exists() and old.exists()
+        (temporary / "model.safetensors").write_bytes(b"new")
+    # Now that an output exists, the next write removes the old one.
+    with atomic_directory(tmp_path / "averaged") as temporary:
+        (temporary / "model.safetensors").write_bytes(b"newer")
+    assert not old.exists() and live.exists()
+    assert contents(tmp_path / "averaged") == {"model.safetensors": b"newer"}

@@ -25,9 +25,14 @@ from polyak.formats import (
 )
 from polyak.formats.base import PlannedTensors, TensorInfo
 from polyak.formats.safetensors import (
+    INDEX_NAME,
     SafetensorsReader,
     ShardedSafetensorsReader,
+    parse_size,
+    plan_shards,
+    shard_names,
     write_safetensors,
+    write_sharded_safetensors,
 )
 
 FORMAT = {fmt.name: fmt for fmt in FORMATS}
@@ -699,7 +704,217 @@ def test_unknown_output_suffix_refused() -> None:
     assert issubclass(OutputError, OSError)
 
 
-def test_index_json_output_is_refused(tmp_path: Path) -> None:
-    out = tmp_path / "avg.safetensors.index.json"
-    with pytest.raises(OutputError, match="a shard index is not a checkpoint file of its own"):
+def test_index_json_output_is_refused_naming_the_directory_to_give(tmp_path: Path) -> None:
+    out = tmp_path / "avg" / "model.safetensors.index.json"
+    with pytest.raises(
+        OutputError,
+        match=rf"output {re.escape(str(out))}: a shard index is not a checkpoint file of its "
+        rf"own\. Give the directory to write the shards and the index into instead: "
+        rf"{re.escape(str(out.parent))}/",
+    ):
         format_for_output(out, FORMAT["safetensors"])
+
+
+@pytest.mark.parametrize("output", ["averaged/", "averaged", "runs/avg.v1/", "runs/averaged"])
+@pytest.mark.parametrize("input_name", ["safetensors", "sharded-safetensors", "torch", "keras"])
+def test_directory_output_is_a_safetensors_checkpoint_directory(output, input_name) -> None:
+    assert format_for_output(output, FORMAT[input_name]).name == "sharded-safetensors"
+
+
+def test_unknown_suffix_mentions_directories() -> None:
+    with pytest.raises(OutputError, match=r"or a directory \(a path ending with / or without"):
+        format_for_output("avg.v1", FORMAT["safetensors"])
+
+
+# ---------------------------------------------------------------- writing checkpoint directories
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("500MB", 500_000_000),
+        ("2GB", 2_000_000_000),
+        ("2gb", 2_000_000_000),
+        ("1.5GiB", 3 * 2**29),
+        ("1.5 GiB", 3 * 2**29),
+        ("10KiB", 10_240),
+        ("1TB", 10**12),
+        ("0.5KB", 500),
+        ("4096", 4096),
+        ("4096B", 4096),
+        (" 7 ", 7),
+        (4096, 4096),
+        ("1.0000001KB", 1000),  # fractions of a byte are dropped
+    ],
+)
+def test_parse_size(text, expected) -> None:
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text", ["", "GB", "5 parsecs", "-1GB", "0", "0MB", "1.5", "1.5B", "1e9", "2 G B", 0, -5, True]
+)
+def test_parse_size_refuses_what_is_not_a_size(text) -> None:
+    with pytest.raises(
+        OutputError,
+        match=rf"--max-shard-size must be a size above 0 such as 500MB, 2GB, 1\.5GiB or a whole "
+        rf"number of bytes; received {re.escape(repr(text))}\.",
+    ):
+        parse_size(text, source="--max-shard-size")
+
+
+def infos_of(sizes: list[int]) -> list[tuple[str, TensorInfo]]:
+    """Planned uint8 tensors of the given byte sizes, named t0, t1, ..."""
+    return [(f"t{i}", TensorInfo((size,), "uint8")) for i, size in enumerate(sizes)]
+
+
+def grouped(shards) -> list[list[str]]:
+    return [[name for name, _ in shard] for shard in shards]
+
+
+def test_plan_shards_by_size_keeps_order_and_isolates_large_tensors() -> None:
+    infos = infos_of([400, 400, 300, 50, 2000, 10, 1000, 0, 1])
+    assert grouped(plan_shards(infos, 1000)) == [
+        ["t0", "t1"],  # 800; t2 would make 1100
+        ["t2", "t3"],  # 350; t4 alone is over the limit
+        ["t4"],
+        ["t5"],  # 10; t6 would make 1010
+        ["t6", "t7"],  # exactly the limit, and an empty tensor adds nothing
+        ["t8"],
+    ]
+    assert grouped(plan_shards(infos, 10**9)) == [[name for name, _ in infos]]
+    assert grouped(plan_shards(infos, 1)) == [
+        ["t0"],
+        ["t1"],
+        ["t2"],
+        ["t3"],
+        ["t4"],
+        ["t5"],
+        ["t6"],
+        ["t7", "t8"],
+    ]
+
+
+def test_plan_shards_by_key_and_unsplit() -> None:
+    infos = infos_of([1, 1, 1, 1])
+    key = {"t0": "a", "t1": "a", "t2": "b", "t3": "a"}.get
+    assert grouped(plan_shards(infos, None, key)) == [["t0", "t1"], ["t2"], ["t3"]]
+    assert grouped(plan_shards(infos)) == [["t0", "t1", "t2", "t3"]]
+
+
+def test_shard_names_follow_hugging_face() -> None:
+    assert shard_names(1) == ["model.safetensors"]
+    assert shard_names(3) == [
+        "model-00001-of-00003.safetensors",
+        "model-00002-of-00003.safetensors",
+        "model-00003-of-00003.safetensors",
+    ]
+
+
+class OneAtATime:
+    """Yields copies of planned tensors through one reused buffer, as the engine does."""
+
+    def __init__(self, tensors: dict[str, np.ndarray]) -> None:
+        self.tensors = tensors
+
+    def planned(self) -> PlannedTensors:
+        infos = PlannedTensors.from_arrays(self.tensors.items()).infos
+        largest = max(array.nbytes for array in self.tensors.values())
+        buffer = np.empty(largest, np.uint8)
+
+        def generate():
+            for name, array in self.tensors.items():
+                view = buffer[: array.nbytes].view(array.dtype).reshape(array.shape)
+                view[...] = array
+                yield name, view
+                buffer[:] = 0xFF  # anything kept past the next request would now be garbage
+
+        return PlannedTensors(infos, generate())
+
+
+def test_sharded_writer_streams_shards_and_index(tmp_path: Path) -> None:
+    tensors = sample_tensors()
+    source = OneAtATime(tensors)
+    files = write_sharded_safetensors(tmp_path, source.planned(), None, max_shard_size=40)
+    assert files[-1] == INDEX_NAME and all(f.startswith("model-0000") for f in files[:-1])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(files)
+    index = json.loads((tmp_path / INDEX_NAME).read_text())
+    assert set(index) == {"metadata", "weight_map"}
+    assert index["metadata"] == {"total_size": sum(a.nbytes for a in tensors.values())}
+    assert list(index["weight_map"]) == list(tensors)  # in output order
+    assert set(index["weight_map"].values()) == set(files[:-1])
+    for shard in files[:-1]:
+        data = (tmp_path / shard).read_bytes()
+        assert int.from_bytes(data[:8], "little") % 8 == 0
+        loaded = load_file(tmp_path / shard)  # the safetensors package reads each shard
+        assert sorted(loaded) == sorted(n for n, f in index["weight_map"].items() if f == shard)
+        payload = sum(array.nbytes for array in loaded.values())
+        assert payload <= 40 or len(loaded) == 1
+        for name, array in loaded.items():
+            assert_same(array, tensors[name])
+    with ShardedSafetensorsReader(tmp_path / INDEX_NAME) as reader:
+        assert reader.names() == list(tensors)
+        for name, expected in tensors.items():
+            assert_same(reader.read(name), expected)
+
+
+def test_sharded_writer_one_shard_is_model_safetensors(tmp_path: Path) -> None:
+    tensors = sample_tensors()
+    files = write_sharded_safetensors(tmp_path, tensors.items(), None, max_shard_size="1GB")
+    assert files == ["model.safetensors"]
+    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
+    loaded = load_file(tmp_path / "model.safetensors")
+    for name, expected in tensors.items():
+        assert_same(loaded[name], expected)
+
+
+def test_sharded_writer_copies_the_templates_layout_and_metadata(tmp_path: Path) -> None:
+    tensors = write_sharded(tmp_path / "checkpoint-500")
+    out = tmp_path / "out"
+    out.mkdir()
+    with open_checkpoint(tmp_path / "checkpoint-500") as template:
+        assert template.shard_metadata == {"format": "pt"}
+        files = write_sharded_safetensors(out, template.items(), template)
+        layout = {name: template.shard_of(name).name for name in template.names()}
+    assert files == [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        INDEX_NAME,
+    ]
+    index = json.loads((out / INDEX_NAME).read_text())
+    assert index["weight_map"] == layout
+    for shard in files[:-1]:
+        with safe_open(out / shard, framework="numpy") as opened:
+            assert opened.metadata() == {"format": "pt"}
+    with open_checkpoint(out) as reader:
+        for name, expected in tensors.items():
+            assert_same(reader.read(name), expected)
+    # A size limit replaces the template's layout.
+    again = tmp_path / "again"
+    again.mkdir()
+    with open_checkpoint(tmp_path / "checkpoint-500") as template:
+        assert write_sharded_safetensors(again, template.items(), template, max_shard_size=1) == [
+            *shard_names(4),
+            INDEX_NAME,
+        ]
+
+
+def test_single_file_from_a_sharded_template_keeps_the_shards_metadata(tmp_path: Path) -> None:
+    write_sharded(tmp_path / "checkpoint-500")
+    with open_checkpoint(tmp_path / "checkpoint-500") as template:
+        write_safetensors(tmp_path / "one.safetensors", template.items(), template)
+    with safe_open(tmp_path / "one.safetensors", framework="numpy") as opened:
+        assert opened.metadata() == {"format": "pt"}
+
+
+def test_sharded_writer_refuses_tensors_that_differ_from_the_plan(tmp_path: Path) -> None:
+    infos = [("a", TensorInfo((2,), "float32")), ("b", TensorInfo((2,), "float32"))]
+    two = np.zeros(2, np.float32)
+    with pytest.raises(ValueError, match="tensor b: was planned but never given"):
+        write_sharded_safetensors(tmp_path, PlannedTensors(infos, [("a", two)]), None)
+    with pytest.raises(ValueError, match="tensor c: was given but not planned"):
+        write_sharded_safetensors(
+            tmp_path, PlannedTensors(infos, [("a", two), ("b", two), ("c", two)]), None
+        )
+    with pytest.raises(ValueError, match="tensor x: does not match the planned a"):
+        write_sharded_safetensors(tmp_path, PlannedTensors(infos, [("x", two)]), None)

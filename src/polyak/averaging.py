@@ -44,7 +44,7 @@ from polyak.errors import (
     PolyakError,
     SchemeError,
 )
-from polyak.files import atomic_output, check_output_path
+from polyak.files import atomic_directory, atomic_output, check_output_path, is_directory_output
 from polyak.formats import Format, format_for_output, format_of, open_checkpoint
 from polyak.formats.base import (
     CheckpointReader,
@@ -53,6 +53,7 @@ from polyak.formats.base import (
     is_floating,
     numpy_dtype,
 )
+from polyak.formats.safetensors import parse_size
 from polyak.schemes import Scheme, normalize, parse_scheme
 
 __all__ = [
@@ -80,11 +81,13 @@ class AverageResult:
         members: the checkpoints averaged, newest first.
         weights: their normalized weights, newest first.
         scheme: the spec of the scheme that gave the weights.
-        output: the file written, or None.
+        output: the file or directory written, or None.
         format: the output's format name, or None.
         tensors: number of tensors in the result.
         averaged: number of floating tensors averaged (the rest were carried over).
         parameters: number of elements in all tensors.
+        files: the files written: ``output`` itself, or for an output directory its
+            shards and index.
     """
 
     members: list[Checkpoint]
@@ -95,6 +98,7 @@ class AverageResult:
     tensors: int
     averaged: int
     parameters: int
+    files: tuple[Path, ...] = ()
 
 
 def check_compatible(readers: Sequence[CheckpointReader]) -> list[tuple[str, TensorInfo]]:
@@ -304,17 +308,59 @@ def open_members(members: list[Checkpoint], key: str | None) -> list[CheckpointR
     return readers
 
 
+def _shards_need_a_directory(out: Path, output_format: Format) -> OutputError:
+    return OutputError(
+        f"output {out}: --max-shard-size splits the output into safetensors shards in a "
+        f"directory, but {out.name} names a single {output_format.name} file. Give a "
+        f"directory instead, e.g. {out.parent / out.name.split('.')[0]}/"
+    )
+
+
 def write_output(
-    out: Path, tensors: PlannedTensors, template: CheckpointReader, output_format: Format
-) -> None:
+    out: Path,
+    tensors: PlannedTensors,
+    template: CheckpointReader,
+    output_format: Format,
+    *,
+    max_shard_size: int | str | None = None,
+) -> list[Path]:
     """Write tensors atomically to ``out`` in ``output_format``, copying ``template``'s container.
 
-    File-system failures become ``OutputError`` naming ``out``; on any failure ``out``
-    is left as it was.
+    A ``sharded-safetensors`` output is a directory: its shards and index are written
+    into a temporary directory that is renamed to ``out`` once complete
+    (:func:`polyak.files.atomic_directory`). Every other format is one file, written
+    to a temporary file and renamed (:func:`polyak.files.atomic_output`).
+
+    Args:
+        out: the output file or directory.
+        tensors: the planned tensors, streamed once.
+        template: the member whose container (or shard layout) the output copies.
+        output_format: from :func:`polyak.formats.format_for_output`.
+        max_shard_size: for an output directory, the most bytes of tensor data per
+            shard (an int or a string such as ``"2GB"``); by default the template's
+            shard layout, or one shard.
+
+    Returns:
+        The files written: ``[out]``, or the shards and the index inside ``out``.
+
+    Raises:
+        OutputError: ``max_shard_size`` for a single-file output, or a file-system
+            failure, naming ``out``; on any failure ``out`` is left as it was.
     """
+    out = Path(out)
+    directory = output_format.name == "sharded-safetensors"
+    if max_shard_size is not None and not directory:
+        raise _shards_need_a_directory(out, output_format)
     try:
+        if directory:
+            with atomic_directory(out) as temporary:
+                names = output_format.write(
+                    temporary, tensors, template, max_shard_size=max_shard_size
+                )
+            return [out / name for name in names]
         with atomic_output(out) as temporary:
             output_format.write(temporary, tensors, template)
+        return [out]
     except PolyakError:
         raise
     except OSError as error:
@@ -372,33 +418,54 @@ def average_to(
     integers: str = "newest",
     allow_nonfinite: bool = False,
     key: str | None = None,
+    max_shard_size: int | str | None = None,
     progress: Callable[[int], None] | None = None,
     on_start: Callable[[list[Checkpoint], np.ndarray, int], None] | None = None,
 ) -> AverageResult:
-    """Average checkpoints into one file, written atomically.
+    """Average checkpoints into one file or checkpoint directory, written atomically.
 
     The output's suffix chooses its format; by default use the inputs' suffix to keep
     their container (a ``.keras`` or legacy ``.h5`` keeps its architecture, a
     Lightning ``.ckpt`` its other entries). Optimizer state is never averaged: Keras
     containers keep the newest member's, torch checkpoint dicts drop it.
 
+    An ``out`` that ends with ``/`` or has no suffix (``"averaged/"``) is a safetensors
+    checkpoint directory in Hugging Face's layout: shards
+    ``model-0000i-of-0000K.safetensors`` with ``model.safetensors.index.json``, or one
+    ``model.safetensors``. Its shards are cut at ``max_shard_size`` if given, else
+    exactly as the newest member's shards when it is sharded, else not at all.
+
     Args:
         paths, scheme, last, integers, allow_nonfinite, key: as for :func:`average`.
-        out: the file to write; must not be one of the inputs.
-        overwrite: replace ``out`` if it exists.
+        out: the file or directory to write; must not be one of the inputs, lie
+            inside one, or (a directory) hold one.
+        overwrite: replace ``out`` if it exists (a directory only if it holds nothing
+            but a safetensors checkpoint).
+        max_shard_size: for an output directory, the most bytes of tensor data per
+            shard: an int or ``"500MB"``, ``"2GB"``, ``"1.5GiB"``; a tensor larger than
+            that gets a shard of its own. Refused for a single-file output.
         progress: called with the number of input bytes processed after each tensor.
         on_start: called once with the members, their weights and the total bytes to
             process, before any tensor is read.
 
     Returns:
         An :class:`AverageResult` describing the members, weights and output.
+
+    Example:
+        >>> polyak.average_to("run/", "averaged/", max_shard_size="2GB")  # doctest: +SKIP
     """
-    out = Path(out)
+    requested, out = out, Path(out)
+    directory = is_directory_output(requested)
+    limit = None if max_shard_size is None else parse_size(max_shard_size)
     members = find_checkpoints(paths, last=last)
     parsed, weights = _weights_for(scheme, len(members))
-    check_output_path(out, [member.path for member in members], overwrite=overwrite)
     input_format = format_of(members[0].path)
-    output_format = format_for_output(out, input_format)
+    output_format = format_for_output(requested, input_format)
+    if limit is not None and output_format.name != "sharded-safetensors":
+        raise _shards_need_a_directory(out, output_format)
+    check_output_path(
+        out, [member.path for member in members], overwrite=overwrite, directory=directory
+    )
     readers = open_members(members, key)
     try:
         tensors = average_readers(
@@ -414,7 +481,7 @@ def average_to(
                 for _, info in tensors.infos
             )
             on_start(members, weights, total)
-        write_output(out, tensors, readers[0], output_format)
+        files = write_output(out, tensors, readers[0], output_format, max_shard_size=limit)
     finally:
         for reader in readers:
             reader.close()
@@ -428,4 +495,5 @@ def average_to(
         tensors=len(tensors.infos),
         averaged=len(floating),
         parameters=sum(info.size for _, info in tensors.infos),
+        files=tuple(files),
     )

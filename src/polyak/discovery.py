@@ -13,8 +13,10 @@ What counts as a checkpoint:
   ``model.safetensors.index.json``, ``pytorch_model.bin``); the other files beside it
   (optimizer, scheduler) are ignored;
 - inside a directory given on the command line: every such file and directory.
-  Lightning's ``last.ckpt`` is a copy of another snapshot, not a step of its own,
-  so directory scans and globs skip it; name it explicitly to use it.
+  Copies of another snapshot are not steps of their own, so directory scans and
+  globs skip them: Lightning's ``last.ckpt``, timm's ``last.pth.tar`` and
+  ``model_best.pth.tar``, fairseq's ``checkpoint_last.pt`` and
+  ``checkpoint_best.pt``. Name one explicitly to use it.
 - inside a snapshot directory, one holding a ``polyak-manifest.json`` written by
   ``polyak.snapshots``: exactly the files the manifest lists, not a scan, so files
   a crash left behind are ignored. A listed file that is missing is an error.
@@ -40,7 +42,14 @@ _NAMED = re.compile(r"(epoch|step)[=_-]?(\d+)", re.IGNORECASE)
 # Lightning appends -v1, -v2 when a file name is taken: the same step saved again.
 _VERSION_SUFFIX = re.compile(r"-v\d+$")
 _SHARD = re.compile(r"-\d+-of-\d+$")
-_SKIPPED_IN_SCANS = {"last.ckpt"}
+# Copies of another snapshot (Lightning, timm, fairseq), not steps of their own.
+_SKIPPED_IN_SCANS = {
+    "last.ckpt",
+    "last.pth.tar",
+    "model_best.pth.tar",
+    "checkpoint_last.pt",
+    "checkpoint_best.pt",
+}
 _GLOB_CHARACTERS = set("*?[")
 
 

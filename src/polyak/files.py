@@ -1,10 +1,28 @@
 """Writing outputs atomically, and refusing to write over an input.
 
-An output is written to a temporary file in its target directory, flushed and
+An output file is written to a temporary file in its target directory, flushed and
 fsynced, then renamed over the final name: an interrupted run leaves either no file
 or the previous one under that name, never a partial one. Temporary files are named
 ``.NAME.polyak-tmp-PID-RANDOM``; one left by a killed process is removed by the next
 write to the same output.
+
+An output directory (a safetensors checkpoint directory: shards and their index) is
+written the same way as a whole: every file goes into a temporary directory
+``.NAME.polyak-tmp-PID-RANDOM/`` beside the target, each file and the directory are
+fsynced, and the directory is renamed to ``NAME``. Replacing an existing output
+directory (``--overwrite``) takes two renames, since POSIX cannot swap two
+directories in one: the old one is renamed aside to ``.NAME.polyak-old-PID-RANDOM``,
+the new one renamed in, then the old one deleted. If the second rename fails, the
+old directory is renamed back. A process killed between the two renames leaves no
+``NAME`` at all, never a partial one, with the old output kept under its
+``.polyak-old-`` name; the next write to ``NAME`` deletes such a leftover only once a
+new ``NAME`` exists. polyak only ever replaces a directory that holds nothing but a
+safetensors checkpoint (``model.safetensors``, ``model-00001-of-0000K.safetensors``
+shards, ``model.safetensors.index.json``); any other file in it is refused, never
+deleted.
+
+Which outputs are directories: a path that ends with ``/`` or has no suffix at all
+(``averaged/``, ``averaged``), see :func:`is_directory_output`.
 """
 
 from __future__ import annotations
@@ -12,15 +30,30 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+import re
 import secrets
+import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from polyak.errors import OutputError
 
-__all__ = ["atomic_output", "check_output_path"]
+__all__ = [
+    "CHECKPOINT_DIRECTORY_FILES",
+    "atomic_directory",
+    "atomic_output",
+    "check_output_path",
+    "is_directory_output",
+]
 
 _TEMP_MARK = ".polyak-tmp-"
+_OLD_MARK = ".polyak-old-"
+# The files of a safetensors checkpoint directory, as polyak and Hugging Face write it;
+# an output directory holding anything else is never replaced.
+CHECKPOINT_DIRECTORY_FILES = re.compile(
+    r"model\.safetensors|model\.safetensors\.index\.json|model-\d+-of-\d+\.safetensors"
+)
+_MAX_LISTED_FILES = 3
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -30,12 +63,66 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def check_output_path(out: Path, inputs: Iterable[Path], *, overwrite: bool) -> None:
+def is_directory_output(out: str | Path) -> bool:
+    """Whether ``out`` names an output directory rather than a file.
+
+    A path that ends with a separator (``"averaged/"``) or whose name has no suffix
+    (``"averaged"``) is a directory; ``"averaged.safetensors"`` is a file.
+
+    Example:
+        >>> is_directory_output("averaged/"), is_directory_output("avg.pt")
+        (True, False)
+    """
+    text = os.fspath(out)
+    if text.endswith(("/", os.sep)):
+        return True
+    return Path(text).suffix == ""
+
+
+def _is_within(path: Path, directory: Path) -> bool:
+    """Whether ``path`` is ``directory`` or lies inside it, links resolved."""
+    return path.resolve().is_relative_to(directory.resolve())
+
+
+def _foreign_entries(directory: Path) -> list[str]:
+    """Names in ``directory`` that are not files of a safetensors checkpoint."""
+    foreign = []
+    for entry in sorted(directory.iterdir()):
+        is_file = entry.is_file() and not entry.is_symlink()
+        if not (is_file and CHECKPOINT_DIRECTORY_FILES.fullmatch(entry.name)):
+            foreign.append(entry.name + ("/" if entry.is_dir() else ""))
+    return foreign
+
+
+def _listed(names: list[str]) -> str:
+    shown = ", ".join(names[:_MAX_LISTED_FILES])
+    more = len(names) - _MAX_LISTED_FILES
+    return shown + (f" and {more} more" if more > 0 else "")
+
+
+def check_output_path(
+    out: Path, inputs: Iterable[Path], *, overwrite: bool, directory: bool | None = None
+) -> None:
     """Refuse an output that is one of the inputs (also via a link), or exists unasked.
 
+    Args:
+        out: the output file or directory.
+        inputs: the checkpoints read (files, or directories such as ``checkpoint-500/``).
+        overwrite: whether an existing output may be replaced.
+        directory: whether ``out`` is an output directory; by default
+            :func:`is_directory_output` decides.
+
     Raises:
-        OutputError: naming the output and, where it is one, the input it would replace.
+        OutputError: naming the output and, where it is one, the input it would replace:
+            the output is an input, lies inside a directory input, or (a directory)
+            holds an input; it exists and ``overwrite`` is false; a file output is an
+            existing directory; a directory output is a file, a symbolic link, or holds
+            files other than a safetensors checkpoint's; its parent directory is missing.
     """
+    out = Path(out)
+    inputs = [Path(source) for source in inputs]
+    if directory is None:
+        directory = is_directory_output(out)
     for source in inputs:
         candidates = [source, *source.iterdir()] if source.is_dir() else [source]
         for candidate in candidates:
@@ -44,6 +131,14 @@ def check_output_path(out: Path, inputs: Iterable[Path], *, overwrite: bool) -> 
                     f"output {out}: is the input {candidate}; polyak never overwrites an input. "
                     "Choose another output path."
                 )
+        if source.is_dir() and _is_within(out, source):
+            raise OutputError(
+                f"output {out}: lies inside the input checkpoint directory {source}; polyak "
+                "never writes into an input. Choose a path outside it."
+            )
+    if directory:
+        _check_output_directory(out, inputs, overwrite=overwrite)
+        return
     if out.exists() and not overwrite:
         raise OutputError(f"output {out}: already exists. Pass --overwrite to replace it.")
     if out.is_dir():
@@ -52,13 +147,64 @@ def check_output_path(out: Path, inputs: Iterable[Path], *, overwrite: bool) -> 
         raise OutputError(f"output {out}: the directory {out.parent} does not exist.")
 
 
-def _remove_stale_temporaries(out: Path) -> None:
-    prefix = f".{out.name}{_TEMP_MARK}"
+def _check_output_directory(out: Path, inputs: list[Path], *, overwrite: bool) -> None:
+    for source in inputs:
+        if _is_within(source, out):
+            raise OutputError(
+                f"output {out}: holds the input {source}; polyak never overwrites an input. "
+                "Choose another output directory."
+            )
+    if out.is_symlink():
+        raise OutputError(
+            f"output {out}: is a symbolic link; polyak replaces an output directory as a "
+            "whole and will not replace a link. Give the real directory's path."
+        )
+    if out.exists() and not out.is_dir():
+        raise OutputError(
+            f"output {out}: is a file, but a path without a suffix (or ending with /) names "
+            "an output directory. Give the file a suffix (e.g. .safetensors) or choose "
+            "another path."
+        )
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise OutputError(f"output {out}: already exists. Pass --overwrite to replace it.")
+        foreign = _foreign_entries(out)
+        if foreign:
+            raise OutputError(
+                f"output {out}: holds {_listed(foreign)}, which polyak did not write; "
+                "--overwrite replaces the whole directory, so polyak refuses to. Choose "
+                "a new directory, or move those files away."
+            )
+    if not out.parent.is_dir():
+        raise OutputError(f"output {out}: the directory {out.parent} does not exist.")
+
+
+def _stale_entries(out: Path, mark: str) -> Iterator[Path]:
+    """Leftovers ``.NAME{mark}PID-...`` of ``out`` whose process has exited."""
+    prefix = f".{out.name}{mark}"
     for stale in out.parent.glob(glob.escape(prefix) + "*"):
         pid_text = stale.name[len(prefix) :].split("-", 1)[0]
         if pid_text.isdigit() and int(pid_text) != os.getpid() and not _alive(int(pid_text)):
-            with contextlib.suppress(OSError):
-                stale.unlink()
+            yield stale
+
+
+def _remove(path: Path) -> None:
+    """Delete a file or a directory tree, ignoring errors (best-effort cleanup)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    for stale in _stale_entries(out, _TEMP_MARK):
+        _remove(stale)
+    # An old output set aside by a killed replace is garbage once a new output exists;
+    # until then it is the only copy of the previous output, and is kept.
+    if out.exists():
+        for stale in _stale_entries(out, _OLD_MARK):
+            _remove(stale)
 
 
 def _alive(pid: int) -> bool:
@@ -106,3 +252,69 @@ def atomic_output(out: Path) -> Iterator[Path]:
         with contextlib.suppress(OSError):
             temporary.unlink()
         raise
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as file:
+        os.fsync(file.fileno())
+
+
+@contextlib.contextmanager
+def atomic_directory(out: Path) -> Iterator[Path]:
+    """Yield an empty temporary directory beside ``out``; on success rename it to ``out``.
+
+    Every file in the temporary directory and the directory itself are fsynced before
+    the rename. An existing non-empty ``out`` is renamed aside, replaced, then deleted
+    (see the module docstring); it must hold only a safetensors checkpoint's files,
+    checked again here. On any exception the temporary directory is removed and
+    ``out`` is left as it was.
+
+    Raises:
+        OutputError: the directory cannot be created, written or renamed, or ``out``
+            holds files polyak did not write.
+
+    Example:
+        >>> with atomic_directory(Path("averaged")) as temporary:  # doctest: +SKIP
+        ...     write_sharded_safetensors(temporary, tensors, template, max_shard_size=2**30)
+    """
+    out = Path(out)
+    _remove_stale_temporaries(out)
+    token = f"{os.getpid()}-{secrets.token_hex(4)}"
+    temporary = out.parent / f".{out.name}{_TEMP_MARK}{token}"
+    try:
+        temporary.mkdir()
+    except OSError as error:
+        raise OutputError(f"output {out}: cannot be written ({error.strerror}).") from None
+    aside: Path | None = None
+    try:
+        yield temporary
+        try:
+            for entry in temporary.iterdir():
+                _fsync_file(entry)
+            _fsync_directory(temporary)
+            if out.is_dir() and any(out.iterdir()):
+                foreign = _foreign_entries(out)
+                if foreign:
+                    raise OutputError(
+                        f"output {out}: holds {_listed(foreign)}, which polyak did not write; "
+                        "polyak refuses to replace the directory."
+                    )
+                aside = out.parent / f".{out.name}{_OLD_MARK}{token}"
+                os.rename(out, aside)
+            try:
+                os.rename(temporary, out)
+            except OSError:
+                if aside is not None:
+                    os.rename(aside, out)
+                    aside = None
+                raise
+        except OSError as error:
+            if isinstance(error, OutputError):
+                raise
+            raise OutputError(f"output {out}: cannot be written ({error.strerror}).") from None
+        _fsync_directory(out.parent)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)

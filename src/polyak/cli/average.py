@@ -1,8 +1,8 @@
-"""``polyak average``: average checkpoints into one file of the same (or a chosen) format."""
+"""``polyak average``: average checkpoints into one file of the same (or a chosen) format,
+or into a safetensors checkpoint directory (``-o averaged/``), sharded like the inputs or
+at ``--max-shard-size``."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import numpy as np
 import typer
@@ -10,16 +10,22 @@ from rich.table import Table
 
 from polyak.averaging import INTEGER_POLICIES, average_to
 from polyak.cli.main import app
-from polyak.cli.output import DelayedProgress, console, human_bytes, print_json
+from polyak.cli.output import DelayedProgress, console, human_bytes, path_size, print_json
 from polyak.discovery import Checkpoint
 from polyak.errors import SchemeError
+from polyak.formats.safetensors import parse_size
 
 
 @app.command("average")
 def average_command(
     paths: list[str] = typer.Argument(..., help="Checkpoint files, directories or globs."),
-    out: Path = typer.Option(
-        ..., "--out", "-o", help="Output file; its suffix chooses the format."
+    out: str = typer.Option(
+        ...,
+        "--out",
+        "-o",
+        help="Output file; its suffix chooses the format. A directory (DIR/ or a name "
+        "without a suffix) gets a safetensors checkpoint: shards and "
+        "model.safetensors.index.json, or one model.safetensors.",
     ),
     scheme: str = typer.Option(
         "equal",
@@ -41,6 +47,13 @@ def average_command(
     key: str | None = typer.Option(
         None, "--key", help="PyTorch checkpoint dicts: the key holding the weights."
     ),
+    max_shard_size: str | None = typer.Option(
+        None,
+        "--max-shard-size",
+        metavar="SIZE",
+        help="Directory output: at most SIZE bytes of tensor data per shard (500MB, 2GB, "
+        "1.5GiB or bytes). Default: the newest input's shards, or one file.",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Average checkpoints into OUT, streaming tensor by tensor, written atomically."""
@@ -48,6 +61,9 @@ def average_command(
         raise SchemeError(
             f"--integers must be one of {', '.join(INTEGER_POLICIES)}; received {integers!r}."
         )
+    shard_limit = (
+        None if max_shard_size is None else parse_size(max_shard_size, source="--max-shard-size")
+    )
     progress = DelayedProgress("averaging")
 
     def on_start(members: list[Checkpoint], weights: np.ndarray, total: int) -> None:
@@ -71,6 +87,7 @@ def average_command(
             integers=integers,
             allow_nonfinite=allow_nonfinite,
             key=key,
+            max_shard_size=shard_limit,
             progress=progress.advance,
             on_start=on_start,
         )
@@ -87,12 +104,19 @@ def average_command(
                 "tensors": result.tensors,
                 "averaged": result.averaged,
                 "parameters": result.parameters,
+                "files": [str(path) for path in result.files],
             }
         )
         return
-    size = human_bytes(result.output.stat().st_size) if result.output else "-"
+    output = result.output
+    size = human_bytes(path_size(output)) if output else "-"
+    if output is not None and output.is_dir():
+        shards = sum(path.name.endswith(".safetensors") for path in result.files)
+        layout = "1 file" if shards == 1 else f"{shards} shards and an index"
+        where = f"{output}/ ({result.format}: {layout}, {size})"
+    else:
+        where = f"{output} ({result.format}, {size})"
     console.print(
-        f"Wrote {result.output} ({result.format}, {size}): {result.averaged} of "
-        f"{result.tensors} tensors averaged, {result.tensors - result.averaged} carried over "
-        "from the newest member."
+        f"Wrote {where}: {result.averaged} of {result.tensors} tensors averaged, "
+        f"{result.tensors - result.averaged} carried over from the newest member."
     )

@@ -25,8 +25,8 @@ def inspect_command(
     ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
-    """List checkpoints newest first with format, step, tensors, parameters and size,
-    and say whether they can be averaged together."""
+    """List checkpoints newest first with format (and shard count), step, tensors,
+    parameters and size, and say whether they can be averaged together."""
     members = find_checkpoints(paths, last=last)
     readers = []
     rows = []
@@ -35,6 +35,7 @@ def inspect_command(
             reader = open_checkpoint(member.path, key=key)
             readers.append(reader)
             infos = [reader.info(name) for name in reader.names()]
+            shard_files = getattr(reader, "shard_files", None)
             rows.append(
                 {
                     "path": str(member.path),
@@ -45,6 +46,7 @@ def inspect_command(
                     "floating_tensors": sum(is_floating(info.dtype) for info in infos),
                     "parameters": sum(info.size for info in infos),
                     "bytes": path_size(Path(member.path)),
+                    "shards": None if shard_files is None else len(shard_files),
                 }
             )
         try:
@@ -65,7 +67,7 @@ def inspect_command(
         table.add_row(
             str(number),
             row["path"],
-            row["format"],
+            row["format"] if row["shards"] is None else f"{row['format']} ({row['shards']})",
             "-" if row["step"] is None else str(row["step"]),
             f"{row['tensors']} ({row['floating_tensors']} float)",
             f"{row['parameters']:,}",

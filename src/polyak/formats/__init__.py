@@ -3,14 +3,20 @@
 The registry below is the one place that lists them. Modules are imported only
 when a file of their format is opened, so ``import polyak`` never imports torch.
 
-| format          | suffixes                      | module          |
-|-----------------|-------------------------------|-----------------|
-| safetensors     | .safetensors, sharded dirs    | safetensors     |
-| npz             | .npz                          | npz             |
-| torch           | .pt .pth .bin .ckpt           | torch           |
-| keras-weights   | .weights.h5                   | keras           |
-| keras           | .keras                        | keras           |
-| keras-h5        | .h5 .hdf5 (legacy full model) | keras           |
+| format              | suffixes                      | module          |
+|---------------------|-------------------------------|-----------------|
+| safetensors         | .safetensors                  | safetensors     |
+| sharded-safetensors | checkpoint directories        | safetensors     |
+| npz                 | .npz                          | npz             |
+| torch               | .pt .pth .bin .ckpt .pth.tar  | torch           |
+| keras-weights       | .weights.h5                   | keras           |
+| keras               | .keras                        | keras           |
+| keras-h5            | .h5 .hdf5 (legacy full model) | keras           |
+
+``sharded-safetensors`` is read from a directory holding ``model.safetensors.index.json``
+and written to an output directory (a path ending with ``/`` or without a suffix):
+``model-00001-of-0000K.safetensors`` shards and their index, or a single
+``model.safetensors`` when everything fits in one shard (Hugging Face's layout).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from polyak.errors import CheckpointError, OutputError
+from polyak.files import is_directory_output
 from polyak.formats.base import CheckpointReader, CheckpointWriter, TensorInfo
 
 __all__ = [
@@ -60,8 +67,9 @@ class Format:
     def open(self, path: Path, **options: Any) -> CheckpointReader:
         return self.load(self.reader)(path, **options)
 
-    def write(self, path, tensors, template) -> None:
-        self.load(self.writer)(path, tensors, template)
+    def write(self, path, tensors, template, **options: Any) -> Any:
+        """Write with the format's writer; ``options`` are writer-specific keywords."""
+        return self.load(self.writer)(path, tensors, template, **options)
 
 
 FORMATS: tuple[Format, ...] = (
@@ -78,13 +86,14 @@ FORMATS: tuple[Format, ...] = (
         (".safetensors.index.json",),
         "polyak.formats.safetensors",
         "ShardedSafetensorsReader",
-        "write_safetensors",
-        "sharded safetensors with a model.safetensors.index.json",
+        "write_sharded_safetensors",
+        "safetensors checkpoint directory: shards and model.safetensors.index.json",
     ),
     Format("npz", (".npz",), "polyak.formats.npz", "NpzReader", "write_npz", "numpy .npz"),
     Format(
         "torch",
-        (".pt", ".pth", ".bin", ".ckpt"),
+        # .pth.tar: timm's checkpoint-N.pth.tar (a torch.save zip despite its name).
+        (".pt", ".pth", ".bin", ".ckpt", ".pth.tar"),
         "polyak.formats.torch",
         "TorchReader",
         "write_torch",
@@ -167,18 +176,31 @@ def format_of(path: str | Path) -> Format:
 def format_for_output(path: str | Path, input_format: Format) -> Format:
     """The format to write ``path`` in: its suffix decides; it must be able to hold the input.
 
-    Keras containers need a member of the same format as their template, so they
-    can only be written from inputs of that format. Any format converts to
-    safetensors, npz and torch.
+    A path that ends with ``/`` or has no suffix (``"averaged/"``, ``"averaged"``) is an
+    output directory, written as ``sharded-safetensors`` (see
+    :func:`polyak.files.is_directory_output`). Keras containers need a member of the
+    same format as their template, so they can only be written from inputs of that
+    format. Any format converts to safetensors (file or directory), npz and torch.
+
+    Raises:
+        OutputError: an unknown suffix, a shard index named as the output (give its
+            directory), or a Keras container from inputs of another format.
     """
+    if is_directory_output(path):
+        return _BY_NAME["sharded-safetensors"]
     fmt = format_from_name(Path(path).name)
     if fmt is None:
-        known = ", ".join(s for f in FORMATS for s in f.suffixes)
-        raise OutputError(f"output {path}: unknown suffix. Use one of: {known}.")
-    if fmt.name == "sharded-safetensors":
+        known = ", ".join(s for f in FORMATS for s in f.suffixes if not s.endswith(".json"))
         raise OutputError(
-            f"output {path}: a shard index is not a checkpoint file of its own. "
-            "Write a single .safetensors file instead."
+            f"output {path}: unknown suffix. Use one of: {known}; or a directory (a path "
+            "ending with / or without a suffix) for a safetensors checkpoint directory."
+        )
+    if fmt.name == "sharded-safetensors":
+        directory = Path(path).parent
+        raise OutputError(
+            f"output {path}: a shard index is not a checkpoint file of its own. Give the "
+            f"directory to write the shards and the index into instead: {directory}/ "
+            "(or a single .safetensors file)."
         )
     if fmt.name.startswith("keras") and fmt.name != input_format.name:
         raise OutputError(

@@ -15,6 +15,17 @@ length N, N bytes of JSON ``{name: {"dtype", "shape", "data_offsets": [begin, en
 Sharded checkpoints (Hugging Face): ``model.safetensors.index.json`` holds
 ``{"metadata": {...}, "weight_map": {tensor name: shard file name}}`` with the shards
 in the same directory.
+
+Writing a checkpoint directory (``write_sharded_safetensors``) follows the layout of
+``huggingface_hub.save_torch_state_dict`` and ``transformers``' ``save_pretrained``:
+shards ``model-00001-of-0000K.safetensors`` ... ``model-0000K-of-0000K.safetensors``
+(five digits) and ``model.safetensors.index.json`` holding
+``{"metadata": {"total_size": bytes of tensor data}, "weight_map": {name: shard}}``,
+or one ``model.safetensors`` and no index when there is a single shard. Every shard
+keeps the template's ``__metadata__`` (``{"format": "pt"}`` in files from
+transformers). Which tensors go in which shard is decided from the planned names,
+shapes and dtypes before any data is computed (:func:`plan_shards`), so the shards
+are streamed one after the other, one tensor at a time.
 """
 
 from __future__ import annotations
@@ -22,15 +33,27 @@ from __future__ import annotations
 import json
 import mmap
 import os
-from collections.abc import Iterable
+import re
+from collections.abc import Callable, Iterable, Iterator
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 
-from polyak.errors import CheckpointError
+from polyak.errors import CheckpointError, OutputError
 from polyak.formats.base import DTYPES, PlannedTensors, ReaderBase, TensorInfo
 
-__all__ = ["SafetensorsReader", "ShardedSafetensorsReader", "write_safetensors"]
+__all__ = [
+    "INDEX_NAME",
+    "SINGLE_NAME",
+    "SafetensorsReader",
+    "ShardedSafetensorsReader",
+    "parse_size",
+    "plan_shards",
+    "shard_names",
+    "write_safetensors",
+    "write_sharded_safetensors",
+]
 
 # safetensors dtype codes and polyak's canonical names.
 _CODES = {
@@ -52,6 +75,26 @@ _CODE_OF = {name: code for code, name in _CODES.items()}
 # The reference implementation refuses headers above 100 MB; so do we, before reading them.
 MAX_HEADER_BYTES = 100_000_000
 _METADATA = "__metadata__"
+
+# The file names of a checkpoint directory, as Hugging Face writes them.
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+_SHARD_NAME = "model-{number:05d}-of-{count:05d}.safetensors"
+
+# Size units: decimal as huggingface_hub reads them ("5GB" = 5 * 10**9), and binary.
+_SIZE_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
+_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*")
 
 
 def _reject_duplicates(pairs: list[tuple[str, object]]) -> dict:
@@ -213,6 +256,10 @@ class ShardedSafetensorsReader(ReaderBase):
     """A sharded safetensors checkpoint, read through its ``*.safetensors.index.json``.
 
     ``path`` is the index file. Shards are opened on first use and stay open.
+
+    Attributes:
+        metadata: the index's ``metadata`` (e.g. ``{"total_size": 1234}``).
+        shard_metadata: the ``__metadata__`` of the first shard (e.g. ``{"format": "pt"}``).
     """
 
     format = "sharded-safetensors"
@@ -258,6 +305,8 @@ class ShardedSafetensorsReader(ReaderBase):
                 f"checkpoint {self.path}: tensor {first} is in the index but not in shard "
                 f"{self._shard_of[first].name}."
             )
+        # The shards' own ``__metadata__`` (the first shard's), which a written copy keeps.
+        self.shard_metadata: dict[str, str] = dict(self._open(self.shard_files[0]).metadata)
 
     @property
     def shard_files(self) -> list[Path]:
@@ -313,6 +362,44 @@ def _header_bytes(infos: list[tuple[str, TensorInfo]], metadata: dict[str, str] 
     return len(encoded).to_bytes(8, "little") + encoded
 
 
+def _string_metadata(template: object | None) -> dict[str, str] | None:
+    """The ``__metadata__`` to copy from a template: a safetensors file's, or a shard's."""
+    metadata = getattr(template, "shard_metadata", None)
+    if metadata is None:
+        metadata = getattr(template, "metadata", None)
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        return None
+    return metadata
+
+
+def _write_tensors(
+    file,
+    infos: list[tuple[str, TensorInfo]],
+    arrays: Iterator[tuple[str, np.ndarray]],
+    metadata: dict[str, str] | None,
+) -> None:
+    """Write one safetensors file: the header of ``infos``, then their arrays, in order."""
+    file.write(_header_bytes(infos, metadata))
+    for planned_name, info in infos:
+        try:
+            name, array = next(arrays)
+        except StopIteration:
+            raise ValueError(f"tensor {planned_name}: was planned but never given.") from None
+        if name != planned_name or tuple(array.shape) != info.shape:
+            raise ValueError(f"tensor {name}: does not match the planned {planned_name}.")
+        data = np.ascontiguousarray(array, dtype=DTYPES[info.dtype])
+        file.write(data.reshape(-1).view(np.uint8).data)
+
+
+def _finish(arrays: Iterator[tuple[str, np.ndarray]]) -> None:
+    """Refuse tensors beyond the plan (and let a lazy producer run to its end)."""
+    extra = next(arrays, None)
+    if extra is not None:
+        raise ValueError(f"tensor {extra[0]}: was given but not planned.")
+
+
 def write_safetensors(
     path: Path,
     tensors: Iterable[tuple[str, np.ndarray]],
@@ -321,22 +408,185 @@ def write_safetensors(
     """Write tensors to a safetensors file, header first, data streamed after it.
 
     The template's ``__metadata__`` (e.g. ``{"format": "pt"}``) is kept when the
-    template is a safetensors file.
+    template is a safetensors file or a sharded checkpoint (its shards' metadata).
     """
     planned = (
         tensors if isinstance(tensors, PlannedTensors) else PlannedTensors.from_arrays(tensors)
     )
-    metadata = getattr(template, "metadata", None) if template is not None else None
-    if not isinstance(metadata, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
-    ):
-        metadata = None
-    expected = iter(planned.infos)
+    arrays = iter(planned)
     with open(path, "wb") as file:
-        file.write(_header_bytes(planned.infos, metadata))
-        for name, array in planned:
-            planned_name, info = next(expected)
-            if name != planned_name or tuple(array.shape) != info.shape:
-                raise ValueError(f"tensor {name}: does not match the planned {planned_name}.")
-            data = np.ascontiguousarray(array, dtype=DTYPES[info.dtype])
-            file.write(data.reshape(-1).view(np.uint8).data)
+        _write_tensors(file, planned.infos, arrays, _string_metadata(template))
+    _finish(arrays)
+
+
+def parse_size(size: int | str, *, source: str = "max_shard_size") -> int:
+    """A size in bytes from a number of bytes or a string such as ``"500MB"``, ``"1.5GiB"``.
+
+    Units are decimal as in huggingface_hub (``KB`` = 1000 bytes, ``MB``, ``GB``, ``TB``)
+    or binary (``KiB`` = 1024 bytes, ``MiB``, ``GiB``, ``TiB``), case-insensitive;
+    ``B`` or no unit means bytes, which must then be a whole number. Fractions of a
+    byte are rounded down.
+
+    Args:
+        size: the size, e.g. ``2_000_000_000``, ``"2GB"``, ``"1.5 GiB"``, ``"4096"``.
+        source: the option's name, for the message (``"--max-shard-size"`` in the CLI).
+
+    Returns:
+        The size in bytes, at least 1.
+
+    Raises:
+        OutputError: anything else, with what was received.
+
+    Example:
+        >>> parse_size("500MB"), parse_size("1.5KiB"), parse_size(4096)
+        (500000000, 1536, 4096)
+    """
+    problem = (
+        f"{source} must be a size above 0 such as 500MB, 2GB, 1.5GiB or a whole number of "
+        f"bytes; received {size!r}."
+    )
+    if isinstance(size, bool):
+        raise OutputError(problem)
+    if isinstance(size, int):
+        if size < 1:
+            raise OutputError(problem)
+        return size
+    if not isinstance(size, str):
+        raise OutputError(problem)
+    match = _SIZE.fullmatch(size)
+    unit = match.group(2).upper() if match else None
+    if match is None or unit not in _SIZE_UNITS:
+        raise OutputError(problem)
+    value = Fraction(match.group(1))
+    if unit in {"", "B"} and value.denominator != 1:
+        raise OutputError(problem)
+    count = int(value * _SIZE_UNITS[unit])
+    if count < 1:
+        raise OutputError(problem)
+    return count
+
+
+def plan_shards(
+    infos: list[tuple[str, TensorInfo]],
+    max_shard_size: int | None = None,
+    shard_key: Callable[[str], object] | None = None,
+) -> list[list[tuple[str, TensorInfo]]]:
+    """Split planned tensors into shards, keeping their order.
+
+    With ``max_shard_size``, a new shard starts when the next tensor would take the
+    current one above ``max_shard_size`` bytes of data; a tensor larger than the limit
+    gets a shard of its own (as in huggingface_hub, whose oversized tensors also go
+    alone; polyak keeps the order instead of moving them first). Otherwise, with
+    ``shard_key`` (e.g. the shard each tensor was read from), a new shard starts
+    wherever the key changes, which reproduces an input's layout. With neither,
+    everything is one shard.
+
+    Args:
+        infos: ``(name, info)`` of every tensor, in output order.
+        max_shard_size: the most bytes of tensor data per shard, or None.
+        shard_key: a function of the tensor name, or None.
+
+    Returns:
+        The shards, each a list of ``(name, info)``; never an empty shard.
+
+    Example:
+        >>> info = TensorInfo((250,), "float32")  # 1000 bytes
+        >>> [len(s) for s in plan_shards([("a", info), ("b", info), ("c", info)], 2000)]
+        [2, 1]
+    """
+    shards: list[list[tuple[str, TensorInfo]]] = []
+    size = 0
+    previous_key: object = None
+    for name, info in infos:
+        key = shard_key(name) if shard_key is not None else None
+        if not shards:
+            start = True
+        elif max_shard_size is not None:
+            start = size + info.nbytes > max_shard_size
+        else:
+            start = key != previous_key
+        if start:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, info))
+        size += info.nbytes
+        previous_key = key
+    return shards
+
+
+def shard_names(count: int) -> list[str]:
+    """File names of ``count`` shards: ``model.safetensors`` alone, else numbered ones.
+
+    Example:
+        >>> shard_names(2)
+        ['model-00001-of-00002.safetensors', 'model-00002-of-00002.safetensors']
+    """
+    if count == 1:
+        return [SINGLE_NAME]
+    return [_SHARD_NAME.format(number=number, count=count) for number in range(1, count + 1)]
+
+
+def _template_layout(template: object | None, names: list[str]) -> Callable[[str], object] | None:
+    """The template's tensor-to-shard map, if it is sharded and holds every name."""
+    shard_of = getattr(template, "shard_of", None)
+    if not callable(shard_of):
+        return None
+    known = set(template.names())
+    return shard_of if all(name in known for name in names) else None
+
+
+def write_sharded_safetensors(
+    directory: Path,
+    tensors: Iterable[tuple[str, np.ndarray]],
+    template: object | None = None,
+    *,
+    max_shard_size: int | str | None = None,
+) -> list[str]:
+    """Write tensors as a safetensors checkpoint directory, shard after shard, streamed.
+
+    Shards: with ``max_shard_size``, at most that many bytes of tensor data each (see
+    :func:`plan_shards`); otherwise, when the template is a sharded checkpoint, the
+    same tensors in the same shards as the template (the newest member); otherwise
+    one shard. One shard is written as ``model.safetensors`` without an index; more
+    as ``model-0000i-of-0000K.safetensors`` and ``model.safetensors.index.json``,
+    written last. Every shard keeps the template's ``__metadata__``.
+
+    Args:
+        directory: an existing, empty directory (the caller renames it into place,
+            see :func:`polyak.files.atomic_directory`).
+        tensors: ``(name, array)`` pairs in output order, best a ``PlannedTensors``;
+            each array is written at once and not kept.
+        template: the reader whose shard layout and ``__metadata__`` are copied.
+        max_shard_size: bytes per shard, or a size string such as ``"2GB"``.
+
+    Returns:
+        The names of the files written in ``directory``, the index last.
+
+    Example:
+        >>> write_sharded_safetensors(Path("out"), {"w": w, "b": b}.items(),  # doctest: +SKIP
+        ...                           max_shard_size="2GB")
+        ['model.safetensors']
+    """
+    directory = Path(directory)
+    planned = (
+        tensors if isinstance(tensors, PlannedTensors) else PlannedTensors.from_arrays(tensors)
+    )
+    limit = None if max_shard_size is None else parse_size(max_shard_size)
+    names = [name for name, _ in planned.infos]
+    layout = None if limit is not None else _template_layout(template, names)
+    shards = plan_shards(planned.infos, limit, layout)
+    files = shard_names(len(shards))
+    metadata = _string_metadata(template)
+    arrays = iter(planned)
+    weight_map: dict[str, str] = {}
+    for file_name, shard in zip(files, shards, strict=True):
+        with open(directory / file_name, "wb") as file:
+            _write_tensors(file, shard, arrays, metadata)
+        weight_map.update((name, file_name) for name, _ in shard)
+    _finish(arrays)
+    if len(files) == 1:
+        return files
+    total_size = sum(info.nbytes for _, info in planned.infos)
+    index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+    (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    return [*files, INDEX_NAME]
