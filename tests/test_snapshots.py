@@ -20,6 +20,7 @@ from polyak.snapshots import (
     MANIFEST_NAME,
     Snapshot,
     SnapshotDirectory,
+    SnapshotSchedule,
     read_manifest,
     verify,
 )
@@ -515,3 +516,50 @@ def test_kill_9_during_commits_leaves_a_consistent_directory(tmp_path: Path) -> 
 def test_kill_9_during_commits_200_times(tmp_path: Path) -> None:
     (tmp_path / "user.txt").write_text("keep me")
     kill_during_commits(tmp_path, trials=200, seed=1)
+
+
+# ---------------------------------------------------------------- the schedule
+
+
+def test_schedule_default_saves_the_last_keep_epochs_counted_from_the_end() -> None:
+    schedule = SnapshotSchedule(keep=3, every_epochs=2)
+    saved = [epoch for epoch in range(20) if schedule.saves_epoch(epoch, 20)]
+    assert saved == [15, 17, 19]
+    assert not schedule.saves_epoch(19, None)  # no epoch count: nothing
+    assert schedule.needs_epoch_count
+
+
+def test_schedule_rolling_saves_every_epochs_whatever_the_length() -> None:
+    schedule = SnapshotSchedule(keep=3, rolling=True, every_epochs=3)
+    assert [e for e in range(10) if schedule.saves_epoch(e, None)] == [2, 5, 8]
+    assert not schedule.needs_epoch_count
+
+
+def test_schedule_by_steps_saves_once_per_crossed_multiple() -> None:
+    schedule = SnapshotSchedule(every_steps=5)
+    assert [schedule.saves_step(a, b) for a, b in [(0, 4), (4, 5), (5, 5), (3, 12), (12, 14)]] == [
+        False, True, False, True, False
+    ]  # fmt: skip
+    assert not schedule.saves_epoch(9, 10)
+
+
+def test_schedule_stopped_early_only_in_the_default_mode() -> None:
+    assert SnapshotSchedule().stopped_early(5, 10)
+    assert not SnapshotSchedule().stopped_early(9, 10)
+    assert not SnapshotSchedule(rolling=True).stopped_early(5, 10)
+    assert not SnapshotSchedule().stopped_early(None, 10)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"keep": 0}, r"keep must be a whole number >= 1; received 0"),
+        ({"rolling": 1}, r"rolling must be True or False"),
+        ({"every_epochs": True}, r"every_epochs must be a whole number >= 1"),
+        ({"every_steps": 0}, r"every_steps must be a whole number >= 1 or None"),
+        ({"every_steps": 5, "every_epochs": 2}, r"give every_steps or every_epochs, not both"),
+    ],
+)
+def test_schedule_refuses_bad_arguments(arguments, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        SnapshotSchedule(**arguments)

@@ -83,6 +83,9 @@ __all__ = [
     "MANIFEST_NAME",
     "Snapshot",
     "SnapshotDirectory",
+    "SnapshotSchedule",
+    "check_snapshot_arguments",
+    "is_whole_number",
     "read_manifest",
     "verify",
 ]
@@ -144,6 +147,117 @@ class _Manifest:
     snapshots: list[Snapshot]
     pending: list[Snapshot]
     evicting: list[str]
+
+
+# ---------------------------------------------------------------- when to save
+
+
+def is_whole_number(value: object) -> bool:
+    """An ``int`` that is not a ``bool``."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_snapshot_arguments(
+    directory: object, keep: object, format: object, formats: Iterable[str], prefix: object
+) -> None:
+    """The checks every snapshot helper makes of its arguments (Keras, torch, Lightning).
+
+    Raises:
+        ValueError: naming the argument, the rule and what was received.
+    """
+    if not isinstance(directory, (str, os.PathLike)):
+        raise ValueError(f"directory must be a path; received {directory!r}.")
+    if not is_whole_number(keep) or keep < 1:
+        raise ValueError(f"keep must be a whole number >= 1; received {keep!r}.")
+    formats = list(formats)
+    if format not in formats:
+        raise ValueError(
+            f"format must be one of {', '.join(map(repr, formats))}; received {format!r}."
+        )
+    if (
+        not isinstance(prefix, str)
+        or not prefix
+        or prefix.startswith(".")
+        or any(separator in prefix for separator in "/\\")
+    ):
+        raise ValueError(
+            "prefix must be a non-empty file name start without '/' or '\\' that does "
+            f"not start with '.'; received {prefix!r}."
+        )
+
+
+@dataclass(frozen=True)
+class SnapshotSchedule:
+    """When a training callback saves a snapshot (the Keras and Lightning callbacks).
+
+    - default: the last ``keep`` epochs of a run of known length, every
+      ``every_epochs``-th counting back from the final epoch (always saved);
+    - ``rolling=True``: every ``every_epochs`` epochs, keeping the ``keep`` most recent
+      (for EarlyStopping, where the last epoch is not known);
+    - ``every_steps=N``: every N training steps, keeping the ``keep`` most recent.
+
+    Raises:
+        ValueError: an argument out of range, or both ``every_steps`` and
+            ``every_epochs`` given.
+    """
+
+    keep: int = 10
+    rolling: bool = False
+    every_epochs: int = 1
+    every_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        if not is_whole_number(self.keep) or self.keep < 1:
+            raise ValueError(f"keep must be a whole number >= 1; received {self.keep!r}.")
+        if not isinstance(self.rolling, bool):
+            raise ValueError(f"rolling must be True or False; received {self.rolling!r}.")
+        if not is_whole_number(self.every_epochs) or self.every_epochs < 1:
+            raise ValueError(
+                f"every_epochs must be a whole number >= 1; received {self.every_epochs!r}."
+            )
+        if self.every_steps is not None:
+            if not is_whole_number(self.every_steps) or self.every_steps < 1:
+                raise ValueError(
+                    "every_steps must be a whole number >= 1 or None; received "
+                    f"{self.every_steps!r}."
+                )
+            if self.every_epochs != 1:
+                raise ValueError(
+                    f"give every_steps or every_epochs, not both; received "
+                    f"every_steps={self.every_steps!r} and every_epochs={self.every_epochs!r}."
+                )
+
+    @property
+    def needs_epoch_count(self) -> bool:
+        """Whether the schedule needs the run's number of epochs (the default mode)."""
+        return self.every_steps is None and not self.rolling
+
+    def saves_epoch(self, epoch: int, epochs: int | None) -> bool:
+        """Whether to save at the end of 0-based ``epoch`` of a run of ``epochs``."""
+        if self.every_steps is not None:
+            return False
+        if self.rolling:
+            return (epoch + 1) % self.every_epochs == 0
+        if not is_whole_number(epochs) or epochs < 0:
+            return False
+        # Counted back from the final epoch, so that it is always saved.
+        from_end = epochs - 1 - epoch
+        return 0 <= from_end < self.keep * self.every_epochs and from_end % self.every_epochs == 0
+
+    def saves_step(self, previous: int, step: int) -> bool:
+        """Whether the steps from ``previous`` (excluded) to ``step`` cross a save point."""
+        return self.every_steps is not None and (
+            step // self.every_steps > previous // self.every_steps
+        )
+
+    def stopped_early(self, last_epoch: int | None, epochs: int | None) -> bool:
+        """Whether a default-mode run ended before its final epoch (fewer snapshots)."""
+        return (
+            self.needs_epoch_count
+            and last_epoch is not None
+            and is_whole_number(epochs)
+            and last_epoch < epochs - 1
+        )
 
 
 # ---------------------------------------------------------------- reading

@@ -32,7 +32,13 @@ from pathlib import Path
 from typing import Any
 
 from polyak.errors import require
-from polyak.snapshots import Snapshot, SnapshotDirectory
+from polyak.snapshots import (
+    Snapshot,
+    SnapshotDirectory,
+    SnapshotSchedule,
+    check_snapshot_arguments,
+    is_whole_number,
+)
 
 keras = require("keras", "keras", "polyak.keras")
 
@@ -40,10 +46,6 @@ __all__ = ["SnapshotCheckpoint"]
 
 # format argument -> file suffix (Keras insists on these suffixes when saving).
 _SUFFIXES = {"weights.h5": ".weights.h5", "keras": ".keras"}
-
-
-def _whole_number(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class SnapshotCheckpoint(keras.callbacks.Callback):
@@ -99,40 +101,8 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
         prefix: str = "model",
     ) -> None:
         super().__init__()
-        if not isinstance(directory, (str, os.PathLike)):
-            raise ValueError(f"directory must be a path; received {directory!r}.")
-        if not _whole_number(keep) or keep < 1:
-            raise ValueError(f"keep must be a whole number >= 1; received {keep!r}.")
-        if not isinstance(rolling, bool):
-            raise ValueError(f"rolling must be True or False; received {rolling!r}.")
-        if not _whole_number(every_epochs) or every_epochs < 1:
-            raise ValueError(
-                f"every_epochs must be a whole number >= 1; received {every_epochs!r}."
-            )
-        if every_steps is not None:
-            if not _whole_number(every_steps) or every_steps < 1:
-                raise ValueError(
-                    f"every_steps must be a whole number >= 1 or None; received {every_steps!r}."
-                )
-            if every_epochs != 1:
-                raise ValueError(
-                    f"give every_steps or every_epochs, not both; received "
-                    f"every_steps={every_steps!r} and every_epochs={every_epochs!r}."
-                )
-        if format not in _SUFFIXES:
-            raise ValueError(
-                f"format must be one of {', '.join(map(repr, _SUFFIXES))}; received {format!r}."
-            )
-        if (
-            not isinstance(prefix, str)
-            or not prefix
-            or prefix.startswith(".")
-            or any(separator in prefix for separator in "/\\")
-        ):
-            raise ValueError(
-                "prefix must be a non-empty file name start without '/' or '\\' that does "
-                f"not start with '.'; received {prefix!r}."
-            )
+        check_snapshot_arguments(directory, keep, format, _SUFFIXES, prefix)
+        self.schedule = SnapshotSchedule(keep, rolling, every_epochs, every_steps)
         self.directory = Path(directory)
         self.keep = keep
         self.rolling = rolling
@@ -164,7 +134,7 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
 
     def on_train_begin(self, logs: Mapping[str, Any] | None = None) -> None:
         epochs = (self.params or {}).get("epochs")
-        if self.every_steps is None and not self.rolling and not _whole_number(epochs):
+        if self.schedule.needs_epoch_count and not is_whole_number(epochs):
             raise ValueError(
                 "SnapshotCheckpoint saves the last epochs of the run, so it needs the number "
                 f"of epochs fit() was given; received params epochs={epochs!r}. Pass "
@@ -184,20 +154,18 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
         # Keras passes the index of the last batch run, also with steps_per_execution > 1.
         step = self._epoch_start_step + batch + 1
         previous, self._step = self._step, step
-        if self.every_steps is not None and step // self.every_steps > previous // self.every_steps:
+        if self.schedule.saves_step(previous, step):
             name = f"{self.prefix}_step{step:08d}{self._suffix}"
             self._save(name, epoch=self._epoch, step=step, logs=logs)
 
     def on_epoch_end(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
         self._last_epoch = epoch
-        if self.every_steps is None and self._saves_epoch(epoch):
+        if self.schedule.saves_epoch(epoch, self._epochs):
             name = f"{self.prefix}_{epoch:04d}{self._suffix}"
             self._save(name, epoch=epoch, step=self._step, logs=logs)
 
     def on_train_end(self, logs: Mapping[str, Any] | None = None) -> None:
-        if self.every_steps is not None or self.rolling or self._last_epoch is None:
-            return
-        if self._epochs is not None and self._last_epoch < self._epochs - 1:
+        if self.schedule.stopped_early(self._last_epoch, self._epochs):
             warnings.warn(
                 f"SnapshotCheckpoint: training stopped after epoch {self._last_epoch}, before "
                 f"the last epoch {self._epochs - 1}, so {len(self.saved)} snapshot(s) of the "
@@ -206,15 +174,6 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
                 RuntimeWarning,
                 stacklevel=2,
             )
-
-    def _saves_epoch(self, epoch: int) -> bool:
-        if self.rolling:
-            return (epoch + 1) % self.every_epochs == 0
-        if self._epochs is None:  # not inside fit
-            return False
-        # Counted back from the final epoch, so that it is always saved.
-        from_end = self._epochs - 1 - epoch
-        return 0 <= from_end < self.keep * self.every_epochs and from_end % self.every_epochs == 0
 
     def _save(self, name: str, *, epoch: int, step: int, logs: Mapping[str, Any] | None) -> None:
         model = self.model
