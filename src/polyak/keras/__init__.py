@@ -1,4 +1,4 @@
-"""Keras 3 adapter: the snapshot callback, model helpers and the Keras sweep.
+"""Keras 3 adapter: the snapshot callback, model helpers, the sweep, BatchNorm recalibration.
 
 Importing this package chooses Keras' backend before Keras is imported, when the
 user has not (see :mod:`polyak.keras_backend`): torch when TensorFlow is absent.
@@ -16,6 +16,7 @@ from polyak.errors import require  # noqa: E402
 
 require("keras", "keras", "polyak.keras")
 
+from polyak.keras.batchnorm import batchnorm_layers, recalibrate_batchnorm  # noqa: E402
 from polyak.keras.callbacks import SnapshotCheckpoint  # noqa: E402
 from polyak.keras.evaluation import (  # noqa: E402
     Dataset,
@@ -36,8 +37,10 @@ __all__ = [
     "KerasWeightMap",
     "SnapshotCheckpoint",
     "average_models",
+    "batchnorm_layers",
     "load_averaged_model",
     "load_dataset",
+    "recalibrate_batchnorm",
     "resolve_model",
     "sweep",
 ]

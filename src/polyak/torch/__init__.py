@@ -1,10 +1,33 @@
-"""PyTorch adapter: snapshot helpers, evaluation and BatchNorm recalibration.
+"""PyTorch adapter: snapshot helpers, the sweep's evaluator and BatchNorm recalibration.
 
 torch is imported only here and in ``polyak.formats.torch``, never by ``import polyak``.
+
+Example:
+    >>> from polyak.torch import SnapshotSaver
+    >>> saver = SnapshotSaver("snapshots/", keep=10)  # doctest: +SKIP
+    >>> saver.save(model, step=step)  # doctest: +SKIP
 """
 
 from polyak.errors import require
 
 require("torch", "torch", "polyak.torch")
 
-__all__: list[str] = []
+from polyak.torch.batchnorm import batchnorm_layers, recalibrate_batchnorm  # noqa: E402
+from polyak.torch.evaluation import (  # noqa: E402
+    TorchEvaluator,
+    load_tensors,
+    resolve_module,
+    sweep,
+)
+from polyak.torch.snapshots import SnapshotSaver, save_state_dict  # noqa: E402
+
+__all__ = [
+    "SnapshotSaver",
+    "TorchEvaluator",
+    "batchnorm_layers",
+    "load_tensors",
+    "recalibrate_batchnorm",
+    "resolve_module",
+    "save_state_dict",
+    "sweep",
+]
