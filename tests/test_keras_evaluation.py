@@ -450,3 +450,41 @@ def test_sweep_refuses_data_and_evaluate_mixed_up(snapshots, arguments, message)
     directory, _ = snapshots
     with pytest.raises(DataError, match=message):
         sweep(directory, **arguments)
+
+
+# ---------------------------------------------------------------- BatchNorm recalibration
+
+
+def batchnorm_model() -> keras.Model:
+    model = keras.Sequential(
+        [
+            keras.Input((2,)),
+            keras.layers.Dense(8),
+            keras.layers.BatchNormalization(),
+            keras.layers.Activation("relu"),
+            keras.layers.Dense(3, activation="softmax"),
+        ]
+    )
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.1, momentum=0.9), loss="categorical_crossentropy"
+    )
+    return model
+
+
+def test_sweep_recalibrates_each_candidate_and_keeps_both_scores(tmp_path, data):
+    from polyak.keras import load_averaged_model, recalibrate_batchnorm
+
+    keras.utils.set_random_seed(0)
+    model = batchnorm_model()
+    (x, y), (x_test, y_test) = data["train"], data["test"]
+    for epoch in range(4):
+        model.fit(x, y, epochs=1, verbose=0)
+        model.save(tmp_path / f"model_{epoch}.keras")
+    result = sweep(tmp_path, (x_test, y_test), schemes="equal", recalibrate=(x, y))
+    assert result.recalibrated
+    for candidate in result.candidates:
+        reference = load_averaged_model(tmp_path, "equal", last=candidate.n)
+        plain = reference_accuracy(keras.ops.convert_to_numpy(reference(x_test)), y_test)
+        recalibrate_batchnorm(reference, x, batch_size=1024)
+        recalibrated = reference_accuracy(keras.ops.convert_to_numpy(reference(x_test)), y_test)
+        assert (candidate.test, candidate.recalibrated_test) == (plain, recalibrated)

@@ -1,7 +1,9 @@
 """Every example of the README runs as shown: its Python blocks and `polyak` commands.
 
-The blocks run in order in one temporary directory, as a reader would run them.
-`make` commands are the set-up itself and are exercised by CI.
+The blocks run in order in one temporary directory, as a reader would run them. A
+Python block whose first line is ``# file: NAME`` is a file the reader saves (a model
+factory, say): it is written to NAME, not run. `make` commands are the set-up itself
+and are exercised by CI.
 """
 
 from __future__ import annotations
@@ -32,6 +34,10 @@ def test_readme_examples_run_as_shown(tmp_path):
     environment = dict(os.environ, KERAS_BACKEND="torch")
     environment["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{environment['PATH']}"
     for kind, body in readme_blocks():
+        first_line = body.splitlines()[0] if body else ""
+        if kind == "python" and first_line.startswith("# file: "):
+            (tmp_path / first_line.removeprefix("# file: ").strip()).write_text(body)
+            continue
         if kind == "python":
             commands = [[sys.executable, "-c", body]]
         else:

@@ -399,7 +399,8 @@ def test_candidates_of_and_dataclasses():
 
 def test_write_best_writes_the_selected_candidate(run_dir, tmp_path):
     result = sweep(run_dir, Recorder(), schemes="equal,linear")
-    out = write_best(result, tmp_path / "best.safetensors")
+    (out,) = write_best(result, tmp_path / "best.safetensors")
+    assert out == tmp_path / "best.safetensors"
     with safe_open(str(out), "np") as written:
         assert set(written.keys()) == set(result.best_tensors)
         for name, array in result.best_tensors.items():
@@ -408,7 +409,7 @@ def test_write_best_writes_the_selected_candidate(run_dir, tmp_path):
 
 def test_write_best_converts_by_suffix(run_dir, tmp_path):
     result = sweep(run_dir, Recorder(), schemes="equal")
-    out = write_best(result, tmp_path / "best.npz")
+    (out,) = write_best(result, tmp_path / "best.npz")
     with np.load(out) as written:
         np.testing.assert_array_equal(written["dense/kernel"], result.best_tensors["dense/kernel"])
 
@@ -583,3 +584,21 @@ def test_a_plain_best_is_written_without_recalibration(run_dir):
 def test_a_malformed_recalibrated_entry_is_refused(run_dir):
     with pytest.raises(SchemeError, match="'recalibrated' entry must be a mapping with 'test'"):
         sweep(run_dir, lambda tensors: {"test": 1.0, "recalibrated": 0.5}, schemes="equal")
+
+
+def test_write_best_into_a_directory_writes_safetensors(run_dir, tmp_path):
+    result = sweep(run_dir, Recorder(), schemes="equal")
+    files = write_best(result, str(tmp_path / "best") + "/")
+    assert [f.name for f in files] == ["model.safetensors"]
+    with safe_open(str(files[0]), "np") as written:
+        np.testing.assert_array_equal(
+            written.get_tensor("dense/kernel"), result.best_tensors["dense/kernel"]
+        )
+
+
+def test_write_best_refuses_an_index_path_before_looking_at_the_disk(run_dir, tmp_path):
+    result = sweep(run_dir, Recorder(), schemes="equal")
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text("{}")
+    with pytest.raises(OutputError, match="a shard index is not a checkpoint file"):
+        write_best(result, index)

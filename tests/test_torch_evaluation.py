@@ -339,3 +339,53 @@ def test_cli_sweep_refusals_exit_2_with_one_line(
     code, _, err = run_cli(["sweep", str(run["dir"]), *[replace.get(a, a) for a in extra]], capsys)
     assert code == 2
     assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_recalibration_on_data_scores_each_candidate_both_ways(run, data):
+    from polyak.torch import recalibrate_batchnorm
+
+    x, y = data["test"]
+    result = sweep(
+        run["dir"], data["test"], model=build, schemes="equal", recalibrate=data["train"]
+    )
+    for candidate in result.candidates:
+        state = reference_state(run["states"], formula_weights("equal", candidate.n))
+        model = build()
+        model.load_state_dict(state)
+        recalibrate_batchnorm(model, [torch.from_numpy(data["train"][0])])
+        model.eval()
+        with torch.no_grad():
+            predicted = model(torch.from_numpy(x)).argmax(-1).numpy()
+        assert candidate.recalibrated_test == float(np.mean(predicted == y))
+        assert candidate.test == reference_accuracy(state, x, y)
+
+
+def test_cli_recalibrate_reports_both_numbers_and_writes_the_chosen_variant(
+    run, tmp_path, monkeypatch, capsys
+):
+    name = write_module(tmp_path, run["data"] / "test.npz")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    arguments = [
+        "sweep", str(run["dir"]), "--model", f"{name}:build",
+        "--data", str(run["data"] / "test.npz"), "--val", str(run["data"] / "val.npz"),
+        "--recalibrate", str(run["data"] / "train.npz"), "--schemes", "equal",
+        "--json", str(tmp_path / "r.json"), "--out-model", str(tmp_path / "best.pt"),
+    ]  # fmt: skip
+    code, out, err = run_cli(arguments, capsys)
+    assert code == 0, err
+    assert "->" in out and "BatchNorm recalibration" in " ".join(out.split())
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert all("recalibrated" in c for c in report["candidates"])
+    best = torch.load(tmp_path / "best.pt", weights_only=True)
+    n = report["best"]["n"]
+    averaged = reference_state(run["states"], formula_weights("equal", n))
+    statistics = best["1.running_mean"]
+    if report["best"]["recalibrated"]:
+        from polyak.torch import recalibrate_batchnorm
+
+        model = build()
+        model.load_state_dict(averaged)
+        recalibrate_batchnorm(model, [torch.from_numpy(np.load(run["data"] / "train.npz")["x"])])
+        torch.testing.assert_close(statistics, model[1].running_mean)
+    else:
+        torch.testing.assert_close(statistics, averaged["1.running_mean"])

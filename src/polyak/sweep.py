@@ -50,7 +50,7 @@ import numpy as np
 from polyak.averaging import check_compatible, open_members, write_output
 from polyak.discovery import Checkpoint, find_checkpoints
 from polyak.errors import SchemeError
-from polyak.files import check_output_path
+from polyak.files import check_output_path, is_directory_output
 from polyak.formats import format_for_output, format_of, open_checkpoint
 from polyak.formats.base import (
     CheckpointReader,
@@ -572,29 +572,40 @@ def sweep(
             reader.close()
 
 
-def write_best(result: SweepResult, out: str | Path, *, overwrite: bool = False) -> Path:
-    """Write the sweep's selected candidate as a checkpoint file, atomically.
+def write_best(
+    result: SweepResult,
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+    max_shard_size: int | str | None = None,
+) -> list[Path]:
+    """Write the sweep's selected candidate as a checkpoint, atomically.
 
     The newest member is the template: by default the output has its format and
     container (an averaged ``.keras`` keeps the architecture); an explicit suffix
-    (``.safetensors``, ``.npz``, ``.pt``) converts.
+    (``.safetensors``, ``.npz``, ``.pt``) converts, and a directory (``best/``, or a
+    name without a suffix) is written as (sharded) safetensors, as with
+    :func:`polyak.average_to`.
 
     Args:
         result: a sweep's result, holding ``best_tensors``.
-        out: the file to write; never one of the members.
+        out: the file or directory to write; never one of the members.
         overwrite: replace ``out`` if it exists.
+        max_shard_size: for a directory, the most bytes per shard, e.g. ``"2GB"``.
 
     Returns:
-        ``out`` as a Path.
+        The files written.
     """
-    out = Path(out)
-    members = result.members
     if result.best_tensors is None:
         raise SchemeError("the sweep result holds no tensors of its best candidate to write.")
-    check_output_path(out, [member.path for member in members], overwrite=overwrite)
+    members = result.members
+    directory = is_directory_output(out)
     output_format = format_for_output(out, format_of(members[0].path))
+    out = Path(out)
+    check_output_path(
+        out, [member.path for member in members], overwrite=overwrite, directory=directory
+    )
     with open_checkpoint(members[0].path) as template:
         plan = [(name, template.info(name)) for name in template.names()]
         tensors = PlannedTensors(plan, [(name, result.best_tensors[name]) for name, _ in plan])
-        write_output(out, tensors, template, output_format)
-    return out
+        return write_output(out, tensors, template, output_format, max_shard_size=max_shard_size)

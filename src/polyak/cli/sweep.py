@@ -65,8 +65,11 @@ def sweep_command(
     batch_size: int = typer.Option(256, "--batch-size", help="Examples per forward pass."),
     json_path: Path | None = typer.Option(None, "--json", help="Write the JSON report here."),
     plot_path: Path | None = typer.Option(None, "--plot", help="Write the PNG plot here."),
-    out_model: Path | None = typer.Option(
-        None, "--out-model", help="Write the best candidate's model here (its suffix: format)."
+    out_model: str | None = typer.Option(
+        None,
+        "--out-model",
+        help="Write the best candidate's model here: its suffix picks the format; a "
+        "directory (DIR/) gets safetensors.",
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files."),
     print_json_report: bool = typer.Option(
@@ -81,7 +84,7 @@ def sweep_command(
     from polyak.report import classic_lines, sweep_table, write_json, write_plot
     from polyak.sweep import write_best
 
-    outputs = [p for p in (json_path, plot_path, out_model) if p is not None]
+    outputs = [Path(p) for p in (json_path, plot_path, out_model) if p is not None]
     for output in outputs:
         if output.exists() and not overwrite:
             raise OutputError(f"output {output}: already exists. Pass --overwrite to replace it.")
