@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all lint format bench bench-sweep clean
+.PHONY: demo test test-all lint format bench bench-average bench-sweep quality clean
 
 # torch first, pinned: pip takes the CPU wheel from local disk. Asking for the
 # rest first could let a dependency pull a multi-GB CUDA build.
@@ -32,10 +32,17 @@ format: $(STAMP)
 	$(BIN)/ruff format src tests bench
 
 # Benchmarks run by hand; their results go into the README.
-bench: bench-sweep
+bench: bench-average bench-sweep
+
+bench-average: $(STAMP)
+	$(BIN)/python bench/average.py
 
 bench-sweep: $(STAMP)
 	$(BIN)/python bench/sweep.py --repeats 5
+
+# The multi-seed study: does averaging help? Rewrites its README section and plot.
+quality: $(STAMP)
+	$(BIN)/python bench/quality.py
 
 clean:
 	rm -rf $(VENV) polyak-demo .pytest_cache
