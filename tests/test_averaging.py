@@ -106,6 +106,40 @@ def test_large_tensor_spanning_many_chunks(tmp_path):
     assert np.all(np.abs(result - reference) <= error_bound(newest_first, weights, np.float32))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, ml_dtypes.bfloat16, np.float64])
+def test_many_members_make_short_chunks_and_still_match_the_reference(tmp_path, dtype):
+    # 60 members: the scratch block holds a short chunk of each, so a tensor spans many.
+    rng = np.random.default_rng(3)
+    members = [{"w": (1 + 0.01 * rng.normal(size=(50, 700))).astype(dtype)} for _ in range(60)]
+    write_members(tmp_path, members)
+    weights = polyak.parse_scheme("linear").weights(60)
+    result = polyak.average(tmp_path, scheme="linear")["w"]
+    newest_first = [m["w"] for m in reversed(members)]
+    reference = reference_mean(newest_first, weights)
+    if dtype == np.float64:  # accumulated in float64: a few ulps
+        bound = 64 * 2.0**-53 * np.abs(reference)
+    else:
+        bound = error_bound(newest_first, weights, dtype)
+    assert result.dtype == np.dtype(dtype)
+    assert np.all(np.abs(result.astype(np.float64) - reference) <= bound)
+
+
+def test_safetensors_output_streams_without_whole_tensors(tmp_path, monkeypatch):
+    from polyak.formats.base import StreamedTensor
+
+    def refuse(*arguments, **options):
+        raise AssertionError("a whole averaged tensor was collected in memory")
+
+    monkeypatch.setattr(StreamedTensor, "__array__", refuse)
+    rng = np.random.default_rng(4)
+    members = [{"a": rng.normal(size=(600, 900)).astype(np.float32)} for _ in range(3)]
+    (tmp_path / "in").mkdir()
+    write_members(tmp_path / "in", members)
+    polyak.average_to(tmp_path / "in", tmp_path / "out.safetensors")
+    reference = reference_mean([m["a"] for m in reversed(members)], np.full(3, 1 / 3))
+    np.testing.assert_allclose(load_file(tmp_path / "out.safetensors")["a"], reference, atol=1e-6)
+
+
 def test_integer_and_bool_tensors_come_from_the_newest_member(tmp_path):
     members = [
         {

@@ -11,11 +11,17 @@ iterable of ``(name, array)`` pairs in the order the output should hold them, an
 (the newest member: its architecture, its optimizer state where the container
 needs one). Each array is valid only until the next pair is requested, so the
 engine can reuse its buffers; a writer that must hold arrays copies them.
+
+An array may be a :class:`StreamedTensor`: a tensor the engine computes chunk by
+chunk. A writer that can stream (safetensors) writes its ``chunks()`` as they come,
+so no whole tensor is ever in memory; any other writer calls ``numpy.asarray`` on
+it and gets the whole array.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import math
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -29,6 +35,7 @@ __all__ = [
     "CheckpointReader",
     "CheckpointWriter",
     "PlannedTensors",
+    "StreamedTensor",
     "TensorInfo",
     "dtype_name",
     "is_floating",
@@ -81,12 +88,70 @@ class TensorInfo:
     @property
     def size(self) -> int:
         """Number of elements."""
-        return int(np.prod(self.shape, dtype=np.int64))
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:
         """Number of bytes of the data."""
         return self.size * DTYPES[self.dtype].itemsize
+
+
+class StreamedTensor:
+    """A tensor produced chunk by chunk, in C order, each chunk flat and in its dtype.
+
+    ``chunks()`` may be iterated once; each chunk is valid only until the next one is
+    requested (the producer reuses its buffers). ``numpy.asarray(tensor)`` collects
+    the chunks into a new array instead, for writers that need whole tensors.
+
+    Args:
+        info: the tensor's shape and dtype.
+        produce: returns the iterator of chunks; called once, on first use.
+    """
+
+    def __init__(self, info: TensorInfo, produce: Callable[[], Iterator[np.ndarray]]) -> None:
+        self.info = info
+        self._produce: Callable[[], Iterator[np.ndarray]] | None = produce
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.info.shape
+
+    @property
+    def dtype(self) -> np.dtype:
+        return DTYPES[self.info.dtype]
+
+    @property
+    def ndim(self) -> int:
+        return len(self.info.shape)
+
+    @property
+    def size(self) -> int:
+        return self.info.size
+
+    @property
+    def nbytes(self) -> int:
+        return self.info.nbytes
+
+    def chunks(self) -> Iterator[np.ndarray]:
+        """The flat chunks, in order; they cover the tensor exactly once."""
+        if self._produce is None:
+            raise RuntimeError("a StreamedTensor's chunks can be read only once.")
+        produce, self._produce = self._produce, None
+        return produce()
+
+    def __array__(self, dtype: np.dtype | None = None, copy: bool | None = None) -> np.ndarray:
+        if copy is False:
+            raise ValueError("a StreamedTensor cannot be viewed without a copy.")
+        whole = np.empty(self.info.size, self.dtype)
+        position = 0
+        for chunk in self.chunks():
+            whole[position : position + chunk.size] = chunk
+            position += chunk.size
+        whole = whole.reshape(self.info.shape)
+        return whole if dtype is None else whole.astype(dtype, copy=False)
+
+    def __repr__(self) -> str:
+        return f"<StreamedTensor {self.info.shape} {self.info.dtype}>"
 
 
 class PlannedTensors:

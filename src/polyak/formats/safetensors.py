@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from polyak.errors import CheckpointError, OutputError
-from polyak.formats.base import DTYPES, PlannedTensors, ReaderBase, TensorInfo
+from polyak.formats.base import DTYPES, PlannedTensors, ReaderBase, StreamedTensor, TensorInfo
 
 __all__ = [
     "INDEX_NAME",
@@ -389,6 +389,19 @@ def _write_tensors(
             raise ValueError(f"tensor {planned_name}: was planned but never given.") from None
         if name != planned_name or tuple(array.shape) != info.shape:
             raise ValueError(f"tensor {name}: does not match the planned {planned_name}.")
+        if isinstance(array, StreamedTensor):
+            # Chunk by chunk as the engine computes them: no whole tensor in memory.
+            written = 0
+            for chunk in array.chunks():
+                file.write(
+                    np.ascontiguousarray(chunk, dtype=DTYPES[info.dtype]).view(np.uint8).data
+                )
+                written += chunk.size
+            if written != info.size:
+                raise ValueError(
+                    f"tensor {name}: {written} values were streamed; planned {info.size}."
+                )
+            continue
         data = np.ascontiguousarray(array, dtype=DTYPES[info.dtype])
         file.write(data.reshape(-1).view(np.uint8).data)
 

@@ -49,7 +49,14 @@ import ml_dtypes
 import numpy as np
 
 from polyak.errors import CheckpointError, OutputError, require
-from polyak.formats.base import DTYPES, CheckpointReader, ReaderBase, TensorInfo, dtype_name
+from polyak.formats.base import (
+    DTYPES,
+    CheckpointReader,
+    ReaderBase,
+    StreamedTensor,
+    TensorInfo,
+    dtype_name,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -361,6 +368,12 @@ class TorchReader(ReaderBase):
 def _to_torch(name: str, array: np.ndarray, path: Path) -> torch.Tensor:
     """A new tensor holding a copy of ``array`` (the engine reuses the array's buffer)."""
     torch = _torch()
+    if isinstance(array, StreamedTensor):
+        # Collecting the chunks makes the one copy the writer needs.
+        collected = np.asarray(array)
+        if array.info.dtype == "bfloat16":
+            return torch.from_numpy(collected.view(np.int16)).view(torch.bfloat16)
+        return torch.from_numpy(collected)
     array = np.asarray(array)
     dtype = dtype_name(array.dtype)
     if dtype is None:
