@@ -269,7 +269,7 @@ def test_custom_spec_round_trip_keeps_every_digit() -> None:
 
 
 def test_scheme_registry_lists_every_spec_name() -> None:
-    assert set(SCHEMES) == {"equal", "linear", "exp", "custom", "greedy"}
+    assert set(SCHEMES) == {"equal", "linear", "exp", "custom", "greedy", "power"}
 
 
 # ---------------------------------------------------------------- lists of schemes

@@ -12,6 +12,7 @@ from safetensors.numpy import save_file
 
 import polyak.sweep as sweep_module
 from polyak.errors import OutputError, SchemeError
+from polyak.posthoc import gamma_of
 from polyak.sweep import Candidate, SingleResult, SweepResult, sweep, write_best
 
 STEPS = list(range(490, 495))  # five members, 494 the newest
@@ -19,7 +20,7 @@ NEWEST_FIRST = STEPS[::-1]
 N = len(STEPS)
 FLOATING = ("dense/kernel", "dense/bias", "norm/scale")
 INTEGERS = ("steps", "mask")
-SCHEMES = ["equal", "linear", "exp:0.5", "exp:2", "custom:3,2,1"]
+SCHEMES = ["equal", "linear", "exp:0.5", "exp:2", "power:0.2", "custom:3,2,1"]
 
 
 def member_tensors(step: int) -> dict[str, np.ndarray]:
@@ -51,6 +52,11 @@ def formula_weights(scheme: str, n: int) -> np.ndarray:
         raw = (n - i + 1) / n
     elif scheme.startswith("exp:"):
         raw = np.exp(-i / float(scheme.partition(":")[2]))
+    elif scheme.startswith("power:"):
+        # The profile's mass over (p - d, p] at each step p, d the spacing (1 here).
+        exponent = gamma_of(float(scheme.partition(":")[2])) + 1
+        steps = np.array(NEWEST_FIRST[:n], dtype=np.float64)
+        raw = steps**exponent - (steps - 1) ** exponent
     else:
         raw = np.array([float(v) for v in scheme.partition(":")[2].split(",")])
         assert len(raw) == n
@@ -84,13 +90,14 @@ def assert_float_close(actual: np.ndarray, expected: np.ndarray, scale: np.ndarr
     """Equal to the float64 reference within the rounding to the tensor's own dtype.
 
     float16 and float32 results are the float64 sums rounded once: half an ulp, with a margin.
-    float64 results are the sums themselves; the linear scheme's ``(n+1) S - T`` cancels, so
-    they are allowed a few ulps of the members' magnitude ``scale``.
+    float64 results are the sums themselves; the linear scheme's ``(n+1) S - T`` cancels, and
+    power weights are differences of nearby powers, so they are allowed 2**-40 (about
+    1e-12) of the members' magnitude ``scale``.
     """
     unit = {np.float16: 2.0**-11, np.float32: 2.0**-24, np.float64: 2.0**-53}[actual.dtype.type]
     tolerance = 2 * unit * np.abs(expected) + np.finfo(actual.dtype).smallest_subnormal
     if actual.dtype == np.float64:
-        tolerance = tolerance + 2.0**-48 * scale
+        tolerance = tolerance + 2.0**-40 * scale
     assert np.all(np.abs(actual.astype(np.float64) - expected) <= tolerance), (actual, expected)
 
 

@@ -311,12 +311,15 @@ def average_readers(
     integers: str = "newest",
     allow_nonfinite: bool = False,
     progress: Callable[[int], None] | None = None,
+    signed: bool = False,
 ) -> PlannedTensors:
     """Average open checkpoints, lazily: iterate the result to compute it tensor by tensor.
 
     Args:
         readers: the members, newest first.
         weights: one weight per member, newest first; normalized here.
+        signed: allow negative weights (post-hoc EMA coefficients); they are then
+            scaled to sum to 1, which must be clearly away from 0.
         integers: ``"newest"`` (take integer and bool tensors from the newest member)
             or ``"require-equal"`` (and refuse any difference between members).
         allow_nonfinite: average NaN and infinity instead of refusing them.
@@ -332,7 +335,7 @@ def average_readers(
         raise SchemeError(
             f"integers policy must be one of {', '.join(INTEGER_POLICIES)}; received {integers!r}."
         )
-    normalized = normalize(weights, source="weights")
+    normalized = _signed_normalize(weights) if signed else normalize(weights, source="weights")
     if len(normalized) != len(readers):
         raise SchemeError(
             f"weights: {len(normalized)} weights were given for {len(readers)} checkpoints."
@@ -360,9 +363,19 @@ def average_readers(
     return PlannedTensors(plan, generate())
 
 
-def _weights_for(scheme: str | Scheme, count: int) -> tuple[Scheme, np.ndarray]:
+def _signed_normalize(weights: Sequence[float] | np.ndarray) -> np.ndarray:
+    values = np.asarray(weights, dtype=np.float64).reshape(-1)
+    if values.size == 0 or not np.all(np.isfinite(values)):
+        raise SchemeError(f"weights must be finite numbers; received {values.tolist()}.")
+    total = values.sum()
+    if not abs(total) > 1e-6 * np.abs(values).sum():
+        raise SchemeError(f"weights sum to {total}, too close to zero to be scaled to 1.")
+    return values / total
+
+
+def _weights_for(scheme: str | Scheme, members: list[Checkpoint]) -> tuple[Scheme, np.ndarray]:
     parsed = parse_scheme(scheme)
-    return parsed, parsed.weights(count)
+    return parsed, parsed.weights(len(members), positions=[member.step for member in members])
 
 
 def open_members(members: list[Checkpoint], key: str | None) -> list[CheckpointReader]:
@@ -465,7 +478,7 @@ def average(
         >>> weights = polyak.average("run/model_*.h5", scheme="exp:2", last=5)  # doctest: +SKIP
     """
     members = find_checkpoints(paths, last=last)
-    _, weights = _weights_for(scheme, len(members))
+    _, weights = _weights_for(scheme, members)
     readers = open_members(members, key)
     try:
         tensors = average_readers(
@@ -527,7 +540,7 @@ def average_to(
     directory = is_directory_output(requested)
     limit = None if max_shard_size is None else parse_size(max_shard_size)
     members = find_checkpoints(paths, last=last)
-    parsed, weights = _weights_for(scheme, len(members))
+    parsed, weights = _weights_for(scheme, members)
     input_format = format_of(members[0].path)
     output_format = format_for_output(requested, input_format)
     if limit is not None and output_format.name != "sharded-safetensors":

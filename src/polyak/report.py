@@ -16,16 +16,23 @@ from polyak.errors import OutputError, require
 from polyak.files import atomic_output
 from polyak.sweep import SweepResult
 
-__all__ = ["classic_lines", "sweep_table", "write_json", "write_plot"]
+__all__ = ["classic_lines", "is_posthoc", "sweep_table", "write_json", "write_plot"]
 
 
 def classic_lines(result: SweepResult, scheme: str) -> list[str]:
     """The tutorial's lines for one scheme, on test data: ``> n: single=..., ensemble=...``.
 
     The greedy soup has no n-th newest to compare with: its one line names the
-    members it kept (0 is the newest).
+    members it kept (0 is the newest); a post-hoc EMA's names the EMA snapshots it
+    combines.
     """
     lines = []
+    if is_posthoc(scheme):
+        for candidate in result.candidates_of(scheme):
+            lines.append(
+                f"> post-hoc EMA from {candidate.n} EMA snapshots: ensemble={candidate.test:.3f}"
+            )
+        return lines
     if scheme == "greedy":
         for candidate in result.candidates_of(scheme):
             kept = ", ".join(str(index) for index in candidate.members)
@@ -37,8 +44,17 @@ def classic_lines(result: SweepResult, scheme: str) -> list[str]:
     return lines
 
 
+def is_posthoc(scheme: str) -> bool:
+    """Whether a candidate's scheme is a post-hoc EMA (``posthoc:SIGMA_REL``)."""
+    return scheme.startswith("posthoc:")
+
+
 def sweep_table(result: SweepResult) -> Table:
-    """Every scheme side by side against n, beside each single member, on test data."""
+    """Every scheme side by side against n, beside each single member, on test data.
+
+    Post-hoc EMA candidates do not average the n newest members: they share one last
+    row, ``post-hoc``.
+    """
     schemes = result.schemes or list(dict.fromkeys(c.scheme for c in result.candidates))
     title = f"Test {result.metric} by number of newest members averaged"
     table = Table(title=title)
@@ -60,6 +76,18 @@ def sweep_table(result: SweepResult) -> Table:
             else:
                 cells.append(text)
         table.add_row(str(n), _scores_text(single.test, single.recalibrated_test), *cells)
+    posthoc = {c.scheme: c for c in result.candidates if is_posthoc(c.scheme)}
+    if posthoc:
+        cells = []
+        for scheme in schemes:
+            candidate = posthoc.get(scheme)
+            text = (
+                ""
+                if candidate is None
+                else _scores_text(candidate.test, candidate.recalibrated_test)
+            )
+            cells.append(f"[bold]{text}*[/bold]" if candidate == result.best else text)
+        table.add_row("post-hoc", "", *cells)
     best = result.best
     validation = (
         f", validation {result.best_validation:.4f}" if result.best_validation is not None else ""
@@ -108,6 +136,12 @@ def write_plot(result: SweepResult, path: str | Path) -> Path:
     )
     for scheme in result.schemes or dict.fromkeys(c.scheme for c in result.candidates):
         candidates = result.candidates_of(scheme)
+        if is_posthoc(scheme):
+            for candidate in candidates:  # not a function of n: a level across the plot
+                axes.axhline(
+                    candidate.test, linestyle=":", linewidth=1.4, label=f"{scheme} (post-hoc EMA)"
+                )
+            continue
         marker = "s" if len(candidates) == 1 else None
         (line,) = axes.plot(
             [c.n for c in candidates],
@@ -128,7 +162,7 @@ def write_plot(result: SweepResult, path: str | Path) -> Path:
             )
     best = result.best
     axes.plot(
-        [best.n],
+        [min(best.n, len(result.single))],
         [result.best_test],
         "*",
         markersize=14,

@@ -11,8 +11,12 @@ equal           1/n                                      ``equal``
 linear          (n - i + 1)/n: n/n, (n-1)/n, ..., 1/n    ``linear``
 exponential     exp(-i/alpha), alpha > 0                 ``exp:2``
 custom          given, newest first                      ``custom:0.5,0.3,0.2``
+power EMA       the power profile's mass at each member  ``power:0.1``
 greedy soup     1/k for the k members the soup keeps     ``greedy`` (sweep only)
 =============== ======================================= =========================
+
+``power:SIGMA_REL`` weighs members by a power-function EMA profile of relative width
+SIGMA_REL (Karras et al., 2024), using each member's step; see :mod:`polyak.posthoc`.
 
 The greedy soup (Wortsman et al., 2022, "Model soups", Algorithm 1) takes its
 members from evaluation, not from a formula: members are sorted by their own
@@ -29,6 +33,7 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,6 +47,7 @@ __all__ = [
     "Exponential",
     "Greedy",
     "Linear",
+    "Power",
     "Scheme",
     "normalize",
     "parse_scheme",
@@ -86,13 +92,21 @@ class Scheme:
     """A weighting scheme: ``weights(n)`` for the n newest members, newest first."""
 
     spec: str
+    #: Whether the weights depend on the members' steps (``positions``).
+    uses_positions: bool = False
 
     def raw_weights(self, n: int) -> np.ndarray:
         """Unnormalized weights (the formula), newest first."""
         raise NotImplementedError
 
-    def weights(self, n: int) -> np.ndarray:
-        """Weights of the n newest members, newest first, summing to 1."""
+    def weights(self, n: int, positions: Sequence[float] | None = None) -> np.ndarray:
+        """Weights of the n newest members, newest first, summing to 1.
+
+        Args:
+            n: the number of members.
+            positions: the members' steps, newest first; only schemes with
+                ``uses_positions`` (``power``) need them, the others ignore them.
+        """
         if not isinstance(n, (int, np.integer)) or n < 1:
             raise SchemeError(f"scheme {self.spec}: the number of members must be >= 1; got {n}.")
         return normalize(self.raw_weights(int(n)), source=f"scheme {self.spec}")
@@ -180,6 +194,49 @@ class Custom(Scheme):
 
 
 @dataclass(frozen=True)
+class Power(Scheme):
+    """A power-function EMA profile of relative width ``sigma_rel``, over the members' steps.
+
+    Member i at step p_i (newest first) gets the profile's mass over (p_i - d_i, p_i],
+    d_i the spacing to its newer neighbour: w_i ~ p_i^(g+1) - (p_i - d_i)^(g+1), with
+    g the profile's exponent (:func:`polyak.posthoc.gamma_of`). Needs the steps.
+    """
+
+    sigma_rel: float = 0.1
+    uses_positions = True
+
+    def __post_init__(self) -> None:
+        from polyak.posthoc import gamma_of
+
+        gamma_of(self.sigma_rel)  # refuses widths outside (0, 0.2887)
+
+    @property
+    def spec(self) -> str:
+        return f"power:{format_number(self.sigma_rel)}"
+
+    def weights(self, n: int, positions: Sequence[float] | None = None) -> np.ndarray:
+        from polyak.posthoc import power_snapshot_weights
+
+        if not isinstance(n, (int, np.integer)) or n < 1:
+            raise SchemeError(f"scheme {self.spec}: the number of members must be >= 1; got {n}.")
+        if positions is None or any(p is None for p in positions):
+            raise SchemeError(
+                f"scheme {self.spec}: weighs members by their steps, but a checkpoint's name "
+                "has no step number. Name checkpoints with their steps (model_step1000...)."
+            )
+        if len(positions) < n:
+            raise SchemeError(
+                f"scheme {self.spec}: {len(positions)} steps were given for {n} members."
+            )
+        return power_snapshot_weights(list(positions)[:n], self.sigma_rel)
+
+    def raw_weights(self, n: int) -> np.ndarray:
+        raise SchemeError(
+            f"scheme {self.spec}: needs the members' steps; use weights(n, positions)."
+        )
+
+
+@dataclass(frozen=True)
 class Greedy(Scheme):
     """Greedy soup: members chosen by evaluation, averaged equally (sweep only)."""
 
@@ -201,6 +258,7 @@ SCHEMES = {
     "linear": "Linearly decreasing: (n-i+1)/n, newest first",
     "exp": "Exponentially decreasing: exp(-i/alpha), spec exp:ALPHA",
     "custom": "Given weights, newest first, spec custom:W1,W2,...",
+    "power": "Power-function EMA profile over the members' steps, spec power:SIGMA_REL",
     "greedy": "Greedy soup: members kept while validation does not get worse (sweep only)",
 }
 
@@ -240,12 +298,23 @@ def parse_scheme(spec: str | Scheme) -> Scheme:
                 "rates use a list of schemes, e.g. --schemes exp:0.5,1,2."
             )
         return Exponential(_number(argument, spec))
+    if name == "power":
+        if not argument:
+            raise SchemeError(f"scheme '{spec}': give the profile's width, e.g. power:0.1.")
+        if "," in argument:
+            raise SchemeError(
+                f"scheme '{spec}': one width per power scheme; for a grid use a list of "
+                "schemes, e.g. --schemes power:0.05,0.1,0.2."
+            )
+        return Power(_number(argument, spec))
     if name == "custom":
         parts = [part for part in argument.split(",") if part.strip()]
         if not parts:
             raise SchemeError(f"scheme '{spec}': give the weights, e.g. custom:0.5,0.3,0.2.")
         return Custom(tuple(_number(part, spec) for part in parts))
-    known = ", ".join(("equal", "linear", "exp:ALPHA", "custom:W1,W2,...", "greedy"))
+    known = ", ".join(
+        ("equal", "linear", "exp:ALPHA", "power:SIGMA_REL", "custom:W1,W2,...", "greedy")
+    )
     raise SchemeError(f"unknown scheme '{spec}'. Known schemes: {known}.")
 
 
@@ -275,6 +344,9 @@ def parse_schemes(specs: str | list[str]) -> list[Scheme]:
         elif name in {"exp", "exponential"}:
             schemes.append(parse_scheme(head))
             schemes.extend(parse_scheme(f"exp:{number}") for number in numbers)
+        elif name == "power":
+            schemes.append(parse_scheme(head))
+            schemes.extend(parse_scheme(f"power:{number}") for number in numbers)
         elif numbers:
             raise SchemeError(f"scheme '{head}' takes no numbers; received {','.join(numbers)}.")
         else:

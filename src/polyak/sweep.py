@@ -12,6 +12,7 @@ while the members stream by, newest first (member i = 1..N):
 - linear:       weights n+1-i, so sum = (n+1) S_n - T_n with T_n = sum_{i<=n} i x_i,
                 mean = ((n+1) S_n - T_n) / (n (n+1) / 2)
 - exp(alpha):   E_n = sum_{i<=n} exp(-(i-1)/alpha) x_i,     mean = E_n / sum of the weights
+- power(sigma_rel): the same with each member's power-profile mass (``polyak.posthoc``)
 - custom (k weights): C = sum_{i<=k} c_i x_i, a candidate at n = k only.
 - greedy soup (``greedy``, Wortsman et al., 2022): after the pass, members sorted by
   their own score (validation if there is one), best first; each joins the soup, a
@@ -40,7 +41,7 @@ model once.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,7 +60,16 @@ from polyak.formats.base import (
     is_floating,
     numpy_dtype,
 )
-from polyak.schemes import Custom, Equal, Exponential, Greedy, Linear, Scheme, parse_schemes
+from polyak.schemes import (
+    Custom,
+    Equal,
+    Exponential,
+    Greedy,
+    Linear,
+    Power,
+    Scheme,
+    parse_schemes,
+)
 
 __all__ = ["Candidate", "SingleResult", "SweepResult", "run_sweep", "sweep", "write_best"]
 
@@ -202,8 +212,14 @@ class SweepResult:
 class _RunningSums:
     """The float64 running sums one scheme needs, and its candidate for the current n."""
 
-    def __init__(self, scheme: Scheme, plan: list[tuple[str, TensorInfo]]) -> None:
+    def __init__(
+        self, scheme: Scheme, plan: list[tuple[str, TensorInfo]], positions: list[int | None]
+    ) -> None:
         self.scheme = scheme
+        self.positions = positions
+        # A power profile's mass at member i depends on i and its newer neighbour only,
+        # so its coefficients are fixed once all steps are known, like exp's.
+        self.masses = scheme.weights(len(positions), positions) if scheme.uses_positions else None
         self.sums = [{name: np.zeros(info.shape) for name, info in plan}]
         if isinstance(scheme, Linear):
             self.sums.append({name: np.zeros(info.shape) for name, info in plan})
@@ -214,6 +230,8 @@ class _RunningSums:
         scheme = self.scheme
         if isinstance(scheme, Exponential):
             return float(np.exp(-(i - 1) / scheme.alpha))
+        if self.masses is not None:
+            return float(self.masses[i - 1])
         if isinstance(scheme, Custom):
             return scheme.values[i - 1] if i <= len(scheme.values) else 0.0
         return 1.0
@@ -326,7 +344,7 @@ def _check_schemes(schemes: Sequence[Scheme], count: int) -> None:
     if not schemes:
         raise SchemeError("the sweep needs at least one scheme, e.g. equal,linear,exp:2.")
     for scheme in schemes:
-        if not isinstance(scheme, (Equal, Linear, Exponential, Custom, Greedy)):
+        if not isinstance(scheme, (Equal, Linear, Exponential, Power, Custom, Greedy)):
             raise SchemeError(f"scheme {scheme}: the sweep cannot compute it from running sums.")
         if isinstance(scheme, Custom) and len(scheme.values) > count:
             raise SchemeError(
@@ -343,20 +361,29 @@ def run_sweep(
     metric: str = "metric",
     higher_is_better: bool = True,
     progress: Callable[[str], None] | None = None,
+    posthoc: Sequence[float] = (),
+    posthoc_directory: str | Path | None = None,
 ) -> SweepResult:
     """Sweep over open checkpoints; see :func:`sweep`.
+
+    ``posthoc`` widths add post-hoc EMA candidates (``posthoc:SIGMA_REL``) reconstructed
+    from the EMA profiles tracked in ``posthoc_directory`` (by default the newest
+    member's directory; see :mod:`polyak.posthoc`).
 
     ``evaluate`` may also offer ``recalibrated_tensors(tensors) -> {name: array}``:
     the candidate's tensors with its BatchNorm statistics recalibrated, used to
     write out a best candidate whose recalibrated variant won.
     """
     _check_schemes(schemes, len(readers))
+    positions = [member.step for member in members]
     plan = check_compatible(readers)
     floating = [(name, info) for name, info in plan if is_floating(info.dtype)]
     integer_names = [name for name, info in plan if not is_floating(info.dtype)]
     carried = {name: np.array(readers[0].read(name)) for name in integer_names}
     running = [
-        _RunningSums(scheme, floating) for scheme in schemes if not isinstance(scheme, Greedy)
+        _RunningSums(scheme, floating, positions)
+        for scheme in schemes
+        if not isinstance(scheme, Greedy)
     ]
     candidate_tensors = {
         name: np.empty(info.shape, numpy_dtype(info.dtype)) for name, info in floating
@@ -389,7 +416,7 @@ def run_sweep(
             for name, _ in floating:
                 sums.candidate(i, name, candidate_tensors[name])
             scores = score(candidate_tensors)
-            weights = tuple(float(w) for w in sums.scheme.weights(i))
+            weights = tuple(float(w) for w in sums.scheme.weights(i, positions[:i]))
             candidate = Candidate(sums.scheme.spec, i, weights, *_fields(scores))
             candidates.append(candidate)
             chooser.offer(candidate, scores, candidate_tensors)
@@ -399,8 +426,17 @@ def run_sweep(
         )
         candidates.append(soup)
         chooser.offer(soup, _Scores(*_fields_of(soup)), soup_tensors)
+    specs = [scheme.spec for scheme in schemes]
+    if posthoc:
+        directory = members[0].path.parent if posthoc_directory is None else posthoc_directory
+        for candidate, tensors in _posthoc_candidates(
+            directory, posthoc, plan, integer_names, score, progress
+        ):
+            candidates.append(candidate)
+            specs.append(candidate.scheme)
+            chooser.offer(candidate, _Scores(*_fields_of(candidate)), tensors)
     # Computed member by member; reported scheme by scheme, each by n.
-    order = {scheme.spec: index for index, scheme in enumerate(schemes)}
+    order = {spec: index for index, spec in enumerate(specs)}
     candidates.sort(key=lambda candidate: (order[candidate.scheme], candidate.n))
     best, recalibrated, best_tensors = chooser.result()
     if recalibrated and hasattr(evaluate, "recalibrated_tensors"):
@@ -416,7 +452,7 @@ def run_sweep(
         single=single,
         candidates=candidates,
         best=best,
-        schemes=[scheme.spec for scheme in schemes],
+        schemes=specs,
         best_tensors=best_tensors,
         best_recalibrated=recalibrated,
     )
@@ -455,6 +491,58 @@ class _Chooser:
     def result(self) -> tuple[Candidate, bool, dict[str, np.ndarray]]:
         assert self.best is not None and self.tensors is not None  # one candidate at least
         return self.best[0], self.best[1], self.tensors
+
+
+def _posthoc_candidates(
+    directory: str | Path,
+    widths: Sequence[float],
+    plan: list[tuple[str, TensorInfo]],
+    integer_names: list[str],
+    score: _ScoreReader,
+    progress: Callable[[str], None] | None,
+) -> Iterator[tuple[Candidate, dict[str, np.ndarray]]]:
+    """The post-hoc EMA of each width, reconstructed and evaluated (one candidate each).
+
+    ``n`` is the number of EMA snapshots combined and ``weights`` their coefficients,
+    newest first (they sum to 1; some may be negative).
+    """
+    from polyak.averaging import average_readers
+    from polyak.discovery import order_key
+    from polyak.errors import IncompatibleCheckpointsError
+    from polyak.posthoc import find_profile_snapshots, posthoc_coefficients
+    from polyak.schemes import format_number
+
+    snapshots = find_profile_snapshots(directory)
+    snapshots.sort(key=lambda snapshot: (-snapshot.step, snapshot.sigma_rel))
+    readers = open_members([order_key(s.path) for s in snapshots], None)
+    try:
+        profile_plan = check_compatible(readers)
+        if dict(profile_plan) != dict(plan):
+            raise IncompatibleCheckpointsError(
+                f"the EMA snapshots in {directory} hold other tensors than the checkpoints "
+                "swept (names, shapes or dtypes differ); they come from another model."
+            )
+        for width in widths:
+            if progress is not None:
+                progress(f"post-hoc EMA sigma_rel {format_number(width)}")
+            coefficients = posthoc_coefficients(
+                [s.step for s in snapshots], [s.sigma_rel for s in snapshots], width
+            )
+            tensors = {
+                name: np.array(array)
+                for name, array in average_readers(readers, coefficients, signed=True)
+            }
+            scores = score(tensors)
+            candidate = Candidate(
+                f"posthoc:{format_number(width)}",
+                len(snapshots),
+                tuple(float(c) for c in coefficients),
+                *_fields(scores),
+            )
+            yield candidate, tensors
+    finally:
+        for reader in readers:
+            reader.close()
 
 
 def _greedy_soup(
@@ -529,6 +617,8 @@ def sweep(
     metric: str = "metric",
     higher_is_better: bool = True,
     key: str | None = None,
+    posthoc: Sequence[float] = (),
+    posthoc_directory: str | Path | None = None,
 ) -> SweepResult:
     """Evaluate every member and every (scheme, n) average of checkpoints, in one pass.
 
@@ -543,12 +633,16 @@ def sweep(
         metric: the metric's name for the report.
         higher_is_better: False for losses.
         key: for PyTorch checkpoint dicts, the key holding the weights.
+        posthoc: widths (``sigma_rel``) of post-hoc EMA candidates, reconstructed from
+            the EMA profiles tracked in ``posthoc_directory`` (by default the newest
+            checkpoint's directory).
 
     Returns:
         A :class:`SweepResult`.
 
     Example:
-        >>> result = polyak.sweep("run/", evaluate=accuracy_on_test)  # doctest: +SKIP
+        >>> from polyak.sweep import sweep
+        >>> result = sweep("run/", evaluate=accuracy_on_test)  # doctest: +SKIP
         >>> result.best.scheme, result.best.n, result.best.test  # doctest: +SKIP
     """
     members = find_checkpoints(paths, last=last)
@@ -566,6 +660,8 @@ def sweep(
             evaluate,
             metric=metric,
             higher_is_better=higher_is_better,
+            posthoc=posthoc,
+            posthoc_directory=posthoc_directory,
         )
     finally:
         for reader in readers:

@@ -50,7 +50,7 @@ def root(
 
 def _register() -> None:
     # One module per subcommand; each adds its command to ``app``.
-    from polyak.cli import average, demo, inspect, sweep  # noqa: F401
+    from polyak.cli import average, demo, inspect, posthoc, sweep  # noqa: F401
 
 
 def main(argv: list[str] | None = None) -> None:

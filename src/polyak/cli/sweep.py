@@ -17,6 +17,12 @@ from polyak.errors import DataError, OutputError
 KERAS_FORMATS = ("keras", "keras-h5", "keras-weights")
 
 
+def _widths(text: str) -> list[float]:
+    from polyak.cli.posthoc import parse_widths
+
+    return parse_widths(text)
+
+
 @app.command("sweep")
 def sweep_command(
     paths: list[str] = typer.Argument(..., help="Checkpoint files, directories or globs."),
@@ -55,6 +61,15 @@ def sweep_command(
         "--recalibrate",
         help="Training data (.npz x): also score each candidate after recomputing its "
         "BatchNorm statistics on it; both numbers are reported.",
+    ),
+    posthoc: str | None = typer.Option(
+        None,
+        "--posthoc",
+        help="Also evaluate post-hoc EMAs of these widths, e.g. 0.05,0.1, reconstructed "
+        "from the EMA profiles the snapshot helper tracked (posthoc/sigma-*/).",
+    ),
+    posthoc_dir: Path | None = typer.Option(
+        None, "--posthoc-dir", help="Where the EMA profiles are (default: beside the newest)."
     ),
     device: str | None = typer.Option(
         None, "--device", help="PyTorch: cpu, cuda, cuda:1... (default: a GPU if there is one)."
@@ -117,6 +132,8 @@ def sweep_command(
         "higher_is_better": direction,
         "batch_size": batch_size,
         "recalibrate": calibration,
+        "posthoc": _widths(posthoc) if posthoc is not None else (),
+        "posthoc_directory": posthoc_dir,
         "progress": progress,
     }
     checkpoints = [member.path for member in members]

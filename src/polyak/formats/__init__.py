@@ -40,6 +40,7 @@ __all__ = [
     "format_from_name",
     "format_of",
     "open_checkpoint",
+    "suffix_of",
 ]
 
 # Files inside a directory checkpoint (Hugging Face layout) that hold the model.
@@ -137,6 +138,18 @@ def format_from_name(name: str) -> Format | None:
             if lower.endswith(suffix) and (best is None or len(suffix) > best[0]):
                 best = (len(suffix), fmt)
     return best[1] if best else None
+
+
+def suffix_of(name: str) -> str | None:
+    """The known checkpoint suffix a file name ends with (the longest), or None.
+
+    Example:
+        >>> suffix_of("model_0499.weights.h5")
+        '.weights.h5'
+    """
+    lower = name.lower()
+    matches = [suffix for fmt in FORMATS for suffix in fmt.suffixes if lower.endswith(suffix)]
+    return max(matches, key=len) if matches else None
 
 
 def directory_model_file(path: Path) -> Path | None:

@@ -171,6 +171,8 @@ def sweep(
     higher_is_better: bool | None = None,
     batch_size: int = 1024,
     recalibrate: Dataset | tuple | str | Path | Callable[[Any], None] | None = None,
+    posthoc: Sequence[float] = (),
+    posthoc_directory: str | Path | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> SweepResult:
     """Sweep Keras checkpoints: every member and every (scheme, n) average, evaluated.
@@ -195,6 +197,9 @@ def sweep(
         batch_size: examples per forward pass.
         recalibrate: also score every candidate after BatchNorm recalibration on
             this data (``.npz``, ``(x, y)`` or Dataset) or by ``recalibrate(model)``.
+        posthoc: widths of post-hoc EMA candidates (``posthoc:SIGMA_REL``), from the
+            EMA profiles tracked in ``posthoc_directory`` (default: the newest
+            checkpoint's directory); see :mod:`polyak.posthoc`.
 
     Example:
         >>> result = polyak.keras.sweep("snapshots/", "test.npz", "val.npz")  # doctest: +SKIP
@@ -233,6 +238,8 @@ def sweep(
             metric=name,
             higher_is_better=direction,
             progress=progress,
+            posthoc=posthoc,
+            posthoc_directory=posthoc_directory,
         )
     finally:
         for reader in readers:

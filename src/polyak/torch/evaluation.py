@@ -297,6 +297,8 @@ def sweep(
     batch_size: int = 256,
     key: str | None = None,
     recalibrate: Recalibrate | None = None,
+    posthoc: Sequence[float] = (),
+    posthoc_directory: str | Path | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> SweepResult:
     """Sweep PyTorch checkpoints: every member and every (scheme, n) average, evaluated.
@@ -325,6 +327,9 @@ def sweep(
         key: for checkpoint dicts, the entry holding the weights.
         recalibrate: also score every candidate after BatchNorm recalibration on
             this data (``.npz``, ``(x, y)`` or Dataset) or by ``recalibrate(module)``.
+        posthoc: widths of post-hoc EMA candidates (``posthoc:SIGMA_REL``), from the
+            EMA profiles tracked in ``posthoc_directory`` (default: the newest
+            checkpoint's directory); see :mod:`polyak.posthoc`.
 
     Example:
         >>> from polyak.torch import sweep
@@ -363,6 +368,8 @@ def sweep(
             metric=name,
             higher_is_better=direction,
             progress=progress,
+            posthoc=posthoc,
+            posthoc_directory=posthoc_directory,
         )
     finally:
         for reader in readers:

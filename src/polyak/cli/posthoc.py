@@ -1,0 +1,110 @@
+"""``polyak posthoc``: reconstruct power-function EMAs of any width after training.
+
+Reads the EMA profiles a snapshot helper tracked (``DIR/posthoc/sigma-*/``) and writes
+one file per requested width, ``OUT/posthoc-SIGMA_REL.SUFFIX``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from polyak.cli.main import app
+from polyak.cli.output import console, print_json
+from polyak.errors import OutputError, SchemeError
+
+
+def parse_widths(text: str) -> list[float]:
+    """``"0.05,0.1"`` -> ``[0.05, 0.1]``, refusing anything else in one line."""
+    widths = []
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        try:
+            widths.append(float(part))
+        except ValueError:
+            raise SchemeError(
+                f"widths (sigma_rel) are numbers separated by commas, e.g. 0.05,0.1; "
+                f"received {text!r}."
+            ) from None
+    if not widths:
+        raise SchemeError("give at least one width (sigma_rel), e.g. 0.05,0.1.")
+    return widths
+
+
+@app.command("posthoc")
+def posthoc_command(
+    directory: Path = typer.Argument(
+        ..., help="A snapshot directory whose helper tracked EMA profiles (posthoc/sigma-*/)."
+    ),
+    sigma_rel: str = typer.Option(
+        ..., "--sigma-rel", help="Widths to reconstruct, e.g. 0.05,0.08,0.1,0.15."
+    ),
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="Output directory for posthoc-SIGMA_REL files (created)."
+    ),
+    suffix: str | None = typer.Option(
+        None, "--suffix", help="Output format, e.g. .safetensors or .pt (default: the inputs')."
+    ),
+    time: float | None = typer.Option(
+        None, "--time", help="Reconstruct at this step (default: the latest EMA snapshot's)."
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Reconstruct the EMA of each width from the tracked profiles, by least squares."""
+    from polyak.formats import suffix_of
+    from polyak.posthoc import find_profile_snapshots, reconstruct_to
+    from polyak.schemes import format_number
+
+    widths = parse_widths(sigma_rel)
+    snapshots = find_profile_snapshots(directory)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"output {out}: exists and is not a directory.")
+    extension = suffix_of(snapshots[0].path.name) if suffix is None else "." + suffix.lstrip(".")
+    out.mkdir(parents=True, exist_ok=True)
+    results = [
+        reconstruct_to(
+            directory,
+            width,
+            out / f"posthoc-{format_number(width)}{extension}",
+            time=time,
+            overwrite=overwrite,
+        )
+        for width in widths
+    ]
+    if as_json:
+        print_json(
+            [
+                {
+                    "sigma_rel": result.sigma_rel,
+                    "time": result.time,
+                    "output": str(result.output),
+                    "snapshots": [
+                        {"path": str(s.path), "step": s.step, "sigma_rel": s.sigma_rel}
+                        for s in result.snapshots
+                    ],
+                    "coefficients": result.coefficients.tolist(),
+                }
+                for result in results
+            ]
+        )
+        return
+    profiles = sorted({s.sigma_rel for s in snapshots})
+    table = Table(
+        title=f"Post-hoc EMA from {len(snapshots)} snapshots of profiles "
+        + ", ".join(format_number(p) for p in profiles)
+    )
+    for column in ("sigma_rel", "at step", "largest coefficient", "negative", "output"):
+        table.add_column(column, justify="left" if column == "output" else "right")
+    for result in results:
+        table.add_row(
+            format_number(result.sigma_rel),
+            format_number(result.time),
+            f"{result.coefficients.max():.3f}",
+            str(int((result.coefficients < 0).sum())),
+            str(result.output),
+        )
+    console.print(table)
