@@ -104,3 +104,31 @@ def test_a_directory_without_a_manifest_is_still_scanned(tmp_path: Path) -> None
         "model_2.npz",
         "model_1.npz",
     ]
+
+
+def test_steps_and_epochs_come_from_the_manifest(tmp_path: Path) -> None:
+    # Named by epoch, as the Keras callback names them; the manifest also has the step.
+    snapshots = SnapshotDirectory(tmp_path, keep=3)
+    for epoch in (7, 8, 9):
+        values = np.full(2, float(epoch), dtype=np.float32)
+        snapshots.commit(save_npz(values), f"model_{epoch:04d}.npz", epoch=epoch, step=40 * epoch)
+    found = find_checkpoints(tmp_path)
+    assert [(c.epoch, c.step) for c in found] == [(9, 360), (8, 320), (7, 280)]
+    # Also when the files are named one by one, as a caller passing on members would.
+    explicit = find_checkpoints([tmp_path / "model_0008.npz", tmp_path / "model_0009.npz"])
+    assert [(c.epoch, c.step) for c in explicit] == [(9, 360), (8, 320)]
+
+
+def test_power_scheme_weighs_snapshots_by_their_recorded_steps(tmp_path: Path) -> None:
+    from polyak.posthoc import power_snapshot_weights
+
+    snapshots = SnapshotDirectory(tmp_path, keep=3)
+    steps = {7: 100, 8: 300, 9: 310}  # uneven steps behind evenly numbered epochs
+    for epoch, step in steps.items():
+        values = np.full(2, float(epoch), dtype=np.float32)
+        snapshots.commit(save_npz(values), f"model_{epoch:04d}.npz", epoch=epoch, step=step)
+    averaged = polyak.average(tmp_path, scheme="power:0.2")["w"]
+    weights = power_snapshot_weights([310, 300, 100], 0.2)
+    np.testing.assert_allclose(
+        averaged, weights @ np.array([9.0, 8.0, 7.0]) * np.ones(2), rtol=1e-6
+    )

@@ -488,3 +488,12 @@ def test_sweep_recalibrates_each_candidate_and_keeps_both_scores(tmp_path, data)
         recalibrate_batchnorm(reference, x, batch_size=1024)
         recalibrated = reference_accuracy(keras.ops.convert_to_numpy(reference(x_test)), y_test)
         assert (candidate.test, candidate.recalibrated_test) == (plain, recalibrated)
+
+
+def test_a_model_the_caller_gave_gets_its_weights_back(snapshots, data):
+    directory, _ = snapshots
+    model = keras.models.load_model(directory / "model_490.h5", compile=False)
+    before = model.get_weights()
+    sweep(directory, data["test"], schemes="equal", model=model)
+    for after, original in zip(model.get_weights(), before, strict=True):
+        np.testing.assert_array_equal(after, original)

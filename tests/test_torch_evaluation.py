@@ -389,3 +389,11 @@ def test_cli_recalibrate_reports_both_numbers_and_writes_the_chosen_variant(
         torch.testing.assert_close(statistics, model[1].running_mean)
     else:
         torch.testing.assert_close(statistics, averaged["1.running_mean"])
+
+
+def test_a_module_the_caller_gave_gets_its_state_back(run, data):
+    model = build()
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    sweep(run["dir"], data["test"], model=model, schemes="equal")
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, before[name], rtol=0, atol=0)

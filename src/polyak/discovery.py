@@ -24,6 +24,7 @@ What counts as a checkpoint:
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import itertools
 import re
@@ -31,9 +32,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from polyak.errors import DiscoveryError
+from polyak.errors import CheckpointError, DiscoveryError
 from polyak.formats import directory_model_file, format_from_name
-from polyak.snapshots import MANIFEST_NAME, read_manifest
+from polyak.snapshots import MANIFEST_NAME, Snapshot, read_manifest
 
 __all__ = ["Checkpoint", "find_checkpoints", "order_key"]
 
@@ -60,8 +61,10 @@ class Checkpoint:
     Attributes:
         path: the file, or the directory (``checkpoint-500/``), as found.
         key: the integers of its name, the sort key.
-        step: the ``step`` number of its name, or else its last number.
-        epoch: the ``epoch`` number of its name, if it has one.
+        step: the training step its snapshot manifest records; else the ``step``
+            number of its name, or else its last number.
+        epoch: the epoch its snapshot manifest records; else the ``epoch`` number of
+            its name, if it has one.
     """
 
     path: Path
@@ -101,6 +104,31 @@ def order_key(path: Path) -> Checkpoint:
 def _is_checkpoint_file(path: Path) -> bool:
     fmt = format_from_name(path.name)
     return fmt is not None and fmt.name != "sharded-safetensors"
+
+
+def _with_recorded_numbers(
+    checkpoint: Checkpoint, manifests: dict[Path, dict[str, Snapshot]]
+) -> Checkpoint:
+    """The checkpoint with the step and epoch its snapshot manifest records, if any.
+
+    A snapshot's name carries one number (its epoch, or its step); the manifest has
+    both. The order still comes from the names.
+    """
+    directory = checkpoint.path.parent
+    if directory not in manifests:
+        try:
+            listed = read_manifest(directory) or []
+        except CheckpointError:  # a damaged manifest is reported when its directory is scanned
+            listed = []
+        manifests[directory] = {snapshot.name: snapshot for snapshot in listed}
+    snapshot = manifests[directory].get(checkpoint.name)
+    if snapshot is None:
+        return checkpoint
+    return dataclasses.replace(
+        checkpoint,
+        step=checkpoint.step if snapshot.step is None else snapshot.step,
+        epoch=checkpoint.epoch if snapshot.epoch is None else snapshot.epoch,
+    )
 
 
 def _manifest_members(directory: Path) -> list[Path]:
@@ -202,7 +230,8 @@ def find_checkpoints(
             unique.setdefault(path.resolve(), path)
     if not unique:
         raise DiscoveryError("no checkpoints given.")
-    checkpoints = [order_key(path) for path in unique.values()]
+    manifests: dict[Path, dict[str, Snapshot]] = {}
+    checkpoints = [_with_recorded_numbers(order_key(path), manifests) for path in unique.values()]
     for checkpoint in checkpoints:
         if _SHARD.search(_stem(checkpoint.path)):
             raise DiscoveryError(

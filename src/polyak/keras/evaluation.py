@@ -178,7 +178,8 @@ def sweep(
     """Sweep Keras checkpoints: every member and every (scheme, n) average, evaluated.
 
     Each checkpoint is read once (twice with ``greedy``); one model is reused for
-    every candidate. Give either data (``test_data``, optionally
+    every candidate, and a model the caller passed gets its weights back at the end.
+    Give either data (``test_data``, optionally
     ``validation_data``, and a ``metric``) or your own ``evaluate(model)``.
 
     Args:
@@ -211,6 +212,8 @@ def sweep(
     test = None if test_data is None else as_dataset(test_data, "test")
     validation = None if validation_data is None else as_dataset(validation_data, "validation")
     target = resolve_model(model, members[0].path)
+    # A model the caller gave gets its own weights back afterwards.
+    original = target.get_weights() if target is model else None
     readers = open_members(members, None)
     try:
         evaluator = KerasEvaluator(
@@ -244,3 +247,5 @@ def sweep(
     finally:
         for reader in readers:
             reader.close()
+        if original is not None:
+            target.set_weights(original)

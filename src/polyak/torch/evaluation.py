@@ -304,7 +304,8 @@ def sweep(
     """Sweep PyTorch checkpoints: every member and every (scheme, n) average, evaluated.
 
     Each checkpoint is read once (twice with ``greedy``); one module is reused for
-    every candidate. Give either data (``test_data``, optionally
+    every candidate, and a module the caller passed gets its state (and device) back
+    at the end. Give either data (``test_data``, optionally
     ``validation_data``, and a ``metric``) or your own ``evaluate(module)``.
 
     Args:
@@ -341,6 +342,13 @@ def sweep(
     test = None if test_data is None else as_dataset(test_data, "test")
     validation = None if validation_data is None else as_dataset(validation_data, "validation")
     module = resolve_module(model)
+    # A module the caller gave gets its own state back afterwards.
+    original = (
+        {name: value.detach().clone() for name, value in module.state_dict().items()}
+        if module is model
+        else None
+    )
+    device_before = next((p.device for p in module.parameters()), None)
     evaluator = TorchEvaluator(
         module,
         test=test,
@@ -374,3 +382,7 @@ def sweep(
     finally:
         for reader in readers:
             reader.close()
+        if original is not None:
+            module.load_state_dict(original)
+            if device_before is not None:
+                module.to(device_before)
