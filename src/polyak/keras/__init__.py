@@ -30,11 +30,13 @@ from polyak.keras.models import (  # noqa: E402
     load_averaged_model,
     resolve_model,
 )
+from polyak.keras.online import OnlineAverage  # noqa: E402
 
 __all__ = [
     "Dataset",
     "KerasEvaluator",
     "KerasWeightMap",
+    "OnlineAverage",
     "SnapshotCheckpoint",
     "average_models",
     "batchnorm_layers",

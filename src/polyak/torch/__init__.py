@@ -1,4 +1,4 @@
-"""PyTorch adapter: snapshot helpers, the sweep's evaluator and BatchNorm recalibration.
+"""PyTorch adapter: snapshots, online averaging, the sweep's evaluator, BatchNorm recalibration.
 
 torch is imported only here and in ``polyak.formats.torch``, never by ``import polyak``.
 
@@ -19,9 +19,11 @@ from polyak.torch.evaluation import (  # noqa: E402
     resolve_module,
     sweep,
 )
+from polyak.torch.online import OnlineAverage  # noqa: E402
 from polyak.torch.snapshots import SnapshotSaver, save_state_dict  # noqa: E402
 
 __all__ = [
+    "OnlineAverage",
     "SnapshotSaver",
     "TorchEvaluator",
     "batchnorm_layers",
