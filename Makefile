@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all lint format bench bench-average bench-sweep quality clean
+.PHONY: demo test test-all fuzz lint format bench bench-average bench-sweep quality clean
 
 # torch first, pinned: pip takes the CPU wheel from local disk. Asking for the
 # rest first could let a dependency pull a multi-GB CUDA build.
@@ -22,6 +22,10 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -m ""
+
+# The readers fuzzed longer than in `make test`: 5000 examples per property.
+fuzz: $(STAMP)
+	POLYAK_FUZZ_EXAMPLES=5000 $(BIN)/python -m pytest tests/test_fuzz.py -q --hypothesis-show-statistics
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

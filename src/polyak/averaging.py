@@ -251,19 +251,24 @@ def _average_floating(
                 base = block.base[:length]
                 np.copyto(base, sources[0][start:stop], casting="unsafe")
             summed = block.summed[:length]
-            if len(sources) > 1:
-                differences = block.differences[: len(sources) - 1, :length]
-                for row, source in enumerate(sources[1:]):
-                    np.subtract(source[start:stop], base, out=differences[row], dtype=accumulate)
-                np.matmul(rest, differences, out=summed)
-                np.add(summed, base, out=summed)
-            else:
-                np.copyto(summed, base)
-            # A sum of finite values is finite (unless it overflows, checked then
-            # element by element); NaN and infinity never cancel out of it.
-            if not allow_nonfinite and not np.isfinite(summed.sum()):
-                if not np.isfinite(summed).all():
-                    _raise_nonfinite(name, readers, sources, start, stop)
+            # NaN and infinity are checked below (or allowed): numpy's warnings about
+            # them would only add lines to the one-line error on stderr.
+            with np.errstate(invalid="ignore", over="ignore"):
+                if len(sources) > 1:
+                    differences = block.differences[: len(sources) - 1, :length]
+                    for row, source in enumerate(sources[1:]):
+                        np.subtract(
+                            source[start:stop], base, out=differences[row], dtype=accumulate
+                        )
+                    np.matmul(rest, differences, out=summed)
+                    np.add(summed, base, out=summed)
+                else:
+                    np.copyto(summed, base)
+                # A sum of finite values is finite (unless it overflows, checked then
+                # element by element); NaN and infinity never cancel out of it.
+                finite = allow_nonfinite or np.isfinite(summed.sum())
+            if not finite and not np.isfinite(summed).all():
+                _raise_nonfinite(name, readers, sources, start, stop)
             if output is None:
                 yield summed
             else:

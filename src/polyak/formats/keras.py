@@ -18,10 +18,15 @@ file.
 
 Only hard links are followed. A soft or external link anywhere in the file is
 refused, so that a checkpoint cannot make polyak read data from elsewhere in the
-file or from another file. A ``.keras`` zip whose member names are absolute or
-contain ``..`` is refused too, and its ``model.weights.h5`` is read in place when
-stored uncompressed (Keras stores it so), or extracted to a temporary file when
-compressed, up to ``MAX_WEIGHTS_BYTES``.
+file or from another file; so is a dataset whose data lives in another file (HDF5
+external storage, virtual datasets). A tensor must hold its data in the file: one
+that declares a shape larger than the bytes it stores (a huge shape over an
+unallocated dataset) is refused from its header, before anything is allocated. A
+``.keras`` zip whose member names are absolute or contain ``..`` is refused too, and
+its ``model.weights.h5`` is read in place when stored uncompressed (Keras stores it
+so), or extracted to a temporary file when compressed, up to ``MAX_WEIGHTS_BYTES``.
+A member that inflates more than ``MAX_COMPRESSION_RATIO`` times (a zip bomb) is
+refused without inflating it.
 
 Writing needs the architecture, so a Keras file is written from a template that
 is a reader of the same format (the newest member): its file is copied and each
@@ -39,6 +44,7 @@ Example:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import io
 import os
@@ -58,6 +64,7 @@ from polyak.errors import CheckpointError, OutputError, PolyakError
 from polyak.formats.base import CheckpointReader, ReaderBase, TensorInfo, dtype_name
 
 __all__ = [
+    "MAX_COMPRESSION_RATIO",
     "MAX_WEIGHTS_BYTES",
     "WEIGHTS_MEMBER",
     "KerasArchiveReader",
@@ -74,6 +81,16 @@ WEIGHTS_MEMBER = "model.weights.h5"
 # Largest uncompressed size a .keras zip may declare for its weights member: a guard
 # against zip bombs filling the disk when a compressed member is extracted.
 MAX_WEIGHTS_BYTES = 64 * 2**30
+
+# Largest ratio of uncompressed to compressed size of a .keras member above
+# ``_RATIO_EXEMPT_BYTES`` (Apache POI's zip-bomb guard uses the same 100). Keras stores
+# the weights uncompressed and deflates JSON about 10-fold; a higher ratio is a bomb.
+MAX_COMPRESSION_RATIO = 100
+_RATIO_EXEMPT_BYTES = 2**20
+
+# Largest ratio of a tensor's declared bytes to the bytes a compressed (filtered) HDF5
+# dataset stores: deflate cannot exceed about 1032 (Keras never compresses datasets).
+_MAX_HDF5_FILTER_RATIO = 1100
 
 _LOCAL_HEADER_SIGNATURE = b"PK\x03\x04"
 _LOCAL_HEADER_SIZE = 30
@@ -237,9 +254,29 @@ class _KerasHdf5Reader(ReaderBase):
             full, obj = stack.pop()
             if isinstance(obj, h5py.Group):
                 push_children(f"{full}/", obj)
-            elif isinstance(obj, h5py.Dataset) and self._is_model_tensor(full):
-                names.append(full)
+            elif isinstance(obj, h5py.Dataset):
+                self._check_storage_is_inside(full, obj)
+                if self._is_model_tensor(full):
+                    names.append(full)
         return names
+
+    def _check_storage_is_inside(self, name: str, dataset: h5py.Dataset) -> None:
+        # External storage and virtual datasets read their data from other files, as
+        # links do: refused for the same reason, anywhere in the file.
+        if dataset.is_virtual:
+            sources = sorted({source.file_name for source in dataset.virtual_sources()})
+            where = f"a virtual dataset mapping {_listing(sources)}"
+        elif dataset.external:
+            files = [os.fsdecode(entry[0]) for entry in dataset.external]
+            where = f"HDF5 external storage in {_listing(files)}"
+        else:
+            return
+        kind = "tensor" if self._is_model_tensor(name) else "dataset"
+        raise CheckpointError(
+            f"checkpoint {self.path}: {kind} '{name}' keeps its data in another file "
+            f"({where}); polyak reads data only from the checkpoint itself. Keras never "
+            "writes such datasets: save the model again with Keras."
+        )
 
     def _link_message(self, name: str, link: object) -> str:
         if isinstance(link, h5py.SoftLink):
@@ -272,7 +309,13 @@ class _KerasHdf5Reader(ReaderBase):
                 f"checkpoint {self.path}: the reader is closed; tensor '{name}' cannot be "
                 "read. Open the checkpoint again."
             )
-        return self._file[name]
+        try:
+            return self._file[name]
+        except _HDF5_ERRORS as error:
+            raise CheckpointError(
+                f"checkpoint {self.path}: tensor '{name}' cannot be opened ({_describe(error)}); "
+                "the file is probably corrupt. Save it again with Keras."
+            ) from error
 
     def info(self, name: str) -> TensorInfo:
         """Shape and dtype of one tensor, from the dataset's header (no data read).
@@ -281,23 +324,62 @@ class _KerasHdf5Reader(ReaderBase):
             CheckpointError: unknown name, or a dtype polyak does not support.
         """
         dataset = self._dataset(name)
-        shape = dataset.shape
+        try:
+            shape = dataset.shape
+        except _HDF5_ERRORS as error:
+            raise CheckpointError(
+                f"checkpoint {self.path}: tensor '{name}': its shape cannot be read "
+                f"({_describe(error)}); the file is probably corrupt. Save it again with Keras."
+            ) from error
         if shape is None:
             raise CheckpointError(
                 f"checkpoint {self.path}: tensor '{name}' is an empty (null dataspace) HDF5 "
                 "dataset, not an array. Keras never writes one: save the model again with Keras."
             )
         try:
-            dtype = dtype_name(dataset.dtype)
-        except (TypeError, ValueError):
-            dtype = None
+            stored_type = dataset.dtype
+        except _HDF5_ERRORS as error:
+            # An HDF5 type numpy has no equivalent for (e.g. a float of odd precision).
+            stored_type, dtype = f"that numpy cannot represent ({_describe(error)})", None
+        else:
+            try:
+                dtype = dtype_name(stored_type)
+            except (TypeError, ValueError):
+                dtype = None
         if dtype is None:
             raise CheckpointError(
-                f"checkpoint {self.path}: tensor '{name}' has dtype {dataset.dtype}, which "
+                f"checkpoint {self.path}: tensor '{name}' has dtype {stored_type}, which "
                 "polyak does not support. Supported: float64, float32, float16, bfloat16, "
                 "signed and unsigned integers, bool."
             )
-        return TensorInfo(shape=tuple(int(n) for n in shape), dtype=dtype)
+        info = TensorInfo(shape=tuple(int(n) for n in shape), dtype=dtype)
+        self._check_stored_bytes(name, dataset, info)
+        return info
+
+    def _check_stored_bytes(self, name: str, dataset: h5py.Dataset, info: TensorInfo) -> None:
+        """Refuse a tensor that declares more bytes than the file stores for it.
+
+        Reading such a tensor would allocate its declared size (terabytes, for a crafted
+        shape over an unallocated dataset) before failing or returning fill values.
+        """
+        if info.nbytes == 0:
+            return
+        try:
+            stored = dataset.id.get_storage_size()
+            filtered = dataset.id.get_create_plist().get_nfilters() > 0
+        except _HDF5_ERRORS as error:
+            raise CheckpointError(
+                f"checkpoint {self.path}: tensor '{name}': its storage cannot be read "
+                f"({_describe(error)}); the file is probably corrupt. Save it again with Keras."
+            ) from error
+        enough = stored * _MAX_HDF5_FILTER_RATIO if filtered else stored
+        if enough < info.nbytes:
+            raise CheckpointError(
+                f"checkpoint {self.path}: tensor '{name}' declares shape {info.shape} of "
+                f"{info.dtype} ({info.nbytes} bytes) but the file holds {stored} bytes of it; "
+                "Keras writes every tensor in full, so the file is damaged or crafted. Save "
+                "the model again with Keras."
+            )
 
     def read(self, name: str) -> np.ndarray:
         """The data of one tensor as a numpy array in native byte order (0-d for scalars)."""
@@ -454,7 +536,18 @@ class KerasArchiveReader(_KerasHdf5Reader):
                     "'..' in it; polyak refuses such archives (path traversal). Keras never "
                     "writes them: save the model again with model.save()."
                 )
-        duplicates = sorted({name for name in names if names.count(name) > 1})
+        for member in infos:
+            if (
+                member.file_size > _RATIO_EXEMPT_BYTES
+                and member.file_size > MAX_COMPRESSION_RATIO * member.compress_size
+            ):
+                raise CheckpointError(
+                    f"checkpoint {self.path}: member '{member.filename}' inflates from "
+                    f"{member.compress_size} to {member.file_size} bytes, more than "
+                    f"{MAX_COMPRESSION_RATIO} times (a guard against zip bombs). Keras stores "
+                    "its weights uncompressed: save the model again with model.save()."
+                )
+        duplicates = sorted(name for name, count in collections.Counter(names).items() if count > 1)
         if duplicates:
             raise CheckpointError(
                 f"checkpoint {self.path}: zip members {_listing(duplicates)} appear more than "
@@ -582,7 +675,8 @@ def _write_replacing(path: Path, build: Callable[[Path], None]) -> None:
     except PolyakError:
         raise
     except OSError as error:
-        raise OutputError(f"output {path}: cannot be written ({_describe(error)}).") from error
+        reason = error.strerror or _describe(error)
+        raise OutputError(f"output {path}: cannot be written ({reason}).") from error
 
 
 def _overwrite_datasets(
@@ -757,7 +851,8 @@ def write_keras_archive(
         except _ZIP_ERRORS as error:
             if isinstance(error, PolyakError):
                 raise
-            raise OutputError(f"output {path}: cannot be written ({_describe(error)}).") from error
+            reason = getattr(error, "strerror", None) or _describe(error)
+            raise OutputError(f"output {path}: cannot be written ({reason}).") from error
         finally:
             weights.unlink(missing_ok=True)
 

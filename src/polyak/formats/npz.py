@@ -2,7 +2,10 @@
 
 Read member by member with ``allow_pickle=False``: an archive holding pickled
 objects is refused, never unpickled. Shapes and dtypes come from each member's
-``.npy`` header, without reading the data. The writer streams one member at a
+``.npy`` header, without reading the data. A header that declares more data than
+its member holds (a huge shape in a small file), or a member that declares more
+bytes than its compressed data can inflate to, is refused from the zip directory and
+the header alone, before anything is allocated. The writer streams one member at a
 time into the zip (stored, like ``numpy.savez``), so the whole model is never
 held in memory.
 
@@ -12,7 +15,10 @@ a pointer to safetensors.
 
 from __future__ import annotations
 
+import os
+import tokenize
 import zipfile
+import zlib
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -24,6 +30,23 @@ from polyak.formats.base import ReaderBase, TensorInfo, dtype_name
 __all__ = ["NpzReader", "write_npz"]
 
 _SUFFIX = ".npy"
+# Deflate, which numpy.savez_compressed uses, inflates at most about 1032-fold; a
+# member declaring more than this times its compressed size is lying about its size.
+_MAX_INFLATION = 1100
+# What reading a damaged member raises: zipfile's own errors, zlib's for corrupt deflate
+# data, numpy's for a bad .npy header (it parses the header as a Python literal, so
+# also SyntaxError and tokenize's TokenError), and those for encrypted or unsupported
+# members (RuntimeError, NotImplementedError).
+_READ_ERRORS = (
+    OSError,
+    ValueError,
+    EOFError,
+    zipfile.BadZipFile,
+    zlib.error,
+    RuntimeError,
+    SyntaxError,
+    tokenize.TokenError,
+)
 
 
 class NpzReader(ReaderBase):
@@ -40,21 +63,38 @@ class NpzReader(ReaderBase):
         self.path = Path(path)
         try:
             self._zip = zipfile.ZipFile(self.path)
-        except (OSError, zipfile.BadZipFile, ValueError) as error:
+        except _READ_ERRORS as error:
             raise CheckpointError(
                 f"checkpoint {self.path}: cannot be read as a .npz archive ({error})."
             ) from None
-        self._members: dict[str, str] = {}
+        self._members: dict[str, zipfile.ZipInfo] = {}
         self._infos: dict[str, TensorInfo] = {}
-        for member in self._zip.namelist():
-            name = member[: -len(_SUFFIX)] if member.endswith(_SUFFIX) else member
-            if name in self._members:
-                raise CheckpointError(f"checkpoint {self.path}: tensor {name} appears twice.")
-            self._members[name] = member
-            self._infos[name] = self._read_header(name, member)
+        try:
+            archive_size = os.fstat(self._zip.fp.fileno()).st_size
+            for member in self._zip.infolist():
+                filename = member.filename
+                name = filename[: -len(_SUFFIX)] if filename.endswith(_SUFFIX) else filename
+                if name in self._members:
+                    raise CheckpointError(f"checkpoint {self.path}: tensor {name} appears twice.")
+                self._members[name] = member
+                self._infos[name] = self._read_header(name, member, archive_size)
+        except BaseException:
+            self._zip.close()
+            raise
 
-    def _read_header(self, name: str, member: str) -> TensorInfo:
+    def _read_header(self, name: str, member: zipfile.ZipInfo, archive_size: int) -> TensorInfo:
         where = f"checkpoint {self.path}: tensor {name}"
+        stored = member.compress_type == zipfile.ZIP_STORED
+        inflation = 1 if stored else _MAX_INFLATION
+        if member.compress_size > archive_size or member.file_size > (
+            inflation * member.compress_size
+        ):
+            raise CheckpointError(
+                f"{where}: the zip directory declares {member.file_size} bytes from "
+                f"{member.compress_size} compressed bytes in a {archive_size}-byte file, more "
+                "than the data can hold; the archive is corrupt or crafted. Save it again with "
+                "numpy.savez."
+            )
         try:
             with self._zip.open(member) as file:
                 version = np.lib.format.read_magic(file)
@@ -64,7 +104,8 @@ class NpzReader(ReaderBase):
                     else np.lib.format.read_array_header_2_0
                 )
                 shape, _, dtype = read_header(file)
-        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
+                header_size = file.tell()
+        except _READ_ERRORS as error:
             raise CheckpointError(f"{where}: not a valid .npy member ({error}).") from None
         if dtype.hasobject:
             raise CheckpointError(
@@ -74,7 +115,17 @@ class NpzReader(ReaderBase):
         canonical = dtype_name(dtype)
         if canonical is None:
             raise CheckpointError(f"{where}: dtype {dtype} is not supported.")
-        return TensorInfo(tuple(int(d) for d in shape), canonical)
+        if any(int(d) < 0 for d in shape):
+            raise CheckpointError(f"{where}: shape {shape} has a negative dimension.")
+        info = TensorInfo(tuple(int(d) for d in shape), canonical)
+        held = member.file_size - header_size
+        if info.nbytes > held:
+            raise CheckpointError(
+                f"{where}: declares shape {info.shape} of {info.dtype} ({info.nbytes} bytes) "
+                f"but its member holds {max(held, 0)} bytes of data; the archive is truncated "
+                "or crafted. Save it again with numpy.savez."
+            )
+        return info
 
     def names(self) -> list[str]:
         return list(self._members)
@@ -90,7 +141,7 @@ class NpzReader(ReaderBase):
         try:
             with self._zip.open(self._members[name]) as file:
                 array = np.lib.format.read_array(file, allow_pickle=False)
-        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
+        except _READ_ERRORS as error:
             raise CheckpointError(
                 f"checkpoint {self.path}: tensor {name} cannot be read ({error})."
             ) from None

@@ -118,6 +118,10 @@ def parse_header(path: Path, header_bytes: bytes, data_size: int) -> tuple[dict,
         header = json.loads(header_bytes.decode("utf-8"), object_pairs_hook=_reject_duplicates)
     except UnicodeDecodeError:
         raise CheckpointError(f"checkpoint {path}: safetensors header is not UTF-8.") from None
+    except RecursionError:
+        raise CheckpointError(
+            f"checkpoint {path}: safetensors header is invalid: JSON nested too deeply."
+        ) from None
     except ValueError as error:
         raise CheckpointError(
             f"checkpoint {path}: safetensors header is invalid: {error}."
@@ -135,7 +139,7 @@ def parse_header(path: Path, header_bytes: bytes, data_size: int) -> tuple[dict,
         if not isinstance(entry, dict):
             raise CheckpointError(f"{where}: header entry is not an object.")
         code = entry.get("dtype")
-        if code not in _CODES:
+        if not isinstance(code, str) or code not in _CODES:
             known = ", ".join(_CODES)
             raise CheckpointError(f"{where}: dtype {code!r} is not supported (known: {known}).")
         shape = entry.get("shape")
@@ -244,7 +248,13 @@ class SafetensorsReader(ReaderBase):
 
 
 def _shard_path(index_path: Path, shard: object, tensor: str) -> Path:
-    if not isinstance(shard, str) or not shard or Path(shard).name != shard or shard in {".", ".."}:
+    if (
+        not isinstance(shard, str)
+        or not shard
+        or Path(shard).name != shard
+        or shard in {".", ".."}
+        or "\x00" in shard
+    ):
         raise CheckpointError(
             f"checkpoint {index_path}: tensor {tensor} points to shard {shard!r}; shards must be "
             "plain file names in the index's own directory."
@@ -267,8 +277,18 @@ class ShardedSafetensorsReader(ReaderBase):
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         try:
+            size = self.path.stat().st_size
+        except OSError as error:
+            raise CheckpointError(f"checkpoint {self.path}: cannot be read ({error}).") from None
+        if size > MAX_HEADER_BYTES:
+            raise CheckpointError(
+                f"checkpoint {self.path}: the shard index is {size} bytes, above the limit "
+                f"of {MAX_HEADER_BYTES} (an index lists tensor names, a few MB at most); "
+                "the file is damaged or not a shard index."
+            )
+        try:
             index = json.loads(self.path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError) as error:
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:
             raise CheckpointError(
                 f"checkpoint {self.path}: the shard index cannot be read as JSON ({error})."
             ) from None
@@ -283,7 +303,14 @@ class ShardedSafetensorsReader(ReaderBase):
             name: _shard_path(self.path, shard, name) for name, shard in weight_map.items()
         }
         for shard in dict.fromkeys(self._shard_of.values()):
-            if not shard.is_file():
+            try:
+                present = shard.is_file()
+            except OSError as error:  # e.g. a name too long for the file system
+                raise CheckpointError(
+                    f"checkpoint {self.path}: shard {shard.name!r} named in the index cannot "
+                    f"be opened ({error.strerror})."
+                ) from None
+            if not present:
                 raise CheckpointError(
                     f"checkpoint {self.path}: shard {shard.name} named in the index is missing."
                 )

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import copy
 import re
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -153,14 +154,18 @@ def _load(path: Path) -> Any:
     """``torch.load`` with ``weights_only=True``, memory-mapped unless the file is legacy."""
     torch = _torch()
     try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception:
-            # mmap needs the zip serialization; legacy files load without it, still
-            # weights_only. Anything else fails the same way again, so it is not retried.
-            if _is_zip(path):
-                raise
-            return torch.load(path, map_location="cpu", weights_only=True)
+        # torch warns about the files it loads (an unusual pickle protocol, deprecated
+        # storages); the refusal, if any, says what matters, on one line.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception:
+                # mmap needs the zip serialization; legacy files load without it, still
+                # weights_only. Anything else fails the same way again, so it is not retried.
+                if _is_zip(path):
+                    raise
+                return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         raise _load_error(path, error) from None
 
@@ -434,6 +439,10 @@ def write_torch(
             for dropped in DROPPED_KEYS:
                 obj.pop(dropped, None)
     try:
-        torch.save(obj, path)
-    except OSError as error:
-        raise OutputError(f"output {path}: cannot be written ({error}).") from error
+        # Through a Python file, so that a failed write (a full disk) raises OSError
+        # rather than torch's RuntimeError from its C++ stream.
+        with open(path, "wb") as file:
+            torch.save(obj, file)
+    except (OSError, RuntimeError) as error:
+        reason = getattr(error, "strerror", None) or str(error)
+        raise OutputError(f"output {path}: cannot be written ({reason}).") from error
