@@ -496,12 +496,13 @@ def test_atomic_directory_cleans_stale_leftovers_of_dead_processes(tmp_path: Pat
     live = tmp_path / f".averaged.polyak-tmp-{os.getppid()}-beef"
     live.mkdir()
     old = checkpoint_directory(tmp_path / f".averaged.polyak-old-{dead}-abcd")
-    # No output yet: the set-aside old output is the only copy, so it is kept.
+    # No output yet: the set-aside old output is the only copy, so it is kept...
     with atomic_directory(tmp_path / "averaged") as temporary:
         assert not stale.exists() and live.exists() and old.exists()
         (temporary / "model.safetensors").write_bytes(b"new")
-    # Now that an output exists, the next write removes the old one.
+    # ...until the new output is in: this write leaves nothing of the killed one.
+    assert not old.exists() and live.exists()
+    assert contents(tmp_path / "averaged") == {"model.safetensors": b"new"}
     with atomic_directory(tmp_path / "averaged") as temporary:
         (temporary / "model.safetensors").write_bytes(b"newer")
-    assert not old.exists() and live.exists()
     assert contents(tmp_path / "averaged") == {"model.safetensors": b"newer"}

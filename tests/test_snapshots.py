@@ -96,7 +96,7 @@ def test_commit_writes_the_file_and_the_manifest(tmp_path: Path) -> None:
     assert hidden(directory) == []
 
 
-def test_write_gets_a_hidden_temporary_path_with_the_final_suffix(tmp_path: Path) -> None:
+def test_write_gets_the_final_name_in_a_hidden_temporary_directory(tmp_path: Path) -> None:
     seen: list[Path] = []
 
     def write(path: Path) -> None:
@@ -106,11 +106,26 @@ def test_write_gets_a_hidden_temporary_path_with_the_final_suffix(tmp_path: Path
 
     SnapshotDirectory(tmp_path, keep=1).commit(write, "model_0499.weights.h5")
     [temporary] = seen
-    assert temporary.parent == tmp_path
-    assert temporary.name.startswith(f".polyak-tmp-{os.getpid()}-")
-    assert temporary.name.endswith(".weights.h5")
-    assert temporary.name.endswith("-model_0499.weights.h5")
-    assert not temporary.exists()
+    assert temporary.name == "model_0499.weights.h5"
+    workspace = temporary.parent
+    assert workspace.parent == tmp_path
+    assert workspace.name.startswith(f".polyak-tmp-{os.getpid()}-")
+    assert workspace.name.endswith("-model_0499.weights.h5")
+    assert not workspace.exists()
+
+
+def test_files_the_save_function_writes_beside_its_own_are_removed(tmp_path: Path) -> None:
+    # As safetensors' save_file does: a .tmpXXXXXX beside the file, renamed into it.
+    def write(path: Path) -> None:
+        (path.parent / ".tmpAbC123").write_bytes(b"x")
+        (path.parent / ".tmpAbC123").rename(path)
+        (path.parent / ".tmpDeF456").write_bytes(b"a leftover")
+
+    SnapshotDirectory(tmp_path, keep=1).commit(write, "model_0001.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "model_0001.safetensors",
+        MANIFEST_NAME,
+    ]
 
 
 def test_retention_keeps_the_newest_by_order_of_commit(tmp_path: Path) -> None:
@@ -337,7 +352,8 @@ def crash_on_deleting(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
 NEW_NAME_CRASHES = {
     "before the pending manifest": (1, {"model_0000.npz", "model_0001.npz"}),
     "before the rename": (2, {"model_0000.npz", "model_0001.npz"}),
-    "before the committing manifest": (3, {"model_0000.npz", "model_0001.npz", "model_0002.npz"}),
+    # Renamed, not yet listed: opening adopts it, and evicts the oldest as the commit would.
+    "before the committing manifest": (3, {"model_0001.npz", "model_0002.npz"}),
     "before the cleaned manifest": (4, {"model_0001.npz", "model_0002.npz"}),
 }
 
@@ -400,6 +416,24 @@ def test_a_crash_while_replacing_a_name_keeps_a_file_that_verifies(
     assert_consistent(tmp_path, at_least=2)
 
 
+def test_adopting_an_interrupted_commit_never_lists_fewer_than_before_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    snapshots = SnapshotDirectory(tmp_path, keep=3)
+    for index in range(3):
+        snapshots.commit(writer(b"%d" % index), f"model_{index:04d}.npz")
+    with monkeypatch.context() as patch:
+        crash_on_replace(patch, 3)  # renamed, not yet listed
+        with pytest.raises(Crash):
+            snapshots.commit(writer(b"3"), "model_0003.npz")
+    # Opened with a smaller keep: the adopted commit evicts one file, as it would have.
+    SnapshotDirectory(tmp_path, keep=1)
+    names = [s.name for s in assert_consistent(tmp_path, at_least=3)]
+    assert names == ["model_0001.npz", "model_0002.npz", "model_0003.npz"]
+    assert set(raw_manifest(tmp_path)) == {"format", "version", "snapshots"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([MANIFEST_NAME, *names])
+
+
 def test_the_same_object_recovers_before_its_next_commit(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -422,6 +456,7 @@ def test_opening_removes_temporaries_of_dead_processes_only(tmp_path: Path) -> N
     try:
         stale = [
             f".polyak-tmp-{dead}-0badcafe-model_0002.npz",
+            f".polyak-tmp-{dead}-0badcafe-model_0003.npz",  # a directory, below
             f".{MANIFEST_NAME}.polyak-tmp-{dead}-0badcafe",
         ]
         kept = [
@@ -430,8 +465,13 @@ def test_opening_removes_temporaries_of_dead_processes_only(tmp_path: Path) -> N
             ".polyak-tmp-notapid-model_0002.npz",
             f".other.polyak-tmp-{dead}-0badcafe",
         ]
-        for name in stale + kept:
+        for name in stale[:1] + stale[2:] + kept:
             (tmp_path / name).write_bytes(b"partial")
+        # What a killed commit leaves: its directory, the partial file and the save
+        # function's own temporary in it.
+        (tmp_path / stale[1]).mkdir()
+        (tmp_path / stale[1] / "model_0003.npz").write_bytes(b"partial")
+        (tmp_path / stale[1] / ".tmpAbC123").write_bytes(b"partial")
         SnapshotDirectory(tmp_path, keep=2)
         assert hidden(tmp_path) == sorted(kept)
     finally:

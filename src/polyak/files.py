@@ -15,11 +15,11 @@ directories in one: the old one is renamed aside to ``.NAME.polyak-old-PID-RANDO
 the new one renamed in, then the old one deleted. If the second rename fails, the
 old directory is renamed back. A process killed between the two renames leaves no
 ``NAME`` at all, never a partial one, with the old output kept under its
-``.polyak-old-`` name; the next write to ``NAME`` deletes such a leftover only once a
-new ``NAME`` exists. polyak only ever replaces a directory that holds nothing but a
-safetensors checkpoint (``model.safetensors``, ``model-00001-of-0000K.safetensors``
-shards, ``model.safetensors.index.json``); any other file in it is refused, never
-deleted.
+``.polyak-old-`` name; the next write to ``NAME`` deletes such a leftover once a new
+``NAME`` exists (at its start, or at its end once it has renamed its own in). polyak
+only ever replaces a directory that holds nothing but a safetensors checkpoint
+(``model.safetensors``, ``model-00001-of-0000K.safetensors`` shards,
+``model.safetensors.index.json``); any other file in it is refused, never deleted.
 
 Which outputs are directories: a path that ends with ``/`` or has no suffix at all
 (``averaged/``, ``averaged``), see :func:`is_directory_output`.
@@ -226,6 +226,17 @@ def _fsync_directory(directory: Path) -> None:
             os.close(descriptor)
 
 
+def _naming_the_output(error: OutputError, temporary: Path, out: Path) -> OutputError:
+    """The error a writer raised about ``temporary``, naming ``out`` instead.
+
+    Writers are handed the temporary path and name it in their messages; the user asked
+    for ``out`` and never sees the temporary, which is removed on failure.
+    """
+    message = str(error)
+    renamed = message.replace(str(temporary), str(out))
+    return error if renamed == message else OutputError(renamed)
+
+
 @contextlib.contextmanager
 def atomic_output(out: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``out``; on success fsync it and rename it to ``out``.
@@ -248,6 +259,13 @@ def atomic_output(out: Path) -> Iterator[Path]:
         except OSError as error:
             raise OutputError(f"output {out}: cannot be written ({error.strerror}).") from None
         _fsync_directory(out.parent)
+    except OutputError as error:
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+        renamed = _naming_the_output(error, temporary, out)
+        if renamed is error:
+            raise
+        raise renamed from error
     except BaseException:
         with contextlib.suppress(OSError):
             temporary.unlink()
@@ -313,8 +331,16 @@ def atomic_directory(out: Path) -> Iterator[Path]:
                 raise
             raise OutputError(f"output {out}: cannot be written ({error.strerror}).") from None
         _fsync_directory(out.parent)
+    except OutputError as error:
+        shutil.rmtree(temporary, ignore_errors=True)
+        renamed = _naming_the_output(error, temporary, out)
+        if renamed is error:
+            raise
+        raise renamed from error
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
     if aside is not None:
         shutil.rmtree(aside, ignore_errors=True)
+    # An old output a killed replace left set aside is garbage now that a new one is in.
+    _remove_stale_temporaries(out)

@@ -10,12 +10,14 @@ files it lists, so a file left over by a crash is never averaged.
 One commit, every file fsynced and every rename followed by an fsync of the
 directory:
 
-1. ``write(temporary)`` saves the snapshot to a hidden file beside its final name,
-   ``.polyak-tmp-PID-RANDOM-NAME`` (ending like ``NAME``, as Keras requires); its
-   size and SHA-256 are taken.
+1. ``write(temporary)`` saves the snapshot to ``NAME`` inside a hidden temporary
+   directory beside its final name, ``.polyak-tmp-PID-RANDOM-NAME/NAME``; its size and
+   SHA-256 are taken. Whatever else the save function writes beside its file (the
+   safetensors library writes a ``.tmpXXXXXX`` file and renames it) stays in that
+   directory, which is polyak's to delete.
 2. The manifest is rewritten with the new entry under ``"pending"``; the listed
    snapshots are unchanged.
-3. The temporary file is renamed to ``NAME``.
+3. The temporary file is renamed to ``NAME``, and the temporary directory deleted.
 4. The manifest is rewritten listing the kept snapshots, the new one last, and the
    names retention evicts under ``"evicting"``.
 5. The evicted files are deleted, then the manifest is rewritten without
@@ -33,9 +35,11 @@ Opening a directory (constructing :class:`SnapshotDirectory`, which every commit
 also does first) completes or undoes an interrupted commit:
 
 - a pending entry whose file is on disk with its size and checksum is adopted (its
-  rename happened); otherwise it is dropped;
+  rename happened), with the retention its commit would have applied: the oldest
+  snapshots beyond ``keep`` are evicted (as in steps 4 and 5), but never so many that
+  fewer are listed than before the commit; otherwise it is dropped;
 - files listed under ``"evicting"`` and not listed as snapshots are deleted;
-- temporary files of processes that are no longer alive are deleted.
+- temporary files and directories of processes that are no longer alive are deleted.
 
 No other file is ever deleted: files of the user's, or snapshots from before the
 manifest existed, stay where they are (and are ignored by ``find_checkpoints``).
@@ -68,6 +72,7 @@ import math
 import os
 import re
 import secrets
+import shutil
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -95,7 +100,7 @@ MANIFEST_FORMAT = "polyak-snapshots"
 MANIFEST_VERSION = 1
 
 _TEMPORARY_MARK = ".polyak-tmp-"
-# A snapshot's temporary file, and atomic_output's temporary file of the manifest.
+# A snapshot's temporary directory, and atomic_output's temporary file of the manifest.
 _TEMPORARIES = (
     re.compile(r"^\.polyak-tmp-(\d+)-[0-9a-f]+-.+$"),
     re.compile(r"^\." + re.escape(MANIFEST_NAME) + r"\.polyak-tmp-(\d+)-[0-9a-f]+$"),
@@ -545,6 +550,15 @@ def _delete(directory: Path, names: Iterable[str]) -> list[str]:
     return failed
 
 
+def _remove_temporary(path: Path) -> None:
+    """Delete a temporary file or directory, ignoring errors (best-effort cleanup)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -610,11 +624,17 @@ class SnapshotDirectory:
         for entry in manifest.pending:
             if _matches(entry):
                 snapshots = [s for s in snapshots if s.name != entry.name] + [entry]
+        # An adopted commit gets its retention; a smaller keep than the directory was
+        # written with evicts nothing until the next commit.
+        limit = max(self.keep, len(manifest.snapshots))
+        evicted = [snapshot.name for snapshot in snapshots[:-limit]]
+        snapshots = snapshots[-limit:]
         listed = {snapshot.name for snapshot in snapshots}
-        remaining = _delete(
-            self.directory, [name for name in manifest.evicting if name not in listed]
-        )
-        if manifest.pending or remaining != manifest.evicting:
+        evicting = [name for name in [*manifest.evicting, *evicted] if name not in listed]
+        if evicted:  # listed as evicting before they are deleted, as a commit does
+            _write_manifest(self.directory, snapshots, evicting=evicting)
+        remaining = _delete(self.directory, evicting)
+        if manifest.pending or evicted or remaining != manifest.evicting:
             _write_manifest(self.directory, snapshots, evicting=remaining)
         return snapshots
 
@@ -625,9 +645,8 @@ class SnapshotDirectory:
                 if match is None:
                     continue
                 pid = int(match.group(1))
-                if pid != os.getpid() and not _process_alive(pid) and child.is_file():
-                    with contextlib.suppress(OSError):
-                        child.unlink()
+                if pid != os.getpid() and not _process_alive(pid):
+                    _remove_temporary(child)
                 break
 
     def commit(
@@ -641,8 +660,8 @@ class SnapshotDirectory:
         """Save one snapshot through ``write`` and add it to the manifest atomically.
 
         Args:
-            write: saves the snapshot to the path it is given (a hidden temporary
-                file beside the final one, ending like ``file_name``), e.g.
+            write: saves the snapshot to the path it is given (``file_name`` in a
+                hidden temporary directory beside the final file), e.g.
                 ``model.save_weights``.
             file_name: the snapshot's name in the directory; put the epoch or step
                 in it (``model_0499.weights.h5``): checkpoints are ordered by the
@@ -657,7 +676,7 @@ class SnapshotDirectory:
         Raises:
             ValueError: ``file_name`` is not a plain, visible file name.
             OutputError: the snapshot or the manifest cannot be written.
-            Whatever ``write`` raises, after its temporary file is removed.
+            Whatever ``write`` raises, after its temporary directory is removed.
         """
         problem = _check_file_name(file_name)
         if problem is not None:
@@ -667,9 +686,16 @@ class SnapshotDirectory:
                 raise ValueError(f"{key} must be a whole number or None; received {value!r}.")
         committed = self._recover()
         final = self.directory / file_name
-        temporary = self.directory / (
+        workspace = self.directory / (
             f"{_TEMPORARY_MARK}{os.getpid()}-{secrets.token_hex(4)}-{file_name}"
         )
+        temporary = workspace / file_name
+        try:
+            workspace.mkdir()
+        except OSError as error:
+            raise OutputError(
+                f"snapshot {final}: cannot be written ({error.strerror or error})."
+            ) from None
         try:
             write(temporary)
             if not temporary.is_file():
@@ -698,10 +724,8 @@ class SnapshotDirectory:
                 raise OutputError(
                     f"snapshot {final}: cannot be written ({error.strerror or error})."
                 ) from None
-        except BaseException:
-            with contextlib.suppress(OSError):
-                temporary.unlink()
-            raise
+        finally:
+            shutil.rmtree(workspace, ignore_errors=True)
         _fsync_directory(self.directory)
         kept = [s for s in committed if s.name != file_name] + [snapshot]
         evicting = [s.name for s in kept[: -self.keep]]
