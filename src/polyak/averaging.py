@@ -36,7 +36,8 @@ one as it is written.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator, Sequence
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +45,8 @@ import numpy as np
 from threadpoolctl import ThreadpoolController
 
 from polyak.discovery import Checkpoint, find_checkpoints
+from polyak.distributed import DistributedError, ProcessGroup
+from polyak.distributed import current as current_group
 from polyak.errors import (
     IncompatibleCheckpointsError,
     NonFiniteError,
@@ -73,6 +76,7 @@ __all__ = [
     "check_compatible",
     "open_members",
     "write_output",
+    "write_output_together",
 ]
 
 INTEGER_POLICIES = ("newest", "require-equal")
@@ -455,6 +459,86 @@ def write_output(
         raise OutputError(f"output {out}: cannot be written ({reason}).") from None
 
 
+def _fsync_files(paths: Iterable[Path]) -> None:
+    for path in paths:
+        with open(path, "rb+") as file:
+            os.fsync(file.fileno())
+
+
+def write_output_together(
+    out: Path,
+    tensors: PlannedTensors,
+    template: CheckpointReader,
+    output_format: Format,
+    group: ProcessGroup,
+    *,
+    max_shard_size: int | str | None = None,
+) -> list[Path]:
+    """:func:`write_output` by every process of a torchrun group, each its share.
+
+    An output directory: every process plans the same shards; shard ``k`` is
+    averaged and written by process ``k mod P`` into one temporary directory that
+    process 0 creates beside ``out`` (on storage all of them see), then process 0
+    writes the index and, once every process has written and fsynced its shards,
+    renames the directory into place. The files are those one process would write,
+    bit for bit. A single-file output is written by process 0 alone. If any process
+    fails, every process raises and ``out`` is left as it was.
+    """
+    out = Path(out)
+    if output_format.name != "sharded-safetensors":
+        error = None
+        files: list[Path] = []
+        if group.is_main:
+            try:
+                files = write_output(out, tensors, template, output_format)
+            except BaseException as failure:  # told to every process, then raised here
+                error = failure
+        group.check(error)
+        return group.broadcast(files)
+    context = atomic_directory(out)
+    if group.is_main:
+        try:
+            temporary = context.__enter__()
+        except BaseException as failure:
+            group.broadcast(("failed", str(failure)))
+            raise
+        group.broadcast(("ready", str(temporary)))
+    else:
+        state, value = group.broadcast(None)
+        if state == "failed":
+            raise DistributedError(f"process 0 of {group.size} failed: {value}")
+        temporary = Path(value)
+    error = None
+    names: list[str] = []
+    try:
+        names = output_format.write(
+            temporary,
+            tensors,
+            template,
+            max_shard_size=max_shard_size,
+            owned=group.owned,
+            write_index=group.is_main,
+        )
+        mine = [name for number, name in enumerate(names) if group.owned(number)]
+        _fsync_files(temporary / name for name in mine if (temporary / name).exists())
+    except BaseException as failure:
+        error = failure
+    try:
+        group.check(error)
+    except BaseException as failure:
+        if group.is_main:
+            context.__exit__(type(failure), failure, failure.__traceback__)
+        raise
+    commit_error = None
+    if group.is_main:
+        try:
+            context.__exit__(None, None, None)
+        except BaseException as failure:
+            commit_error = failure
+    group.check(commit_error)
+    return [out / name for name in names]
+
+
 def average(
     paths: str | Path | Sequence[str | Path],
     scheme: str | Scheme = "equal",
@@ -508,6 +592,7 @@ def average_to(
     max_shard_size: int | str | None = None,
     progress: Callable[[int], None] | None = None,
     on_start: Callable[[list[Checkpoint], np.ndarray, int], None] | None = None,
+    group: ProcessGroup | None = None,
 ) -> AverageResult:
     """Average checkpoints into one file or checkpoint directory, written atomically.
 
@@ -534,6 +619,9 @@ def average_to(
         progress: called with the number of input bytes processed after each tensor.
         on_start: called once with the members, their weights and the total bytes to
             process, before any tensor is read.
+        group: the processes that write the output together (under torchrun; see
+            :func:`write_output_together`); by default torch's initialized default
+            group when there are several processes, else this process alone.
 
     Returns:
         An :class:`AverageResult` describing the members, weights and output.
@@ -568,7 +656,13 @@ def average_to(
                 for _, info in tensors.infos
             )
             on_start(members, weights, total)
-        files = write_output(out, tensors, readers[0], output_format, max_shard_size=limit)
+        group = current_group() if group is None else group
+        if group is None:
+            files = write_output(out, tensors, readers[0], output_format, max_shard_size=limit)
+        else:
+            files = write_output_together(
+                out, tensors, readers[0], output_format, group, max_shard_size=limit
+            )
     finally:
         for reader in readers:
             reader.close()

@@ -50,6 +50,8 @@ import numpy as np
 
 from polyak.averaging import check_compatible, open_members, write_output
 from polyak.discovery import Checkpoint, find_checkpoints
+from polyak.distributed import ProcessGroup
+from polyak.distributed import current as current_group
 from polyak.errors import SchemeError
 from polyak.files import check_output_path, is_directory_output
 from polyak.formats import format_for_output, format_of, open_checkpoint
@@ -352,6 +354,57 @@ def _check_schemes(schemes: Sequence[Scheme], count: int) -> None:
             )
 
 
+class _Ledger:
+    """Every evaluation of a sweep, numbered in the order the sweep asks for them.
+
+    Alone, each is scored at once. Among a group's processes (torchrun), evaluation
+    ``i`` is scored by process ``i mod P`` and :meth:`settle` gathers everyone's
+    results, so the candidates are shared out; the numbering is the same in every
+    process, since every process runs the same sweep.
+    """
+
+    def __init__(self, score: _ScoreReader, group: ProcessGroup | None) -> None:
+        self.score = score
+        self.group = group
+        self.results: dict[int, _Scores] = {}
+        self.count = 0
+
+    def submit(self, tensors: Mapping[str, np.ndarray]) -> int:
+        """Score ``tensors`` here if it falls to this process; return its number."""
+        index, self.count = self.count, self.count + 1
+        if self.group is None or self.group.owned(index):
+            self.results[index] = self.score(tensors)
+        return index
+
+    def now(self, tensors: Mapping[str, np.ndarray]) -> _Scores:
+        """Score ``tensors`` and give every process the result at once."""
+        index, self.count = self.count, self.count + 1
+        if self.group is None:
+            result = self.score(tensors)
+        else:
+            local = self.score(tensors) if self.group.owned(index) else None
+            result = self.group.broadcast(local, source=index % self.group.size)
+        self.results[index] = result
+        return result
+
+    def reserve(self) -> int:
+        """A number for a candidate scored another way (the greedy soup's)."""
+        index, self.count = self.count, self.count + 1
+        return index
+
+    def settle(self) -> None:
+        """Gather every process's results (a no-op alone)."""
+        if self.group is not None:
+            for part in self.group.gather(self.results):
+                self.results.update(part)
+
+    def known(self, index: int) -> bool:
+        return index in self.results
+
+    def __getitem__(self, index: int) -> _Scores:
+        return self.results[index]
+
+
 def run_sweep(
     readers: Sequence[CheckpointReader],
     members: Sequence[Checkpoint],
@@ -363,6 +416,7 @@ def run_sweep(
     progress: Callable[[str], None] | None = None,
     posthoc: Sequence[float] = (),
     posthoc_directory: str | Path | None = None,
+    group: ProcessGroup | None = None,
 ) -> SweepResult:
     """Sweep over open checkpoints; see :func:`sweep`.
 
@@ -373,8 +427,20 @@ def run_sweep(
     ``evaluate`` may also offer ``recalibrated_tensors(tensors) -> {name: array}``:
     the candidate's tensors with its BatchNorm statistics recalibrated, used to
     write out a best candidate whose recalibrated variant won.
+
+    Under torchrun (``group``, by default torch's initialized default group when there
+    are several processes), every process reads the members and runs the same sweep.
+    An evaluator with ``shards_data`` (polyak's own, on data) takes the group with
+    ``use_group(group)`` and scores every candidate on its share of the data,
+    gathering the predictions; any other evaluator is called for the candidates that
+    fall to its process (``i mod P``), the scores gathered afterwards. The result is
+    the same in every process and the same as one process's.
     """
     _check_schemes(schemes, len(readers))
+    group = current_group() if group is None else group
+    if group is not None and getattr(evaluate, "shards_data", False):
+        evaluate.use_group(group)
+        group = None  # every process scores every candidate, each on its data share
     positions = [member.step for member in members]
     plan = check_compatible(readers)
     floating = [(name, info) for name, info in plan if is_floating(info.dtype)]
@@ -390,10 +456,11 @@ def run_sweep(
     }
     candidate_tensors.update(carried)
     score = _ScoreReader(evaluate)
+    ledger = _Ledger(score, group)
     chooser = _Chooser(higher_is_better)
 
-    single: list[SingleResult] = []
-    candidates: list[Candidate] = []
+    pending_single: list[tuple[Checkpoint, int]] = []
+    pending: list[tuple[str, int, tuple[float, ...], int]] = []  # scheme, n, weights, number
     for i, (reader, member) in enumerate(zip(readers, members, strict=True), start=1):
         if progress is not None:
             progress(f"member {i}/{len(readers)}: {member.path.name}")
@@ -407,47 +474,64 @@ def run_sweep(
                 sums.add(i, name, value)
         for sums in running:
             sums.finish_member(i)
-        scores = score(own)
-        single.append(SingleResult(member, *_fields(scores)))
+        pending_single.append((member, ledger.submit(own)))
         del own
         for sums in running:
             if not sums.has_candidate(i):
                 continue
             for name, _ in floating:
                 sums.candidate(i, name, candidate_tensors[name])
-            scores = score(candidate_tensors)
+            number = ledger.submit(candidate_tensors)
             weights = tuple(float(w) for w in sums.scheme.weights(i, positions[:i]))
-            candidate = Candidate(sums.scheme.spec, i, weights, *_fields(scores))
-            candidates.append(candidate)
-            chooser.offer(candidate, scores, candidate_tensors)
+            pending.append((sums.scheme.spec, i, weights, number))
+            if ledger.known(number):
+                chooser.offer(number, ledger[number], candidate_tensors)
+    ledger.settle()
+    single = [SingleResult(member, *_fields(ledger[number])) for member, number in pending_single]
+    candidates = [
+        Candidate(spec, n, weights, *_fields(ledger[number]))
+        for spec, n, weights, number in pending
+    ]
+    by_number = {number: c for (_, _, _, number), c in zip(pending, candidates, strict=True)}
     if any(isinstance(scheme, Greedy) for scheme in schemes):
         soup, soup_tensors = _greedy_soup(
-            readers, floating, integer_names, single, score, higher_is_better, progress
+            readers, floating, integer_names, single, ledger, higher_is_better, progress
         )
         candidates.append(soup)
-        chooser.offer(soup, _Scores(*_fields_of(soup)), soup_tensors)
+        number = ledger.reserve()
+        by_number[number] = soup
+        chooser.offer(number, _Scores(*_fields_of(soup)), soup_tensors)
     specs = [scheme.spec for scheme in schemes]
     if posthoc:
         directory = members[0].path.parent if posthoc_directory is None else posthoc_directory
-        for candidate, tensors in _posthoc_candidates(
-            directory, posthoc, plan, integer_names, score, progress
+        posthoc_pending = []
+        for head, tensors, number in _posthoc_candidates(
+            directory, posthoc, plan, ledger, progress
         ):
+            posthoc_pending.append((head, number))
+            specs.append(head[0])
+            if ledger.known(number):
+                chooser.offer(number, ledger[number], tensors)
+        ledger.settle()
+        for (spec, n, weights), number in posthoc_pending:
+            candidate = Candidate(spec, n, weights, *_fields(ledger[number]))
             candidates.append(candidate)
-            specs.append(candidate.scheme)
-            chooser.offer(candidate, _Scores(*_fields_of(candidate)), tensors)
+            by_number[number] = candidate
     # Computed member by member; reported scheme by scheme, each by n.
     order = {spec: index for index, spec in enumerate(specs)}
     candidates.sort(key=lambda candidate: (order[candidate.scheme], candidate.n))
-    best, recalibrated, best_tensors = chooser.result()
+    number, recalibrated, best_tensors = chooser.result(group)
+    best = by_number[number]
     if recalibrated and hasattr(evaluate, "recalibrated_tensors"):
         best_tensors = {
             name: np.array(array)
             for name, array in evaluate.recalibrated_tensors(best_tensors).items()
         }
+    any_result = next(iter(ledger.results.values()))
     return SweepResult(
         metric=metric,
         higher_is_better=higher_is_better,
-        selected_on="validation" if score.shape and score.shape[0] else "test",
+        selected_on="validation" if any_result.validation is not None else "test",
         members=list(members),
         single=single,
         candidates=candidates,
@@ -473,38 +557,62 @@ def _fields_of(item: Candidate | SingleResult) -> tuple:
 
 class _Chooser:
     """Keeps the best (candidate, variant) offered: strictly better wins, so ties go to
-    the one offered first (fewer members, then the scheme listed first)."""
+    the one offered first (fewer members, then the scheme listed first).
+
+    Candidates are known by their evaluation number, the order they were offered in.
+    """
 
     def __init__(self, higher_is_better: bool) -> None:
         self.higher_is_better = higher_is_better
-        self.best: tuple[Candidate, bool, float] | None = None
+        self.best: tuple[int, bool, float] | None = None  # number, recalibrated?, value
         self.tensors: dict[str, np.ndarray] | None = None
 
-    def offer(
-        self, candidate: Candidate, scores: _Scores, tensors: Mapping[str, np.ndarray]
-    ) -> None:
+    def offer(self, number: int, scores: _Scores, tensors: Mapping[str, np.ndarray]) -> None:
         for value, recalibrated in scores.variants():
             if self.best is None or _better(value, self.best[2], self.higher_is_better):
-                self.best = (candidate, recalibrated, value)
+                self.best = (number, recalibrated, value)
                 self.tensors = {name: np.array(array) for name, array in tensors.items()}
 
-    def result(self) -> tuple[Candidate, bool, dict[str, np.ndarray]]:
-        assert self.best is not None and self.tensors is not None  # one candidate at least
-        return self.best[0], self.best[1], self.tensors
+    def result(self, group: ProcessGroup | None = None) -> tuple[int, bool, dict[str, np.ndarray]]:
+        """``(number, recalibrated?, tensors)`` of the best; among a group, of them all.
+
+        Each process offered the candidates it scored; the best of the bests wins by
+        the same rule (its tensors then come from the process that has them).
+        """
+        if group is None:
+            assert self.best is not None and self.tensors is not None  # one at least
+            return self.best[0], self.best[1], self.tensors
+        bests = group.gather(self.best)
+        winner: tuple[int, int] | None = None  # (rank, number)
+        for rank, best in enumerate(bests):
+            if best is None:
+                continue
+            if winner is None:
+                winner = (rank, best[0])
+                continue
+            current = bests[winner[0]]
+            if _better(best[2], current[2], self.higher_is_better) or (
+                not _better(current[2], best[2], self.higher_is_better) and best[0] < current[0]
+            ):
+                winner = (rank, best[0])
+        assert winner is not None  # some process scored a candidate
+        rank = winner[0]
+        tensors = group.broadcast(self.tensors if group.rank == rank else None, source=rank)
+        return bests[rank][0], bests[rank][1], tensors
 
 
 def _posthoc_candidates(
     directory: str | Path,
     widths: Sequence[float],
     plan: list[tuple[str, TensorInfo]],
-    integer_names: list[str],
-    score: _ScoreReader,
+    ledger: _Ledger,
     progress: Callable[[str], None] | None,
-) -> Iterator[tuple[Candidate, dict[str, np.ndarray]]]:
-    """The post-hoc EMA of each width, reconstructed and evaluated (one candidate each).
+) -> Iterator[tuple[tuple[str, int, tuple[float, ...]], dict[str, np.ndarray], int]]:
+    """The post-hoc EMA of each width, reconstructed and submitted for scoring.
 
-    ``n`` is the number of EMA snapshots combined and ``weights`` their coefficients,
-    newest first (they sum to 1; some may be negative).
+    Yields ``((scheme, n, weights), tensors, number)``: ``n`` is the number of EMA
+    snapshots combined and ``weights`` their coefficients, newest first (they sum to
+    1; some may be negative).
     """
     from polyak.averaging import average_readers
     from polyak.discovery import order_key
@@ -532,14 +640,13 @@ def _posthoc_candidates(
                 name: np.array(array)
                 for name, array in average_readers(readers, coefficients, signed=True)
             }
-            scores = score(tensors)
-            candidate = Candidate(
+            number = ledger.submit(tensors)
+            head = (
                 f"posthoc:{format_number(width)}",
                 len(snapshots),
                 tuple(float(c) for c in coefficients),
-                *_fields(scores),
             )
-            yield candidate, tensors
+            yield head, tensors, number
     finally:
         for reader in readers:
             reader.close()
@@ -550,7 +657,7 @@ def _greedy_soup(
     floating: list[tuple[str, TensorInfo]],
     integer_names: list[str],
     single: list[SingleResult],
-    score: _ScoreReader,
+    ledger: _Ledger,
     higher_is_better: bool,
     progress: Callable[[str], None] | None,
 ) -> tuple[Candidate, dict[str, np.ndarray]]:
@@ -595,7 +702,7 @@ def _greedy_soup(
         member = {
             name: np.asarray(readers[index].read(name), dtype=np.float64) for name, _ in floating
         }
-        scores = score(fill([*soup, index], member))
+        scores = ledger.now(fill([*soup, index], member))
         if not _better(soup_scores.plain, scores.plain, higher_is_better) and not np.isnan(
             scores.plain
         ):

@@ -1,17 +1,20 @@
 """The ``polyak`` entry point: subcommands, one-line errors and exit codes.
 
 Exit codes: 0 done, 2 bad input or refused (any ``PolyakError`` or usage error),
-1 a bug. ``-v`` shows the traceback.
+1 a bug. ``-v`` shows the traceback. Under torchrun every process joins torch's
+process group (``polyak.distributed``) and only process 0 prints results.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 
 import typer
 
 from polyak import __version__
+from polyak.cli.output import console
 from polyak.errors import PolyakError
 
 app = typer.Typer(
@@ -53,11 +56,36 @@ def _register() -> None:
     from polyak.cli import average, demo, inspect, posthoc, sweep  # noqa: F401
 
 
+def _join_torchrun_group() -> str:
+    """Under torchrun: join the process group; only process 0 prints results.
+
+    Returns:
+        How errors name this process (empty in a plain process).
+    """
+    from polyak.distributed import init_from_environment, launched_by_torchrun
+
+    if not launched_by_torchrun():
+        return ""
+    group = init_from_environment()
+    if group is None:
+        return ""
+    if not group.is_main:
+        sys.stdout = open(os.devnull, "w")  # for the rest of the process
+        console.quiet = True
+    return f" (process {group.rank} of {group.size})"
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the command line; never returns (exits with the command's code)."""
     _register()
     arguments = sys.argv[1:] if argv is None else argv
     STATE.verbose = "-v" in arguments or "--verbose" in arguments
+    where = ""
+    try:
+        where = _join_torchrun_group()
+    except PolyakError as error:
+        print(f"polyak: error: {error}", file=sys.stderr)
+        sys.exit(2)
     command = typer.main.get_command(app)
     try:
         # Standalone mode: typer itself reports usage errors (exit 2) and --help.
@@ -65,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     except PolyakError as error:
         if STATE.verbose:
             traceback.print_exc()
-        print(f"polyak: error: {error}", file=sys.stderr)
+        print(f"polyak: error{where}: {error}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("polyak: interrupted.", file=sys.stderr)

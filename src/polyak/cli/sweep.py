@@ -95,6 +95,7 @@ def sweep_command(
     reading each checkpoint once; print the classic lines, a table and the best."""
     from polyak.data import import_callable, load_dataset
     from polyak.discovery import find_checkpoints
+    from polyak.distributed import current as current_group
     from polyak.formats import format_of
     from polyak.report import classic_lines, sweep_table, write_json, write_plot
     from polyak.sweep import write_best
@@ -147,12 +148,17 @@ def sweep_command(
         from polyak.torch.evaluation import sweep
 
         result = sweep(checkpoints, test, validation, device=device, key=key, **common)
-    if out_model is not None:
-        write_best(result, out_model, overwrite=True)
-    if json_path is not None:
-        write_json(result, json_path)
-    if plot_path is not None:
-        write_plot(result, plot_path)
+    # Under torchrun every process has the same result; process 0 writes the files.
+    group = current_group()
+    if group is None or group.is_main:
+        if out_model is not None:
+            write_best(result, out_model, overwrite=True)
+        if json_path is not None:
+            write_json(result, json_path)
+        if plot_path is not None:
+            write_plot(result, plot_path)
+    if group is not None:
+        group.barrier()
     if print_json_report:
         print_json(result.to_json())
         return

@@ -581,6 +581,8 @@ def write_sharded_safetensors(
     template: object | None = None,
     *,
     max_shard_size: int | str | None = None,
+    owned: Callable[[int], bool] | None = None,
+    write_index: bool = True,
 ) -> list[str]:
     """Write tensors as a safetensors checkpoint directory, shard after shard, streamed.
 
@@ -598,9 +600,14 @@ def write_sharded_safetensors(
             each array is written at once and not kept.
         template: the reader whose shard layout and ``__metadata__`` are copied.
         max_shard_size: bytes per shard, or a size string such as ``"2GB"``.
+        owned: for one of several processes writing one checkpoint together
+            (torchrun): ``owned(k)`` says whether this process writes shard ``k``; the
+            others' tensors are passed over without being computed.
+        write_index: whether to write the index (one process writes it).
 
     Returns:
-        The names of the files written in ``directory``, the index last.
+        The names of every file of the checkpoint, the index last (also those that
+        other processes write).
 
     Example:
         >>> write_sharded_safetensors(Path("out"), {"w": w, "b": b}.items(),  # doctest: +SKIP
@@ -619,14 +626,28 @@ def write_sharded_safetensors(
     metadata = _string_metadata(template)
     arrays = iter(planned)
     weight_map: dict[str, str] = {}
-    for file_name, shard in zip(files, shards, strict=True):
-        with open(directory / file_name, "wb") as file:
-            _write_tensors(file, shard, arrays, metadata)
+    for number, (file_name, shard) in enumerate(zip(files, shards, strict=True)):
+        if owned is None or owned(number):
+            with open(directory / file_name, "wb") as file:
+                _write_tensors(file, shard, arrays, metadata)
+        else:
+            _pass_over(shard, arrays)
         weight_map.update((name, file_name) for name, _ in shard)
     _finish(arrays)
     if len(files) == 1:
         return files
-    total_size = sum(info.nbytes for _, info in planned.infos)
-    index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
-    (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    if write_index:
+        total_size = sum(info.nbytes for _, info in planned.infos)
+        index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+        (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     return [*files, INDEX_NAME]
+
+
+def _pass_over(
+    shard: list[tuple[str, TensorInfo]], arrays: Iterator[tuple[str, np.ndarray]]
+) -> None:
+    """Take another process's tensors from the stream without computing them."""
+    for planned_name, _ in shard:
+        name, _array = next(arrays)
+        if name != planned_name:
+            raise ValueError(f"tensor {name}: does not match the planned {planned_name}.")

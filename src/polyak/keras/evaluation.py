@@ -106,6 +106,16 @@ class KerasEvaluator:
         self.evaluate = evaluate
         self._recalibrate = self._recalibration(recalibrate)
         self.evaluations = 0
+        self.group: Any = None
+
+    @property
+    def shards_data(self) -> bool:
+        """Whether a torchrun group can share out the data (on data, not ``evaluate``)."""
+        return self.evaluate is None
+
+    def use_group(self, group: Any) -> None:
+        """Predict on this process's share of the data; gather the predictions."""
+        self.group = group
 
     def _recalibration(self, recalibrate: Any) -> Callable[[Any], None] | None:
         if recalibrate is None:
@@ -119,12 +129,16 @@ class KerasEvaluator:
 
     def score(self, data: Dataset) -> float:
         """The metric of the model as it is now, on ``data``."""
+        shared = self.group is not None and len(data.x) >= self.group.size
+        x = data.x[self.group.share(len(data.x))] if shared else data.x
         try:
-            predictions = predict(self.model, data.x, self.batch_size)
+            predictions = predict(self.model, x, self.batch_size)
         except Exception as error:
             raise DataError(
                 f"data {data.name}: the model cannot predict on it ({str(error).splitlines()[0]})."
             ) from None
+        if shared:
+            predictions = self.group.concatenate(predictions)
         if self._function is None:
             losses = _loss_function(self.model, data.y)(data.y, predictions)
             return float(np.mean(keras.ops.convert_to_numpy(losses)))

@@ -188,6 +188,16 @@ class TorchEvaluator:
         self.batch_size = batch_size
         self._recalibrate = self._recalibration(recalibrate)
         self.evaluations = 0
+        self.group: Any = None
+
+    @property
+    def shards_data(self) -> bool:
+        """Whether a torchrun group can share out the data (on data, not ``evaluate``)."""
+        return self.evaluate is None
+
+    def use_group(self, group: Any) -> None:
+        """Predict on this process's share of the data; gather the predictions."""
+        self.group = group
 
     def _recalibration(self, recalibrate: Recalibrate | None) -> Callable[[Any], None] | None:
         if recalibrate is None:
@@ -212,13 +222,19 @@ class TorchEvaluator:
             yield self._inputs(x[start : start + self.batch_size])
 
     def predict(self, data: Dataset) -> np.ndarray:
-        """The module's outputs on ``data.x``, in eval mode, as numpy."""
+        """The module's outputs on ``data.x``, in eval mode, as numpy.
+
+        In a torchrun group (:meth:`use_group`), each process predicts on its share
+        and the outputs are gathered: every process gets them all.
+        """
+        shared = self.group is not None and len(data.x) >= self.group.size
+        x = data.x[self.group.share(len(data.x))] if shared else data.x
         was_training = self.module.training
         self.module.eval()
         outputs = []
         try:
             with torch.no_grad():
-                for batch in self._batches(data.x):
+                for batch in self._batches(x):
                     output = self.module(batch)
                     if not isinstance(output, torch.Tensor):
                         raise DataError(
@@ -234,7 +250,8 @@ class TorchEvaluator:
             ) from None
         finally:
             self.module.train(was_training)
-        return np.concatenate(outputs)
+        predictions = np.concatenate(outputs)
+        return self.group.concatenate(predictions) if shared else predictions
 
     def _loss(self, y: np.ndarray, outputs: np.ndarray) -> float:
         logits = torch.from_numpy(outputs).double()
