@@ -629,20 +629,22 @@ def average_to(
     Example:
         >>> polyak.average_to("run/", "averaged/", max_shard_size="2GB")  # doctest: +SKIP
     """
+    group = current_group() if group is None else group
     requested, out = out, Path(out)
-    directory = is_directory_output(requested)
-    limit = None if max_shard_size is None else parse_size(max_shard_size)
-    members = find_checkpoints(paths, last=last)
-    parsed, weights = _weights_for(scheme, members)
-    input_format = format_of(members[0].path)
-    output_format = format_for_output(requested, input_format)
-    if limit is not None and output_format.name != "sharded-safetensors":
-        raise _shards_need_a_directory(out, output_format)
-    check_output_path(
-        out, [member.path for member in members], overwrite=overwrite, directory=directory
-    )
-    readers = open_members(members, key)
+    readers: list[CheckpointReader] = []
     try:
+        directory = is_directory_output(requested)
+        limit = None if max_shard_size is None else parse_size(max_shard_size)
+        members = find_checkpoints(paths, last=last)
+        parsed, weights = _weights_for(scheme, members)
+        input_format = format_of(members[0].path)
+        output_format = format_for_output(requested, input_format)
+        if limit is not None and output_format.name != "sharded-safetensors":
+            raise _shards_need_a_directory(out, output_format)
+        check_output_path(
+            out, [member.path for member in members], overwrite=overwrite, directory=directory
+        )
+        readers = open_members(members, key)
         tensors = average_readers(
             readers,
             weights,
@@ -650,13 +652,23 @@ def average_to(
             allow_nonfinite=allow_nonfinite,
             progress=progress,
         )
+    except BaseException as error:
+        for reader in readers:
+            reader.close()
+        if group is not None:
+            group.check(error)  # every process learns of it, then this one raises it
+        raise
+    try:
+        if group is not None:
+            # No process writes before every process has checked the inputs and the
+            # output (one that checked later would find the output already there).
+            group.check(None)
         if on_start is not None:
             total = sum(
                 info.nbytes * (len(readers) if is_floating(info.dtype) else 1)
                 for _, info in tensors.infos
             )
             on_start(members, weights, total)
-        group = current_group() if group is None else group
         if group is None:
             files = write_output(out, tensors, readers[0], output_format, max_shard_size=limit)
         else:

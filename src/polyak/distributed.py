@@ -30,6 +30,7 @@ __all__ = [
     "current",
     "init_from_environment",
     "launched_by_torchrun",
+    "shut_down",
 ]
 
 
@@ -61,6 +62,29 @@ def init_from_environment() -> ProcessGroup | None:
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         distributed.init_process_group(backend=backend)
     return current()
+
+
+def shut_down(*, clean: bool) -> None:
+    """Leave torch's default process group before the process exits.
+
+    Without this, gloo's threads outlive the interpreter's shutdown and the process
+    can abort ("terminate called without an active exception").
+
+    Args:
+        clean: the command finished normally in this process: wait for the others
+            first (a failed process may have left them mid-collective: do not wait).
+    """
+    try:
+        import torch.distributed as distributed
+    except ImportError:  # pragma: no cover - a group implies torch
+        return
+    if not distributed.is_available() or not distributed.is_initialized():
+        return
+    try:
+        if clean:
+            distributed.barrier()
+    finally:
+        distributed.destroy_process_group()
 
 
 def current() -> ProcessGroup | None:

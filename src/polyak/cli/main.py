@@ -86,6 +86,17 @@ def main(argv: list[str] | None = None) -> None:
     except PolyakError as error:
         print(f"polyak: error: {error}", file=sys.stderr)
         sys.exit(2)
+    try:
+        _run(arguments, where)
+    finally:
+        if where:  # in a torchrun group: leave it before the interpreter exits
+            from polyak.distributed import shut_down
+
+            exit_code = getattr(sys.exc_info()[1], "code", 1)
+            shut_down(clean=exit_code in (0, None))
+
+
+def _run(arguments: list[str], where: str) -> None:
     command = typer.main.get_command(app)
     try:
         # Standalone mode: typer itself reports usage errors (exit 2) and --help.

@@ -100,25 +100,35 @@ def sweep_command(
     from polyak.report import classic_lines, sweep_table, write_json, write_plot
     from polyak.sweep import write_best
 
-    outputs = [Path(p) for p in (json_path, plot_path, out_model) if p is not None]
-    for output in outputs:
-        if output.exists() and not overwrite:
-            raise OutputError(f"output {output}: already exists. Pass --overwrite to replace it.")
-    if (data is None) == (evaluate is None):
-        raise DataError("give test data with --data, or an evaluation function with --eval.")
-    if evaluate is not None and val is not None:
-        raise DataError(
-            "--val goes with --data; with --eval, return {'test': ..., 'validation': ...} "
-            "from the function instead."
-        )
-    if batch_size < 1:
-        raise DataError(f"--batch-size must be at least 1; received {batch_size}.")
-    test = load_dataset(data) if data is not None else None
-    validation = load_dataset(val) if val is not None else None
-    calibration = load_dataset(recalibrate) if recalibrate is not None else None
-    user_evaluate = import_callable(evaluate, "eval") if evaluate is not None else None
-    members = find_checkpoints(paths, last=last)
-    keras_checkpoints = format_of(members[0].path).name in KERAS_FORMATS
+    group = current_group()
+    try:
+        outputs = [Path(p) for p in (json_path, plot_path, out_model) if p is not None]
+        for output in outputs:
+            if output.exists() and not overwrite:
+                raise OutputError(
+                    f"output {output}: already exists. Pass --overwrite to replace it."
+                )
+        if (data is None) == (evaluate is None):
+            raise DataError("give test data with --data, or an evaluation function with --eval.")
+        if evaluate is not None and val is not None:
+            raise DataError(
+                "--val goes with --data; with --eval, return {'test': ..., 'validation': ...} "
+                "from the function instead."
+            )
+        if batch_size < 1:
+            raise DataError(f"--batch-size must be at least 1; received {batch_size}.")
+        test = load_dataset(data) if data is not None else None
+        validation = load_dataset(val) if val is not None else None
+        calibration = load_dataset(recalibrate) if recalibrate is not None else None
+        user_evaluate = import_callable(evaluate, "eval") if evaluate is not None else None
+        members = find_checkpoints(paths, last=last)
+        keras_checkpoints = format_of(members[0].path).name in KERAS_FORMATS
+    except BaseException as error:
+        if group is not None:
+            group.check(error)  # every process refuses together, none waits for another
+        raise
+    if group is not None:
+        group.check(None)
     direction = False if minimize else None
 
     def progress(message: str) -> None:
@@ -149,7 +159,6 @@ def sweep_command(
 
         result = sweep(checkpoints, test, validation, device=device, key=key, **common)
     # Under torchrun every process has the same result; process 0 writes the files.
-    group = current_group()
     if group is None or group.is_main:
         if out_model is not None:
             write_best(result, out_model, overwrite=True)
