@@ -462,3 +462,64 @@ def test_pytorch_lightning_alone_is_used_when_lightning_is_missing(tmp_path: Pat
     )
     assert completed.returncode == 0, completed.stderr
     assert completed.stdout.strip().splitlines()[-1] == "[1, 2]"
+
+
+# ---------------------------------------------------------------- post-hoc EMA profiles
+
+
+def float64_power_ema(states: list[dict[str, torch.Tensor]], sigma_rel: float) -> dict:
+    """The power EMA of the states after steps 1..T, updated every step, in float64."""
+    from polyak.posthoc import gamma_of
+
+    exponent = gamma_of(sigma_rel) + 1
+    average: dict[str, torch.Tensor] = {}
+    for t, state in enumerate(states, start=1):
+        beta = (1 - 1 / t) ** exponent
+        for name, value in state.items():
+            if not value.is_floating_point():
+                average[name] = value
+            elif t == 1:
+                average[name] = value.double()
+            else:
+                average[name] = beta * average[name] + (1 - beta) * value.double()
+    return average
+
+
+def test_posthoc_profiles_are_saved_every_posthoc_every_steps_and_with_each_snapshot(
+    tmp_path: Path,
+) -> None:
+    from polyak.posthoc import profile_directory
+
+    recorder = Recorder()
+    callback = SnapshotCallback(
+        tmp_path, keep=5, every_steps=5, posthoc=(0.05, 0.1), posthoc_every=3, posthoc_keep=4
+    )
+    fit(Classifier(), [callback, recorder], max_epochs=3)  # 12 steps
+    assert [s.step for s in verify(tmp_path)] == [5, 10]
+    for width in (0.05, 0.1):
+        # Every 3 steps (3, 6, 9, 12) and with the snapshots (5, 10); the newest 4 kept.
+        snapshots = verify(profile_directory(tmp_path, width))
+        assert [s.step for s in snapshots] == [6, 9, 10, 12]
+        assert snapshots[-1].name == "model_step00000012.safetensors"
+        saved = safetensors_torch.load_file(snapshots[-1].path)
+        reference = float64_power_ema([recorder.steps[s] for s in range(1, 13)], width)
+        assert sorted(saved) == sorted(reference)
+        for name, expected in reference.items():
+            if expected.is_floating_point():
+                torch.testing.assert_close(saved[name].double(), expected, rtol=1e-5, atol=1e-6)
+            else:  # integer buffers: the raw model's
+                assert saved[name].item() == 12
+    assert callback.state_dict()["saved_step"] == 12
+
+
+def test_each_snapshot_callback_keeps_its_own_state_in_the_checkpoint(tmp_path: Path) -> None:
+    tracking = SnapshotCallback(tmp_path / "a", keep=2, rolling=True, posthoc=(0.05, 0.1))
+    plain = SnapshotCallback(tmp_path / "b", keep=2, rolling=True)
+    assert tracking.state_key != plain.state_key
+    trainer = fit(Classifier(), [tracking, plain], max_epochs=2)
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    states = torch.load(tmp_path / "last.ckpt", weights_only=True)["callbacks"]
+    assert plain.state_key not in states  # nothing to save without posthoc
+    profiles = states[tracking.state_key]["profiles"]
+    assert sorted(profiles) == ["0.05", "0.1"]
+    assert profiles["0.1"]["progress"]["last_step"] == 8

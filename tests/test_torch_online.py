@@ -282,6 +282,27 @@ def test_swapped_restores_the_raw_weights_bit_for_bit_also_on_error():
         assert torch.equal(value, raw[name]), name
 
 
+def test_raw_tensors_are_the_raw_weights_also_while_swapped_in():
+    model = make_net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    average = OnlineAverage(model, half_life=2)
+    for step, batch in enumerate(batches(4), start=1):
+        train_step(model, optimizer, batch)
+        average.update(step)
+    raw = {k: v.clone() for k, v in model.state_dict().items()}
+    names = ["0.weight", "0.bias", "1.weight", "1.bias", "1.running_mean", "1.running_var"]
+    names += ["3.weight", "3.bias"]
+    outside = average.raw_tensors()
+    assert list(outside) == names
+    with average.swapped():
+        inside = average.raw_tensors()
+        assert not torch.equal(model.state_dict()["0.weight"], raw["0.weight"])
+    for name in names:
+        assert torch.equal(outside[name], raw[name]) and torch.equal(inside[name], raw[name])
+    tied = OnlineAverage(TiedNet())
+    assert sorted(tied.raw_tensors()) == ["embed.weight", "head.weight"]
+
+
 def test_misuse_of_swapping_is_refused():
     model = make_net()
     average = OnlineAverage(model)

@@ -21,26 +21,44 @@ with ``keep=10`` gives ``model_0490`` to ``model_0499``. Epoch snapshots are tak
 the end of each training epoch, after that epoch's validation, so the logs hold the
 epoch's validation metrics too.
 
+With ``posthoc=(0.05, 0.10)`` the callback also tracks those power-function EMA
+profiles for post-hoc EMA (:mod:`polyak.posthoc`), updated after every optimizer step
+and committed into ``DIR/posthoc/sigma-WIDTH/`` at every epoch end (or every
+``posthoc_every`` steps) and with every raw snapshot; their state is saved in
+Lightning's checkpoints, so a run resumed from a ``.ckpt`` goes on tracking them.
+
+``OnlineAverageCallback`` keeps a running average of the weights while training
+(:class:`polyak.torch.OnlineAverage`: Polyak mean, EMA or power EMA) and swaps it into
+the model for validation, test and predict, the raw weights back afterwards; the
+model trains on, and checkpoints hold, the raw weights, and the average is saved in
+the checkpoint to resume.
+
 Lightning is imported as ``lightning.pytorch``; where only the older
 ``pytorch_lightning`` package is installed, that is used instead.
 
 Example:
-    >>> from polyak.lightning import SnapshotCallback
+    >>> from polyak.lightning import OnlineAverageCallback, SnapshotCallback
     >>> snapshots = SnapshotCallback("run/", keep=10)
-    >>> trainer = Trainer(max_epochs=500, callbacks=[snapshots])  # doctest: +SKIP
+    >>> average = OnlineAverageCallback(half_life=1000)
+    >>> trainer = Trainer(max_epochs=500, callbacks=[snapshots, average])  # doctest: +SKIP
     >>> trainer.fit(model, train_loader)  # doctest: +SKIP
     >>> polyak.average_to("run/", "averaged.safetensors", scheme="exp:2")  # doctest: +SKIP
+    >>> average.export("online-average.safetensors")  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import warnings
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from polyak.errors import require
+from polyak.online import AveragingSchedule
+from polyak.posthoc import DEFAULT_PROFILE_KEEP, check_profile_arguments
 from polyak.snapshots import Snapshot, SnapshotDirectory
 
 
@@ -68,14 +86,16 @@ from polyak.snapshots import (  # noqa: E402  (after the dependency check)
     check_snapshot_arguments,
     is_whole_number,
 )
+from polyak.torch.online import BUFFER_POLICIES, OnlineAverage  # noqa: E402
 from polyak.torch.snapshots import (  # noqa: E402
     SUFFIXES,
+    PosthocProfiles,
     check_state_dict,
     save_state_dict,
     snapshot_name,
 )
 
-__all__ = ["SnapshotCallback"]
+__all__ = ["OnlineAverageCallback", "SnapshotCallback"]
 
 # Strategies whose pl_module.state_dict() on rank 0 is not the whole model.
 _SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
@@ -111,6 +131,18 @@ class SnapshotCallback(pl.Callback):
     (``trainer.global_step``, which also counts the steps of a resumed run), keeping
     the ``keep`` most recent; epochs play no part.
 
+    Post-hoc EMA: with ``posthoc=(0.05, 0.10)`` the callback also keeps one
+    power-function EMA per width (:class:`polyak.torch.OnlineAverage` in power mode,
+    its time the global step), updated after every optimizer step, and commits the
+    EMA of each width into ``directory/posthoc/sigma-WIDTH/`` at the end of every
+    training epoch (or every ``posthoc_every`` optimizer steps instead) and with every
+    raw snapshot, keeping the newest ``posthoc_keep``; ``polyak posthoc`` then
+    reconstructs the EMA of any width. The profiles' state is the callback's
+    :meth:`state_dict`, which Lightning saves in its ``.ckpt`` checkpoints (under
+    :attr:`state_key`, which names the directory): ``fit(ckpt_path=...)`` resumes them
+    exactly. A new run into a directory whose profiles hold snapshots, without that
+    state, is refused rather than mixed in.
+
     Nothing is saved in a ``fast_dev_run``. Sharded strategies (FSDP, DeepSpeed,
     ModelParallel), where rank 0 does not hold the whole model, are refused.
 
@@ -122,15 +154,22 @@ class SnapshotCallback(pl.Callback):
         every_steps: save every this many optimizer steps instead of by epoch.
         format: ``"safetensors"`` (default) or ``"pt"`` (``torch.save``).
         prefix: the start of each file name.
+        posthoc: the widths (``sigma_rel``) of the EMA profiles to track, e.g.
+            ``(0.05, 0.10)``; ``()`` (default) tracks none, at no cost.
+        posthoc_keep: how many EMA snapshots each profile keeps (the newest).
+        posthoc_every: commit the profiles every this many optimizer steps instead of
+            at every epoch end (they are also committed with every raw snapshot).
 
     Attributes:
         directory: the snapshot directory.
         saved: the snapshots committed during the last ``fit``, oldest first.
+        posthoc: the widths of the tracked profiles.
 
     Raises:
         ValueError: an argument is out of range (when constructed); at the start of
             ``fit``: no epoch count in the default mode, a sharded strategy, or a
-            state dict that cannot be saved in ``format``.
+            state dict that cannot be saved in ``format``; at the start of training,
+            profile snapshots in the directory without the state to continue them.
 
     Example:
         >>> snapshots = SnapshotCallback("run/", keep=10)  # doctest: +SKIP
@@ -148,10 +187,15 @@ class SnapshotCallback(pl.Callback):
         every_steps: int | None = None,
         format: str = "safetensors",
         prefix: str = "model",
+        *,
+        posthoc: tuple[float, ...] | list[float] = (),
+        posthoc_keep: int = DEFAULT_PROFILE_KEEP,
+        posthoc_every: int | None = None,
     ) -> None:
         super().__init__()
         check_snapshot_arguments(directory, keep, format, SUFFIXES, prefix)
         self.schedule = SnapshotSchedule(keep, rolling, every_epochs, every_steps)
+        widths = check_profile_arguments(posthoc, posthoc_keep, posthoc_every)
         self.directory = Path(directory)
         self.keep = keep
         self.rolling = rolling
@@ -159,10 +203,34 @@ class SnapshotCallback(pl.Callback):
         self.every_steps = every_steps
         self.format = format
         self.prefix = prefix
+        self.posthoc = widths
+        self.posthoc_keep = posthoc_keep
+        self.posthoc_every = posthoc_every
         self.saved: list[Snapshot] = []
         self._snapshots: SnapshotDirectory | None = None
         self._step = 0
         self._last_epoch: int | None = None
+        self._profiles = PosthocProfiles(
+            self.directory, widths, posthoc_keep, format, prefix, "SnapshotCallback"
+        )
+        self._tracking = False
+
+    @property
+    def state_key(self) -> str:
+        """The key of this callback's state in a checkpoint: it names the directory."""
+        return self._generate_state_key(directory=str(self.directory), prefix=self.prefix)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The tracked EMA profiles' state (empty without ``posthoc``), for the checkpoint."""
+        return self._profiles.state_dict() if self.posthoc else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the EMA profiles from a checkpoint; they go on when training starts.
+
+        Raises:
+            ValueError: the state is not of tracked profiles, or of other widths.
+        """
+        self._profiles.load_state_dict(state_dict)
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         # After configure_model() has built the model, before any training; on every rank,
@@ -188,25 +256,43 @@ class SnapshotCallback(pl.Callback):
         self.saved = []
         self._step = trainer.global_step
         self._last_epoch = None
-        if trainer.is_global_zero and not trainer.fast_dev_run:
+        writes = trainer.is_global_zero and not trainer.fast_dev_run
+        if writes:
             self._snapshots = SnapshotDirectory(self.directory, self.keep)
+        # Only the rank that writes tracks the profiles (the weights are the same on all).
+        self._tracking = bool(self.posthoc) and writes
+        if self._tracking:
+            self._profiles.bind(pl_module, trainer.global_step)
 
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         step = trainer.global_step
         previous, self._step = self._step, step
+        if self._tracking:
+            self._profiles.update(step)
         # With gradient accumulation several batches share one step: save it once.
-        if self.schedule.saves_step(previous, step):
+        saved = self.schedule.saves_step(previous, step)
+        if saved:
             name = snapshot_name(self.prefix, self.format, step=step)
             self._save(trainer, pl_module, name, epoch=trainer.current_epoch, step=step)
+        every = self.posthoc_every
+        if self._tracking and (saved or (every is not None and step // every > previous // every)):
+            self._profiles.commit(step, trainer.current_epoch)
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         epoch = trainer.current_epoch
         self._last_epoch = epoch
-        if self.schedule.saves_epoch(epoch, trainer.max_epochs):
+        saved = self.schedule.saves_epoch(epoch, trainer.max_epochs)
+        if saved:
             name = snapshot_name(self.prefix, self.format, epoch=epoch)
             self._save(trainer, pl_module, name, epoch=epoch, step=trainer.global_step)
+        step = trainer.global_step
+        # The profiles hold this step (on_train_batch_end updated them) unless the epoch
+        # ran no batch, as after a resume at its end: then there is nothing new to save.
+        if self._tracking and (saved or self.posthoc_every is None):
+            if self._profiles.last_step == step:
+                self._profiles.commit(step, epoch)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         epochs = trainer.max_epochs
@@ -239,3 +325,265 @@ class SnapshotCallback(pl.Callback):
             logs=_numbers(trainer.callback_metrics),
         )
         self.saved.append(snapshot)
+
+
+class OnlineAverageCallback(pl.Callback):
+    """Keep a running average of the weights while training; validate and test with it.
+
+    Wraps :class:`polyak.torch.OnlineAverage` (schedules and formulas:
+    :mod:`polyak.online`):
+
+    - built when ``fit`` starts (after ``configure_model`` and after a checkpoint's
+      callback state was read), for the LightningModule;
+    - updated in ``on_train_batch_end`` with ``trainer.global_step``, the optimizer
+      steps taken: with gradient accumulation the batches of one step update once,
+      and ``update_every``/``start_step`` count optimizer steps;
+    - swapped into the model from ``on_validation_start`` to ``on_validation_end`` (so
+      the metrics logged in validation, and EarlyStopping or ModelCheckpoint monitoring
+      them, are the averaged model's), and likewise for test and predict; the raw
+      weights go back afterwards, bit for bit, also when validation raises
+      (``on_exception``). Training always continues from the raw weights.
+    - Checkpoints hold the raw weights: while the average is swapped in, a state-dict
+      hook on the module puts the raw tensors in ``state_dict()``, so a checkpoint
+      saved during validation (ModelCheckpoint at validation end, weights-only or not,
+      or ``trainer.save_checkpoint`` from a hook) holds the weights training goes on
+      from. The average and its counters are this callback's :meth:`state_dict`, which
+      Lightning saves in the ``.ckpt`` under :attr:`state_key`: ``fit(ckpt_path=...)``
+      resumes the raw weights and the average exactly where they stopped.
+      ``validate``/``test``/``predict`` with ``ckpt_path=...`` use the saved average.
+
+    Before the first update step the model is its own average. Only one process's
+    state is saved, as for any callback; under DDP every rank keeps the same average.
+    Sharded strategies (FSDP, DeepSpeed, ModelParallel) are refused.
+
+    Args:
+        mode: ``"polyak"`` (running mean), ``"ema"`` or ``"power"``; by default
+            inferred: ``decay``/``half_life`` -> ema, ``sigma_rel`` -> power, none ->
+            polyak.
+        decay: ema: the decay per optimizer step.
+        half_life: ema: the optimizer steps after which a weight counts half.
+        sigma_rel: power: the width of the power-function EMA profile.
+        start_step: averaging starts after this optimizer step.
+        update_every: update every this many optimizer steps.
+        buffers: ``"average"`` (default) to average floating buffers (BatchNorm
+            statistics) too, ``"copy"`` to use the raw model's.
+
+    Attributes:
+        schedule: the :class:`polyak.online.AveragingSchedule`.
+        buffers: the floating-buffer policy.
+        average: the :class:`polyak.torch.OnlineAverage`, once ``fit`` (or validate,
+            test, predict) started; None before.
+
+    Raises:
+        SchemeError: the mode and its parameters do not fit.
+        ValueError: ``buffers`` is unknown; when ``fit`` starts, a sharded strategy.
+
+    Example:
+        >>> average = OnlineAverageCallback(half_life=500)
+        >>> trainer = Trainer(max_epochs=20, callbacks=[average])  # doctest: +SKIP
+        >>> trainer.fit(module, train_loader, val_loader)  # doctest: +SKIP
+        >>> average.export("averaged.safetensors")  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        mode: str | None = None,
+        *,
+        decay: float | None = None,
+        half_life: float | None = None,
+        sigma_rel: float | None = None,
+        start_step: int = 0,
+        update_every: int = 1,
+        buffers: str = "average",
+    ) -> None:
+        super().__init__()
+        if buffers not in BUFFER_POLICIES:
+            raise ValueError(
+                f"buffers must be one of {', '.join(map(repr, BUFFER_POLICIES))} (floating "
+                f"buffers averaged, or taken from the raw model); received {buffers!r}."
+            )
+        self.schedule = AveragingSchedule(
+            mode,
+            decay=decay,
+            half_life=half_life,
+            sigma_rel=sigma_rel,
+            start_step=start_step,
+            update_every=update_every,
+        )
+        self.buffers = buffers
+        self.average: OnlineAverage | None = None
+        self._pending: Mapping[str, Any] | None = None
+        self._hook: Any = None
+
+    def __repr__(self) -> str:
+        return f"OnlineAverageCallback({self.schedule.describe()})"
+
+    @property
+    def state_key(self) -> str:
+        """The key of this callback's state in a checkpoint: it names the schedule."""
+        return self._generate_state_key(**self.schedule.to_dict(), buffers=self.buffers)
+
+    @property
+    def is_swapped(self) -> bool:
+        """Whether the averaged weights are in the model now."""
+        return self.average is not None and self.average.is_swapped
+
+    # ------------------------------------------------------------ binding
+
+    def _bind(self, trainer: Any, pl_module: Any) -> OnlineAverage:
+        """The average of ``pl_module``: built on first use, with a loaded state applied."""
+        strategy = type(trainer.strategy).__name__
+        if strategy in _SHARDED_STRATEGIES:
+            raise ValueError(
+                "OnlineAverageCallback averages the whole model in each process, which holds "
+                f"it only under strategies that do not shard it; received strategy {strategy}."
+            )
+        average = self.average
+        if average is None or average.model is not pl_module:
+            schedule = self.schedule
+            average = OnlineAverage(
+                pl_module,
+                schedule.mode,
+                decay=schedule.decay,
+                half_life=schedule.half_life,
+                sigma_rel=schedule.sigma_rel,
+                start_step=schedule.start_step,
+                update_every=schedule.update_every,
+                buffers=self.buffers,
+            )
+            if self._pending is not None:
+                average.load_state_dict(self._pending)
+                self._pending = None
+            self.average = average
+        return average
+
+    # ------------------------------------------------------------ training
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        others = [c for c in trainer.callbacks if isinstance(c, OnlineAverageCallback)]
+        if len(others) > 1:
+            raise ValueError(
+                "one OnlineAverageCallback per Trainer: each swaps its average into the model "
+                f"for validation; received {len(others)} ({', '.join(map(repr, others))}). To "
+                "compare widths of power EMA, track them with SnapshotCallback(posthoc=...) and "
+                "reconstruct any width afterwards with polyak posthoc."
+            )
+        self._swap_out()  # a previous run stopped inside validation by a hook's error
+        average = self._bind(trainer, pl_module)
+        step = trainer.global_step
+        if step > 0 and average.last_step is None:
+            warnings.warn(
+                f"OnlineAverageCallback: training resumes at step {step} without the average's "
+                "state (the checkpoint holds none for this callback's state_key), so the "
+                f"average starts now: {self.schedule.describe()}.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._bind(trainer, pl_module).update(trainer.global_step)
+
+    # ------------------------------------------------------------ evaluation
+
+    def _swap_in(self, trainer: Any, pl_module: Any) -> None:
+        average = self._bind(trainer, pl_module)
+        if average.is_swapped:
+            return
+        average.swap_in()
+        raw = average.raw_tensors()
+
+        def keep_raw(module: Any, state: dict, prefix: str, metadata: Any) -> None:
+            for name, tensor in raw.items():
+                if prefix + name in state:
+                    state[prefix + name] = tensor
+
+        register = getattr(pl_module, "register_state_dict_post_hook", None)
+        if register is None:  # torch < 2.1's private form of the same hook
+            register = pl_module._register_state_dict_hook
+        self._hook = register(keep_raw)
+
+    def _swap_out(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        if self.average is not None and self.average.is_swapped:
+            self.average.swap_out()
+
+    def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
+        self._swap_in(trainer, pl_module)
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        self._swap_out()
+
+    def on_test_start(self, trainer: Any, pl_module: Any) -> None:
+        self._swap_in(trainer, pl_module)
+
+    def on_test_end(self, trainer: Any, pl_module: Any) -> None:
+        self._swap_out()
+
+    def on_predict_start(self, trainer: Any, pl_module: Any) -> None:
+        self._swap_in(trainer, pl_module)
+
+    def on_predict_end(self, trainer: Any, pl_module: Any) -> None:
+        self._swap_out()
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self._swap_out()
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self._swap_out()
+
+    # ------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        """The average and its counters (see :meth:`polyak.torch.OnlineAverage.state_dict`)."""
+        if self.average is not None:
+            return self.average.state_dict()
+        return dict(self._pending) if self._pending is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the average from a checkpoint (applied when the average is built).
+
+        Raises:
+            ValueError: the state is not an average's, or was saved with another
+                schedule or for another model.
+        """
+        if self.average is not None:
+            self._swap_out()
+            self.average.load_state_dict(state_dict)
+        else:
+            self._pending = state_dict
+
+    # ------------------------------------------------------------ the averaged model
+
+    @contextlib.contextmanager
+    def swapped(self) -> Iterator[Any]:
+        """The module with the averaged weights in it, the raw ones back on exit.
+
+        Raises:
+            ValueError: no model yet (use the callback in ``fit`` first).
+        """
+        with self._require_average("swapped()").swapped() as module:
+            yield module
+
+    def export(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+        """Write the averaged model as a normal model file (see ``OnlineAverage.export``).
+
+        ``.safetensors`` or ``.pt``/``.pth``; it loads into the LightningModule's
+        architecture with ``load_state_dict(strict=True)``.
+
+        Raises:
+            ValueError: no model yet, no update yet, or an unknown suffix.
+            OutputError: the file exists (without ``overwrite``) or cannot be written.
+        """
+        return self._require_average("export()").export(path, overwrite=overwrite)
+
+    def _require_average(self, action: str) -> OnlineAverage:
+        if self.average is None:
+            raise ValueError(
+                f"{action} needs the average, which the callback builds when trainer.fit() "
+                "(or validate, test, predict) starts; use the callback in a Trainer first."
+            )
+        return self.average

@@ -38,7 +38,13 @@ On disk: the snapshot helpers (``posthoc=(0.05, 0.10)``) keep each tracked profi
 its own crash-safe snapshot directory, ``DIR/posthoc/sigma-0.05/``, whose manifest
 records each EMA snapshot's step; :func:`find_profile_snapshots` reads them and
 :func:`reconstruct_to` (``polyak posthoc DIR --sigma-rel ...``) writes the
-reconstructions.
+reconstructions. The helpers update each profile after every training step, its time
+``t`` the global step counting from 1 (``t = 1`` after the first optimizer step, whose
+update copies the weights) and ``delta`` the steps since its previous update, and
+commit the EMA of every profile with each raw snapshot, every ``posthoc_every`` steps
+if given, and (the Keras and Lightning callbacks) otherwise at every epoch end; each
+profile directory keeps its newest
+``posthoc_keep`` snapshots (:data:`DEFAULT_PROFILE_KEEP`).
 
 Example:
     >>> from polyak.posthoc import gamma_of, sigma_rel_of
@@ -58,10 +64,12 @@ import numpy as np
 from polyak.errors import DiscoveryError, SchemeError
 
 __all__ = [
+    "DEFAULT_PROFILE_KEEP",
     "MAX_SIGMA_REL",
     "PROFILES_DIRECTORY",
     "PosthocResult",
     "ProfileSnapshot",
+    "check_profile_arguments",
     "find_profile_snapshots",
     "gamma_of",
     "posthoc_coefficients",
@@ -69,6 +77,7 @@ __all__ = [
     "power_snapshot_weights",
     "profile_directory",
     "profile_inner_product",
+    "profile_steps",
     "reconstruct",
     "reconstruct_to",
     "sigma_rel_of",
@@ -76,6 +85,8 @@ __all__ = [
 
 #: The subdirectory of a snapshot directory that holds the tracked EMA profiles.
 PROFILES_DIRECTORY = "posthoc"
+#: How many EMA snapshots each tracked profile keeps by default (the newest).
+DEFAULT_PROFILE_KEEP = 1000
 _PROFILE_NAME = re.compile(r"^sigma-(\d+(?:\.\d+)?)$")
 
 # sigma_rel of gamma -> 0 (the flattest power profile, a uniform average from 0 to t).
@@ -221,6 +232,65 @@ def profile_directory(directory: str | Path, sigma_rel: float) -> Path:
 
     gamma_of(sigma_rel)
     return Path(directory) / PROFILES_DIRECTORY / f"sigma-{format_number(float(sigma_rel))}"
+
+
+def check_profile_arguments(
+    posthoc: object, posthoc_keep: object, posthoc_every: object
+) -> tuple[float, ...]:
+    """Check the ``posthoc``, ``posthoc_keep`` and ``posthoc_every`` of a snapshot helper.
+
+    Args:
+        posthoc: the widths (``sigma_rel``) of the profiles to track, e.g. ``(0.05, 0.10)``;
+            empty to track none.
+        posthoc_keep: how many EMA snapshots each profile keeps, a whole number >= 1.
+        posthoc_every: save the profiles every this many steps (a whole number >= 1),
+            or None.
+
+    Returns:
+        The widths as floats, in the order given.
+
+    Raises:
+        ValueError: (SchemeError for a width out of range) naming the argument, the rule
+            and what was received.
+
+    Example:
+        >>> check_profile_arguments([0.05, 0.1], 1000, None)
+        (0.05, 0.1)
+    """
+    from polyak.schemes import format_number
+
+    if isinstance(posthoc, (str, bytes)) or not isinstance(posthoc, (tuple, list)):
+        raise ValueError(
+            "posthoc takes the widths (sigma_rel) of the EMA profiles to track, as a tuple or "
+            f"list such as (0.05, 0.10), or () for none; received {posthoc!r}."
+        )
+    widths = []
+    for width in posthoc:
+        gamma_of(width)  # a SchemeError (a ValueError) naming the allowed range
+        widths.append(float(width))
+    names = [format_number(width) for width in widths]
+    if len(set(names)) != len(names):
+        raise ValueError(f"posthoc widths must differ from each other; received {posthoc!r}.")
+    for name, value, minimum in (
+        ("posthoc_keep", posthoc_keep, 1),
+        ("posthoc_every", posthoc_every, 1),
+    ):
+        if value is None and name == "posthoc_every":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            what = f"a whole number >= {minimum}" + (" or None" if name == "posthoc_every" else "")
+            raise ValueError(f"{name} must be {what}; received {value!r}.")
+    return tuple(widths)
+
+
+def profile_steps(directory: str | Path, sigma_rel: float) -> list[int | None]:
+    """The steps of the EMA snapshots one profile's manifest lists, oldest first ([] if none).
+
+    Reads the manifest only (no checksums); :func:`find_profile_snapshots` verifies.
+    """
+    from polyak.snapshots import read_manifest
+
+    return [s.step for s in read_manifest(profile_directory(directory, sigma_rel)) or []]
 
 
 @dataclass(frozen=True)

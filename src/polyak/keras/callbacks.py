@@ -16,6 +16,24 @@ File names carry the numbers polyak orders checkpoints by:
 ``epoch`` is Keras' 0-based epoch index, so 500 epochs with ``keep=10`` give
 ``model_0490`` to ``model_0499``, the classic experiment's snapshots.
 
+Post-hoc EMA (``posthoc=(0.05, 0.10)``): the callback also keeps one power-function
+EMA per width (:mod:`polyak.posthoc`; float32, float64 for float64 weights, of every
+floating weight, BatchNormalization statistics included; integer variables stay the
+raw model's), updated after every training batch with the step count above as the
+profile's time, and commits the EMA of each width, as a file of the same ``format``
+named ``{prefix}_step{step:08d}{suffix}``, into ``DIR/posthoc/sigma-WIDTH/`` at every
+epoch end (or every ``posthoc_every`` steps instead) and with every raw snapshot,
+keeping the newest ``posthoc_keep``. ``polyak posthoc DIR --sigma-rel ...`` then
+reconstructs the EMA of any width.
+
+Resuming: the profile snapshots are the profiles' state. When ``fit`` begins after
+``S`` steps (the optimizer's iteration count, as in a model loaded with its optimizer)
+the callback continues the profiles from their snapshots at step ``S``, exactly for
+float32 weights, so resume from a model saved at a step the profiles were saved at
+(an epoch end, by default). If the profiles hold snapshots but none at ``S``, or a new
+run (``S = 0``) finds snapshots, it refuses to mix runs; if they hold none at all, the
+profiles start at ``S`` with a warning.
+
 Example:
     >>> from polyak.keras import SnapshotCheckpoint
     >>> snapshots = SnapshotCheckpoint("run/", keep=10)
@@ -32,20 +50,185 @@ from pathlib import Path
 from typing import Any
 
 from polyak.errors import require
+from polyak.online import AveragingProgress, AveragingSchedule
+from polyak.posthoc import (
+    DEFAULT_PROFILE_KEEP,
+    PROFILES_DIRECTORY,
+    check_profile_arguments,
+    profile_directory,
+)
 from polyak.snapshots import (
     Snapshot,
     SnapshotDirectory,
     SnapshotSchedule,
     check_snapshot_arguments,
     is_whole_number,
+    read_manifest,
 )
 
 keras = require("keras", "keras", "polyak.keras")
+ops = keras.ops
 
 __all__ = ["SnapshotCheckpoint"]
 
 # format argument -> file suffix (Keras insists on these suffixes when saving).
 _SUFFIXES = {"weights.h5": ".weights.h5", "keras": ".keras"}
+
+
+class _Profiles:
+    """The power-function EMA profiles the callback tracks, and their snapshot directories."""
+
+    def __init__(
+        self, directory: Path, widths: tuple[float, ...], keep: int, format: str, prefix: str
+    ) -> None:
+        self.directory = directory
+        self.widths = widths
+        self.keep = keep
+        self.format = format
+        self.prefix = prefix
+        self.model: Any = None
+        self.variables: list[Any] = []
+        self.dtypes: list[str] = []
+        self.progress: dict[float, AveragingProgress] = {}
+        self.averages: dict[float, list[Any]] = {}
+        self.saved_step: int | None = None
+        self._directories: dict[float, SnapshotDirectory] = {}
+
+    @property
+    def last_step(self) -> int | None:
+        return next(iter(self.progress.values())).last_step if self.progress else None
+
+    def start(self, model: Any, step: int) -> None:
+        """Go on in memory, resume from the profile snapshots at ``step``, or start afresh."""
+        if model is self.model and self.last_step == step:
+            return
+        variables = [v for v in model.weights if keras.backend.is_float_dtype(v.dtype)]
+        if not variables:
+            raise ValueError(
+                f"posthoc: the model has no floating weights to average; received {model.name!r} "
+                f"with {len(model.weights)} weights (is it built?)."
+            )
+        listed = {
+            width: read_manifest(profile_directory(self.directory, width)) or []
+            for width in self.widths
+        }
+        found = {
+            width: next((s.path for s in snapshots if s.step == step), None)
+            for width, snapshots in listed.items()
+        }
+        missing = [width for width, path in found.items() if path is None]
+        if any(listed.values()) and (step == 0 or missing):
+            width = missing[0] if missing else self.widths[0]
+            steps = [s.step for s in listed[width]]
+            shown = ", ".join(map(str, steps[-5:])) if steps else "none"
+            raise ValueError(
+                f"SnapshotCheckpoint: {profile_directory(self.directory, width)} holds EMA "
+                f"snapshots (of steps {shown}), but none of step {step}, where this run "
+                + ("starts afresh" if step == 0 else "resumes (the optimizer's iterations)")
+                + ": post-hoc reconstruction would mix two runs. Resume from a model saved at "
+                "a step the profiles were saved at (an epoch end, by default), or save into a "
+                f"new directory, or delete {self.directory / PROFILES_DIRECTORY}."
+            )
+        self.model, self.variables = model, variables
+        self.dtypes = ["float64" if v.dtype == "float64" else "float32" for v in variables]
+        self.averages, self.saved_step = {}, None
+        self.progress = {
+            width: AveragingProgress(AveragingSchedule(sigma_rel=width), last_step=step)
+            for width in self.widths
+        }
+        if any(listed.values()):
+            self._restore(found, step)
+        elif step > 0:
+            warnings.warn(
+                f"SnapshotCheckpoint: the EMA profiles start after step {step}, with no "
+                "snapshots to continue from, so the steps before it count as the weights "
+                "of that step; post-hoc reconstruction is then approximate.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    def _restore(self, paths: Mapping[float, Path], step: int) -> None:
+        """Read the EMA of each profile from its snapshot at ``step``; the model is kept."""
+        model = self.model
+        # load_weights also loads the optimizer's variables the file holds: keep them too.
+        optimizer = getattr(model, "optimizer", None)
+        kept = [*model.weights, *(getattr(optimizer, "variables", None) or [])]
+        backup = [ops.copy(variable.value) for variable in kept]
+        try:
+            for width, path in paths.items():
+                with warnings.catch_warnings():
+                    # An optimizer not built yet skips the file's optimizer variables.
+                    warnings.filterwarnings("ignore", "Skipping variable loading for optimizer")
+                    model.load_weights(str(path))
+                self.averages[width] = [
+                    ops.cast(ops.copy(variable.value), dtype)
+                    for variable, dtype in zip(self.variables, self.dtypes, strict=True)
+                ]
+                # Only whether there was an update matters to the power schedule.
+                self.progress[width] = AveragingProgress(
+                    AveragingSchedule(sigma_rel=width),
+                    last_step=step,
+                    updates=1,
+                    last_update_step=step,
+                )
+        finally:
+            for variable, value in zip(kept, backup, strict=True):
+                variable.assign(value)
+        self.saved_step = step
+
+    def update(self, step: int) -> None:
+        """Update every profile for ``step``: ``a <- beta a + (1 - beta) theta``."""
+        values = None
+        for width, progress in self.progress.items():
+            decay = progress.advance(step)
+            if decay is None:
+                continue
+            if values is None:
+                values = [
+                    ops.cast(ops.stop_gradient(variable.value), dtype)
+                    for variable, dtype in zip(self.variables, self.dtypes, strict=True)
+                ]
+            averages = self.averages.get(width)
+            if decay == 0.0 or averages is None:
+                self.averages[width] = [ops.copy(value) for value in values]
+            else:
+                weight = 1.0 - decay
+                self.averages[width] = [
+                    ops.add(average, ops.multiply(ops.subtract(value, average), weight))
+                    for average, value in zip(averages, values, strict=True)
+                ]
+
+    def commit(self, step: int, epoch: int, suffix: str) -> list[Snapshot]:
+        """Commit the EMA of every profile at ``step`` (once a step; none before an update)."""
+        if step < 1 or step == self.saved_step or self.last_step != step or not self.averages:
+            return []
+        model = self.model
+        name = f"{self.prefix}_step{step:08d}{suffix}"
+        raw = [ops.copy(ops.stop_gradient(variable.value)) for variable in self.variables]
+        committed = []
+        try:
+            for width, averages in self.averages.items():
+                for variable, average in zip(self.variables, averages, strict=True):
+                    variable.assign(ops.cast(average, variable.dtype))
+                directory = self._directories.get(width)
+                if directory is None:
+                    directory = SnapshotDirectory(
+                        profile_directory(self.directory, width), self.keep
+                    )
+                    self._directories[width] = directory
+
+                def write(path: Path) -> None:
+                    if self.format == "keras":
+                        model.save(str(path))
+                    else:
+                        model.save_weights(str(path))
+
+                committed.append(directory.commit(write, name, epoch=epoch, step=step))
+        finally:
+            for variable, value in zip(self.variables, raw, strict=True):
+                variable.assign(value)
+        self.saved_step = step
+        return committed
 
 
 class SnapshotCheckpoint(keras.callbacks.Callback):
@@ -74,14 +257,22 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
         format: ``"weights.h5"`` (``model.save_weights``) or ``"keras"``
             (``model.save``, the whole model).
         prefix: the start of each file name.
+        posthoc: the widths (``sigma_rel``) of the power-function EMA profiles to
+            track for post-hoc EMA, e.g. ``(0.05, 0.10)``; ``()`` (default) tracks none,
+            at no cost. See the module docstring.
+        posthoc_keep: how many EMA snapshots each profile keeps (the newest).
+        posthoc_every: commit the profiles every this many steps instead of at every
+            epoch end (they are also committed with every raw snapshot).
 
     Attributes:
         directory: the snapshot directory.
         saved: the snapshots committed during the last ``fit``, oldest first.
+        posthoc: the widths of the tracked profiles.
 
     Raises:
         ValueError: an argument is out of range, or ``fit`` gives no epoch count in
-            the default mode.
+            the default mode; with ``posthoc``, when ``fit`` begins, profile snapshots
+            that this run cannot continue (see the module docstring).
 
     Example:
         >>> checkpoint = SnapshotCheckpoint("run/", keep=10)  # doctest: +SKIP
@@ -99,10 +290,19 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
         every_steps: int | None = None,
         format: str = "weights.h5",
         prefix: str = "model",
+        *,
+        posthoc: tuple[float, ...] | list[float] = (),
+        posthoc_keep: int = DEFAULT_PROFILE_KEEP,
+        posthoc_every: int | None = None,
     ) -> None:
         super().__init__()
         check_snapshot_arguments(directory, keep, format, _SUFFIXES, prefix)
         self.schedule = SnapshotSchedule(keep, rolling, every_epochs, every_steps)
+        widths = check_profile_arguments(posthoc, posthoc_keep, posthoc_every)
+        self.posthoc = widths
+        self.posthoc_keep = posthoc_keep
+        self.posthoc_every = posthoc_every
+        self._profiles = _Profiles(Path(directory), widths, posthoc_keep, format, prefix)
         self.directory = Path(directory)
         self.keep = keep
         self.rolling = rolling
@@ -145,6 +345,8 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
         self.saved = []
         self._step = self._epoch_start_step = self._starting_step()
         self._last_epoch = None
+        if self.posthoc:
+            self._profiles.start(self.model, self._step)
 
     def on_epoch_begin(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
         self._epoch = epoch
@@ -154,15 +356,25 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
         # Keras passes the index of the last batch run, also with steps_per_execution > 1.
         step = self._epoch_start_step + batch + 1
         previous, self._step = self._step, step
-        if self.schedule.saves_step(previous, step):
+        if self.posthoc:
+            self.model  # noqa: B018  (on JAX, reading the model syncs its state to the variables)
+            self._profiles.update(step)
+        saved = self.schedule.saves_step(previous, step)
+        if saved:
             name = f"{self.prefix}_step{step:08d}{self._suffix}"
             self._save(name, epoch=self._epoch, step=step, logs=logs)
+        every = self.posthoc_every
+        if self.posthoc and (saved or (every is not None and step // every > previous // every)):
+            self._profiles.commit(step, self._epoch, self._suffix)
 
     def on_epoch_end(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
         self._last_epoch = epoch
-        if self.schedule.saves_epoch(epoch, self._epochs):
+        saved = self.schedule.saves_epoch(epoch, self._epochs)
+        if saved:
             name = f"{self.prefix}_{epoch:04d}{self._suffix}"
             self._save(name, epoch=epoch, step=self._step, logs=logs)
+        if self.posthoc and (saved or self.posthoc_every is None):
+            self._profiles.commit(self._step, epoch, self._suffix)
 
     def on_train_end(self, logs: Mapping[str, Any] | None = None) -> None:
         if self.schedule.stopped_early(self._last_epoch, self._epochs):

@@ -55,10 +55,12 @@ Example:
     >>> torch.save(checkpoint, "checkpoint.pt")  # doctest: +SKIP
     >>> average.export("averaged.safetensors")  # doctest: +SKIP
 
-A Lightning callback wraps it: build it in ``setup``, ``update(trainer.global_step)``
-in ``on_train_batch_end``, ``swap_in()``/``swap_out()`` around validation and test,
-and ``state_dict()``/``load_state_dict()`` in ``on_save_checkpoint`` and
-``on_load_checkpoint`` under :data:`STATE_KEY`.
+``polyak.lightning.OnlineAverageCallback`` wraps it for Lightning: built when ``fit``
+starts (a state Lightning restored from a checkpoint before that is applied then),
+``update(trainer.global_step)`` in ``on_train_batch_end``, ``swap_in()``/``swap_out()``
+around validation, test and predict (with :meth:`OnlineAverage.raw_tensors` put into
+the module's ``state_dict()`` meanwhile, so that checkpoints hold the raw weights), and
+its ``state_dict()`` as the callback's state in the ``.ckpt``.
 """
 
 from __future__ import annotations
@@ -368,6 +370,24 @@ class OnlineAverage:
             self.swap_out()
 
     # ------------------------------------------------------------ the averaged model
+
+    def raw_tensors(self) -> dict[str, torch.Tensor]:
+        """The raw values of the averaged tensors, by state-dict name (tied ones under each).
+
+        While the average is swapped in, the copies of the raw tensors it keeps (do not
+        modify them); otherwise the model's own tensors, detached. A state-dict hook can
+        put them in place of the averaged ones, so that a checkpoint saved while the
+        average is swapped in still holds the raw weights (the Lightning callback does).
+
+        Example:
+            >>> average = OnlineAverage(torch.nn.Linear(2, 1))
+            >>> sorted(average.raw_tensors())
+            ['bias', 'weight']
+        """
+        if self._backup:
+            pairs = zip(self._entries, self._backup, strict=True)
+            return {name: raw for entry, raw in pairs for name in entry.names}
+        return {name: entry.current().detach() for entry in self._entries for name in entry.names}
 
     @torch.no_grad()
     def averaged_state_dict(self) -> OrderedDict[str, Any]:
