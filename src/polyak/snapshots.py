@@ -1,6 +1,6 @@
 """A directory of training snapshots that a crash cannot corrupt.
 
-The framework adapters (the Keras callback; later a PyTorch saver and a Lightning
+The framework adapters (the Keras callback, the PyTorch saver and the Lightning
 callback) save every snapshot through :class:`SnapshotDirectory`. It keeps the
 newest ``keep`` snapshots and a manifest, ``polyak-manifest.json``, that lists each
 one, oldest first, with its epoch, step, training logs, size and SHA-256.
