@@ -39,7 +39,7 @@ format: $(STAMP)
 bench: bench-average bench-sweep
 
 bench-average: $(STAMP)
-	$(BIN)/python bench/average.py
+	$(BIN)/python bench/average.py --install-tools
 
 bench-sweep: $(STAMP)
 	$(BIN)/python bench/sweep.py --repeats 5

@@ -90,9 +90,17 @@ Other tools
     with this Python's exact torch version pinned as a pip constraint, so pip can never
     replace it by a CUDA build, and mergekit from PyPI.
 
+Report
+    bench/out/average.md holds the whole report. A full run (not ``--quick``, no
+    ``--contenders``, no ``--no-readme``) in which every contender passed its check also
+    rewrites the block between ``<!-- bench-average:begin -->`` and
+    ``<!-- bench-average:end -->`` in README.md with the command, the summary table and
+    the verdicts, in one step at the end.
+
 Usage:
-    .venv/bin/python bench/average.py [--totals 1GB,5GB] [--pt-totals 1GB] [--members 10]
-        [--repeats 3] [--workdir /tmp/polyak-bench] [--quick] [--install-tools]
+    .venv/bin/python bench/average.py [--totals 1GB,5GB] [--pt-totals 1GB,5GB]
+        [--members 10] [--repeats 3] [--workdir /tmp/polyak-bench] [--quick]
+        [--install-tools] [--no-readme]
 """
 
 from __future__ import annotations
@@ -124,6 +132,11 @@ ANON_TARGET_MB = 256
 SAFETENSORS_FLOOR_TARGET = 1.5
 PT_FLOOR_TARGET = 2.0
 MB = 1_000_000
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+README_BLOCK = re.compile(
+    r"(<!-- bench-average:begin[^\n]*-->\n)(.*?)(<!-- bench-average:end -->)", re.DOTALL
+)
 SAFETENSORS_DTYPES = {"float32": "F32", "float64": "F64"}
 
 
@@ -1056,6 +1069,47 @@ def summary_table(results: list[tuple[Dataset, list[Row]]]) -> str:
     return markdown_table(header, lines)
 
 
+def readme_block(
+    command: str,
+    machine: str,
+    polyak_text: str,
+    repeats: int,
+    results: list[tuple[Dataset, list[Row]]],
+) -> str:
+    """The README's benchmark block: the command, the machine, the verdicts and the summary."""
+    return "\n".join(
+        [
+            f"Command: `{command}` (`make bench-average`). Machine: {machine}. "
+            f"Under test: {polyak_text}.",
+            "",
+            f"Each cell: the fastest of {repeats} timed runs, interleaved with the other "
+            "contenders' after an untimed warm-up (seconds, from "
+            "spawning the process to reaping it, Python's start-up included), its ratio to the "
+            "I/O floor's, and the process's peak anonymous memory (what it allocated, page "
+            "cache excluded). Inputs warm in the page cache. Every output was checked against "
+            "a float64 reference. bench/out/average.md has medians, peak RSS and the "
+            "per-size tables.",
+            "",
+            summary_table(results),
+            "",
+            *verdicts(results),
+        ]
+    )
+
+
+def replace_readme_block(block: str) -> None:
+    """Replace the text between the bench-average markers in README.md, in one read and write."""
+    text = README.read_text()
+    found = README_BLOCK.search(text)
+    if found is None:
+        raise SystemExit(
+            "README.md: no block <!-- bench-average:begin ... --> ... "
+            "<!-- bench-average:end --> to replace; restore the markers under '## Speed'."
+        )
+    updated = text[: found.start(2)] + block.rstrip("\n") + "\n" + text[found.end(2) :]
+    README.write_text(updated)
+
+
 def machine_description() -> str:
     import numpy
     import safetensors
@@ -1116,7 +1170,9 @@ def main(argv: list[str] | None = None) -> int:
         "--totals", default="1GB,5GB", help="safetensors data sets, total sizes (default 1GB,5GB)"
     )
     parser.add_argument(
-        "--pt-totals", default="1GB", help=".pt data sets, total sizes; '' for none (default 1GB)"
+        "--pt-totals",
+        default="1GB,5GB",
+        help=".pt data sets, total sizes; '' for none (default 1GB,5GB)",
     )
     parser.add_argument("--members", type=int, default=10, help="checkpoints per data set")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per contender")
@@ -1132,6 +1188,11 @@ def main(argv: list[str] | None = None) -> int:
         "--quick",
         action="store_true",
         help="a tiny run for development: --totals 20MB --pt-totals 20MB --repeats 2",
+    )
+    parser.add_argument(
+        "--no-readme",
+        action="store_true",
+        help="do not rewrite the benchmark block of README.md (implied by --quick, --contenders)",
     )
     parser.add_argument(
         "--contenders", default="", help="run only these, comma-separated (floor is always run)"
@@ -1213,10 +1274,11 @@ def main(argv: list[str] | None = None) -> int:
     ran = any(row.contender.name == "mergekit" for _, rows in results for row in rows)
     if source_digest() not in polyak_text:
         polyak_text += f"; CHANGED during the run, now {source_digest()}"
+    command = shlex.join(["python", *sys.argv])
     sections = [
         "# Averaging benchmark (bench/average.py)",
         "",
-        f"Command: `{shlex.join([Path(sys.executable).name, *sys.argv])}`  ",
+        f"Command: `{command}`  ",
         f"Machine: {machine}  ",
         f"Under test: {polyak_text}",
         "",
@@ -1266,8 +1328,11 @@ def main(argv: list[str] | None = None) -> int:
         if row.failed
     ]
     if failed:
-        print(f"FAILED: {', '.join(failed)}", file=sys.stderr)
+        print(f"FAILED: {', '.join(failed)}; README.md left as it was.", file=sys.stderr)
         return 1
+    if not (args.quick or args.no_readme or selected):
+        replace_readme_block(readme_block(command, machine, polyak_text, args.repeats, results))
+        print("README.md's benchmark block rewritten from this run.")
     return 0
 
 
