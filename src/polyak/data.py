@@ -22,7 +22,7 @@ from __future__ import annotations
 import importlib
 import sys
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,8 @@ __all__ = [
     "import_callable",
     "load_dataset",
     "resolve_metric",
+    "sweep_metric",
+    "with_recalibrated",
 ]
 
 
@@ -193,3 +195,41 @@ def check_data_or_evaluate(test_data: object, validation_data: object, evaluate:
         )
     if evaluate is not None and not callable(evaluate):
         raise DataError(f"evaluate must be a callable taking the model; received {evaluate!r}.")
+
+
+def sweep_metric(
+    evaluator: Any,
+    evaluate: object,
+    metric: object,
+    higher_is_better: bool | None,
+) -> tuple[str, bool]:
+    """The metric's name and direction a framework's sweep reports.
+
+    Args:
+        evaluator: the framework's evaluator; its resolved ``metric`` and
+            ``higher_is_better`` are used when the sweep evaluates data itself.
+        evaluate: the user's ``evaluate(model)``, or None.
+        metric: the ``metric`` argument; with ``evaluate`` a string other than
+            ``"accuracy"`` names what ``evaluate`` returns ("metric" otherwise).
+        higher_is_better: the caller's direction, overriding the others when given
+            (with ``evaluate`` the default is higher is better).
+    """
+    if evaluate is None:
+        name, direction = evaluator.metric, evaluator.higher_is_better
+    else:
+        name = metric if isinstance(metric, str) and metric != "accuracy" else "metric"
+        direction = True
+    return name, direction if higher_is_better is None else higher_is_better
+
+
+def with_recalibrated(plain: Any, recalibrated: Any) -> dict[str, Any]:
+    """Scores before and after BatchNorm recalibration, in the form the sweep reads.
+
+    ``plain`` and ``recalibrated`` are each a float (the test score) or a mapping of
+    split to score; the result is ``plain``'s splits with ``"recalibrated"`` added.
+    """
+    result = dict(plain) if isinstance(plain, Mapping) else {"test": float(plain)}
+    result["recalibrated"] = (
+        dict(recalibrated) if isinstance(recalibrated, Mapping) else {"test": recalibrated}
+    )
+    return result

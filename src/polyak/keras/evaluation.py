@@ -27,6 +27,8 @@ from polyak.data import (
     check_data_or_evaluate,
     load_dataset,
     resolve_metric,
+    sweep_metric,
+    with_recalibrated,
 )
 from polyak.discovery import find_checkpoints
 from polyak.errors import DataError, require
@@ -156,12 +158,7 @@ class KerasEvaluator:
         if self._recalibrate is None:
             return plain
         self._recalibrate(self.model)
-        recalibrated = self._scores()
-        result = dict(plain) if isinstance(plain, Mapping) else {"test": float(plain)}
-        result["recalibrated"] = (
-            dict(recalibrated) if isinstance(recalibrated, Mapping) else {"test": recalibrated}
-        )
-        return result
+        return with_recalibrated(plain, self._scores())
 
     def recalibrated_tensors(self, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """``tensors`` with the BatchNorm statistics recalibrated, for writing the best out."""
@@ -240,13 +237,7 @@ def sweep(
             evaluate=evaluate,
             recalibrate=recalibrate,
         )
-        if evaluate is None:
-            name, direction = evaluator.metric, evaluator.higher_is_better
-        else:
-            name = metric if isinstance(metric, str) and metric != "accuracy" else "metric"
-            direction = True
-        if higher_is_better is not None:
-            direction = higher_is_better
+        name, direction = sweep_metric(evaluator, evaluate, metric, higher_is_better)
         return run_sweep(
             readers,
             members,

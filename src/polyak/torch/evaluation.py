@@ -40,6 +40,8 @@ from polyak.data import (
     check_data_or_evaluate,
     import_callable,
     resolve_metric,
+    sweep_metric,
+    with_recalibrated,
 )
 from polyak.discovery import find_checkpoints
 from polyak.errors import CheckpointError, DataError, require
@@ -283,12 +285,7 @@ class TorchEvaluator:
         if self._recalibrate is None:
             return plain
         self._recalibrate(self.module)
-        recalibrated = self._scores()
-        result = dict(plain) if isinstance(plain, Mapping) else {"test": float(plain)}
-        result["recalibrated"] = (
-            dict(recalibrated) if isinstance(recalibrated, Mapping) else {"test": recalibrated}
-        )
-        return result
+        return with_recalibrated(plain, self._scores())
 
     def recalibrated_tensors(self, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """``tensors`` with the BatchNorm statistics recalibrated, for writing the best out."""
@@ -376,13 +373,7 @@ def sweep(
         batch_size=batch_size,
         recalibrate=recalibrate,
     )
-    if evaluate is None:
-        name, direction = evaluator.metric, evaluator.higher_is_better
-    else:
-        name = metric if isinstance(metric, str) and metric != "accuracy" else "metric"
-        direction = True
-    if higher_is_better is not None:
-        direction = higher_is_better
+    name, direction = sweep_metric(evaluator, evaluate, metric, higher_is_better)
     readers = open_members(members, key)
     try:
         return run_sweep(
