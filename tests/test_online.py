@@ -10,7 +10,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from polyak.errors import SchemeError
-from polyak.online import AveragingProgress, AveragingSchedule
+from polyak.online import (
+    AveragingProgress,
+    AveragingSchedule,
+    check_buffer_policy,
+    whole_or_none,
+)
 from polyak.posthoc import gamma_of
 
 # ---------------------------------------------------------------- which steps update
@@ -219,3 +224,26 @@ def test_schedule_round_trips_through_its_dict_and_refuses_other_dicts():
     with pytest.raises(SchemeError, match="saved as a mapping with the keys"):
         AveragingSchedule.from_dict({"mode": "ema"})
     assert schedule.starting_at(40).start_step == 40
+
+
+@pytest.mark.parametrize("value", [None, 0, 7, np.int64(3), np.array(5)])
+def test_whole_or_none_takes_none_and_whole_numbers_from_zero(value):
+    expected = None if value is None else int(value)
+    assert whole_or_none(value, "step") == expected
+
+
+@pytest.mark.parametrize("value", [-1, 2.0, True, "3", np.float32(1)])
+def test_whole_or_none_refuses_the_rest_naming_the_argument(value):
+    with pytest.raises(ValueError, match=r"epoch must be a whole number >= 0 or None; received"):
+        whole_or_none(value, "epoch")
+
+
+def test_check_buffer_policy():
+    for policy in ("average", "copy"):
+        check_buffer_policy(policy, "floating buffers")
+    with pytest.raises(
+        ValueError,
+        match=r"buffers must be one of 'average', 'copy' \(floating buffers averaged, or "
+        r"taken from the raw model\); received 'mean'",
+    ):
+        check_buffer_policy("mean", "floating buffers")

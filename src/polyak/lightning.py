@@ -57,7 +57,7 @@ from pathlib import Path
 from typing import Any
 
 from polyak.errors import require
-from polyak.online import AveragingSchedule
+from polyak.online import AveragingSchedule, check_buffer_policy
 from polyak.posthoc import DEFAULT_PROFILE_KEEP, check_profile_arguments
 from polyak.snapshots import Snapshot, SnapshotDirectory
 
@@ -86,7 +86,7 @@ from polyak.snapshots import (  # noqa: E402  (after the dependency check)
     check_snapshot_arguments,
     is_whole_number,
 )
-from polyak.torch.online import BUFFER_POLICIES, OnlineAverage  # noqa: E402
+from polyak.torch.online import OnlineAverage  # noqa: E402
 from polyak.torch.snapshots import (  # noqa: E402
     SUFFIXES,
     PosthocProfiles,
@@ -397,11 +397,7 @@ class OnlineAverageCallback(pl.Callback):
         buffers: str = "average",
     ) -> None:
         super().__init__()
-        if buffers not in BUFFER_POLICIES:
-            raise ValueError(
-                f"buffers must be one of {', '.join(map(repr, BUFFER_POLICIES))} (floating "
-                f"buffers averaged, or taken from the raw model); received {buffers!r}."
-            )
+        check_buffer_policy(buffers, "floating buffers")
         self.schedule = AveragingSchedule(
             mode,
             decay=decay,

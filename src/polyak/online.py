@@ -68,9 +68,12 @@ from polyak.errors import SchemeError
 from polyak.posthoc import gamma_of, power_beta
 
 __all__ = [
+    "BUFFER_POLICIES",
     "MODES",
     "AveragingProgress",
     "AveragingSchedule",
+    "check_buffer_policy",
+    "whole_or_none",
 ]
 
 #: The averaging modes, and what each takes.
@@ -79,19 +82,59 @@ MODES = {
     "ema": "decay=R (per step, 0 < R < 1) or half_life=H (steps, > 0)",
     "power": "sigma_rel=S (0 < S < 0.2887)",
 }
+#: What the adapters do with floating buffers (BatchNorm statistics, Keras'
+#: non-trainable variables): average them too, or copy the raw model's.
+BUFFER_POLICIES = ("average", "copy")
+
+
+def _as_whole(value: object, minimum: int) -> int | None:
+    """``value`` as an int >= ``minimum`` (numpy and 0-d integer tensors too), or None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        number = operator.index(value)
+    except TypeError:
+        return None
+    return number if number >= minimum else None
 
 
 def _whole(value: object, what: str, minimum: int) -> int:
     """``value`` as an int >= ``minimum`` (numpy and 0-d integer tensors too), or raise."""
-    if not isinstance(value, bool):
-        try:
-            number = operator.index(value)
-        except TypeError:
-            pass
-        else:
-            if number >= minimum:
-                return number
-    raise SchemeError(f"{what} must be a whole number >= {minimum}; received {value!r}.")
+    number = _as_whole(value, minimum)
+    if number is None:
+        raise SchemeError(f"{what} must be a whole number >= {minimum}; received {value!r}.")
+    return number
+
+
+def whole_or_none(value: object, what: str) -> int | None:
+    """A step or epoch as an int >= 0 (numpy and 0-d integer tensors too), or None.
+
+    Raises:
+        ValueError: ``value`` is neither None nor a whole number >= 0.
+    """
+    if value is None:
+        return None
+    number = _as_whole(value, 0)
+    if number is None:
+        raise ValueError(f"{what} must be a whole number >= 0 or None; received {value!r}.")
+    return number
+
+
+def check_buffer_policy(buffers: object, floating: str) -> None:
+    """Refuse a ``buffers`` argument that is not one of :data:`BUFFER_POLICIES`.
+
+    Args:
+        buffers: the argument received.
+        floating: what the framework's floating buffers are called, for the message.
+
+    Raises:
+        ValueError: naming the policies and what each does.
+    """
+    if buffers not in BUFFER_POLICIES:
+        raise ValueError(
+            f"buffers must be one of {', '.join(map(repr, BUFFER_POLICIES))} ({floating} "
+            f"averaged, or taken from the raw model); received {buffers!r}."
+        )
 
 
 def _real(value: object) -> float | None:

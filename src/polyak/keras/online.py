@@ -53,7 +53,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import operator
 import os
 import tempfile
 import warnings
@@ -65,7 +64,13 @@ import numpy as np
 
 from polyak.errors import OutputError, require
 from polyak.files import atomic_output
-from polyak.online import AveragingProgress, AveragingSchedule
+from polyak.online import (
+    BUFFER_POLICIES,
+    AveragingProgress,
+    AveragingSchedule,
+    check_buffer_policy,
+    whole_or_none,
+)
 
 keras = require("keras", "keras", "polyak.keras")
 ops = keras.ops
@@ -78,7 +83,6 @@ STATE_VERSION = 1
 _RECORD = "__polyak_online__"
 _AVERAGE_PREFIX = "average/"
 #: What to do with non-trainable floating variables.
-BUFFER_POLICIES = ("average", "copy")
 #: The suffixes :meth:`OnlineAverage.export` writes.
 EXPORT_SUFFIXES = (".weights.h5", ".keras")
 _MAX_LISTED = 5
@@ -87,20 +91,6 @@ _MAX_LISTED = 5
 def _listed(names: list[str]) -> str:
     shown = ", ".join(map(repr, names[:_MAX_LISTED]))
     return shown + (f" and {len(names) - _MAX_LISTED} more" if len(names) > _MAX_LISTED else "")
-
-
-def _optional_whole(value: object, what: str) -> int | None:
-    if value is None:
-        return None
-    if not isinstance(value, bool):
-        try:
-            number = operator.index(value)
-        except TypeError:
-            pass
-        else:
-            if number >= 0:
-                return number
-    raise ValueError(f"{what} must be a whole number >= 0 or None; received {value!r}.")
 
 
 class OnlineAverage(keras.callbacks.Callback):
@@ -150,19 +140,14 @@ class OnlineAverage(keras.callbacks.Callback):
         buffers: str = "average",
     ) -> None:
         super().__init__()
-        start_epoch = _optional_whole(start_epoch, "start_epoch")
-        start_step = _optional_whole(start_step, "start_step")
+        start_epoch = whole_or_none(start_epoch, "start_epoch")
+        start_step = whole_or_none(start_step, "start_step")
         if start_epoch is not None and start_step is not None:
             raise ValueError(
                 f"give start_epoch or start_step, not both; received start_epoch={start_epoch} "
                 f"and start_step={start_step}."
             )
-        if buffers not in BUFFER_POLICIES:
-            raise ValueError(
-                f"buffers must be one of {', '.join(map(repr, BUFFER_POLICIES))} "
-                "(non-trainable floating variables averaged, or taken from the raw model); "
-                f"received {buffers!r}."
-            )
+        check_buffer_policy(buffers, "non-trainable floating variables")
         self._template = AveragingSchedule(
             mode,
             decay=decay,

@@ -75,7 +75,12 @@ from typing import Any
 
 from polyak.errors import OutputError, require
 from polyak.files import atomic_output
-from polyak.online import AveragingProgress, AveragingSchedule
+from polyak.online import (
+    BUFFER_POLICIES,
+    AveragingProgress,
+    AveragingSchedule,
+    check_buffer_policy,
+)
 
 torch = require("torch", "torch", "polyak.torch")
 
@@ -87,7 +92,6 @@ STATE_KEY = "polyak_online_average"
 STATE_FORMAT = "polyak-online-average"
 STATE_VERSION = 1
 #: What to do with floating buffers.
-BUFFER_POLICIES = ("average", "copy")
 #: The file suffixes :meth:`OnlineAverage.export` writes, and the format of each.
 EXPORT_FORMATS = {".safetensors": "safetensors", ".pt": "pt", ".pth": "pt"}
 _MAX_LISTED = 5
@@ -172,11 +176,7 @@ class OnlineAverage:
                 f"model must be a torch.nn.Module; received {type(model).__name__}. Pass the "
                 "module being trained."
             )
-        if buffers not in BUFFER_POLICIES:
-            raise ValueError(
-                f"buffers must be one of {', '.join(map(repr, BUFFER_POLICIES))} (floating "
-                f"buffers averaged, or taken from the raw model); received {buffers!r}."
-            )
+        check_buffer_policy(buffers, "floating buffers")
         self.schedule = AveragingSchedule(
             mode,
             decay=decay,

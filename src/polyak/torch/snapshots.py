@@ -64,7 +64,6 @@ Example:
 from __future__ import annotations
 
 import io
-import operator
 import os
 import re
 import warnings
@@ -74,7 +73,7 @@ from pathlib import Path
 from typing import Any
 
 from polyak.errors import require
-from polyak.online import AveragingProgress
+from polyak.online import AveragingProgress, whole_or_none
 from polyak.posthoc import (
     DEFAULT_PROFILE_KEEP,
     check_profile_arguments,
@@ -139,7 +138,7 @@ def snapshot_name(
     """
     _check_format(format)
     suffix = SUFFIXES[format]
-    step, epoch = _index(step, "step"), _index(epoch, "epoch")
+    step, epoch = whole_or_none(step, "step"), whole_or_none(epoch, "epoch")
     if step is not None:
         return f"{prefix}_step{step:08d}{suffix}"
     if epoch is not None:
@@ -310,21 +309,6 @@ def _write(state: Mapping[str, Any], path: str | os.PathLike[str], format: str) 
         safetensors_torch.save_file(written, os.fspath(path), metadata={"format": "pt"})
     else:
         torch.save(written, os.fspath(path))
-
-
-def _index(value: object, what: str) -> int | None:
-    """A step or epoch as an int (numpy and 0-d integer tensors too), or None."""
-    if value is None:
-        return None
-    if not isinstance(value, bool):
-        try:
-            number = operator.index(value)
-        except TypeError:
-            pass
-        else:
-            if number >= 0:
-                return number
-    raise ValueError(f"{what} must be a whole number >= 0 or None; received {value!r}.")
 
 
 #: What :meth:`PosthocProfiles.state_dict` says it is, and its layout's version.
@@ -675,7 +659,7 @@ class SnapshotSaver:
         """
         if not self.posthoc:
             return
-        number = _index(step, "step")
+        number = whole_or_none(step, "step")
         if number is None or number < 1:
             raise ValueError(
                 f"step must be a whole number >= 1, the optimizer steps taken (1 after the "
@@ -749,8 +733,8 @@ class SnapshotSaver:
             >>> saver.save(model, step=500, logs={"loss": 0.31}).name  # doctest: +SKIP
             'model_step00000500.safetensors'
         """
-        step = _index(step, "step")
-        epoch = _index(epoch, "epoch")
+        step = whole_or_none(step, "step")
+        epoch = whole_or_none(epoch, "epoch")
         if logs is not None and not isinstance(logs, Mapping):
             raise ValueError(
                 f"logs must be a mapping of names to numbers or None; received "
