@@ -122,6 +122,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from readme_block import has_readme_block, replace_readme_block
+
 GENERATOR_VERSION = 2  # bump when the model layout or values change: regenerates caches
 FLOAT32_EPSILON = 2.0**-23
 SAMPLE_SECONDS = 0.005
@@ -132,11 +134,6 @@ ANON_TARGET_MB = 256
 SAFETENSORS_FLOOR_TARGET = 1.5
 PT_FLOOR_TARGET = 2.0
 MB = 1_000_000
-ROOT = Path(__file__).resolve().parent.parent
-README = ROOT / "README.md"
-README_BLOCK = re.compile(
-    r"(<!-- bench-average:begin[^\n]*-->\n)(.*?)(<!-- bench-average:end -->)", re.DOTALL
-)
 SAFETENSORS_DTYPES = {"float32": "F32", "float64": "F64"}
 
 
@@ -1097,19 +1094,6 @@ def readme_block(
     )
 
 
-def replace_readme_block(block: str) -> None:
-    """Replace the text between the bench-average markers in README.md, in one read and write."""
-    text = README.read_text()
-    found = README_BLOCK.search(text)
-    if found is None:
-        raise SystemExit(
-            "README.md: no block <!-- bench-average:begin ... --> ... "
-            "<!-- bench-average:end --> to replace; restore the markers under '## Speed'."
-        )
-    updated = text[: found.start(2)] + block.rstrip("\n") + "\n" + text[found.end(2) :]
-    README.write_text(updated)
-
-
 def machine_description() -> str:
     import numpy
     import safetensors
@@ -1238,6 +1222,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.polyak.exists():
         parser.error(f"--polyak {args.polyak} does not exist; install polyak (make test) first.")
     selected = {name.strip() for name in args.contenders.split(",") if name.strip()}
+    write_readme = not (args.quick or args.no_readme or selected)
+    if write_readme and not has_readme_block("bench-average"):
+        parser.error("README.md has no bench-average block to rewrite; use --no-readme.")
 
     def log(message: str) -> None:
         print(message, flush=True)
@@ -1330,8 +1317,9 @@ def main(argv: list[str] | None = None) -> int:
     if failed:
         print(f"FAILED: {', '.join(failed)}; README.md left as it was.", file=sys.stderr)
         return 1
-    if not (args.quick or args.no_readme or selected):
-        replace_readme_block(readme_block(command, machine, polyak_text, args.repeats, results))
+    if write_readme:
+        block = readme_block(command, machine, polyak_text, args.repeats, results)
+        replace_readme_block("bench-average", block, "## Speed and memory")
         print("README.md's benchmark block rewritten from this run.")
     return 0
 

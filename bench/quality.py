@@ -91,7 +91,6 @@ import logging
 import math
 import multiprocessing
 import platform
-import re
 import statistics
 import sys
 import tempfile
@@ -112,14 +111,13 @@ import keras
 from polyak.demo import classic_data, classic_model
 from polyak.keras import SnapshotCheckpoint
 from polyak.keras.evaluation import sweep as polyak_sweep
+from readme_block import README, has_readme_block, replace_readme_block
 
 ROOT = Path(__file__).resolve().parent.parent
-README = ROOT / "README.md"
 PLOT = ROOT / "docs" / "quality.png"
 OUT = ROOT / "bench" / "out"
 SCHEMES = "equal,linear,exp:0.5,1,2,4,8,greedy"
 SCHEME_NAMES = ("equal", "linear", "exp:0.5", "exp:1", "exp:2", "exp:4", "exp:8", "greedy")
-BLOCK = re.compile(r"(<!-- quality:begin[^\n]*-->\n)(.*?)(<!-- quality:end -->)", re.DOTALL)
 
 
 # -- tasks --------------------------------------------------------------------------------
@@ -754,19 +752,6 @@ def build_report(
     return "\n".join(lines)
 
 
-def replace_readme_block(report: str) -> None:
-    """Replace the text between the quality markers in README.md, in one read and write."""
-    text = README.read_text()
-    found = BLOCK.search(text)
-    if found is None:
-        raise SystemExit(
-            "README.md: no block <!-- quality:begin ... --> ... <!-- quality:end --> to "
-            "replace; restore the markers under '## Does it help?'."
-        )
-    updated = text[: found.start(2)] + report.rstrip("\n") + "\n" + text[found.end(2) :]
-    README.write_text(updated)
-
-
 # -- main ---------------------------------------------------------------------------------
 
 
@@ -796,7 +781,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.from_json is not None:
         payload = json.loads(args.from_json.read_text())
         write_readme = not (payload["quick"] or args.no_readme)
-        if write_readme and not BLOCK.search(README.read_text()):
+        if write_readme and not has_readme_block("quality"):
             parser.error("README.md has no quality block to rewrite; use --no-readme.")
         print(f"Report of the run in {args.from_json} ({payload['command']}); no training.")
         # The raw runs as they were; the summary recomputed by this version of the script.
@@ -814,7 +799,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers < 1:
         parser.error(f"--workers must be >= 1; received {args.workers}.")
     write_readme = not (args.quick or args.no_readme)
-    if write_readme and not BLOCK.search(README.read_text()):
+    if write_readme and not has_readme_block("quality"):
         parser.error("README.md has no quality block to rewrite; use --no-readme.")
     quiet_keras()
 
@@ -897,7 +882,7 @@ def publish(payload: dict, write_readme: bool, written: list[Path]) -> int:
         print(f"warning: {warning}")
     written = [*written, OUT / "quality.md", plot]
     if write_readme:
-        replace_readme_block(report)
+        replace_readme_block("quality", report, "## Does it help?")
         written.append(README)
     print(f"Wrote {', '.join(str(p.relative_to(ROOT)) for p in written)}.")
     print(f"Total run time: {payload['seconds']:.0f} s ({payload['seconds'] / 60:.1f} min).")
