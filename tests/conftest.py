@@ -1,9 +1,29 @@
 """Shared test set-up: Keras on the torch backend unless told otherwise, one thread."""
 
 import os
+import sys
+
+import pytest
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # One thread per process: CI and these machines have 2 shared cores, and torch's
 # default of one thread per core made small models 5-10x slower under load.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one thread for a module's tests, restored after (where torch is loaded).
+
+    Tiny models run fastest on one thread; more spin against other processes on 2
+    cores. OMP_NUM_THREADS above covers torch loaded after it; this covers the rest.
+    """
+    torch = sys.modules.get("torch")
+    if torch is None:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

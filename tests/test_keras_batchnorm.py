@@ -21,18 +21,7 @@ from polyak.keras.batchnorm import batchnorm_layers, recalibrate_batchnorm  # no
 EPS = 1e-3  # Keras' default BatchNormalization epsilon
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread; two threads on 2 busy cores wait on each other."""
-    if keras.backend.backend() != "torch":
-        yield
-        return
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def numpy_of(value) -> np.ndarray:

@@ -23,6 +23,7 @@ from polyak.lightning import SnapshotCallback  # noqa: E402
 from polyak.snapshots import MANIFEST_NAME, read_manifest, verify  # noqa: E402
 
 pytestmark = [
+    pytest.mark.usefixtures("one_torch_thread"),
     # Lightning's advice about DataLoader workers and logging intervals on tiny data.
     pytest.mark.filterwarnings("ignore::lightning.fabric.utilities.warnings.PossibleUserWarning"),
     # Lightning 2.6 on torch 2.13 uses a torch pytree API torch has deprecated.
@@ -30,15 +31,6 @@ pytestmark = [
 ]
 
 SAMPLES, BATCH = 64, 16  # 4 optimizer steps an epoch
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models run fastest on one thread; more spin against other processes on 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class Classifier(pl.LightningModule):

@@ -20,6 +20,7 @@ from polyak.errors import SchemeError  # noqa: E402
 from polyak.lightning import OnlineAverageCallback  # noqa: E402
 
 pytestmark = [
+    pytest.mark.usefixtures("one_torch_thread"),
     pytest.mark.filterwarnings("ignore::lightning.fabric.utilities.warnings.PossibleUserWarning"),
     pytest.mark.filterwarnings("ignore:.*LeafSpec.* is deprecated:FutureWarning"),
     # Resuming without the run's ModelCheckpoint, on purpose.
@@ -28,14 +29,6 @@ pytestmark = [
 
 SAMPLES, BATCH = 64, 16  # 4 optimizer steps an epoch
 HALF_LIFE = 3.0
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class Classifier(pl.LightningModule):

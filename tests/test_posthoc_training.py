@@ -32,6 +32,7 @@ STEPS, EVERY = 300, 15  # 20 EMA snapshots of each profile
 TOLERANCE = 2e-3
 
 pytestmark = [
+    pytest.mark.usefixtures("one_torch_thread"),
     pytest.mark.filterwarnings("ignore::lightning.fabric.utilities.warnings.PossibleUserWarning"),
     pytest.mark.filterwarnings("ignore:.*LeafSpec.* is deprecated:FutureWarning"),
     pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`"),
@@ -39,14 +40,6 @@ pytestmark = [
     # Loading a .weights.h5 file into a model whose optimizer is not built yet.
     pytest.mark.filterwarnings("ignore:Skipping variable loading for optimizer"),
 ]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 NET_SOURCE = """

@@ -20,12 +20,7 @@ from polyak.torch.batchnorm import batchnorm_layers, recalibrate_batchnorm  # no
 EPS = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def mlp(seed: int = 0, momentum: float | None = 0.1) -> torch.nn.Sequential:
