@@ -1066,7 +1066,7 @@ def summary_table(results: list[tuple[Dataset, list[Row]]]) -> str:
     return markdown_table(header, lines)
 
 
-def readme_block(
+def readme_summary(
     command: str,
     machine: str,
     polyak_text: str,
@@ -1318,7 +1318,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"FAILED: {', '.join(failed)}; README.md left as it was.", file=sys.stderr)
         return 1
     if write_readme:
-        block = readme_block(command, machine, polyak_text, args.repeats, results)
+        block = readme_summary(command, machine, polyak_text, args.repeats, results)
         replace_readme_block("bench-average", block, "## Speed and memory")
         print("README.md's benchmark block rewritten from this run.")
     return 0
