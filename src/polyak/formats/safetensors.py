@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from polyak.errors import CheckpointError, OutputError
+from polyak.formats.background import BackgroundWriter
 from polyak.formats.base import DTYPES, PlannedTensors, ReaderBase, StreamedTensor, TensorInfo
 
 __all__ = [
@@ -454,7 +455,7 @@ def write_safetensors(
         tensors if isinstance(tensors, PlannedTensors) else PlannedTensors.from_arrays(tensors)
     )
     arrays = iter(planned)
-    with open(path, "wb") as file:
+    with BackgroundWriter(path) as file:
         _write_tensors(file, planned.infos, arrays, _string_metadata(template))
     _finish(arrays)
 
@@ -628,7 +629,7 @@ def write_sharded_safetensors(
     weight_map: dict[str, str] = {}
     for number, (file_name, shard) in enumerate(zip(files, shards, strict=True)):
         if owned is None or owned(number):
-            with open(directory / file_name, "wb") as file:
+            with BackgroundWriter(directory / file_name) as file:
                 _write_tensors(file, shard, arrays, metadata)
         else:
             _pass_over(shard, arrays)
