@@ -1,10 +1,14 @@
 """PyTorch checkpoints: plain state dicts and Lightning, timm and fairseq checkpoint dicts.
 
-Reading is always ``torch.load(path, map_location="cpu", weights_only=True, mmap=True)``
-(files in torch's legacy, non-zip serialization are loaded without ``mmap``, still with
-``weights_only=True``). polyak never unpickles arbitrary Python objects: a file that
-``weights_only`` refuses raises ``CheckpointError`` naming the refused classes, and there is
-no fallback to ``weights_only=False``.
+Reading first tries polyak's own reader of torch's zip format (:mod:`polyak.formats.torchzip`):
+numpy views of one memory map, no ``import torch``, and a pickle allowlist that is a subset
+of ``weights_only``'s (plain containers, dense tensors of the dtypes polyak supports).
+Any file it declines (a legacy, non-zip file, a global outside its allowlist, a sparse or
+complex tensor...) is loaded with ``torch.load(path, map_location="cpu", weights_only=True,
+mmap=True)`` (legacy files without ``mmap``, still ``weights_only``), so both paths give
+the same reader and the same errors. polyak never unpickles arbitrary Python objects: a file
+that ``weights_only`` refuses raises ``CheckpointError`` naming the refused classes, and
+there is no fallback to ``weights_only=False``.
 
 Where the weights are:
 
@@ -14,21 +18,25 @@ Where the weights are:
   checkpoints hold both ``state_dict`` and ``state_dict_ema``: the default reads
   ``state_dict``; ``key="state_dict_ema"`` (CLI ``--key state_dict_ema``) reads the EMA.
 
-Inside the state dict only ``torch.Tensor`` values are tensors to average; other values
+Inside the state dict only tensors are tensors to average; other values
 (``_extra_state`` entries, for example) are kept as they are in the template. A prefix that
 every tensor name shares, ``module.`` (DistributedDataParallel) or ``_orig_mod.``
 (``torch.compile``), possibly nested, is stripped from the names and put back on write.
 
-Writing (``write_torch``) builds a state dict of new tensors in the order received. With a
-``TorchReader`` as template it puts back the template's prefix, its non-tensor entries and
-its ``_metadata`` (module versions used by ``load_state_dict``), and if the template was a
-checkpoint dict, writes a shallow copy of that dict with the weights entry replaced. The
-copy keeps everything else (``epoch``, ``global_step``, ``hyper_parameters``, callbacks,
-other weights entries such as timm's ``state_dict_ema``, which stay the template's) but
-drops optimizer and scheduler state (see ``DROPPED_KEYS``): averaged weights match no
-optimizer state, so resuming training from the output starts fresh optimizers, while
-``load_state_dict`` and Lightning's ``load_from_checkpoint`` work. With any other template
-(conversion from another format) the output is a plain state dict.
+Writing (``write_torch``) streams a state dict of new tensors in the order received: the
+pickle first, then each tensor's data as the engine computes it, in the layout
+``torch.save`` writes (``torch.load`` reads it with or without ``mmap``). polyak does this
+itself because ``import torch`` costs over a second and ``torch.save`` needs the whole
+output in memory; only a template that torch had to load is written back with
+``torch.save``. With a ``TorchReader`` as template it puts back the template's prefix, its
+non-tensor entries and its ``_metadata`` (module versions used by ``load_state_dict``), and
+if the template was a checkpoint dict, writes a shallow copy of that dict with the weights
+entry replaced. The copy keeps everything else (``epoch``, ``global_step``,
+``hyper_parameters``, callbacks, other weights entries such as timm's ``state_dict_ema``,
+which stay the template's) but drops optimizer and scheduler state (see ``DROPPED_KEYS``):
+averaged weights match no optimizer state, so resuming training from the output starts fresh
+optimizers, while ``load_state_dict`` and Lightning's ``load_from_checkpoint`` work. With
+any other template (conversion from another format) the output is a plain state dict.
 
 Example:
     >>> with TorchReader(Path("last.ckpt")) as reader:  # doctest: +SKIP
@@ -221,7 +229,7 @@ def _common_prefix(names: list[str]) -> str:
 
 
 class TorchReader(ReaderBase):
-    """Reads the weights of a PyTorch checkpoint, loaded with ``weights_only=True``.
+    """Reads the weights of a PyTorch checkpoint, loaded as ``weights_only=True`` allows.
 
     Attributes:
         path: the checkpoint file.
@@ -230,7 +238,9 @@ class TorchReader(ReaderBase):
             ``"model"``, ...), or None when the file is a plain state dict.
         prefix: the wrapper prefix stripped from every tensor name (``"module."``,
             ``"_orig_mod."``, nested ones concatenated), or ``""``.
-        container: the whole loaded object (the checkpoint dict, or the state dict itself).
+        container: the whole loaded object (the checkpoint dict, or the state dict itself);
+            its tensors are ``torchzip.StoredTensor`` views when ``fast``, else torch tensors.
+        fast: whether polyak's own reader loaded the file (no torch), not ``torch.load``.
         state_dict: the state dict the weights come from, with its names as stored.
         metadata: the state dict's ``_metadata`` (module versions), or None.
         extras: the state dict's non-tensor entries, under their names as stored (prefix
