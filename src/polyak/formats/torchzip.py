@@ -69,8 +69,10 @@ _LOCAL_HEADER = struct.Struct("<IHHHHHIIIHH")
 _LOCAL_SIGNATURE = 0x04034B50
 _CENTRAL_SIGNATURE = 0x02014B50
 _DESCRIPTOR_SIGNATURE = 0x08074B50
-_UINT32_MAX = 0xFFFFFFFF
+_UINT32_MAX = 0xFFFFFFFF  # also the mark of a value moved to a ZIP64 field
 _UINT16_MAX = 0xFFFF
+# Sizes and offsets from which miniz writes ZIP64 fields (a test lowers it).
+_ZIP64_LIMIT = _UINT32_MAX
 _ALIGNMENT = 64
 _FLAG_DESCRIPTOR = 0x0008
 _FLAG_UTF8 = 0x0800
@@ -486,9 +488,9 @@ def _load_archive(archive: zipfile.ZipFile, buffer: np.ndarray) -> Any:
 def _zip64_extra(size: int, offset: int) -> bytes:
     """The ZIP64 extra field of a local header, as miniz writes it (empty when not needed)."""
     fields = b""
-    if size >= _UINT32_MAX:
+    if size >= _ZIP64_LIMIT:
         fields += struct.pack("<QQ", size, size)
-    if offset >= _UINT32_MAX:
+    if offset >= _ZIP64_LIMIT:
         fields += struct.pack("<Q", offset)
     return struct.pack("<HH", _ZIP64_EXTRA, len(fields)) + fields if fields else b""
 
@@ -512,27 +514,26 @@ def data_descriptor(crc: int, size: int, offset: int) -> bytes:
     """What follows a record's data: 64-bit sizes where the local header had ZIP64 fields."""
     if not size:
         return b""
-    if size >= _UINT32_MAX or offset >= _UINT32_MAX:
+    if size >= _ZIP64_LIMIT or offset >= _ZIP64_LIMIT:
         return struct.pack("<IIQQ", _DESCRIPTOR_SIGNATURE, crc, size, size)
     return struct.pack("<IIII", _DESCRIPTOR_SIGNATURE, crc, size, size)
 
 
 def central_header(name: bytes, size: int, crc: int, offset: int) -> bytes:
     """A central-directory entry; sizes and offset past 4 GiB go in a ZIP64 extra field."""
-    fields = b""
-    if size >= _UINT32_MAX:
-        fields += struct.pack("<QQ", size, size)
-    if offset >= _UINT32_MAX:
-        fields += struct.pack("<Q", offset)
-    extra = struct.pack("<HH", _ZIP64_EXTRA, len(fields)) + fields if fields else b""
+    extra = _zip64_extra(size, offset)
     flags = _FLAG_UTF8 | (_FLAG_DESCRIPTOR if size else 0)
-    small = min(size, _UINT32_MAX)
+    small = size if size < _ZIP64_LIMIT else _UINT32_MAX
     header = struct.pack(
         "<IHHHHHHIIIHHHHHII",
         _CENTRAL_SIGNATURE, 0, 0, flags, 0, 0, 0, crc, small, small,
-        len(name), len(extra), 0, 0, 0, 0, min(offset, _UINT32_MAX),
+        len(name), len(extra), 0, 0, 0, 0, offset if offset < _ZIP64_LIMIT else _UINT32_MAX,
     )  # fmt: skip
     return header + name + extra
+
+
+def _small(value: int) -> int:
+    return value if value < _ZIP64_LIMIT else _UINT32_MAX
 
 
 def end_records(count: int, directory_offset: int, directory_size: int) -> bytes:
@@ -546,7 +547,7 @@ def end_records(count: int, directory_offset: int, directory_size: int) -> bytes
         + struct.pack("<IIQI", 0x07064B50, 0, zip64_end, 1)
         + struct.pack(
             "<IHHHHIIH", 0x06054B50, 0, 0, min(count, _UINT16_MAX), min(count, _UINT16_MAX),
-            min(directory_size, _UINT32_MAX), min(directory_offset, _UINT32_MAX), 0,
+            _small(directory_size), _small(directory_offset), 0,
         )
     )  # fmt: skip
 
