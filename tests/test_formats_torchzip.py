@@ -527,3 +527,18 @@ def test_pickle_module_is_not_changed():
     """The cut-down dispatch tables are the subclasses' own."""
     assert pickle._Unpickler.dispatch[pickle.BUILD[0]] is pickle._Unpickler.load_build
     assert torchzip._Global not in pickle._Pickler.dispatch
+
+
+def test_same_tensors_give_the_same_file(tmp_path):
+    """Outputs are reproducible (torch derives its serialization id from the content too)."""
+    arrays = [("a", np.arange(6, dtype=np.float32)), ("b", np.ones(2, np.int64))]
+    write_torch(tmp_path / "one.pt", arrays, None)
+    write_torch(tmp_path / "two.pt", arrays, None)
+    assert (tmp_path / "one.pt").read_bytes() == (tmp_path / "two.pt").read_bytes()
+    write_torch(tmp_path / "three.pt", [arrays[0], ("b", np.zeros(2, np.int64))], None)
+    with (
+        zipfile.ZipFile(tmp_path / "one.pt") as one,
+        zipfile.ZipFile(tmp_path / "three.pt") as three,
+    ):
+        name = "archive/.data/serialization_id"
+        assert len(one.read(name)) == 40 and one.read(name) != three.read(name)

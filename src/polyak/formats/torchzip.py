@@ -39,10 +39,10 @@ and without ``mmap=True``.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import mmap
 import pickle
-import secrets
 import struct
 import sys
 import zipfile
@@ -562,6 +562,8 @@ class _ZipWriter:
         self._open: tuple[bytes, int, int] | None = None
         self._crc = 0
         self._written = 0
+        # Of every record's name, size and CRC: what the serialization id is made from.
+        self._digest = hashlib.blake2b(digest_size=16)
 
     def _put(self, data: bytes | memoryview) -> None:
         self._file.write(data)
@@ -584,6 +586,7 @@ class _ZipWriter:
         if self._written != size:
             raise ValueError(f"record {name.decode()}: {self._written} bytes; planned {size}.")
         self._put(data_descriptor(self._crc, size, offset))
+        self._digest.update(name + struct.pack("<QI", size, self._crc))
         self._directory.append(central_header(name, size, self._crc, offset))
         self._open = None
 
@@ -591,6 +594,13 @@ class _ZipWriter:
         self.begin(name, len(data))
         self.write(memoryview(data))
         self.end()
+
+    def serialization_id(self) -> bytes:
+        """40 decimal digits that identify the content, so the same tensors give the same file.
+
+        torch combines the records' CRCs and name hashes; any content digest will do.
+        """
+        return f"{int.from_bytes(self._digest.digest(), 'big'):040d}".encode()
 
     def close(self) -> None:
         start = self._offset
@@ -715,11 +725,6 @@ def _pickle(obj: Any) -> tuple[bytes, list[NewTensor | _Storage]]:
     return buffer.getvalue(), pickler.sources
 
 
-def _serialization_id() -> bytes:
-    # torch writes 40 decimal digits that identify the file; any unique value will do.
-    return f"{secrets.randbits(128):040d}".encode()
-
-
 def _write_array(zip_writer: _ZipWriter, tensor: NewTensor, array: Any) -> None:
     info = tensor.info
     dtype = DTYPES[info.dtype]
@@ -789,7 +794,7 @@ def write(
     if missing is not None:
         raise ValueError(f"tensor {missing.name}: is not in the object to save.")
     zip_writer.add(f"{_ARCHIVE}/version", _FILE_VERSION)
-    zip_writer.add(f"{_ARCHIVE}/.data/serialization_id", _serialization_id())
+    zip_writer.add(f"{_ARCHIVE}/.data/serialization_id", zip_writer.serialization_id())
     zip_writer.close()
     extra = next(arrays, None)
     if extra is not None:
