@@ -1,10 +1,14 @@
 """PyTorch checkpoints: plain state dicts and Lightning, timm and fairseq checkpoint dicts.
 
-Reading is always ``torch.load(path, map_location="cpu", weights_only=True, mmap=True)``
-(files in torch's legacy, non-zip serialization are loaded without ``mmap``, still with
-``weights_only=True``). polyak never unpickles arbitrary Python objects: a file that
-``weights_only`` refuses raises ``CheckpointError`` naming the refused classes, and there is
-no fallback to ``weights_only=False``.
+Reading first tries polyak's own reader of torch's zip format (:mod:`polyak.formats.torchzip`):
+numpy views of one memory map, no ``import torch``, and a pickle allowlist that is a subset
+of ``weights_only``'s (plain containers, dense tensors of the dtypes polyak supports).
+Any file it declines (a legacy, non-zip file, a global outside its allowlist, a sparse or
+complex tensor...) is loaded with ``torch.load(path, map_location="cpu", weights_only=True,
+mmap=True)`` (legacy files without ``mmap``, still ``weights_only``), so both paths give
+the same reader and the same errors. polyak never unpickles arbitrary Python objects: a file
+that ``weights_only`` refuses raises ``CheckpointError`` naming the refused classes, and
+there is no fallback to ``weights_only=False``.
 
 Where the weights are:
 
@@ -14,21 +18,25 @@ Where the weights are:
   checkpoints hold both ``state_dict`` and ``state_dict_ema``: the default reads
   ``state_dict``; ``key="state_dict_ema"`` (CLI ``--key state_dict_ema``) reads the EMA.
 
-Inside the state dict only ``torch.Tensor`` values are tensors to average; other values
+Inside the state dict only tensors are tensors to average; other values
 (``_extra_state`` entries, for example) are kept as they are in the template. A prefix that
 every tensor name shares, ``module.`` (DistributedDataParallel) or ``_orig_mod.``
 (``torch.compile``), possibly nested, is stripped from the names and put back on write.
 
-Writing (``write_torch``) builds a state dict of new tensors in the order received. With a
-``TorchReader`` as template it puts back the template's prefix, its non-tensor entries and
-its ``_metadata`` (module versions used by ``load_state_dict``), and if the template was a
-checkpoint dict, writes a shallow copy of that dict with the weights entry replaced. The
-copy keeps everything else (``epoch``, ``global_step``, ``hyper_parameters``, callbacks,
-other weights entries such as timm's ``state_dict_ema``, which stay the template's) but
-drops optimizer and scheduler state (see ``DROPPED_KEYS``): averaged weights match no
-optimizer state, so resuming training from the output starts fresh optimizers, while
-``load_state_dict`` and Lightning's ``load_from_checkpoint`` work. With any other template
-(conversion from another format) the output is a plain state dict.
+Writing (``write_torch``) streams a state dict of new tensors in the order received: the
+pickle first, then each tensor's data as the engine computes it, in the layout
+``torch.save`` writes (``torch.load`` reads it with or without ``mmap``). polyak does this
+itself because ``import torch`` costs over a second and ``torch.save`` needs the whole
+output in memory; only a template that torch had to load is written back with
+``torch.save``. With a ``TorchReader`` as template it puts back the template's prefix, its
+non-tensor entries and its ``_metadata`` (module versions used by ``load_state_dict``), and
+if the template was a checkpoint dict, writes a shallow copy of that dict with the weights
+entry replaced. The copy keeps everything else (``epoch``, ``global_step``,
+``hyper_parameters``, callbacks, other weights entries such as timm's ``state_dict_ema``,
+which stay the template's) but drops optimizer and scheduler state (see ``DROPPED_KEYS``):
+averaged weights match no optimizer state, so resuming training from the output starts fresh
+optimizers, while ``load_state_dict`` and Lightning's ``load_from_checkpoint`` work. With
+any other template (conversion from another format) the output is a plain state dict.
 
 Example:
     >>> with TorchReader(Path("last.ckpt")) as reader:  # doctest: +SKIP
@@ -40,6 +48,7 @@ from __future__ import annotations
 
 import copy
 import re
+import sys
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
@@ -50,9 +59,11 @@ import ml_dtypes
 import numpy as np
 
 from polyak.errors import CheckpointError, OutputError, require
+from polyak.formats import torchzip
 from polyak.formats.base import (
     DTYPES,
     CheckpointReader,
+    PlannedTensors,
     ReaderBase,
     StreamedTensor,
     TensorInfo,
@@ -177,18 +188,27 @@ def _list_keys(mapping: Mapping) -> str:
     return "[" + ", ".join(keys) + "]"
 
 
+def _is_tensor(value: Any) -> bool:
+    """A torch tensor, or a tensor of a file read without torch (``torchzip.StoredTensor``).
+
+    torch is not imported for this: if it is not loaded, ``value`` is no torch tensor.
+    """
+    if type(value) is torchzip.StoredTensor:
+        return True
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.Tensor)
+
+
 def _count_tensors(mapping: Mapping) -> int:
-    torch = _torch()
-    return sum(isinstance(value, torch.Tensor) for value in mapping.values())
+    return sum(_is_tensor(value) for value in mapping.values())
 
 
 def _is_plain_state_dict(obj: Any) -> bool:
     """A mapping of tensors, with non-tensor values only under ``..._extra_state`` keys."""
-    torch = _torch()
     if not isinstance(obj, Mapping) or _count_tensors(obj) == 0:
         return False
     return all(
-        isinstance(value, torch.Tensor) or (isinstance(key, str) and key.endswith("_extra_state"))
+        _is_tensor(value) or (isinstance(key, str) and key.endswith("_extra_state"))
         for key, value in obj.items()
     )
 
@@ -209,7 +229,7 @@ def _common_prefix(names: list[str]) -> str:
 
 
 class TorchReader(ReaderBase):
-    """Reads the weights of a PyTorch checkpoint, loaded with ``weights_only=True``.
+    """Reads the weights of a PyTorch checkpoint, loaded as ``weights_only=True`` allows.
 
     Attributes:
         path: the checkpoint file.
@@ -218,7 +238,9 @@ class TorchReader(ReaderBase):
             ``"model"``, ...), or None when the file is a plain state dict.
         prefix: the wrapper prefix stripped from every tensor name (``"module."``,
             ``"_orig_mod."``, nested ones concatenated), or ``""``.
-        container: the whole loaded object (the checkpoint dict, or the state dict itself).
+        container: the whole loaded object (the checkpoint dict, or the state dict itself);
+            its tensors are ``torchzip.StoredTensor`` views when ``fast``, else torch tensors.
+        fast: whether polyak's own reader loaded the file (no torch), not ``torch.load``.
         state_dict: the state dict the weights come from, with its names as stored.
         metadata: the state dict's ``_metadata`` (module versions), or None.
         extras: the state dict's non-tensor entries, under their names as stored (prefix
@@ -242,11 +264,16 @@ class TorchReader(ReaderBase):
     format = "torch"
 
     def __init__(self, path: Path, key: str | None = None) -> None:
-        torch = _torch()
         self.path = Path(path)
-        self.container: Any = _load(self.path)
+        try:
+            # polyak's own reader first: no torch import, one memory map (see torchzip).
+            self.container: Any = torchzip.load(self.path)
+            self.fast = True
+        except torchzip.NotFastPath:
+            self.container = _load(self.path)
+            self.fast = False
         self.key, self.state_dict = self._find_state_dict(self.container, key)
-        self._dtype_names = _dtype_names()
+        self._dtype_names = {} if self.fast else _dtype_names()
         raw_names = []
         self.extras: dict[str, Any] = {}
         for name, value in self.state_dict.items():
@@ -255,12 +282,12 @@ class TorchReader(ReaderBase):
                     f"checkpoint {self.path}: the state dict has a key {name!r} of type "
                     f"{type(name).__name__}; state dict keys must be strings."
                 )
-            if isinstance(value, torch.Tensor):
+            if _is_tensor(value):
                 raw_names.append(name)
             else:
                 self.extras[name] = value
         self.prefix = _common_prefix(raw_names)
-        self._tensors: dict[str, torch.Tensor] = {
+        self._tensors: dict[str, Any] = {
             name[len(self.prefix) :]: self.state_dict[name] for name in raw_names
         }
         self._names = list(self._tensors)
@@ -313,8 +340,7 @@ class TorchReader(ReaderBase):
             "Pass the key of the entry that holds the weights as key=... (CLI --key)."
         )
 
-    def _tensor(self, name: str) -> torch.Tensor:
-        torch = _torch()
+    def _tensor(self, name: str) -> Any:
         if self._closed:
             raise CheckpointError(f"checkpoint {self.path}: the reader is closed.")
         try:
@@ -324,6 +350,10 @@ class TorchReader(ReaderBase):
                 f"checkpoint {self.path}: has no tensor {name!r} "
                 f"({len(self._tensors)} tensors, see names())."
             ) from None
+        if type(tensor) is torchzip.StoredTensor:
+            # Dense and of a supported dtype, or torchzip would have left the file to torch.
+            return tensor
+        torch = _torch()
         if tensor.layout != torch.strided:
             raise CheckpointError(
                 f"checkpoint {self.path}: tensor {name!r} is sparse ({tensor.layout}); polyak "
@@ -345,14 +375,19 @@ class TorchReader(ReaderBase):
     def info(self, name: str) -> TensorInfo:
         """Shape and canonical dtype of one tensor."""
         tensor = self._tensor(name)
+        if type(tensor) is torchzip.StoredTensor:
+            return TensorInfo(tensor.shape, tensor.dtype)
         return TensorInfo(
             tuple(int(size) for size in tensor.shape), self._dtype_names[tensor.dtype]
         )
 
     def read(self, name: str) -> np.ndarray:
         """The data of one tensor, read-only, sharing memory with the loaded file."""
+        tensor = self._tensor(name)
+        if type(tensor) is torchzip.StoredTensor:
+            return tensor.numpy()
         torch = _torch()
-        tensor = self._tensor(name).detach()
+        tensor = tensor.detach()
         if not tensor.is_contiguous():
             tensor = tensor.contiguous()
         if tensor.dtype == torch.bfloat16:
@@ -393,16 +428,54 @@ def _to_torch(name: str, array: np.ndarray, path: Path) -> torch.Tensor:
     return torch.from_numpy(copied)
 
 
+def _copied(name: str, array: Any, path: Path) -> np.ndarray:
+    """A C-ordered copy of ``array`` in its canonical dtype (the engine reuses buffers)."""
+    if isinstance(array, StreamedTensor):
+        return np.asarray(array)  # collecting the chunks makes the copy
+    array = np.asarray(array)
+    dtype = dtype_name(array.dtype)
+    if dtype is None:
+        raise OutputError(
+            f"output {path}: tensor {name!r} has dtype {array.dtype}, which cannot be written "
+            f"(supported: {', '.join(DTYPES)})."
+        )
+    return np.array(array, dtype=DTYPES[dtype], copy=True, order="C")
+
+
+def _in_container(state_dict: OrderedDict[str, Any], template: TorchReader | None) -> Any:
+    """What to save: ``state_dict`` with the template's extras and metadata, in its dict."""
+    if template is None:
+        return state_dict
+    for name, value in template.extras.items():
+        state_dict.setdefault(name, value)
+    if template.metadata is not None:
+        state_dict._metadata = copy.copy(template.metadata)  # type: ignore[attr-defined]
+    if template.key is None:
+        return state_dict
+    obj = copy.copy(template.container)
+    obj[template.key] = state_dict
+    for dropped in DROPPED_KEYS:
+        obj.pop(dropped, None)
+    return obj
+
+
 def write_torch(
     path: Path,
     tensors: Iterable[tuple[str, np.ndarray]],
     template: CheckpointReader | None,
 ) -> None:
-    """Write tensors with ``torch.save``, in the template's container when it is a torch file.
+    """Write tensors as ``torch.save`` does, in the template's container when it is a torch file.
+
+    polyak writes the zip format itself (see :mod:`polyak.formats.torchzip`), streaming:
+    the pickle first, from the planned names, shapes and dtypes, then each tensor's data
+    as it comes, so the output is never whole in memory and torch is not imported. Only
+    a template that torch had to load (a legacy file, or one outside polyak's reader)
+    is written back with ``torch.save``, since its container holds torch objects.
 
     Args:
         path: the file to write (the caller renames it into place).
-        tensors: ``(name, array)`` pairs in output order; each array is copied at once.
+        tensors: ``(name, array)`` pairs in output order, best a ``PlannedTensors``
+            (streamed); anything else is copied pair by pair as it comes.
         template: the reader whose container is copied. A ``TorchReader`` gives back its
             name prefix, non-tensor entries, ``_metadata`` and, for a checkpoint dict, the
             dict itself with the weights replaced and ``DROPPED_KEYS`` removed. Anything
@@ -412,32 +485,57 @@ def write_torch(
         OutputError: a tensor has an unsupported dtype, a name repeats, the template was
             closed, or the file cannot be written.
     """
-    torch = _torch()
     path = Path(path)
-    is_torch_template = isinstance(template, TorchReader)
-    prefix = template.prefix if is_torch_template else ""
-    if is_torch_template and template.key is not None and template.container is None:
-        raise OutputError(
-            f"output {path}: the template {template.path} was closed before writing; its "
-            f"{template.key!r} checkpoint dict is needed. Write while the template is open."
-        )
+    torch_template = template if isinstance(template, TorchReader) else None
+    if torch_template is not None and torch_template.key is not None:
+        if torch_template.container is None:
+            raise OutputError(
+                f"output {path}: the template {torch_template.path} was closed before "
+                f"writing; its {torch_template.key!r} checkpoint dict is needed. Write while "
+                "the template is open."
+            )
+    if torch_template is not None and not torch_template.fast:
+        _save_with_torch(path, tensors, torch_template)
+        return
+    prefix = torch_template.prefix if torch_template is not None else ""
+    if isinstance(tensors, PlannedTensors):
+        infos, arrays = tensors.infos, iter(tensors)
+    else:
+        pairs = [(name, _copied(name, array, path)) for name, array in tensors]
+        infos = [
+            (name, TensorInfo(tuple(int(d) for d in array.shape), str(dtype_name(array.dtype))))
+            for name, array in pairs
+        ]
+        arrays = iter(pairs)
     state_dict: OrderedDict[str, Any] = OrderedDict()
-    for name, array in tensors:
+    new_tensors = []
+    for name, info in infos:
         full_name = prefix + name
         if full_name in state_dict:
             raise OutputError(f"output {path}: tensor {name!r} was given twice.")
+        state_dict[full_name] = torchzip.NewTensor(name, info)
+        new_tensors.append(state_dict[full_name])
+    obj = _in_container(state_dict, torch_template)
+    try:
+        with open(path, "wb") as file:
+            torchzip.write(file, obj, new_tensors, arrays)
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise OutputError(f"output {path}: cannot be written ({reason}).") from error
+
+
+def _save_with_torch(
+    path: Path, tensors: Iterable[tuple[str, np.ndarray]], template: TorchReader
+) -> None:
+    """``torch.save`` of new tensors in the container of a template torch loaded."""
+    torch = _torch()
+    state_dict: OrderedDict[str, Any] = OrderedDict()
+    for name, array in tensors:
+        full_name = template.prefix + name
+        if full_name in state_dict:
+            raise OutputError(f"output {path}: tensor {name!r} was given twice.")
         state_dict[full_name] = _to_torch(name, array, path)
-    obj: Any = state_dict
-    if is_torch_template:
-        for name, value in template.extras.items():
-            state_dict.setdefault(name, value)
-        if template.metadata is not None:
-            state_dict._metadata = copy.copy(template.metadata)  # type: ignore[attr-defined]
-        if template.key is not None:
-            obj = copy.copy(template.container)
-            obj[template.key] = state_dict
-            for dropped in DROPPED_KEYS:
-                obj.pop(dropped, None)
+    obj = _in_container(state_dict, template)
     try:
         # Through a Python file, so that a failed write (a full disk) raises OSError
         # rather than torch's RuntimeError from its C++ stream.
