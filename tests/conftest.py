@@ -1,6 +1,8 @@
 """Shared test set-up: Keras on the torch backend unless told otherwise, one thread."""
 
+import contextlib
 import os
+import resource
 import sys
 
 import pytest
@@ -27,3 +29,23 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def file_size_limit():
+    """``ulimit -f`` in-process, as a context manager: ``with file_size_limit(bytes):``.
+
+    A write past the limit fails with EFBIG ("File too large"; Python ignores SIGXFSZ),
+    as a write to a full disk fails with ENOSPC: a real failure of a real write.
+    """
+
+    @contextlib.contextmanager
+    def limited(limit: int):
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+        try:
+            yield
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+    return limited

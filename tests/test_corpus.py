@@ -21,7 +21,6 @@ the classes and generated files that the README's Safety section quotes.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import io
 import json
@@ -1271,19 +1270,11 @@ def full_disk_inputs(w: Workspace, output: str) -> tuple[list[Path], Path]:
     return inputs, out
 
 
-@contextlib.contextmanager
-def file_size_limit(limit: int):
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-
-
 @pytest.mark.parametrize("limit", [0, 300])
 @pytest.mark.parametrize("output", ["safetensors", "directory", "npz", "pt"])
-def test_disk_full_file_size_limit(output: str, limit: int, workspace: Workspace, capsys):
+def test_disk_full_file_size_limit(
+    output: str, limit: int, workspace: Workspace, capsys, file_size_limit
+):
     """``ulimit -f`` in-process: a write past the limit fails with EFBIG (Python ignores
     SIGXFSZ), as on a full disk; the previous output stays, nothing is left behind."""
     inputs, out = full_disk_inputs(workspace, output)

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
-import resource
 import threading
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -90,19 +88,10 @@ def test_buffers_are_bounded_and_reused(tmp_path: Path) -> None:
     assert (tmp_path / "out.bin").stat().st_size == 3 * BUFFERS * BUFFER_BYTES
 
 
-@contextmanager
-def file_size_limit(limit: int):
-    """``ulimit -f``: a write past it fails with EFBIG (Python ignores SIGXFSZ)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-
-
 @pytest.mark.parametrize("direct", [True, False])
-def test_a_failed_write_is_raised_in_the_callers_thread(tmp_path: Path, direct: bool) -> None:
+def test_a_failed_write_is_raised_in_the_callers_thread(
+    tmp_path: Path, direct: bool, file_size_limit
+) -> None:
     piece = np.ones(BUFFER_BYTES, np.uint8)
     with file_size_limit(3 * BUFFER_BYTES), pytest.raises(OSError) as raised:
         with BackgroundWriter(tmp_path / "out.bin", direct=direct) as file:

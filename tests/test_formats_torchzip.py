@@ -424,19 +424,12 @@ def test_writer_errors(tmp_path):
         write_torch(tmp_path / "missing" / "out.pt", [("a", ones)], None)
 
 
-def test_full_disk_names_the_file(tmp_path, monkeypatch):
-    class FullDisk(io.RawIOBase):
-        def writable(self):
-            return True
-
-        def write(self, data):
-            raise OSError(28, "No space left on device")
-
-    def opener(path, mode="r", *args, **kwargs):
-        return io.BufferedWriter(FullDisk()) if "w" in mode else open(path, mode, *args, **kwargs)
-
-    monkeypatch.setattr("polyak.formats.torch.open", opener, raising=False)
-    with pytest.raises(OutputError, match=r"out\.pt: cannot be written \(No space left"):
+def test_a_failed_write_names_the_file(tmp_path, file_size_limit):
+    """A write the file system refuses (here past ``ulimit -f``, as on a full disk)."""
+    with (
+        file_size_limit(300),
+        pytest.raises(OutputError, match=r"out\.pt: cannot be written \(File too large"),
+    ):
         write_torch(tmp_path / "out.pt", [("a", np.ones(2**16, np.float32))], None)
 
 

@@ -89,7 +89,7 @@ class BackgroundWriter:
     def __init__(self, path: Path, *, direct: bool = True) -> None:
         self.path = Path(path)
         self.name = str(self.path)
-        self._file = open(self.path, "wb", buffering=0)  # noqa: SIM115 - closed by close()
+        self._file = open(self.path, "wb", buffering=0)
         try:
             self.direct = bool(direct and _O_DIRECT) and _set_direct(self._file.fileno(), True)
         except BaseException:

@@ -60,6 +60,7 @@ import numpy as np
 
 from polyak.errors import CheckpointError, OutputError, require
 from polyak.formats import torchzip
+from polyak.formats.background import BackgroundWriter
 from polyak.formats.base import (
     DTYPES,
     CheckpointReader,
@@ -517,7 +518,8 @@ def write_torch(
         new_tensors.append(state_dict[full_name])
     obj = _in_container(state_dict, torch_template)
     try:
-        with open(path, "wb") as file:
+        # Written by a second thread, as the engine computes (see formats/background.py).
+        with BackgroundWriter(path) as file:
             torchzip.write(file, obj, new_tensors, arrays)
     except OSError as error:
         reason = error.strerror or str(error)
