@@ -25,12 +25,15 @@ Numeric policy (tested in tests/test_averaging.py):
 
 Memory and speed: averaged tensors are computed chunk by chunk while the writer
 consumes them (:class:`~polyak.formats.base.StreamedTensor`), so a streaming format
-(safetensors) never holds a whole tensor: the engine's scratch is one cache-sized
+(safetensors, and torch's zip format as :mod:`polyak.formats.torchzip` writes it)
+never holds a whole tensor: the engine's scratch is one cache-sized
 block (``BLOCK_BYTES``, about 4 MiB) allocated once and reused. Per chunk, the
 differences ``x_i - x_1`` are computed into the block straight from the members'
 memory maps, and one BLAS matrix-vector product weighs and sums them, so each input
-byte is read once. Formats that need whole tensors (torch, npz, Keras) collect each
-one as it is written.
+byte is read once. Formats that need whole tensors (npz, Keras, and ``torch.save``
+for a template only torch could load) collect each one as it is written. The
+streaming writers hand the chunks to a second thread that writes them to disk
+(:class:`~polyak.formats.background.BackgroundWriter`) while the next are computed.
 """
 
 from __future__ import annotations
