@@ -409,22 +409,8 @@ class TorchReader(ReaderBase):
 def _to_torch(name: str, array: np.ndarray, path: Path) -> torch.Tensor:
     """A new tensor holding a copy of ``array`` (the engine reuses the array's buffer)."""
     torch = _torch()
-    if isinstance(array, StreamedTensor):
-        # Collecting the chunks makes the one copy the writer needs.
-        collected = np.asarray(array)
-        if array.info.dtype == "bfloat16":
-            return torch.from_numpy(collected.view(np.int16)).view(torch.bfloat16)
-        return torch.from_numpy(collected)
-    array = np.asarray(array)
-    dtype = dtype_name(array.dtype)
-    if dtype is None:
-        raise OutputError(
-            f"output {path}: tensor {name!r} has dtype {array.dtype}, which cannot be written "
-            f"(supported: {', '.join(DTYPES)})."
-        )
-    native = DTYPES[dtype]
-    copied = np.array(array, dtype=native, copy=True, order="C")
-    if dtype == "bfloat16":
+    copied = _copied(name, array, path)
+    if dtype_name(copied.dtype) == "bfloat16":
         return torch.from_numpy(copied.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(copied)
 
