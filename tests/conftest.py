@@ -49,3 +49,29 @@ def file_size_limit():
             resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
 
     return limited
+
+
+@pytest.fixture
+def float64_power_ema():
+    """The reference of post-hoc EMA profiles: ``(states, sigma_rel) -> state``.
+
+    The power EMA (Karras et al.) of the torch state dicts after steps 1..T, updated
+    every step, in float64; integer tensors are the newest state's.
+    """
+    from polyak.posthoc import gamma_of
+
+    def power_ema(states: list[dict], sigma_rel: float) -> dict:
+        exponent = gamma_of(sigma_rel) + 1
+        average: dict = {}
+        for t, state in enumerate(states, start=1):
+            beta = (1 - 1 / t) ** exponent
+            for name, value in state.items():
+                if not value.is_floating_point():
+                    average[name] = value
+                elif t == 1:
+                    average[name] = value.double()
+                else:
+                    average[name] = beta * average[name] + (1 - beta) * value.double()
+        return average
+
+    return power_ema

@@ -459,26 +459,8 @@ def test_pytorch_lightning_alone_is_used_when_lightning_is_missing(tmp_path: Pat
 # ---------------------------------------------------------------- post-hoc EMA profiles
 
 
-def float64_power_ema(states: list[dict[str, torch.Tensor]], sigma_rel: float) -> dict:
-    """The power EMA of the states after steps 1..T, updated every step, in float64."""
-    from polyak.posthoc import gamma_of
-
-    exponent = gamma_of(sigma_rel) + 1
-    average: dict[str, torch.Tensor] = {}
-    for t, state in enumerate(states, start=1):
-        beta = (1 - 1 / t) ** exponent
-        for name, value in state.items():
-            if not value.is_floating_point():
-                average[name] = value
-            elif t == 1:
-                average[name] = value.double()
-            else:
-                average[name] = beta * average[name] + (1 - beta) * value.double()
-    return average
-
-
 def test_posthoc_profiles_are_saved_every_posthoc_every_steps_and_with_each_snapshot(
-    tmp_path: Path,
+    tmp_path: Path, float64_power_ema
 ) -> None:
     from polyak.posthoc import profile_directory
 

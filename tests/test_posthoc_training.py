@@ -21,7 +21,7 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 import polyak  # noqa: E402
 from polyak.cli.main import main  # noqa: E402
 from polyak.errors import SchemeError  # noqa: E402
-from polyak.posthoc import find_profile_snapshots, gamma_of, profile_directory, reconstruct  # noqa: E402
+from polyak.posthoc import find_profile_snapshots, profile_directory, reconstruct  # noqa: E402
 from polyak.snapshots import read_manifest, verify  # noqa: E402
 from polyak.torch import OnlineAverage, SnapshotSaver  # noqa: E402
 
@@ -76,22 +76,6 @@ def train(model, optimizer, steps: range, callback) -> None:
         callback(step)
 
 
-def float64_power_ema(states: list[dict[str, torch.Tensor]], sigma_rel: float) -> dict:
-    """The power EMA of the states after steps 1..T, updated every step, in float64."""
-    exponent = gamma_of(sigma_rel) + 1
-    average: dict[str, torch.Tensor] = {}
-    for t, state in enumerate(states, start=1):
-        beta = (1 - 1 / t) ** exponent
-        for name, value in state.items():
-            if not value.is_floating_point():
-                average[name] = value
-            elif t == 1:
-                average[name] = value.double()
-            else:
-                average[name] = beta * average[name] + (1 - beta) * value.double()
-    return average
-
-
 def floating(state) -> dict[str, np.ndarray]:
     return {
         name: np.asarray(value, dtype=np.float64)
@@ -143,7 +127,7 @@ def torch_run(tmp_path_factory) -> dict:
     return {"root": root, "dir": directory, "tracked": tracked, "states": states}
 
 
-def test_the_saver_commits_every_profile_with_each_snapshot(torch_run) -> None:
+def test_the_saver_commits_every_profile_with_each_snapshot(torch_run, float64_power_ema) -> None:
     directory = torch_run["dir"]
     assert [s.step for s in verify(directory)] == [240, 255, 270, 285, 300]  # keep=5
     snapshots = find_profile_snapshots(directory)
@@ -166,7 +150,9 @@ def test_the_saver_commits_every_profile_with_each_snapshot(torch_run) -> None:
 
 
 @pytest.mark.parametrize("width", [0.06, 0.08])
-def test_the_reconstruction_matches_a_directly_tracked_ema(torch_run, width) -> None:
+def test_the_reconstruction_matches_a_directly_tracked_ema(
+    torch_run, width, float64_power_ema
+) -> None:
     tracked = torch_run["tracked"]
     if width not in tracked:
         tracked_state = float64_power_ema(torch_run["states"], width)
