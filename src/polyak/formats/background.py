@@ -155,9 +155,6 @@ class BackgroundWriter:
         self._thread.join()
         self._file.close()
 
-    def fileno(self) -> int:
-        return self._file.fileno()
-
     def _take_buffer(self) -> np.ndarray:
         if self._made < BUFFERS:
             try:

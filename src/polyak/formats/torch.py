@@ -429,6 +429,17 @@ def _copied(name: str, array: Any, path: Path) -> np.ndarray:
     return np.array(array, dtype=DTYPES[dtype], copy=True, order="C")
 
 
+def _state_dict(path: Path, prefix: str, tensors: Iterable[tuple[str, Any]]) -> OrderedDict:
+    """The state dict of ``(name, tensor)`` pairs, ``prefix`` put back; a repeated name refused."""
+    state_dict: OrderedDict[str, Any] = OrderedDict()
+    for name, tensor in tensors:
+        full_name = prefix + name
+        if full_name in state_dict:
+            raise OutputError(f"output {path}: tensor {name!r} was given twice.")
+        state_dict[full_name] = tensor
+    return state_dict
+
+
 def _in_container(state_dict: OrderedDict[str, Any], template: TorchReader | None) -> Any:
     """What to save: ``state_dict`` with the template's extras and metadata, in its dict."""
     if template is None:
@@ -484,29 +495,21 @@ def write_torch(
     if torch_template is not None and not torch_template.fast:
         _save_with_torch(path, tensors, torch_template)
         return
+    if not isinstance(tensors, PlannedTensors):
+        # Copied as they come (a producer may reuse its arrays), then planned.
+        tensors = PlannedTensors.from_arrays(
+            (name, _copied(name, array, path)) for name, array in tensors
+        )
     prefix = torch_template.prefix if torch_template is not None else ""
-    if isinstance(tensors, PlannedTensors):
-        infos, arrays = tensors.infos, iter(tensors)
-    else:
-        pairs = [(name, _copied(name, array, path)) for name, array in tensors]
-        infos = [
-            (name, TensorInfo(tuple(int(d) for d in array.shape), str(dtype_name(array.dtype))))
-            for name, array in pairs
-        ]
-        arrays = iter(pairs)
-    state_dict: OrderedDict[str, Any] = OrderedDict()
-    new_tensors = []
-    for name, info in infos:
-        full_name = prefix + name
-        if full_name in state_dict:
-            raise OutputError(f"output {path}: tensor {name!r} was given twice.")
-        state_dict[full_name] = torchzip.NewTensor(name, info)
-        new_tensors.append(state_dict[full_name])
+    state_dict = _state_dict(
+        path, prefix, ((name, torchzip.NewTensor(name, info)) for name, info in tensors.infos)
+    )
+    new_tensors = list(state_dict.values())
     obj = _in_container(state_dict, torch_template)
     try:
         # Written by a second thread, as the engine computes (see formats/background.py).
         with BackgroundWriter(path) as file:
-            torchzip.write(file, obj, new_tensors, arrays)
+            torchzip.write(file, obj, new_tensors, iter(tensors))
     except OSError as error:
         reason = error.strerror or str(error)
         raise OutputError(f"output {path}: cannot be written ({reason}).") from error
@@ -517,12 +520,9 @@ def _save_with_torch(
 ) -> None:
     """``torch.save`` of new tensors in the container of a template torch loaded."""
     torch = _torch()
-    state_dict: OrderedDict[str, Any] = OrderedDict()
-    for name, array in tensors:
-        full_name = template.prefix + name
-        if full_name in state_dict:
-            raise OutputError(f"output {path}: tensor {name!r} was given twice.")
-        state_dict[full_name] = _to_torch(name, array, path)
+    state_dict = _state_dict(
+        path, template.prefix, ((name, _to_torch(name, array, path)) for name, array in tensors)
+    )
     obj = _in_container(state_dict, template)
     try:
         # Through a Python file, so that a failed write (a full disk) raises OSError

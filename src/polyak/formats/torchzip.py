@@ -226,6 +226,25 @@ def _no_hooks(backward_hooks: object) -> None:
         raise NotFastPath("tensor with backward hooks")
 
 
+def _stored_tensor(
+    storage: _Storage,
+    dtype: str,
+    offset: object,
+    shape: object,
+    stride: object,
+    requires_grad: object,
+    backward_hooks: object,
+    metadata: object,
+) -> StoredTensor:
+    """What both rebuild functions make of their checked storage and dtype."""
+    if type(requires_grad) is not bool or metadata is not None:
+        raise NotFastPath("tensor with metadata")
+    _no_hooks(backward_hooks)
+    return StoredTensor(
+        storage, dtype, *_check_view(storage, dtype, offset, shape, stride), requires_grad
+    )
+
+
 def _rebuild_tensor_v2(
     storage: object,
     offset: object,
@@ -237,13 +256,10 @@ def _rebuild_tensor_v2(
 ) -> StoredTensor:
     if type(storage) is not _Storage or storage.kind == _UNTYPED_STORAGE:
         raise NotFastPath("_rebuild_tensor_v2 without a typed storage")
-    if type(requires_grad) is not bool or metadata is not None:
-        raise NotFastPath("tensor with metadata")
-    _no_hooks(backward_hooks)
-    dtype = _TYPED_STORAGES[storage.kind]
-    return StoredTensor(
-        storage, dtype, *_check_view(storage, dtype, offset, shape, stride), requires_grad
-    )
+    return _stored_tensor(
+        storage, _TYPED_STORAGES[storage.kind], offset, shape, stride, requires_grad,
+        backward_hooks, metadata,
+    )  # fmt: skip
 
 
 def _rebuild_tensor_v3(
@@ -260,12 +276,8 @@ def _rebuild_tensor_v3(
         raise NotFastPath("_rebuild_tensor_v3 without an untyped storage")
     if type(dtype) is not _Global or dtype not in _DTYPE_GLOBALS.values():
         raise NotFastPath("unknown dtype")
-    if type(requires_grad) is not bool or metadata is not None:
-        raise NotFastPath("tensor with metadata")
-    _no_hooks(backward_hooks)
-    name = dtype.name
-    return StoredTensor(
-        storage, name, *_check_view(storage, name, offset, shape, stride), requires_grad
+    return _stored_tensor(
+        storage, dtype.name, offset, shape, stride, requires_grad, backward_hooks, metadata
     )
 
 
