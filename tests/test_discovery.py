@@ -311,7 +311,9 @@ def test_name_without_number_among_several(tmp_path: Path) -> None:
 
 def test_last_ckpt_named_explicitly_with_others(tmp_path: Path) -> None:
     touch(tmp_path, "last.ckpt", "epoch=1-step=100.ckpt")
-    with pytest.raises(DiscoveryError, match=r"last\.ckpt: its name has no step"):
+    with pytest.raises(
+        DiscoveryError, match=r"last\.ckpt: last\.ckpt is Lightning's copy of the newest checkpoint"
+    ):
         find_checkpoints([tmp_path / "last.ckpt", tmp_path / "epoch=1-step=100.ckpt"])
 
 

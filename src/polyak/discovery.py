@@ -16,10 +16,18 @@ What counts as a checkpoint:
   Copies of another snapshot are not steps of their own, so directory scans and
   globs skip them: Lightning's ``last.ckpt``, timm's ``last.pth.tar`` and
   ``model_best.pth.tar``, fairseq's ``checkpoint_last.pt`` and
-  ``checkpoint_best.pt``. Name one explicitly to use it.
+  ``checkpoint_best.pt``. Name one alone to use it; named among others (a glob the
+  shell expanded), it is refused with a message that says what it is a copy of.
+- a directory that is a checkpoint itself and also holds checkpoint subdirectories
+  (``trainer.save_model(out)`` beside ``out/checkpoint-N/``) is ambiguous and refused,
+  with the command for each reading.
 - inside a snapshot directory, one holding a ``polyak-manifest.json`` written by
   ``polyak.snapshots``: exactly the files the manifest lists, not a scan, so files
   a crash left behind are ignored. A listed file that is missing is an error.
+
+All members must have one layout (snapshots of one run): files of one format, or model
+directories. ``.keras`` files and ``.weights.h5`` files of the same run are not mixed,
+since they would count a step twice or order members out of step.
 """
 
 from __future__ import annotations
@@ -27,13 +35,14 @@ from __future__ import annotations
 import dataclasses
 import glob
 import itertools
+import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from polyak.errors import CheckpointError, DiscoveryError
-from polyak.formats import directory_model_file, format_from_name
+from polyak.formats import directory_model_file, format_from_name, format_of
 from polyak.snapshots import MANIFEST_NAME, Snapshot, read_manifest
 
 __all__ = ["Checkpoint", "find_checkpoints", "order_key"]
@@ -45,11 +54,11 @@ _VERSION_SUFFIX = re.compile(r"-v\d+$")
 _SHARD = re.compile(r"-\d+-of-\d+$")
 # Copies of another snapshot (Lightning, timm, fairseq), not steps of their own.
 _SKIPPED_IN_SCANS = {
-    "last.ckpt",
-    "last.pth.tar",
-    "model_best.pth.tar",
-    "checkpoint_last.pt",
-    "checkpoint_best.pt",
+    "last.ckpt": "Lightning's copy of the newest checkpoint",
+    "last.pth.tar": "timm's copy of the newest checkpoint",
+    "model_best.pth.tar": "timm's copy of the best checkpoint",
+    "checkpoint_last.pt": "fairseq's copy of the newest checkpoint",
+    "checkpoint_best.pt": "fairseq's copy of the best checkpoint",
 }
 _GLOB_CHARACTERS = set("*?[")
 
@@ -149,14 +158,42 @@ def _manifest_members(directory: Path) -> list[Path]:
     return [snapshot.path for snapshot in snapshots]
 
 
+def _checkpoint_subdirectories(directory: Path) -> list[Path]:
+    return [
+        child
+        for child in sorted(directory.iterdir())
+        if child.is_dir()
+        and not child.name.startswith(".")
+        and directory_model_file(child) is not None
+    ]
+
+
+def _ambiguous_directory(directory: Path, model_file: Path, children: list[Path]) -> DiscoveryError:
+    """Both readings of a checkpoint directory that also holds checkpoint directories."""
+    names = [child.name for child in sorted(children, key=lambda child: order_key(child).key)]
+    shown = ", ".join(names) if len(names) <= 3 else f"{names[0]}, ..., {names[-1]}"
+    prefix = os.path.commonprefix(names).rstrip("0123456789")  # noqa: RUF071 (a name prefix)
+    subdirectories = directory / f"{prefix}*" if prefix else directory / "*"
+    return DiscoveryError(
+        f"directory {directory}: is a checkpoint itself ({model_file.name}) and also holds "
+        f"{len(names)} checkpoint subdirectories ({shown}), so which is meant is ambiguous. "
+        f"To average the subdirectories, pass '{subdirectories}'; to use the checkpoint "
+        f"{directory} holds itself, pass {model_file}."
+    )
+
+
 def _scan_directory(directory: Path) -> list[Path]:
     if (directory / MANIFEST_NAME).is_file():
         return _manifest_members(directory)
-    if directory_model_file(directory) is not None:
+    model_file = directory_model_file(directory)
+    if model_file is not None:
+        children = _checkpoint_subdirectories(directory)
+        if children:
+            raise _ambiguous_directory(directory, model_file, children)
         return [directory]
     found = []
     for child in sorted(directory.iterdir()):
-        if child.name.startswith(".") or child.name in _SKIPPED_IN_SCANS:
+        if child.name.startswith(".") or child.name.lower() in _SKIPPED_IN_SCANS:
             continue
         if child.is_dir():
             if directory_model_file(child) is not None:
@@ -184,7 +221,7 @@ def _expand(entry: str | Path) -> list[Path]:
             if match.is_dir():
                 if directory_model_file(match) is not None:
                     expanded.append(match)
-            elif _is_checkpoint_file(match) and match.name not in _SKIPPED_IN_SCANS:
+            elif _is_checkpoint_file(match) and match.name.lower() not in _SKIPPED_IN_SCANS:
                 expanded.append(match)
         if not expanded:
             shown = ", ".join(match.name for match in matches[:3])
@@ -194,6 +231,35 @@ def _expand(entry: str | Path) -> list[Path]:
             )
         return expanded
     raise DiscoveryError(f"checkpoint {entry}: no such file or directory.")
+
+
+def _copies_beside(name: str) -> str:
+    """The copy names of the framework that writes ``name``, e.g. timm's two."""
+    framework = _SKIPPED_IN_SCANS[name.lower()].split("'", 1)[0]
+    same = [copy for copy, what in _SKIPPED_IN_SCANS.items() if what.startswith(framework)]
+    return " and ".join(same)
+
+
+def _layout(path: Path) -> str:
+    """A checkpoint's layout: a model directory (``checkpoint-N/``, whatever weights file
+    it holds), or the format of a file."""
+    return "model directory" if path.is_dir() else format_of(path).name
+
+
+def _check_one_format(checkpoints: list[Checkpoint]) -> None:
+    """Refuse members of several formats: one run is snapshotted in one layout."""
+    if len(checkpoints) < 2:
+        return
+    by_layout: dict[str, Checkpoint] = {}
+    for checkpoint in checkpoints:
+        by_layout.setdefault(_layout(checkpoint.path), checkpoint)
+    if len(by_layout) > 1:
+        shown = ", ".join(f"{c.path} ({name})" for name, c in by_layout.items())
+        raise DiscoveryError(
+            f"checkpoints of {len(by_layout)} layouts were given: {shown}. Members must be "
+            "snapshots of one run in one layout, so that each step counts once and the order "
+            "is by step; pass the files of one format only (e.g. run/*.keras)."
+        )
 
 
 def find_checkpoints(
@@ -240,12 +306,21 @@ def find_checkpoints(
             )
     if len(checkpoints) > 1:
         for checkpoint in checkpoints:
+            copy_of = _SKIPPED_IN_SCANS.get(checkpoint.name.lower())
+            if copy_of is not None:
+                raise DiscoveryError(
+                    f"checkpoint {checkpoint.path}: {checkpoint.name} is {copy_of}, not a step "
+                    "of its own, and would count that step twice. Leave it out (pass the "
+                    f"directory {checkpoint.path.parent}/, whose scan skips "
+                    f"{_copies_beside(checkpoint.name)}), or pass it alone."
+                )
             if not checkpoint.key:
                 raise DiscoveryError(
                     f"checkpoint {checkpoint.path}: its name has no step or epoch number, so its "
                     "place among the others is unknown. Rename it (e.g. model_500.h5) or leave "
                     "it out."
                 )
+    _check_one_format(checkpoints)
     checkpoints.sort(key=lambda c: c.key, reverse=True)
     for newer, older in itertools.pairwise(checkpoints):
         if newer.key == older.key:
