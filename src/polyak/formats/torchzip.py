@@ -21,15 +21,19 @@ stored (uncompressed) records under one folder, ``archive/`` here:
 - ``byteorder`` (``little``), ``version`` (``3``), ``.format_version`` (``1``),
   ``.storage_alignment`` (``64``) and ``.data/serialization_id``.
 
-Reading (:func:`load`) is a subset of ``torch.load(weights_only=True)``: the pickle may
-use only the opcodes torch's weights-only unpickler knows, and only these globals:
-``collections.OrderedDict``, ``torch._utils._rebuild_tensor_v2``/``_v3``,
-``torch._utils._rebuild_parameter``, the storage classes and dtypes of the dtypes
-polyak supports, and ``_codecs.encode`` (how protocol 2 pickles bytes). Nothing else is
-ever called. Anything outside that (another global, a big-endian file, an unknown
-storage, a compressed or missing record, a malformed zip) raises :class:`NotFastPath`,
-and the caller loads the file with torch, which accepts it or refuses it with its own
-message: this module never accepts a file that ``weights_only`` refuses.
+Reading (:func:`load`) is a subset of ``torch.load(weights_only=True)`` with
+``argparse.Namespace`` allowed: the pickle may use only the opcodes torch's weights-only
+unpickler knows, and only these globals: ``collections.OrderedDict``,
+``torch._utils._rebuild_tensor_v2``/``_v3``, ``torch._utils._rebuild_parameter``, the
+storage classes and dtypes of the dtypes polyak supports, ``_codecs.encode`` (how
+protocol 2 pickles bytes), and ``argparse.Namespace`` (timm's ``train.py`` saves its
+command line as ``args``). The Namespace is never imported or called: it becomes a
+:class:`PickledNamespace` of plain data, pickled back as an ``argparse.Namespace``.
+Nothing else is ever called. Anything outside that (another global, a big-endian file,
+an unknown storage, a compressed or missing record, a malformed zip) raises
+:class:`NotFastPath`, and the caller loads the file with torch (``weights_only``, with
+the same Namespace allowed), which accepts it or refuses it with its own message: this
+module never accepts a file that this fallback refuses.
 
 Writing (:func:`write`) mirrors miniz's layout byte for byte where torch's reader
 depends on it (data descriptors after non-empty records, ZIP64 fields where a size or
@@ -59,6 +63,7 @@ from polyak.formats.base import DTYPES, StreamedTensor, TensorInfo
 __all__ = [
     "NewTensor",
     "NotFastPath",
+    "PickledNamespace",
     "StoredTensor",
     "load",
     "write",
@@ -124,12 +129,24 @@ class _Global:
         return f"<global {self.module}.{self.name}>"
 
 
+class PickledNamespace(dict):
+    """An ``argparse.Namespace`` of a checkpoint (timm's ``args``), as a dict of its attributes.
+
+    Read without importing or calling ``argparse``: the pickle's ``NEWOBJ`` makes an
+    empty one and its ``BUILD`` state (a dict of str keys) fills it. Written back, it is
+    an ``argparse.Namespace`` again, as ``torch.load`` and timm expect.
+    """
+
+    __slots__ = ()
+
+
 _STORAGE_GLOBALS = {name: _Global("torch", name) for name in _TYPED_STORAGES}
 _STORAGE_GLOBALS[_UNTYPED_STORAGE] = _Global("torch.storage", _UNTYPED_STORAGE)
 _DTYPE_GLOBALS = {name: _Global("torch", name) for name in DTYPES}
 _REBUILD_V2 = _Global("torch._utils", "_rebuild_tensor_v2")
 _REBUILD_V3 = _Global("torch._utils", "_rebuild_tensor_v3")
 _REBUILD_PARAMETER = _Global("torch._utils", "_rebuild_parameter")
+_NAMESPACE = _Global("argparse", "Namespace")
 
 
 class _Storage:
@@ -308,15 +325,16 @@ _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
     **_CALLABLES,
     **{(g.module, g.name): g for g in _STORAGE_GLOBALS.values()},
     **{(g.module, g.name): g for g in _DTYPE_GLOBALS.values()},
+    (_NAMESPACE.module, _NAMESPACE.name): _NAMESPACE,
 }
 _ALLOWED_CALLS = frozenset(id(value) for value in _CALLABLES.values())
 
-# The opcodes torch's weights-only unpickler accepts, less NEWOBJ (no allowed class needs
-# it), EMPTY_SET (sets are refused) and SHORT_BINSTRING (Python 2 strings).
+# The opcodes torch's weights-only unpickler accepts, less EMPTY_SET (sets are refused) and
+# SHORT_BINSTRING (Python 2 strings). NEWOBJ makes argparse.Namespace and nothing else.
 _OPCODES = frozenset(
     code[0]
     for code in (
-        pickle.PROTO, pickle.STOP, pickle.GLOBAL, pickle.REDUCE, pickle.BUILD,
+        pickle.PROTO, pickle.STOP, pickle.GLOBAL, pickle.REDUCE, pickle.BUILD, pickle.NEWOBJ,
         pickle.APPEND, pickle.APPENDS, pickle.SETITEM, pickle.SETITEMS, pickle.MARK,
         pickle.TUPLE, pickle.TUPLE1, pickle.TUPLE2, pickle.TUPLE3, pickle.NONE,
         pickle.NEWFALSE, pickle.NEWTRUE, pickle.EMPTY_TUPLE, pickle.EMPTY_LIST,
@@ -366,10 +384,24 @@ class _Unpickler(pickle._Unpickler):  # type: ignore[name-defined]
             raise NotFastPath("call of a function outside the allowlist")
         self.stack[-1] = function(*args)
 
+    def load_newobj(self) -> None:
+        args = self.stack.pop()
+        cls = self.stack[-1]
+        if cls is not _NAMESPACE or args != ():
+            raise NotFastPath("NEWOBJ of something other than argparse.Namespace()")
+        self.stack[-1] = PickledNamespace()
+
     def load_build(self) -> None:
         state = self.stack.pop()
         instance = self.stack[-1]
-        if type(instance) is not OrderedDict or type(state) is not dict:
+        if type(state) is not dict:
+            raise NotFastPath("BUILD with a state other than a dict")
+        if type(instance) is PickledNamespace:
+            if instance or not all(type(name) is str for name in state):
+                raise NotFastPath("argparse.Namespace built twice, or with non-string names")
+            instance.update(state)
+            return
+        if type(instance) is not OrderedDict:
             raise NotFastPath("BUILD on something other than an OrderedDict")
         # As torch's weights-only unpickler does: state becomes attributes (_metadata).
         instance.__dict__.update(state)
@@ -396,6 +428,7 @@ class _Unpickler(pickle._Unpickler):  # type: ignore[name-defined]
 
     for _code, _method in (
         (pickle.REDUCE, load_reduce),
+        (pickle.NEWOBJ, load_newobj),
         (pickle.BUILD, load_build),
         (pickle.APPEND, load_append),
         (pickle.APPENDS, load_appends),
@@ -715,7 +748,17 @@ class _Pickler(pickle._Pickler):  # type: ignore[name-defined]
         self.write(pickle.GLOBAL + f"{obj.module}\n{obj.name}\n".encode())
         self.memoize(obj)
 
+    def save_namespace(self, obj: PickledNamespace) -> None:
+        # As pickle writes an argparse.Namespace: argparse.Namespace(), then its attributes.
+        self.save(_NAMESPACE)
+        self.save(())
+        self.write(pickle.NEWOBJ)
+        self.memoize(obj)
+        self.save(dict(obj))
+        self.write(pickle.BUILD)
+
     dispatch[_Global] = save_standin
+    dispatch[PickledNamespace] = save_namespace
 
 
 class _Rebuilt:
