@@ -262,11 +262,13 @@ def test_hugging_face_trainer_output_single_file(tmp_path, capsys):
     load_strictly(state)
     assert_matches(state, expected)
 
-    # A directory output is a checkpoint directory like the inputs' (model.safetensors).
+    # A directory output is a checkpoint directory like the inputs' (model.safetensors),
+    # with the newest member's config.json beside it (its optimizer.pt is not copied).
     report = run(
         [str(tmp_path / "output"), "-s", "linear", "-o", str(tmp_path / "averaged")], capsys
     )
-    assert [Path(f).name for f in report["files"]] == ["model.safetensors"]
+    assert [Path(f).name for f in report["files"]] == ["model.safetensors", "config.json"]
+    assert report["copied"] == [str(tmp_path / "output" / "checkpoint-600" / "config.json")]
     state = load_file(tmp_path / "averaged" / "model.safetensors")
     load_strictly(state)
     assert_matches(state, expected)

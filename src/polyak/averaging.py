@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,13 +52,20 @@ from polyak.discovery import Checkpoint, find_checkpoints
 from polyak.distributed import DistributedError, ProcessGroup
 from polyak.distributed import current as current_group
 from polyak.errors import (
+    DiscoveryError,
     IncompatibleCheckpointsError,
     NonFiniteError,
     OutputError,
     PolyakError,
     SchemeError,
 )
-from polyak.files import atomic_directory, atomic_output, check_output_path, is_directory_output
+from polyak.files import (
+    atomic_directory,
+    atomic_output,
+    check_output_path,
+    companion_files,
+    is_directory_output,
+)
 from polyak.formats import Format, format_for_output, format_of, open_checkpoint
 from polyak.formats.base import (
     CheckpointReader,
@@ -105,7 +113,11 @@ class AverageResult:
         averaged: number of floating tensors averaged (the rest were carried over).
         parameters: number of elements in all tensors.
         files: the files written: ``output`` itself, or for an output directory its
-            shards and index.
+            shards and index, and the companion files copied.
+        copied: the newest member's non-weight model files (``config.json``,
+            ``generation_config.json``, tokenizer files) copied into an output directory.
+        notes: things worth telling the user that are not errors, one sentence each
+            (one member averaged; companion files left behind by a single-file output).
     """
 
     members: list[Checkpoint]
@@ -117,6 +129,8 @@ class AverageResult:
     averaged: int
     parameters: int
     files: tuple[Path, ...] = ()
+    copied: tuple[Path, ...] = ()
+    notes: tuple[str, ...] = ()
 
 
 def check_compatible(readers: Sequence[CheckpointReader]) -> list[tuple[str, TensorInfo]]:
@@ -372,7 +386,19 @@ def average_readers(
                 if progress is not None:
                     progress(done)
 
-    return PlannedTensors(plan, generate())
+    return PlannedTensors(plan, generate(), aliases=_shared_aliases(readers))
+
+
+def _shared_aliases(readers: Sequence[CheckpointReader]) -> dict[str, str]:
+    """The tied tensors (name -> the earlier name it shares) that every member ties alike."""
+    found = [getattr(reader, "aliases", None) for reader in readers]
+    if not all(callable(aliases) for aliases in found):
+        return {}
+    shared = found[0]()
+    for aliases in found[1:]:
+        theirs = aliases()
+        shared = {name: first for name, first in shared.items() if theirs.get(name) == first}
+    return shared
 
 
 def _signed_normalize(weights: Sequence[float] | np.ndarray) -> np.ndarray:
@@ -417,6 +443,7 @@ def write_output(
     output_format: Format,
     *,
     max_shard_size: int | str | None = None,
+    companions: Sequence[Path] = (),
 ) -> list[Path]:
     """Write tensors atomically to ``out`` in ``output_format``, copying ``template``'s container.
 
@@ -433,9 +460,12 @@ def write_output(
         max_shard_size: for an output directory, the most bytes of tensor data per
             shard (an int or a string such as ``"2GB"``); by default the template's
             shard layout, or one shard.
+        companions: for an output directory, files copied into it beside the shards
+            (the newest member's ``config.json`` and tokenizer files).
 
     Returns:
-        The files written: ``[out]``, or the shards and the index inside ``out``.
+        The files written: ``[out]``, or the shards, the index and the companions
+        inside ``out``.
 
     Raises:
         OutputError: ``max_shard_size`` for a single-file output, or a file-system
@@ -445,12 +475,14 @@ def write_output(
     directory = output_format.name == "sharded-safetensors"
     if max_shard_size is not None and not directory:
         raise _shards_need_a_directory(out, output_format)
+    output_format.check_output(out, template)
     try:
         if directory:
-            with atomic_directory(out) as temporary:
+            with atomic_directory(out, companions) as temporary:
                 names = output_format.write(
                     temporary, tensors, template, max_shard_size=max_shard_size
                 )
+                names += _copy_companions(companions, temporary)
             return [out / name for name in names]
         with atomic_output(out) as temporary:
             output_format.write(temporary, tensors, template)
@@ -460,6 +492,13 @@ def write_output(
     except OSError as error:
         reason = error.strerror or str(error)
         raise OutputError(f"output {out}: cannot be written ({reason}).") from None
+
+
+def _copy_companions(companions: Sequence[Path], directory: Path) -> list[str]:
+    """Copy the companion files into ``directory``; their names."""
+    for source in companions:
+        shutil.copyfile(source, directory / source.name)
+    return [source.name for source in companions]
 
 
 def _fsync_files(paths: Iterable[Path]) -> None:
@@ -476,6 +515,7 @@ def write_output_together(
     group: ProcessGroup,
     *,
     max_shard_size: int | str | None = None,
+    companions: Sequence[Path] = (),
 ) -> list[Path]:
     """:func:`write_output` by every process of a torchrun group, each its share.
 
@@ -493,12 +533,12 @@ def write_output_together(
         files: list[Path] = []
         if group.is_main:
             try:
-                files = write_output(out, tensors, template, output_format)
+                files = write_output(out, tensors, template, output_format, companions=companions)
             except BaseException as failure:  # told to every process, then raised here
                 error = failure
         group.check(error)
         return group.broadcast(files)
-    context = atomic_directory(out)
+    context = atomic_directory(out, companions)
     if group.is_main:
         try:
             temporary = context.__enter__()
@@ -524,6 +564,8 @@ def write_output_together(
         )
         mine = [name for number, name in enumerate(names) if group.owned(number)]
         _fsync_files(temporary / name for name in mine if (temporary / name).exists())
+        if group.is_main:
+            names += _copy_companions(companions, temporary)
     except BaseException as failure:
         error = failure
     try:
@@ -593,6 +635,7 @@ def average_to(
     allow_nonfinite: bool = False,
     key: str | None = None,
     max_shard_size: int | str | None = None,
+    min_members: int = 1,
     progress: Callable[[int], None] | None = None,
     on_start: Callable[[list[Checkpoint], np.ndarray, int], None] | None = None,
     group: ProcessGroup | None = None,
@@ -608,7 +651,15 @@ def average_to(
     checkpoint directory in Hugging Face's layout: shards
     ``model-0000i-of-0000K.safetensors`` with ``model.safetensors.index.json``, or one
     ``model.safetensors``. Its shards are cut at ``max_shard_size`` if given, else
-    exactly as the newest member's shards when it is sharded, else not at all.
+    exactly as the newest member's shards when it is sharded, else not at all. When the
+    newest member is a model directory (``checkpoint-500/``), its non-weight model files
+    (``config.json``, ``generation_config.json``, tokenizer files; see
+    :func:`polyak.files.companion_files`) are copied into the output directory, so that
+    ``from_pretrained`` loads it; its training state (optimizer, scheduler,
+    ``trainer_state.json``) is not.
+
+    Averaging one member is allowed (the output is that member's weights) but never
+    silent: the result's ``notes`` say so, and ``min_members`` makes it an error.
 
     Args:
         paths, scheme, last, integers, allow_nonfinite, key: as for :func:`average`.
@@ -625,6 +676,7 @@ def average_to(
         group: the processes that write the output together (under torchrun; see
             :func:`write_output_together`); by default torch's initialized default
             group when there are several processes, else this process alone.
+        min_members: refuse to average fewer members than this (``DiscoveryError``).
 
     Returns:
         An :class:`AverageResult` describing the members, weights and output.
@@ -638,16 +690,35 @@ def average_to(
     try:
         directory = is_directory_output(requested)
         limit = None if max_shard_size is None else parse_size(max_shard_size)
+        if type(min_members) is not int or min_members < 1:
+            raise DiscoveryError(
+                f"min_members must be a whole number >= 1; received {min_members!r}."
+            )
         members = find_checkpoints(paths, last=last)
+        if len(members) < min_members:
+            raise DiscoveryError(
+                f"found {len(members)} checkpoint(s) ({_named(members)}), fewer than "
+                f"min_members={min_members} (CLI --min-members). Pass more checkpoints, or "
+                "a lower min_members."
+            )
         parsed, weights = _weights_for(scheme, members)
         input_format = format_of(members[0].path)
         output_format = format_for_output(requested, input_format)
         if limit is not None and output_format.name != "sharded-safetensors":
             raise _shards_need_a_directory(out, output_format)
+        newest = members[0].path
+        beside = companion_files(newest) if newest.is_dir() else []
+        companions = beside if output_format.name == "sharded-safetensors" else []
+        notes = _notes(members, beside, companions)
         check_output_path(
-            out, [member.path for member in members], overwrite=overwrite, directory=directory
+            out,
+            [member.path for member in members],
+            overwrite=overwrite,
+            directory=directory,
+            companions=companions,
         )
         readers = open_members(members, key)
+        output_format.check_output(out, readers[0])
         tensors = average_readers(
             readers,
             weights,
@@ -673,10 +744,23 @@ def average_to(
             )
             on_start(members, weights, total)
         if group is None:
-            files = write_output(out, tensors, readers[0], output_format, max_shard_size=limit)
+            files = write_output(
+                out,
+                tensors,
+                readers[0],
+                output_format,
+                max_shard_size=limit,
+                companions=companions,
+            )
         else:
             files = write_output_together(
-                out, tensors, readers[0], output_format, group, max_shard_size=limit
+                out,
+                tensors,
+                readers[0],
+                output_format,
+                group,
+                max_shard_size=limit,
+                companions=companions,
             )
     finally:
         for reader in readers:
@@ -692,4 +776,32 @@ def average_to(
         averaged=len(floating),
         parameters=sum(info.size for _, info in tensors.infos),
         files=tuple(files),
+        copied=tuple(companions),
+        notes=notes,
     )
+
+
+def _named(members: list[Checkpoint]) -> str:
+    shown = ", ".join(str(member.path) for member in members[:3])
+    return shown + (f" and {len(members) - 3} more" if len(members) > 3 else "")
+
+
+def _notes(
+    members: list[Checkpoint], beside: list[Path], companions: list[Path]
+) -> tuple[str, ...]:
+    """What the user should hear about an average that is not an error."""
+    notes = []
+    if len(members) == 1:
+        notes.append(
+            f"only one checkpoint was found ({members[0].path}), so the output holds its "
+            "weights unchanged; pass more checkpoints to average them (min_members, CLI "
+            "--min-members, makes this an error)."
+        )
+    if beside and not companions:
+        names = ", ".join(path.name for path in beside)
+        notes.append(
+            f"{members[0].path} holds {names}, which a single-file output cannot carry; "
+            "write a directory output (a path ending with /) to get a model directory "
+            "that from_pretrained loads."
+        )
+    return tuple(notes)

@@ -28,12 +28,13 @@ Which outputs are directories: a path that ends with ``/`` or has no suffix at a
 from __future__ import annotations
 
 import contextlib
+import filecmp
 import glob
 import os
 import re
 import secrets
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from polyak.errors import OutputError
@@ -43,6 +44,8 @@ __all__ = [
     "atomic_directory",
     "atomic_output",
     "check_output_path",
+    "companion_files",
+    "is_companion_file",
     "is_directory_output",
 ]
 
@@ -53,6 +56,11 @@ _OLD_MARK = ".polyak-old-"
 CHECKPOINT_DIRECTORY_FILES = re.compile(
     r"model\.safetensors|model\.safetensors\.index\.json|model-\d+-of-\d+\.safetensors"
 )
+# Files of a Hugging Face model directory that are not weights but that its loader needs:
+# config.json, generation_config.json, tokenizer and processor files, chat templates,
+# remote-code modules. Training state (trainer_state.json) and weight indexes are not.
+_COMPANION_FILE = re.compile(r"[^.][^/]*\.(json|txt|model|jinja|tiktoken|py)")
+_NOT_COMPANIONS = re.compile(r"trainer_state\.json|.*\.index\.json|polyak-.*")
 _MAX_LISTED_FILES = 3
 
 
@@ -79,17 +87,45 @@ def is_directory_output(out: str | Path) -> bool:
     return Path(text).suffix == ""
 
 
+def is_companion_file(name: str) -> bool:
+    """Whether a file name in a model directory is a non-weight file its loader needs.
+
+    Example:
+        >>> [is_companion_file(n) for n in ("config.json", "trainer_state.json", "optimizer.pt")]
+        [True, False, False]
+    """
+    return bool(_COMPANION_FILE.fullmatch(name)) and not _NOT_COMPANIONS.fullmatch(name)
+
+
+def companion_files(directory: Path) -> list[Path]:
+    """The config, generation config and tokenizer files of a model directory, sorted.
+
+    Only regular files (a link to one counts) directly inside ``directory``.
+    """
+    return [
+        entry
+        for entry in sorted(directory.iterdir())
+        if is_companion_file(entry.name) and entry.is_file()
+    ]
+
+
 def _is_within(path: Path, directory: Path) -> bool:
     """Whether ``path`` is ``directory`` or lies inside it, links resolved."""
     return path.resolve().is_relative_to(directory.resolve())
 
 
-def _foreign_entries(directory: Path) -> list[str]:
-    """Names in ``directory`` that are not files of a safetensors checkpoint."""
+def _foreign_entries(directory: Path, companions: Sequence[Path] = ()) -> list[str]:
+    """Names in ``directory`` that are neither files of a safetensors checkpoint nor
+    copies of ``companions`` (the same name and the same bytes: what would be copied)."""
+    same_as = {source.name: source for source in companions}
     foreign = []
     for entry in sorted(directory.iterdir()):
         is_file = entry.is_file() and not entry.is_symlink()
-        if not (is_file and CHECKPOINT_DIRECTORY_FILES.fullmatch(entry.name)):
+        source = same_as.get(entry.name)
+        ours = CHECKPOINT_DIRECTORY_FILES.fullmatch(entry.name) or (
+            source is not None and is_file and filecmp.cmp(entry, source, shallow=False)
+        )
+        if not (is_file and ours):
             foreign.append(entry.name + ("/" if entry.is_dir() else ""))
     return foreign
 
@@ -101,7 +137,12 @@ def _listed(names: list[str]) -> str:
 
 
 def check_output_path(
-    out: Path, inputs: Iterable[Path], *, overwrite: bool, directory: bool | None = None
+    out: Path,
+    inputs: Iterable[Path],
+    *,
+    overwrite: bool,
+    directory: bool | None = None,
+    companions: Sequence[Path] = (),
 ) -> None:
     """Refuse an output that is one of the inputs (also via a link), or exists unasked.
 
@@ -111,6 +152,9 @@ def check_output_path(
         overwrite: whether an existing output may be replaced.
         directory: whether ``out`` is an output directory; by default
             :func:`is_directory_output` decides.
+        companions: files that will be copied into an output directory (see
+            :func:`companion_files`); an existing copy of one, byte for byte, may be
+            replaced like the checkpoint's own files.
 
     Raises:
         OutputError: naming the output and, where it is one, the input it would replace:
@@ -137,7 +181,7 @@ def check_output_path(
                 "never writes into an input. Choose a path outside it."
             )
     if directory:
-        _check_output_directory(out, inputs, overwrite=overwrite)
+        _check_output_directory(out, inputs, overwrite=overwrite, companions=companions)
         return
     if out.exists() and not overwrite:
         raise OutputError(f"output {out}: already exists. Pass --overwrite to replace it.")
@@ -147,7 +191,9 @@ def check_output_path(
         raise OutputError(f"output {out}: the directory {out.parent} does not exist.")
 
 
-def _check_output_directory(out: Path, inputs: list[Path], *, overwrite: bool) -> None:
+def _check_output_directory(
+    out: Path, inputs: list[Path], *, overwrite: bool, companions: Sequence[Path]
+) -> None:
     for source in inputs:
         if _is_within(source, out):
             raise OutputError(
@@ -168,7 +214,7 @@ def _check_output_directory(out: Path, inputs: list[Path], *, overwrite: bool) -
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise OutputError(f"output {out}: already exists. Pass --overwrite to replace it.")
-        foreign = _foreign_entries(out)
+        foreign = _foreign_entries(out, companions)
         if foreign:
             raise OutputError(
                 f"output {out}: holds {_listed(foreign)}, which polyak did not write; "
@@ -278,14 +324,14 @@ def _fsync_file(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_directory(out: Path) -> Iterator[Path]:
+def atomic_directory(out: Path, companions: Sequence[Path] = ()) -> Iterator[Path]:
     """Yield an empty temporary directory beside ``out``; on success rename it to ``out``.
 
     Every file in the temporary directory and the directory itself are fsynced before
     the rename. An existing non-empty ``out`` is renamed aside, replaced, then deleted
-    (see the module docstring); it must hold only a safetensors checkpoint's files,
-    checked again here. On any exception the temporary directory is removed and
-    ``out`` is left as it was.
+    (see the module docstring); it must hold only a safetensors checkpoint's files and
+    byte-for-byte copies of ``companions``, checked again here. On any exception the
+    temporary directory is removed and ``out`` is left as it was.
 
     Raises:
         OutputError: the directory cannot be created, written or renamed, or ``out``
@@ -311,7 +357,7 @@ def atomic_directory(out: Path) -> Iterator[Path]:
                 _fsync_file(entry)
             _fsync_directory(temporary)
             if out.is_dir() and any(out.iterdir()):
-                foreign = _foreign_entries(out)
+                foreign = _foreign_entries(out, companions)
                 if foreign:
                     raise OutputError(
                         f"output {out}: holds {_listed(foreign)}, which polyak did not write; "

@@ -10,7 +10,14 @@ from rich.table import Table
 
 from polyak.averaging import INTEGER_POLICIES, average_to
 from polyak.cli.main import app
-from polyak.cli.output import DelayedProgress, console, human_bytes, path_size, print_json
+from polyak.cli.output import (
+    DelayedProgress,
+    console,
+    human_bytes,
+    path_size,
+    print_json,
+    print_note,
+)
 from polyak.discovery import Checkpoint
 from polyak.errors import SchemeError
 from polyak.formats.safetensors import parse_size
@@ -54,6 +61,12 @@ def average_command(
         help="Directory output: at most SIZE bytes of tensor data per shard (500MB, 2GB, "
         "1.5GiB or bytes). Default: the newest input's shards, or one file.",
     ),
+    min_members: int = typer.Option(
+        1,
+        "--min-members",
+        metavar="K",
+        help="Refuse to run with fewer than K checkpoints (one member is always said on stderr).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Average checkpoints into OUT, streaming tensor by tensor, written atomically."""
@@ -88,9 +101,12 @@ def average_command(
             allow_nonfinite=allow_nonfinite,
             key=key,
             max_shard_size=shard_limit,
+            min_members=min_members,
             progress=progress.advance,
             on_start=on_start,
         )
+    for note in result.notes:
+        print_note(note)
     if as_json:
         print_json(
             {
@@ -105,6 +121,8 @@ def average_command(
                 "averaged": result.averaged,
                 "parameters": result.parameters,
                 "files": [str(path) for path in result.files],
+                "copied": [str(path) for path in result.copied],
+                "notes": list(result.notes),
             }
         )
         return
@@ -120,3 +138,13 @@ def average_command(
         f"Wrote {where}: {result.averaged} of {result.tensors} tensors averaged, "
         f"{result.tensors - result.averaged} carried over from the newest member."
     )
+    if result.copied:
+        names = ", ".join(path.name for path in result.copied)
+        console.print(
+            f"Copied {names} from {result.copied[0].parent} (the newest member); its training "
+            "state (optimizer, scheduler, trainer state) was not copied."
+        )
+    if result.format == "torch" and output is not None and output.suffix == ".ckpt":
+        from polyak.formats.torch import LIGHTNING_ADVICE  # only for .ckpt outputs
+
+        console.print(LIGHTNING_ADVICE)

@@ -7,6 +7,7 @@ than a second, so short runs and pipes stay quiet.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,11 @@ error_console = Console(stderr=True, highlight=False)
 def print_json(data: Any) -> None:
     """Print JSON for scripts (plain, no colors)."""
     print(json.dumps(data, indent=2, default=str))
+
+
+def print_note(note: str) -> None:
+    """One line on stderr for something the user should know that is not an error."""
+    print(f"polyak: note: {note}", file=sys.stderr)
 
 
 def human_bytes(count: int) -> str:

@@ -61,6 +61,9 @@ class Format:
     reader: str
     writer: str
     description: str
+    # A function ``check(path, template)`` that refuses an output this format cannot
+    # make from that template, before anything is read or written; or None.
+    output_check: str | None = None
 
     def load(self, attribute: str) -> Any:
         return getattr(importlib.import_module(self.module), attribute)
@@ -71,6 +74,11 @@ class Format:
     def write(self, path, tensors, template, **options: Any) -> Any:
         """Write with the format's writer; ``options`` are writer-specific keywords."""
         return self.load(self.writer)(path, tensors, template, **options)
+
+    def check_output(self, path: Path, template: CheckpointReader) -> None:
+        """Refuse (``OutputError``) an output this format cannot make from ``template``."""
+        if self.output_check is not None:
+            self.load(self.output_check)(Path(path), template)
 
 
 FORMATS: tuple[Format, ...] = (
@@ -99,6 +107,7 @@ FORMATS: tuple[Format, ...] = (
         "TorchReader",
         "write_torch",
         "PyTorch pickle (weights_only), plain or Lightning/timm/fairseq checkpoint dict",
+        output_check="check_torch_output",
     ),
     Format(
         "keras-weights",
@@ -193,7 +202,9 @@ def format_for_output(path: str | Path, input_format: Format) -> Format:
     output directory, written as ``sharded-safetensors`` (see
     :func:`polyak.files.is_directory_output`). Keras containers need a member of the
     same format as their template, so they can only be written from inputs of that
-    format. Any format converts to safetensors (file or directory), npz and torch.
+    format, except ``.weights.h5`` from ``.keras`` archives (whose ``model.weights.h5``
+    member is that file). Any format converts to safetensors (file or directory), npz
+    and torch.
 
     Raises:
         OutputError: an unknown suffix, a shard index named as the output (give its
@@ -215,7 +226,9 @@ def format_for_output(path: str | Path, input_format: Format) -> Format:
             f"directory to write the shards and the index into instead: {directory}/ "
             "(or a single .safetensors file)."
         )
-    if fmt.name.startswith("keras") and fmt.name != input_format.name:
+    # A .keras archive holds the very file save_weights writes (model.weights.h5).
+    from_archive = fmt.name == "keras-weights" and input_format.name == "keras"
+    if fmt.name.startswith("keras") and fmt.name != input_format.name and not from_archive:
         raise OutputError(
             f"output {path}: a {fmt.name} file can only be written from {fmt.name} inputs "
             f"(it copies their architecture); the inputs are {input_format.name}. "

@@ -160,15 +160,21 @@ class PlannedTensors:
     Iterating yields ``(name, array)`` pairs in the order of ``infos``. Writers
     whose format puts a header before the data (safetensors) read ``infos`` first
     and stream the arrays after it; the others simply iterate.
+
+    ``aliases`` maps a tensor name to an earlier name whose tensor it shares (tied
+    weights, such as an embedding and an output layer) in every member; the values
+    are then equal, and a writer that can share storage (torch) writes them once.
     """
 
     def __init__(
         self,
         infos: list[tuple[str, TensorInfo]],
         arrays: Iterable[tuple[str, np.ndarray]],
+        aliases: dict[str, str] | None = None,
     ) -> None:
         self.infos = infos
         self._arrays = arrays
+        self.aliases: dict[str, str] = aliases or {}
 
     def __iter__(self) -> Iterator[tuple[str, np.ndarray]]:
         return iter(self._arrays)

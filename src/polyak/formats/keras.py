@@ -745,21 +745,33 @@ def write_keras_weights(
     tensors: Iterable[tuple[str, np.ndarray]],
     template: CheckpointReader | None,
 ) -> None:
-    """Write a ``.weights.h5`` file: the template's file with its model tensors replaced.
+    """Write a ``.weights.h5`` file: the template's weights file with its model tensors replaced.
 
-    The optimizer state is copied from the template, not averaged.
+    The template is a ``.weights.h5`` file, or a ``.keras`` archive, whose
+    ``model.weights.h5`` member is the file ``model.save_weights`` writes for the same
+    model; either is copied and its model tensors overwritten. The optimizer state is
+    copied from the template, not averaged.
 
     Args:
         path: the output ``.weights.h5`` file.
         tensors: ``(name, array)`` pairs, one for each of ``template.names()``.
-        template: a ``KerasWeightsReader`` (the newest member).
+        template: a ``KerasWeightsReader`` or a ``KerasArchiveReader`` (the newest member).
 
     Raises:
-        OutputError: the template is not a ``KerasWeightsReader``, or a tensor is unknown,
-            repeated, missing, or of the wrong shape or dtype.
+        OutputError: the template is neither, or a tensor is unknown, repeated, missing,
+            or of the wrong shape or dtype.
     """
     path = Path(path)
-    _write_hdf5_copy(path, tensors, _require_template(path, template, KerasWeightsReader))
+    if not isinstance(template, KerasArchiveReader):
+        _write_hdf5_copy(path, tensors, _require_template(path, template, KerasWeightsReader))
+        return
+
+    def build(temporary: Path) -> None:
+        with open(temporary, "wb") as file, template.open_weights_bytes() as source:
+            shutil.copyfileobj(source, file, 2**20)
+        _overwrite_datasets(temporary, tensors, template, path)
+
+    _write_replacing(path, build)
 
 
 def write_keras_legacy_h5(

@@ -20,8 +20,9 @@ Writing a checkpoint directory (``write_sharded_safetensors``) follows the layou
 ``huggingface_hub.save_torch_state_dict`` and ``transformers``' ``save_pretrained``:
 shards ``model-00001-of-0000K.safetensors`` ... ``model-0000K-of-0000K.safetensors``
 (five digits) and ``model.safetensors.index.json`` holding
-``{"metadata": {"total_size": bytes of tensor data}, "weight_map": {name: shard}}``,
-or one ``model.safetensors`` and no index when there is a single shard. Every shard
+``{"metadata": {"total_size": bytes of tensor data}, "weight_map": {name: shard}}``
+(with a sharded template, its index's other metadata kept and ``total_parameters``
+recounted), or one ``model.safetensors`` and no index when there is a single shard. Every shard
 keeps the template's ``__metadata__`` (``{"format": "pt"}`` in files from
 transformers). Which tensors go in which shard is decided from the planned names,
 shapes and dtypes before any data is computed (:func:`plan_shards`), so the shards
@@ -638,10 +639,29 @@ def write_sharded_safetensors(
     if len(files) == 1:
         return files
     if write_index:
-        total_size = sum(info.nbytes for _, info in planned.infos)
-        index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+        index = {"metadata": _index_metadata(template, planned.infos), "weight_map": weight_map}
         (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     return [*files, INDEX_NAME]
+
+
+def _index_metadata(
+    template: object | None, infos: list[tuple[str, TensorInfo]]
+) -> dict[str, object]:
+    """The index's ``metadata``: the template index's entries, its sizes recomputed.
+
+    transformers writes ``total_parameters`` beside ``total_size``; both are counted
+    anew for the tensors written, and any other entry is kept as the template had it.
+    """
+    kept = (
+        getattr(template, "metadata", None)
+        if isinstance(template, ShardedSafetensorsReader)
+        else None
+    )
+    metadata = dict(kept) if isinstance(kept, dict) else {}
+    if "total_parameters" in metadata:
+        metadata["total_parameters"] = sum(info.size for _, info in infos)
+    metadata["total_size"] = sum(info.nbytes for _, info in infos)
+    return metadata
 
 
 def _pass_over(

@@ -19,13 +19,17 @@ Where the weights are:
   ``state_dict``; ``key="state_dict_ema"`` (CLI ``--key state_dict_ema``) reads the EMA.
 
 Inside the state dict only tensors are tensors to average; other values
-(``_extra_state`` entries, for example) are kept as they are in the template. A prefix that
+(``_extra_state`` entries, for example) are kept as they are in the template. timm's
+``args`` (an ``argparse.Namespace`` of its command line) is read as plain data and
+written back as a Namespace. A prefix that
 every tensor name shares, ``module.`` (DistributedDataParallel) or ``_orig_mod.``
 (``torch.compile``), possibly nested, is stripped from the names and put back on write.
 
 Writing (``write_torch``) streams a state dict of new tensors in the order received: the
 pickle first, then each tensor's data as the engine computes it, in the layout
-``torch.save`` writes (``torch.load`` reads it with or without ``mmap``). polyak does this
+``torch.save`` writes (``torch.load`` reads it with or without ``mmap``); tensors tied in
+every member (an embedding shared with the output layer) share one storage in the output,
+as they did in the input. polyak does this
 itself because ``import torch`` costs over a second and ``torch.save`` needs the whole
 output in memory; only a template that torch had to load is written back with
 ``torch.save``. With a ``TorchReader`` as template it puts back the template's prefix, its
@@ -46,6 +50,7 @@ Example:
 
 from __future__ import annotations
 
+import argparse
 import copy
 import re
 import sys
@@ -77,8 +82,10 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_KEYS",
     "DROPPED_KEYS",
+    "LIGHTNING_ADVICE",
     "STRIPPED_PREFIXES",
     "TorchReader",
+    "check_torch_output",
     "write_torch",
 ]
 
@@ -101,6 +108,17 @@ DROPPED_KEYS = (
     "amp_scaler",
     "scaler",
     "last_optimizer_state",
+)
+
+# The entry every Lightning checkpoint has, which load_from_checkpoint requires.
+LIGHTNING_VERSION_KEY = "pytorch-lightning_version"
+
+# What to do with an averaged Lightning checkpoint (the README and `polyak average` say it).
+LIGHTNING_ADVICE = (
+    "The averaged .ckpt holds the weights, hyper-parameters and Lightning's entries but no "
+    "optimizer or scheduler state: load it with YourModule.load_from_checkpoint(path) (or "
+    "trainer.validate/test(model, ckpt_path=path)) and start a new fit from that model; "
+    "Trainer.fit(ckpt_path=path) cannot resume from it."
 )
 
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -168,7 +186,9 @@ def _load(path: Path) -> Any:
     try:
         # torch warns about the files it loads (an unusual pickle protocol, deprecated
         # storages); the refusal, if any, says what matters, on one line.
-        with warnings.catch_warnings():
+        # timm's train.py saves its command line (argparse.Namespace) as ``args``: plain
+        # data, allowed as polyak's own reader allows it.
+        with warnings.catch_warnings(), torch.serialization.safe_globals([argparse.Namespace]):
             warnings.simplefilter("ignore")
             try:
                 return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -373,6 +393,21 @@ class TorchReader(ReaderBase):
         """Tensor names, prefix stripped, in the state dict's order."""
         return list(self._names)
 
+    def aliases(self) -> dict[str, str]:
+        """Tied tensors: each name whose tensor is the same view of the same storage as
+        an earlier name's (``lm_head.weight`` and ``transformer.wte.weight``), mapped to
+        that earlier name. Prefix stripped, like ``names()``."""
+        first_of: dict[tuple, str] = {}
+        aliases: dict[str, str] = {}
+        for name in self._names:
+            view = _view_of(self._tensors[name])
+            if view is None:
+                continue
+            first = first_of.setdefault(view, name)
+            if first != name:
+                aliases[name] = first
+        return aliases
+
     def info(self, name: str) -> TensorInfo:
         """Shape and canonical dtype of one tensor."""
         tensor = self._tensor(name)
@@ -404,6 +439,25 @@ class TorchReader(ReaderBase):
         self._tensors = {}
         self.container = None
         self.state_dict = None
+
+
+def _view_of(tensor: Any) -> tuple | None:
+    """What identifies a tensor's data: its storage and its view of it (None if unknown)."""
+    if type(tensor) is torchzip.StoredTensor:
+        return (id(tensor.storage), tensor.offset, tensor.shape, tensor.stride, tensor.dtype)
+    torch = sys.modules.get("torch")
+    if torch is None or not isinstance(tensor, torch.Tensor) or tensor.layout != torch.strided:
+        return None
+    storage = tensor.untyped_storage()
+    if storage.nbytes() == 0:
+        return None
+    return (
+        storage.data_ptr(),
+        tensor.storage_offset(),
+        tuple(tensor.shape),
+        tuple(tensor.stride()),
+        str(tensor.dtype),
+    )
 
 
 def _to_torch(name: str, array: np.ndarray, path: Path) -> torch.Tensor:
@@ -457,6 +511,35 @@ def _in_container(state_dict: OrderedDict[str, Any], template: TorchReader | Non
     return obj
 
 
+def _is_lightning_checkpoint(template: CheckpointReader | None) -> bool:
+    container = getattr(template, "container", None)
+    return isinstance(template, TorchReader) and (
+        isinstance(container, Mapping) and LIGHTNING_VERSION_KEY in container
+    )
+
+
+def check_torch_output(path: Path, template: CheckpointReader) -> None:
+    """Refuse a ``.ckpt`` output from inputs that are not Lightning checkpoints.
+
+    A ``.ckpt`` is what Lightning's ``load_from_checkpoint`` reads, and it requires
+    Lightning's entries (``pytorch-lightning_version``, ``hyper_parameters``...), which
+    only a Lightning checkpoint as template can give.
+
+    Raises:
+        OutputError: ``path`` ends with ``.ckpt`` and ``template`` is not a Lightning
+            checkpoint.
+    """
+    if Path(path).name.lower().endswith(".ckpt") and not _is_lightning_checkpoint(template):
+        source = getattr(template, "path", None) or type(template).__name__
+        raise OutputError(
+            f"output {path}: a .ckpt file is a Lightning checkpoint, which "
+            f"LightningModule.load_from_checkpoint reads only with Lightning's entries "
+            f"({LIGHTNING_VERSION_KEY}, hyper_parameters), but the newest input {source} is "
+            "not a Lightning checkpoint. Write .pt (load it with model.load_state_dict("
+            "torch.load(path))) or .safetensors instead."
+        )
+
+
 def write_torch(
     path: Path,
     tensors: Iterable[tuple[str, np.ndarray]],
@@ -501,15 +584,22 @@ def write_torch(
             (name, _copied(name, array, path)) for name, array in tensors
         )
     prefix = torch_template.prefix if torch_template is not None else ""
-    state_dict = _state_dict(
-        path, prefix, ((name, torchzip.NewTensor(name, info)) for name, info in tensors.infos)
-    )
-    new_tensors = list(state_dict.values())
+    # Tied tensors (equal in every member) share one storage, as in the input.
+    aliases = tensors.aliases
+    pairs: list[tuple[str, torchzip.NewTensor]] = []
+    by_name: dict[str, torchzip.NewTensor] = {}
+    for name, info in tensors.infos:
+        tensor = by_name[aliases[name]] if name in aliases else torchzip.NewTensor(name, info)
+        by_name.setdefault(name, tensor)
+        pairs.append((name, tensor))
+    state_dict = _state_dict(path, prefix, pairs)
+    new_tensors = [tensor for name, tensor in pairs if name not in aliases]
+    arrays = ((name, array) for name, array in tensors if name not in aliases)
     obj = _in_container(state_dict, torch_template)
     try:
         # Written by a second thread, as the engine computes (see formats/background.py).
         with BackgroundWriter(path) as file:
-            torchzip.write(file, obj, new_tensors, iter(tensors))
+            torchzip.write(file, obj, new_tensors, arrays)
     except OSError as error:
         reason = error.strerror or str(error)
         raise OutputError(f"output {path}: cannot be written ({reason}).") from error
