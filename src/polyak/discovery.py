@@ -52,6 +52,8 @@ _NAMED = re.compile(r"(epoch|step)[=_-]?(\d+)", re.IGNORECASE)
 # Lightning appends -v1, -v2 when a file name is taken: the same step saved again.
 _VERSION_SUFFIX = re.compile(r"-v\d+$")
 _SHARD = re.compile(r"-\d+-of-\d+$")
+# The Hugging Face Trainer names its checkpoint directories by global step.
+_TRAINER_STEP = re.compile(r"checkpoint-\d+")
 # Copies of another snapshot (Lightning, timm, fairseq), not steps of their own.
 _SKIPPED_IN_SCANS = {
     "last.ckpt": "Lightning's copy of the newest checkpoint",
@@ -74,16 +76,40 @@ class Checkpoint:
             number of its name, or else its last number.
         epoch: the epoch its snapshot manifest records; else the ``epoch`` number of
             its name, if it has one.
+        step_is_known: whether ``step`` is known to count steps (from the manifest, a
+            ``step`` label in the name, or a Hugging Face ``checkpoint-N`` directory),
+            rather than being the name's last number, which may count epochs.
     """
 
     path: Path
     key: tuple[int, ...] = field(compare=False)
     step: int | None = field(compare=False, default=None)
     epoch: int | None = field(compare=False, default=None)
+    step_is_known: bool = field(compare=False, default=False)
 
     @property
     def name(self) -> str:
         return self.path.name
+
+    def position(self) -> str:
+        """Where the checkpoint lies in training, labelled with what is known of it.
+
+        ``step 1200, epoch 3`` where the manifest or the name says which number is which
+        (``epoch=3-step=1200.ckpt``; Hugging Face's ``checkpoint-N/`` is a step), else
+        the number of the name that orders it: ``499 (name)``.
+
+        Example:
+            >>> order_key(Path("epoch=3-step=1200.ckpt")).position()
+            'step 1200, epoch 3'
+        """
+        parts = []
+        if self.step_is_known and self.step is not None:
+            parts.append(f"step {self.step}")
+        if self.epoch is not None:
+            parts.append(f"epoch {self.epoch}")
+        if parts:
+            return ", ".join(parts)
+        return "-" if self.step is None else f"{self.step} (name)"
 
 
 def _stem(path: Path) -> str:
@@ -107,7 +133,10 @@ def order_key(path: Path) -> Checkpoint:
     numbers = tuple(int(text) for text in _INTEGER.findall(stem))
     named = {label.lower(): int(value) for label, value in _NAMED.findall(stem)}
     step = named.get("step", numbers[-1] if numbers else None)
-    return Checkpoint(path=path, key=numbers, step=step, epoch=named.get("epoch"))
+    known = "step" in named or bool(_TRAINER_STEP.fullmatch(stem) and path.is_dir())
+    return Checkpoint(
+        path=path, key=numbers, step=step, epoch=named.get("epoch"), step_is_known=known
+    )
 
 
 def _is_checkpoint_file(path: Path) -> bool:
@@ -137,6 +166,7 @@ def _with_recorded_numbers(
         checkpoint,
         step=checkpoint.step if snapshot.step is None else snapshot.step,
         epoch=checkpoint.epoch if snapshot.epoch is None else snapshot.epoch,
+        step_is_known=checkpoint.step_is_known or snapshot.step is not None,
     )
 
 

@@ -82,11 +82,10 @@ def average_command(
     def on_start(members: list[Checkpoint], weights: np.ndarray, total: int) -> None:
         if not as_json:
             table = Table(title=f"Averaging {len(members)} checkpoint(s), scheme {scheme}")
-            for column in ("#", "checkpoint", "step", "weight"):
+            for column in ("#", "checkpoint", "step / epoch", "weight"):
                 table.add_column(column, justify="left" if column == "checkpoint" else "right")
             for number, (member, weight) in enumerate(zip(members, weights, strict=True), 1):
-                step = "-" if member.step is None else str(member.step)
-                table.add_row(str(number), str(member.path), step, f"{weight:.4f}")
+                table.add_row(str(number), str(member.path), member.position(), f"{weight:.4f}")
             console.print(table)
         progress.start(total)
 

@@ -25,8 +25,9 @@ def inspect_command(
     ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
-    """List checkpoints newest first with format (and shard count), step, tensors,
-    parameters and size, and say whether they can be averaged together."""
+    """List checkpoints newest first with format (and shard count), step or epoch, tensors,
+    parameters, the bytes of their weights and of their files on disk, and say whether
+    they can be averaged together (and which other weights a checkpoint dict holds)."""
     members = find_checkpoints(paths, last=last)
     readers = []
     rows = []
@@ -36,17 +37,23 @@ def inspect_command(
             readers.append(reader)
             infos = [reader.info(name) for name in reader.names()]
             shard_files = getattr(reader, "shard_files", None)
+            weight_entries = getattr(reader, "weight_entries", None)
             rows.append(
                 {
                     "path": str(member.path),
                     "format": reader.format,
                     "step": member.step,
                     "epoch": member.epoch,
+                    "step_is_known": member.step_is_known,
+                    "position": member.position(),
                     "tensors": len(infos),
                     "floating_tensors": sum(is_floating(info.dtype) for info in infos),
                     "parameters": sum(info.size for info in infos),
+                    "weight_bytes": sum(info.nbytes for info in infos),
                     "bytes": path_size(Path(member.path)),
                     "shards": None if shard_files is None else len(shard_files),
+                    "key": getattr(reader, "key", None),
+                    "weight_keys": weight_entries() if callable(weight_entries) else [],
                 }
             )
         try:
@@ -61,19 +68,33 @@ def inspect_command(
         print_json({"checkpoints": rows, "compatible": compatible, "reason": reason})
         return
     table = Table(title="Checkpoints, newest first")
-    for column in ("#", "checkpoint", "format", "step", "tensors", "parameters", "size"):
+    columns = ("#", "checkpoint", "format", "step / epoch", "tensors", "parameters", "weights")
+    for column in (*columns, "on disk"):
         table.add_column(column, justify="left" if column in {"checkpoint", "format"} else "right")
     for number, row in enumerate(rows, start=1):
         table.add_row(
             str(number),
             row["path"],
             row["format"] if row["shards"] is None else f"{row['format']} ({row['shards']})",
-            "-" if row["step"] is None else str(row["step"]),
+            row["position"],
             f"{row['tensors']} ({row['floating_tensors']} float)",
             f"{row['parameters']:,}",
+            human_bytes(row["weight_bytes"]),
             human_bytes(row["bytes"]),
         )
     console.print(table)
+    others = sorted({entry for row in rows for entry in row["weight_keys"]} - {rows[0]["key"]})
+    if rows[0]["key"] is not None:
+        also = ""
+        if others:
+            listed = ", ".join(f"'{entry}'" for entry in others)
+            also = f"; they also hold {listed} (read one with --key {others[0]})"
+        console.print(f"Weights read from the entry '{rows[0]['key']}'{also}.")
+    if any(row["bytes"] > row["weight_bytes"] * 1.5 for row in rows):
+        console.print(
+            "On disk counts every file of a checkpoint (optimizer state, training state); "
+            "weights counts the tensors averaged."
+        )
     if compatible:
         console.print(f"These {len(rows)} checkpoint(s) can be averaged together.")
     else:

@@ -393,6 +393,18 @@ class TorchReader(ReaderBase):
         """Tensor names, prefix stripped, in the state dict's order."""
         return list(self._names)
 
+    def weight_entries(self) -> list[str]:
+        """The entries of a checkpoint dict that hold a state dict, any of which ``key``
+        may name (``["state_dict", "state_dict_ema"]`` for timm); ``[]`` for a plain
+        state dict."""
+        if self.key is None or not isinstance(self.container, Mapping):
+            return []
+        return [
+            name
+            for name, value in self.container.items()
+            if isinstance(name, str) and isinstance(value, Mapping) and _count_tensors(value)
+        ]
+
     def aliases(self) -> dict[str, str]:
         """Tied tensors: each name whose tensor is the same view of the same storage as
         an earlier name's (``lm_head.weight`` and ``transformer.wte.weight``), mapped to
