@@ -134,9 +134,7 @@ def gpt2_run(tmp_path_factory) -> Path:
     each with config, generation config, tokenizer files and the training state."""
     out = tmp_path_factory.mktemp("gpt2") / "out"
     torch.manual_seed(0)
-    config = transformers.GPT2Config(
-        n_layer=2, n_head=2, n_embd=32, vocab_size=97, n_positions=16
-    )
+    config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=97, n_positions=16)
     model = transformers.GPT2LMHeadModel(config)
     assert config.tie_word_embeddings
     trainer = train_with_trainer(model, out, tokenizer=tiny_tokenizer(out))
@@ -233,6 +231,7 @@ def test_directory_output_replaced_with_overwrite_keeps_companions(gpt2_run, tmp
     report, _ = average_json(
         [str(gpt2_run / "checkpoint-*"), "-o", f"{out}/", "-s", "linear", "--overwrite"], capsys
     )
+    assert report["scheme"] == "linear"
     assert (out / "config.json").exists()
     # ...but not a config.json the user edited.
     (out / "config.json").write_text("{}")
@@ -389,7 +388,10 @@ def timm_run(directory: Path) -> list[dict]:
     directory.mkdir()
     torch.manual_seed(0)
     net = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(), torch.nn.LazyLinear(2)
+        torch.nn.Conv2d(3, 4, 3),
+        torch.nn.BatchNorm2d(4),
+        torch.nn.Flatten(),
+        torch.nn.LazyLinear(2),
     )
     net(torch.randn(2, 3, 6, 6))
     ema = {k: v.clone() for k, v in net.state_dict().items()}
