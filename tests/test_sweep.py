@@ -609,3 +609,17 @@ def test_write_best_refuses_an_index_path_before_looking_at_the_disk(run_dir, tm
     index.write_text("{}")
     with pytest.raises(OutputError, match="a shard index is not a checkpoint file"):
         write_best(result, index)
+
+
+def test_write_best_to_a_directory_copies_the_newest_model_directory_files(tmp_path):
+    for step in STEPS:
+        checkpoint = tmp_path / "run" / f"checkpoint-{step}"
+        checkpoint.mkdir(parents=True)
+        save_file(member_tensors(step), str(checkpoint / "model.safetensors"))
+        (checkpoint / "config.json").write_text(f'{{"step": {step}}}')
+        (checkpoint / "trainer_state.json").write_text("{}")
+    result = sweep(tmp_path / "run", Recorder(), schemes="equal")
+    files = write_best(result, tmp_path / "best/")
+    assert sorted(path.name for path in files) == ["config.json", "model.safetensors"]
+    newest = max(STEPS)
+    assert (tmp_path / "best" / "config.json").read_text() == f'{{"step": {newest}}}'

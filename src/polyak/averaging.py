@@ -85,6 +85,7 @@ __all__ = [
     "average_readers",
     "average_to",
     "check_compatible",
+    "companions_of",
     "open_members",
     "write_output",
     "write_output_together",
@@ -706,8 +707,7 @@ def average_to(
         output_format = format_for_output(requested, input_format)
         if limit is not None and output_format.name != "sharded-safetensors":
             raise _shards_need_a_directory(out, output_format)
-        newest = members[0].path
-        beside = companion_files(newest) if newest.is_dir() else []
+        beside = companions_of(members[0])
         companions = beside if output_format.name == "sharded-safetensors" else []
         notes = _notes(members, beside, companions)
         check_output_path(
@@ -779,6 +779,12 @@ def average_to(
         copied=tuple(companions),
         notes=notes,
     )
+
+
+def companions_of(newest: Checkpoint) -> list[Path]:
+    """The model files a directory output copies from the newest member, if it is a
+    model directory (see :func:`polyak.files.companion_files`)."""
+    return companion_files(newest.path) if newest.path.is_dir() else []
 
 
 def _named(members: list[Checkpoint]) -> str:

@@ -48,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from polyak.averaging import check_compatible, open_members, write_output
+from polyak.averaging import check_compatible, companions_of, open_members, write_output
 from polyak.discovery import Checkpoint, find_checkpoints
 from polyak.distributed import ProcessGroup
 from polyak.distributed import current as current_group
@@ -788,7 +788,8 @@ def write_best(
     container (an averaged ``.keras`` keeps the architecture); an explicit suffix
     (``.safetensors``, ``.npz``, ``.pt``) converts, and a directory (``best/``, or a
     name without a suffix) is written as (sharded) safetensors, as with
-    :func:`polyak.average_to`.
+    :func:`polyak.average_to` (with the newest member's ``config.json`` and tokenizer
+    files when it is a model directory).
 
     Args:
         result: a sweep's result, holding ``best_tensors``.
@@ -805,10 +806,23 @@ def write_best(
     directory = is_directory_output(out)
     output_format = format_for_output(out, format_of(members[0].path))
     out = Path(out)
+    # A model directory output gets the newest member's config and tokenizer files.
+    companions = companions_of(members[0]) if output_format.name == "sharded-safetensors" else []
     check_output_path(
-        out, [member.path for member in members], overwrite=overwrite, directory=directory
+        out,
+        [member.path for member in members],
+        overwrite=overwrite,
+        directory=directory,
+        companions=companions,
     )
     with open_checkpoint(members[0].path) as template:
         plan = [(name, template.info(name)) for name in template.names()]
         tensors = PlannedTensors(plan, [(name, result.best_tensors[name]) for name, _ in plan])
-        return write_output(out, tensors, template, output_format, max_shard_size=max_shard_size)
+        return write_output(
+            out,
+            tensors,
+            template,
+            output_format,
+            max_shard_size=max_shard_size,
+            companions=companions,
+        )
