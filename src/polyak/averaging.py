@@ -106,6 +106,9 @@ class AverageResult:
         parameters: number of elements in all tensors.
         files: the files written: ``output`` itself, or for an output directory its
             shards and index.
+        selection: for DCP inputs, which subtree of the state dict was averaged.
+        other_entries: for a DCP output, ``"kept"`` when the newest member's other
+            entries (optimizer state, step...) were copied into it, ``"dropped"`` when not.
     """
 
     members: list[Checkpoint]
@@ -117,6 +120,8 @@ class AverageResult:
     averaged: int
     parameters: int
     files: tuple[Path, ...] = ()
+    selection: str | None = None
+    other_entries: str | None = None
 
 
 def check_compatible(readers: Sequence[CheckpointReader]) -> list[tuple[str, TensorInfo]]:
@@ -417,6 +422,7 @@ def write_output(
     output_format: Format,
     *,
     max_shard_size: int | str | None = None,
+    **options: object,
 ) -> list[Path]:
     """Write tensors atomically to ``out`` in ``output_format``, copying ``template``'s container.
 
@@ -433,9 +439,11 @@ def write_output(
         max_shard_size: for an output directory, the most bytes of tensor data per
             shard (an int or a string such as ``"2GB"``); by default the template's
             shard layout, or one shard.
+        **options: passed to the writer of a ``dcp`` directory (``keep_other``).
 
     Returns:
-        The files written: ``[out]``, or the shards and the index inside ``out``.
+        The files written: ``[out]``, or the shards and the index inside ``out``
+        (or the files of a DCP directory).
 
     Raises:
         OutputError: ``max_shard_size`` for a single-file output, or a file-system
@@ -451,6 +459,10 @@ def write_output(
                 names = output_format.write(
                     temporary, tensors, template, max_shard_size=max_shard_size
                 )
+            return [out / name for name in names]
+        if output_format.name == "dcp":
+            with atomic_directory(out) as temporary:
+                names = output_format.write(temporary, tensors, template, **options)
             return [out / name for name in names]
         with atomic_output(out) as temporary:
             output_format.write(temporary, tensors, template)
@@ -476,6 +488,7 @@ def write_output_together(
     group: ProcessGroup,
     *,
     max_shard_size: int | str | None = None,
+    **options: object,
 ) -> list[Path]:
     """:func:`write_output` by every process of a torchrun group, each its share.
 
@@ -493,7 +506,7 @@ def write_output_together(
         files: list[Path] = []
         if group.is_main:
             try:
-                files = write_output(out, tensors, template, output_format)
+                files = write_output(out, tensors, template, output_format, **options)
             except BaseException as failure:  # told to every process, then raised here
                 error = failure
         group.check(error)
@@ -596,6 +609,8 @@ def average_to(
     progress: Callable[[int], None] | None = None,
     on_start: Callable[[list[Checkpoint], np.ndarray, int], None] | None = None,
     group: ProcessGroup | None = None,
+    format: str | None = None,
+    keep_other: bool = True,
 ) -> AverageResult:
     """Average checkpoints into one file or checkpoint directory, written atomically.
 
@@ -625,6 +640,12 @@ def average_to(
         group: the processes that write the output together (under torchrun; see
             :func:`write_output_together`); by default torch's initialized default
             group when there are several processes, else this process alone.
+        format: ``"dcp"`` writes ``out`` as a torch.distributed.checkpoint directory
+            (from DCP inputs), which ``torch.distributed.checkpoint.load`` reads into the
+            same model; by default the suffix of ``out`` decides.
+        keep_other: for ``format="dcp"``, copy the newest member's entries outside the
+            averaged subtree (optimizer state, step...) into the output, so training
+            resumes with them; False writes the averaged subtree alone.
 
     Returns:
         An :class:`AverageResult` describing the members, weights and output.
@@ -636,12 +657,12 @@ def average_to(
     requested, out = out, Path(out)
     readers: list[CheckpointReader] = []
     try:
-        directory = is_directory_output(requested)
+        directory = is_directory_output(requested) or format == "dcp"
         limit = None if max_shard_size is None else parse_size(max_shard_size)
         members = find_checkpoints(paths, last=last)
         parsed, weights = _weights_for(scheme, members)
         input_format = format_of(members[0].path)
-        output_format = format_for_output(requested, input_format)
+        output_format = format_for_output(requested, input_format, format)
         if limit is not None and output_format.name != "sharded-safetensors":
             raise _shards_need_a_directory(out, output_format)
         check_output_path(
@@ -672,12 +693,16 @@ def average_to(
                 for _, info in tensors.infos
             )
             on_start(members, weights, total)
+        options = {"keep_other": keep_other} if output_format.name == "dcp" else {}
         if group is None:
-            files = write_output(out, tensors, readers[0], output_format, max_shard_size=limit)
+            files = write_output(
+                out, tensors, readers[0], output_format, max_shard_size=limit, **options
+            )
         else:
             files = write_output_together(
-                out, tensors, readers[0], output_format, group, max_shard_size=limit
+                out, tensors, readers[0], output_format, group, max_shard_size=limit, **options
             )
+        selection = getattr(readers[0], "selection", None)
     finally:
         for reader in readers:
             reader.close()
@@ -692,4 +717,8 @@ def average_to(
         averaged=len(floating),
         parameters=sum(info.size for _, info in tensors.infos),
         files=tuple(files),
+        selection=selection,
+        other_entries=(
+            None if output_format.name != "dcp" else ("kept" if keep_other else "dropped")
+        ),
     )

@@ -103,7 +103,7 @@ def order_key(path: Path) -> Checkpoint:
 
 def _is_checkpoint_file(path: Path) -> bool:
     fmt = format_from_name(path.name)
-    return fmt is not None and fmt.name != "sharded-safetensors"
+    return fmt is not None and fmt.name not in ("sharded-safetensors", "dcp")
 
 
 def _with_recorded_numbers(

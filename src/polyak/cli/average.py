@@ -45,7 +45,22 @@ def average_command(
         False, "--allow-nonfinite", help="Average NaN/Inf values instead of refusing them."
     ),
     key: str | None = typer.Option(
-        None, "--key", help="PyTorch checkpoint dicts: the key holding the weights."
+        None,
+        "--key",
+        help="PyTorch checkpoint dicts: the key holding the weights. DCP directories: the "
+        "subtree to average (default: model, or the top-level model entries), e.g. optimizer.",
+    ),
+    output_format: str | None = typer.Option(
+        None,
+        "--format",
+        help="dcp: write OUT as a torch.distributed.checkpoint directory (DCP inputs only), "
+        "which torch.distributed.checkpoint.load reads into the same model.",
+    ),
+    drop_optimizer: bool = typer.Option(
+        False,
+        "--drop-optimizer",
+        help="With --format dcp: write the averaged subtree alone, without the newest "
+        "member's optimizer state and other entries (kept by default).",
     ),
     max_shard_size: str | None = typer.Option(
         None,
@@ -90,6 +105,8 @@ def average_command(
             max_shard_size=shard_limit,
             progress=progress.advance,
             on_start=on_start,
+            format=output_format,
+            keep_other=not drop_optimizer,
         )
     if as_json:
         print_json(
@@ -105,12 +122,16 @@ def average_command(
                 "averaged": result.averaged,
                 "parameters": result.parameters,
                 "files": [str(path) for path in result.files],
+                "selection": result.selection,
+                "other_entries": result.other_entries,
             }
         )
         return
     output = result.output
     size = human_bytes(path_size(output)) if output else "-"
-    if output is not None and output.is_dir():
+    if result.format == "dcp":
+        where = f"{output}/ (dcp, {size})"
+    elif output is not None and output.is_dir():
         shards = sum(path.name.endswith(".safetensors") for path in result.files)
         layout = "1 file" if shards == 1 else f"{shards} shards and an index"
         where = f"{output}/ ({result.format}: {layout}, {size})"
@@ -120,3 +141,12 @@ def average_command(
         f"Wrote {where}: {result.averaged} of {result.tensors} tensors averaged, "
         f"{result.tensors - result.averaged} carried over from the newest member."
     )
+    if result.selection is not None:
+        console.print(f"Averaged {result.selection}.")
+    if result.other_entries == "kept":
+        console.print(
+            "Kept the newest member's other entries (optimizer state, step...) in the DCP "
+            "output; --drop-optimizer leaves them out."
+        )
+    elif result.other_entries == "dropped":
+        console.print("Dropped the optimizer state and other entries (--drop-optimizer).")
