@@ -549,3 +549,68 @@ def test_dcp_output_needs_dcp_inputs_and_a_directory(small, tmp_path):
         average_to(tmp_path / "m_1.safetensors", tmp_path / "out", format="dcp")
     with pytest.raises(OutputError, match="a DCP checkpoint is a directory"):
         average_to(small, tmp_path / "x.metadata")
+
+
+def test_torchtitan_and_lightning_layouts(tmp_path):
+    import io
+
+    generator = torch.Generator().manual_seed(5)
+    saved = []
+    for step in (10, 20):
+        model = {
+            "tok_embeddings.weight": torch.randn(7, 4, generator=generator),
+            "layers.0.attention.wq.weight": torch.randn(4, 4, generator=generator),
+        }
+        saved.append(model)
+        # torchtitan flattens the model's entries to the top level, beside the rest.
+        state = {
+            **model,
+            "optimizer": {"state.layers.0.attention.wq.weight.exp_avg": torch.zeros(4, 4)},
+            "lr_scheduler": {"last_epoch": io.BytesIO(b"1")},
+            "dataloader": io.BytesIO(b"position"),
+            "train_state": io.BytesIO(b"step"),
+        }
+        dcp_save(state, tmp_path / "titan" / f"step-{step}")
+        # Lightning's FSDP strategy with state_dict_type="sharded": a DCP directory per .ckpt.
+        dcp_save({"model": model}, tmp_path / "lightning" / f"epoch=0-step={step}.ckpt")
+    expected = {name: mean64([s[name].numpy() for s in saved]) for name in saved[0]}
+    with open_checkpoint(tmp_path / "titan" / "step-20") as reader:
+        assert reader.selection == (
+            "the top-level model entries, without dataloader, lr_scheduler, optimizer, train_state"
+        )
+        assert reader.names() == list(saved[0])
+    for run_directory in ("titan", "lightning"):
+        found = find_checkpoints(tmp_path / run_directory)
+        assert [checkpoint.step for checkpoint in found] == [20, 10]
+        averaged = average(tmp_path / run_directory)
+        assert set(averaged) == set(expected)
+        for name, value in averaged.items():
+            np.testing.assert_allclose(value, expected[name], rtol=2e-6, atol=1e-7)
+
+
+def test_a_damaged_payload_is_refused_in_one_line_and_nothing_is_written(small, tmp_path):
+    with DcpReader(small) as reader:
+        payload = reader.entry("w").chunks[0].payload
+    data = bytearray((small / "__0_0.distcp").read_bytes())
+    data[payload.offset : payload.offset + 4] = b"XXXX"  # neither a zip nor safetensors
+    (small / "__0_0.distcp").write_bytes(bytes(data))
+    out = tmp_path / "out"
+    completed = run([*POLYAK, "average", str(small), "-o", str(out) + "/"], tmp_path, check=False)
+    assert completed.returncode == 2
+    assert len(completed.stderr.strip().splitlines()) == 1
+    assert "__0_0.distcp: tensor model.w: the payload at byte" in completed.stderr
+    assert not out.exists()
+    assert [path.name for path in tmp_path.iterdir()] == ["step-1"]
+
+
+def test_a_declared_size_beyond_the_payload_is_refused_before_allocating(small):
+    def huge(metadata):
+        tensor = metadata.state_dict_metadata["model.w"]
+        tensor.size = torch.Size([6 << 40, 2])
+        tensor.chunks[0].sizes = torch.Size([6 << 40, 2])
+
+    rewrite_metadata(small, huge)
+    with pytest.raises(
+        CheckpointError, match=r"model\.w: the chunk at \[0, 0\] declares \d+ bytes"
+    ):
+        DcpReader(small)

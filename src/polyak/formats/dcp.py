@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import mmap
 import pickle
 import re
@@ -354,7 +355,7 @@ class Entry:
     @property
     def nbytes(self) -> int:
         if self.dtype in DTYPES:
-            return int(np.prod(self.shape, dtype=np.int64)) * DTYPES[self.dtype].itemsize
+            return math.prod(self.shape) * DTYPES[self.dtype].itemsize
         return 0
 
 
@@ -437,7 +438,7 @@ def _payload(info: Any, directory: Path, path: Path, name: str, sizes: dict[str,
 
 def _check_tiling(name: str, shape: tuple[int, ...], chunks: list[Chunk], path: Path) -> None:
     """The chunks lie inside the tensor, do not overlap and cover it."""
-    total = int(np.prod(shape, dtype=np.int64))
+    total = math.prod(shape)
     covered = 0
     for chunk in chunks:
         if len(chunk.offsets) != len(shape) or len(chunk.sizes) != len(shape):
@@ -448,7 +449,7 @@ def _check_tiling(name: str, shape: tuple[int, ...], chunks: list[Chunk], path: 
                 f"tensor {name}: the chunk at {list(chunk.offsets)} of size "
                 f"{list(chunk.sizes)} reaches outside its shape {list(shape)}.",
             )
-        covered += int(np.prod(chunk.sizes, dtype=np.int64))
+        covered += math.prod(chunk.sizes)
     ordered = sorted(chunks, key=lambda chunk: chunk.offsets)
     for index, first in enumerate(ordered):
         for second in ordered[index + 1 :]:
@@ -528,6 +529,16 @@ def read_metadata(path: str | Path) -> Metadata:
             if info is None:
                 raise _fail(path, f"tensor {name}: the chunk at {list(offsets)} has no storage.")
             payload = _payload(info, directory, path, name, sizes)
+            declared = math.prod(chunk_sizes) * (
+                DTYPES[dtype.name].itemsize if dtype.name in DTYPES else 0
+            )
+            if payload.length < declared:
+                # Checked before anything is allocated for the tensor.
+                raise _fail(
+                    directory / payload.file,
+                    f"tensor {name}: the chunk at {list(offsets)} declares {declared} bytes, "
+                    f"but its payload holds {payload.length}; the metadata is damaged.",
+                )
             chunks.append(Chunk(offsets, chunk_sizes, payload))
         _check_tiling(name, shape, chunks, path)
         entries[name] = Entry(name, tree, dtype.name, shape, tuple(chunks))
@@ -767,7 +778,7 @@ class DcpReader(ReaderBase):
         if dtype is None or not 0 <= begin <= end or data_start + end > buffer.size:
             raise _fail(where, f"tensor {entry.name}: its safetensors entry is malformed.")
         numpy_dtype = DTYPES[dtype]
-        if (end - begin) != int(np.prod(shape, dtype=np.int64)) * numpy_dtype.itemsize:
+        if (end - begin) != math.prod(shape) * numpy_dtype.itemsize:
             raise _fail(where, f"tensor {entry.name}: its safetensors entry has the wrong size.")
         if dtype != entry.dtype:
             raise _fail(
