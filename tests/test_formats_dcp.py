@@ -614,3 +614,15 @@ def test_a_declared_size_beyond_the_payload_is_refused_before_allocating(small):
         CheckpointError, match=r"model\.w: the chunk at \[0, 0\] declares \d+ bytes"
     ):
         DcpReader(small)
+
+
+def test_a_directory_output_from_dcp_inputs_is_sharded_by_default(runs, tmp_path, monkeypatch):
+    import polyak.averaging
+
+    assert polyak.averaging.DCP_MAX_SHARD_SIZE == 5 * 10**9
+    monkeypatch.setattr(polyak.averaging, "DCP_MAX_SHARD_SIZE", 1000)  # bytes; the model: 1732
+    result = average_to(runs / "fsdp", tmp_path / "averaged")
+    names = [path.name for path in result.files]
+    assert names[-1] == "model.safetensors.index.json" and len(names) > 2
+    index = json.loads(result.files[-1].read_text())
+    assert sorted(index["weight_map"]) == ["0.bias", "0.weight", "2.bias", "2.weight"]

@@ -89,6 +89,9 @@ BLOCK_BYTES = 4 << 20
 CHUNK_ELEMENTS = 1 << 18
 MIN_CHUNK_ELEMENTS = 1 << 12
 _MAX_LISTED_DIFFERENCES = 5
+# Shards of a safetensors directory averaged from DCP inputs, whose one file per rank
+# says nothing about shards: Hugging Face's save_pretrained default.
+DCP_MAX_SHARD_SIZE = 5 * 10**9
 
 
 @dataclass(frozen=True)
@@ -633,7 +636,8 @@ def average_to(
             but a safetensors checkpoint).
         max_shard_size: for an output directory, the most bytes of tensor data per
             shard: an int or ``"500MB"``, ``"2GB"``, ``"1.5GiB"``; a tensor larger than
-            that gets a shard of its own. Refused for a single-file output.
+            that gets a shard of its own. Refused for a single-file output. From DCP
+            inputs the default is ``DCP_MAX_SHARD_SIZE`` (5 GB, as ``save_pretrained``).
         progress: called with the number of input bytes processed after each tensor.
         on_start: called once with the members, their weights and the total bytes to
             process, before any tensor is read.
@@ -665,6 +669,8 @@ def average_to(
         output_format = format_for_output(requested, input_format, format)
         if limit is not None and output_format.name != "sharded-safetensors":
             raise _shards_need_a_directory(out, output_format)
+        if limit is None and output_format.name == "sharded-safetensors":
+            limit = DCP_MAX_SHARD_SIZE if input_format.name == "dcp" else None
         check_output_path(
             out, [member.path for member in members], overwrite=overwrite, directory=directory
         )

@@ -67,7 +67,7 @@ def average_command(
         "--max-shard-size",
         metavar="SIZE",
         help="Directory output: at most SIZE bytes of tensor data per shard (500MB, 2GB, "
-        "1.5GiB or bytes). Default: the newest input's shards, or one file.",
+        "1.5GiB or bytes). Default: the newest input's shards, 5GB from DCP inputs, or one file.",
     ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
