@@ -626,3 +626,19 @@ def test_a_directory_output_from_dcp_inputs_is_sharded_by_default(runs, tmp_path
     assert names[-1] == "model.safetensors.index.json" and len(names) > 2
     index = json.loads(result.files[-1].read_text())
     assert sorted(index["weight_map"]) == ["0.bias", "0.weight", "2.bias", "2.weight"]
+
+
+@pytest.mark.slow
+def test_two_processes_write_what_one_process_writes(runs, tmp_path):
+    members = [str(runs / "fsdp" / f"step-{step}") for step in (1, 2, 3)]
+    arguments = ["average", *members, "--max-shard-size", "1KB", "-o"]
+    run([*POLYAK, *arguments, str(tmp_path / "one") + "/"], runs)
+    run([*TORCHRUN, "-m", "polyak", *arguments, str(tmp_path / "two") + "/"], runs)
+    one = {path.name: path.read_bytes() for path in (tmp_path / "one").iterdir()}
+    two = {path.name: path.read_bytes() for path in (tmp_path / "two").iterdir()}
+    assert len(one) > 2 and one == two
+    run([*POLYAK, "average", *members, "--format", "dcp", "-o", str(tmp_path / "d1")], runs)
+    run([*TORCHRUN, "-m", "polyak", "average", *members, "--format", "dcp", "-o",
+         str(tmp_path / "d2")], runs)  # fmt: skip
+    for name in (".metadata", "__0_0.distcp"):
+        assert (tmp_path / "d1" / name).read_bytes() == (tmp_path / "d2" / name).read_bytes()
