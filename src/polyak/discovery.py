@@ -12,6 +12,10 @@ What counts as a checkpoint:
 - a directory holding a model file (``checkpoint-500/model.safetensors``, a sharded
   ``model.safetensors.index.json``, ``pytorch_model.bin``); the other files beside it
   (optimizer, scheduler) are ignored;
+- a ``torch.distributed.checkpoint`` directory, one holding a ``.metadata`` (torchtitan's
+  ``step-N/``, Megatron's ``iter_XXXXXXX/``, Lightning's sharded ``epoch=E-step=S.ckpt/``),
+  or a Hugging Face ``checkpoint-N/`` holding one as ``pytorch_model_fsdp_0/`` (accelerate
+  FSDP). torch writes ``.metadata`` last, so a step still being saved is not found yet;
 - inside a directory given on the command line: every such file and directory.
   Copies of another snapshot are not steps of their own, so directory scans and
   globs skip them: Lightning's ``last.ckpt``, timm's ``last.pth.tar`` and

@@ -31,7 +31,8 @@ def average_command(
         "equal",
         "--scheme",
         "-s",
-        help="Weights, newest first: equal, linear, exp:ALPHA or custom:W1,W2,...",
+        help="Weights, newest first: equal, linear, exp:ALPHA, power:SIGMA_REL, "
+        "wsm:linear|1-sqrt|cosine or custom:W1,W2,...",
     ),
     last: int | None = typer.Option(None, "--last", "-n", help="Average only the N newest."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),

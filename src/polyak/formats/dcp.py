@@ -423,7 +423,11 @@ def _payload(info: Any, directory: Path, path: Path, name: str, sizes: dict[str,
     if file not in sizes:
         target = directory / file
         if not target.is_file() or target.is_symlink():
-            raise _fail(path, f"entry {name} is stored in {file}, which is missing.")
+            raise _fail(
+                path,
+                f"entry {name} is stored in {file}, which is missing (or a symbolic link, "
+                "which polyak does not follow out of a checkpoint directory).",
+            )
         sizes[file] = target.stat().st_size
     if type(offset) is not int or type(length) is not int or offset < 0 or length < 0:
         raise _fail(path, f"entry {name} has a malformed offset or length.")
