@@ -642,3 +642,23 @@ def test_two_processes_write_what_one_process_writes(runs, tmp_path):
          str(tmp_path / "d2")], runs)  # fmt: skip
     for name in (".metadata", "__0_0.distcp"):
         assert (tmp_path / "d1" / name).read_bytes() == (tmp_path / "d2" / name).read_bytes()
+
+
+def test_chunked_tensors_are_sliced_flat_without_assembling_them(runs):
+    from polyak.formats.dcp import FlatChunks
+
+    rng = np.random.default_rng(0)
+    cases = [
+        (runs / "fsdp" / "step-3", "0.weight"),  # FSDP2 rows 17 + 16: views of one chunk
+        (runs / "megatron" / "iter_0000200", "decoder.layers.self_attention.linear_qkv.weight"),
+    ]
+    for directory, name in cases:
+        with DcpReader(directory) as reader:
+            whole = reader.read(name).reshape(-1)
+            flat = reader.read_flat(name)
+            assert isinstance(flat, FlatChunks) and flat.reshape(-1) is flat
+            bounds = [(0, whole.size), (0, 1), (whole.size - 1, whole.size), (5, 5)]
+            bounds += [tuple(sorted(rng.integers(0, whole.size + 1, 2))) for _ in range(50)]
+            for start, stop in bounds:
+                np.testing.assert_array_equal(flat[start:stop], whole[start:stop])
+            np.testing.assert_array_equal(np.asarray(flat), whole)

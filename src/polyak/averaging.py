@@ -254,7 +254,7 @@ def _average_floating(
     own_dtype = numpy_dtype(info.dtype) == accumulate
 
     def chunks() -> Iterator[np.ndarray]:
-        sources = [reader.read(name).reshape(-1) for reader in readers]
+        sources = [_flat(reader, name) for reader in readers]
         block = scratch.block(accumulate)
         output = None if own_dtype else scratch.output(info.dtype, block.chunk)
         for start in range(0, info.size, block.chunk):
@@ -291,6 +291,19 @@ def _average_floating(
                 yield output[:length]
 
     return StreamedTensor(info, chunks)
+
+
+def _flat(reader: CheckpointReader, name: str) -> np.ndarray:
+    """A tensor of a member as a flat array the engine slices chunk by chunk.
+
+    A reader with ``read_flat`` (DCP, whose tensors are stored in chunks) gives an
+    object whose slices ``[start:stop]`` are arrays assembled chunk by chunk, so no
+    whole tensor is assembled in memory; any other reader's tensor is reshaped.
+    """
+    read_flat = getattr(reader, "read_flat", None)
+    if read_flat is not None:
+        return read_flat(name)
+    return reader.read(name).reshape(-1)
 
 
 def _raise_nonfinite(

@@ -804,6 +804,18 @@ class DcpReader(ReaderBase):
     def read(self, name: str) -> np.ndarray:
         return self.read_entry(self.entry(name))
 
+    def read_flat(self, name: str) -> np.ndarray | FlatChunks:
+        """The tensor flattened, for slicing ``[start:stop]`` without assembling it whole.
+
+        A tensor stored as one chunk is a flat view of its payload; otherwise a
+        :class:`FlatChunks` over its chunks' payload views.
+        """
+        entry = self.entry(name)
+        if len(entry.chunks) == 1:
+            return self.chunk_array(entry, entry.chunks[0]).reshape(-1)
+        parts = [(chunk, self.chunk_array(entry, chunk)) for chunk in entry.chunks]
+        return FlatChunks(entry, parts)
+
     def close(self) -> None:
         maps, self._maps = self._maps, {}
         for mapped, _ in maps.values():
@@ -812,6 +824,62 @@ class DcpReader(ReaderBase):
                     mapped.close()
                 except BufferError:  # an array still views it; it closes when collected
                     pass
+
+
+class FlatChunks:
+    """A chunked tensor seen flat: ``[start:stop]`` gives that range as an array.
+
+    The range's rows (first dimension) are gathered from the chunks that hold them into
+    a buffer reused from call to call, or, when one chunk holds them whole (FSDP's
+    row shards), returned as a view of its payload. So slicing a tensor chunk by chunk
+    never holds more than a few rows of it. A slice is valid until the next one.
+    """
+
+    def __init__(self, entry: Entry, parts: list[tuple[Chunk, np.ndarray]]) -> None:
+        self.shape = entry.shape
+        self.dtype = DTYPES[str(entry.dtype)]
+        self.size = math.prod(self.shape)
+        self._row = math.prod(self.shape[1:])
+        self._parts = sorted(parts, key=lambda part: part[0].offsets)
+        self._buffer = np.empty(0, self.dtype)
+
+    def reshape(self, *shape: object) -> FlatChunks:
+        if shape not in ((-1,), ((-1,),)):
+            raise ValueError("a FlatChunks is only ever flat.")
+        return self
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        whole = self[0 : self.size].copy()
+        return whole if dtype is None else whole.astype(dtype, copy=False)
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        if type(key) is not slice or key.step not in (None, 1):
+            raise TypeError("a FlatChunks is sliced [start:stop] only.")
+        start, stop, _ = key.indices(self.size)
+        if stop <= start:
+            return np.empty(0, self.dtype)
+        first, last = start // self._row, -(-stop // self._row)  # rows [first, last)
+        for chunk, array in self._parts:
+            whole_rows = chunk.sizes[1:] == self.shape[1:]
+            low = chunk.offsets[0]
+            if whole_rows and low <= first and last <= low + chunk.sizes[0]:
+                begin = start - low * self._row
+                return array.reshape(-1)[begin : begin + stop - start]
+        needed = (last - first) * self._row
+        if self._buffer.size < needed:
+            self._buffer = np.empty(needed, self.dtype)
+        rows = self._buffer[:needed].reshape(last - first, *self.shape[1:])
+        for chunk, array in self._parts:
+            low, high = chunk.offsets[0], chunk.offsets[0] + chunk.sizes[0]
+            top, bottom = max(first, low), min(last, high)
+            if top < bottom:
+                target = (slice(top - first, bottom - first), *chunk.slices[1:])
+                rows[target] = array[top - low : bottom - low]
+        begin = start - first * self._row
+        return self._buffer[begin : begin + stop - start]
 
 
 # --- writing -------------------------------------------------------------------------------
