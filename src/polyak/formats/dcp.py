@@ -25,7 +25,9 @@ Reading:
   storage extension (a ``transform_descriptors`` entry, e.g. compression) is refused
   by name.
 - A tensor is assembled from its chunks by their offsets, so members saved with
-  different world sizes give the same global tensors and average correctly.
+  different world sizes give the same global tensors and average correctly. The
+  averaging engine reads it through :meth:`DcpReader.read_flat` instead, range by
+  range (:class:`FlatChunks`), so it never holds a whole tensor of a member.
 - Bytes entries (learning rates, step counters, RNG states, ``_extra_state``) are never
   unpickled; the DCP writer copies them from the newest member byte for byte.
 
