@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
-from polyak.discovery import Checkpoint, find_checkpoints
+from polyak.discovery import Checkpoint, find_checkpoints, within_window
 from polyak.distributed import DistributedError, ProcessGroup
 from polyak.distributed import current as current_group
 from polyak.errors import (
@@ -579,6 +579,9 @@ def average(
     integers: str = "newest",
     allow_nonfinite: bool = False,
     key: str | None = None,
+    window_steps: float | None = None,
+    window_tokens: float | None = None,
+    tokens_per_step: float | None = None,
 ) -> dict[str, np.ndarray]:
     """Average checkpoints and return the result as numpy arrays keyed by tensor name.
 
@@ -590,7 +593,11 @@ def average(
         last: average only the ``last`` newest checkpoints.
         integers: ``"newest"`` or ``"require-equal"``; see the module's numeric policy.
         allow_nonfinite: average NaN and infinity instead of refusing them.
-        key: for PyTorch checkpoint dicts, the key holding the weights.
+        key: for PyTorch checkpoint dicts, the key holding the weights; for DCP
+            directories, the subtree to average.
+        window_steps: average only the members at most this many steps older than
+            the newest (see :func:`polyak.discovery.within_window`).
+        window_tokens, tokens_per_step: the same window in tokens.
 
     Returns:
         ``{name: array}`` in each tensor's own dtype.
@@ -599,6 +606,9 @@ def average(
         >>> weights = polyak.average("run/model_*.h5", scheme="exp:2", last=5)  # doctest: +SKIP
     """
     members = find_checkpoints(paths, last=last)
+    members = within_window(
+        members, window_steps, tokens=window_tokens, tokens_per_step=tokens_per_step
+    )
     _, weights = _weights_for(scheme, members)
     readers = open_members(members, key)
     try:
@@ -627,6 +637,9 @@ def average_to(
     group: ProcessGroup | None = None,
     format: str | None = None,
     keep_other: bool = True,
+    window_steps: float | None = None,
+    window_tokens: float | None = None,
+    tokens_per_step: float | None = None,
 ) -> AverageResult:
     """Average checkpoints into one file or checkpoint directory, written atomically.
 
@@ -642,7 +655,8 @@ def average_to(
     exactly as the newest member's shards when it is sharded, else not at all.
 
     Args:
-        paths, scheme, last, integers, allow_nonfinite, key: as for :func:`average`.
+        paths, scheme, last, integers, allow_nonfinite, key, window_steps,
+            window_tokens, tokens_per_step: as for :func:`average`.
         out: the file or directory to write; must not be one of the inputs, lie
             inside one, or (a directory) hold one.
         overwrite: replace ``out`` if it exists (a directory only if it holds nothing
@@ -677,6 +691,9 @@ def average_to(
         directory = is_directory_output(requested) or format == "dcp"
         limit = None if max_shard_size is None else parse_size(max_shard_size)
         members = find_checkpoints(paths, last=last)
+        members = within_window(
+            members, window_steps, tokens=window_tokens, tokens_per_step=tokens_per_step
+        )
         parsed, weights = _weights_for(scheme, members)
         input_format = format_of(members[0].path)
         output_format = format_for_output(requested, input_format, format)

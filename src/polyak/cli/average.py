@@ -35,6 +35,24 @@ def average_command(
         "wsm:linear|1-sqrt|cosine or custom:W1,W2,...",
     ),
     last: int | None = typer.Option(None, "--last", "-n", help="Average only the N newest."),
+    window_steps: float | None = typer.Option(
+        None,
+        "--window-steps",
+        metavar="STEPS",
+        help="Average only the checkpoints at most STEPS steps older than the newest.",
+    ),
+    window_tokens: float | None = typer.Option(
+        None,
+        "--window-tokens",
+        metavar="TOKENS",
+        help="The same window in tokens (needs --tokens-per-step), e.g. 2e9.",
+    ),
+    tokens_per_step: float | None = typer.Option(
+        None,
+        "--tokens-per-step",
+        metavar="TOKENS",
+        help="Tokens one training step consumes (global batch size x sequence length).",
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
     integers: str = typer.Option(
         "newest",
@@ -108,6 +126,9 @@ def average_command(
             on_start=on_start,
             format=output_format,
             keep_other=not drop_optimizer,
+            window_steps=window_steps,
+            window_tokens=window_tokens,
+            tokens_per_step=tokens_per_step,
         )
     if as_json:
         print_json(
