@@ -662,3 +662,23 @@ def test_chunked_tensors_are_sliced_flat_without_assembling_them(runs):
             for start, stop in bounds:
                 np.testing.assert_array_equal(flat[start:stop], whole[start:stop])
             np.testing.assert_array_equal(np.asarray(flat), whole)
+
+
+def test_a_hostile_payload_never_runs(small, tmp_path):
+    import io
+
+    marker = tmp_path / "created-by-the-payload"
+    hostile = io.BytesIO()
+    torch.save(_CreatesAFile(marker), hostile)  # a torch.save zip whose pickle runs os.mkdir
+    data = small / "__0_0.distcp"
+    offset = data.stat().st_size
+    data.write_bytes(data.read_bytes() + hostile.getvalue() + bytes(64))
+
+    def point_at_it(metadata):
+        info = storage_of(metadata, "model.b")
+        info.offset, info.length = offset, len(hostile.getvalue()) + 64
+
+    rewrite_metadata(small, point_at_it)
+    with DcpReader(small) as reader, pytest.raises(CheckpointError, match="global posix.mkdir"):
+        reader.read("b")
+    assert not marker.exists()
