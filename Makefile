@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all fuzz lint format bench bench-average bench-sweep quality clean
+.PHONY: demo test test-all fuzz lint format bench bench-average bench-sweep bench-dcp quality clean
 
 # torch first, pinned: pip takes the CPU wheel from local disk. Asking for the
 # rest first could let a dependency pull a multi-GB CUDA build.
@@ -36,13 +36,16 @@ format: $(STAMP)
 	$(BIN)/ruff format src tests bench
 
 # Benchmarks run by hand; their results go into the README.
-bench: bench-average bench-sweep
+bench: bench-average bench-sweep bench-dcp
 
 bench-average: $(STAMP)
 	$(BIN)/python bench/average.py --install-tools
 
 bench-sweep: $(STAMP)
 	$(BIN)/python bench/sweep.py --repeats 5
+
+bench-dcp: $(STAMP)
+	$(BIN)/python bench/dcp.py
 
 # The multi-seed study: does averaging help? Rewrites its README section and plot.
 quality: $(STAMP)

@@ -320,3 +320,24 @@ def test_output_inside_an_input_checkpoint_directory_is_refused(tmp_path, capsys
     assert code == 2
     assert f"output {checkpoint / 'avg'}: lies inside the input checkpoint directory" in err
     assert snapshot(checkpoint) == before
+
+
+def test_average_window_in_steps_and_tokens(tmp_path: Path, capsys) -> None:
+    directory = tmp_path / "run"
+    directory.mkdir()
+    for step in (100, 200, 300, 400):
+        np.savez(directory / f"model_step{step}.npz", w=np.full(3, float(step), np.float32))
+    out = tmp_path / "avg.npz"
+    code, stdout, _ = run(
+        ["average", str(directory), "--window-steps", "200", "-o", str(out), "--json"], capsys
+    )
+    assert code == 0
+    assert [m["step"] for m in json.loads(stdout)["members"]] == [400, 300, 200]
+    np.testing.assert_array_equal(np.load(out)["w"], np.full(3, 300.0, np.float32))
+    arguments = ["--window-tokens", "4e6", "--tokens-per-step", "4e4", "--overwrite"]
+    code, stdout, _ = run(["average", str(directory), *arguments, "-o", str(out), "--json"], capsys)
+    assert code == 0 and len(json.loads(stdout)["members"]) == 2
+    code, _, stderr = run(
+        ["average", str(tmp_path), "--window-tokens", "4e6", "-o", str(out)], capsys
+    )
+    assert code == 2 and "needs the tokens per step" in stderr

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from polyak.discovery import Checkpoint, find_checkpoints, order_key
+from polyak.discovery import Checkpoint, find_checkpoints, order_key, within_window
 from polyak.errors import DiscoveryError
 
 
@@ -382,3 +382,36 @@ def test_glob_matching_only_non_checkpoints_names_the_pattern(tmp_path: Path) ->
     pattern = str(tmp_path / "*.txt")
     with pytest.raises(DiscoveryError, match=re.escape(pattern)):
         find_checkpoints(pattern)
+
+
+# --- windows by steps and tokens ------------------------------------------------------
+
+
+def run_of(steps: list[int]) -> list[Checkpoint]:
+    return [order_key(Path(f"step-{step}")) for step in steps]
+
+
+def test_a_window_keeps_the_members_at_most_that_many_steps_older():
+    run = run_of([1000, 900, 800, 700, 500])
+    assert [c.step for c in within_window(run, 300)] == [1000, 900, 800, 700]
+    assert [c.step for c in within_window(run, 299.5)] == [1000, 900, 800]
+    assert [c.step for c in within_window(run, 0)] == [1000]
+    assert within_window(run) == run
+
+
+def test_a_window_in_tokens_is_tokens_over_tokens_per_step():
+    run = run_of([1000, 900, 800, 700])
+    kept = within_window(run, tokens=2e9, tokens_per_step=1e7)  # 200 steps
+    assert [c.step for c in kept] == [1000, 900, 800]
+
+
+def test_window_refusals():
+    run = run_of([1000, 900])
+    with pytest.raises(DiscoveryError, match="needs the tokens per step"):
+        within_window(run, tokens=1e9)
+    with pytest.raises(DiscoveryError, match="not both"):
+        within_window(run, 100, tokens=1e9, tokens_per_step=1e6)
+    with pytest.raises(DiscoveryError, match=">= 0; received -1"):
+        within_window(run, -1)
+    with pytest.raises(DiscoveryError, match="model.h5: its name has no step number"):
+        within_window([order_key(Path("model.h5"))], 10)

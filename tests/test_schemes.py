@@ -269,7 +269,7 @@ def test_custom_spec_round_trip_keeps_every_digit() -> None:
 
 
 def test_scheme_registry_lists_every_spec_name() -> None:
-    assert set(SCHEMES) == {"equal", "linear", "exp", "custom", "greedy", "power"}
+    assert set(SCHEMES) == {"equal", "linear", "exp", "custom", "greedy", "power", "wsm"}
 
 
 # ---------------------------------------------------------------- lists of schemes
@@ -418,3 +418,45 @@ def test_weights_of_non_integer_count_refused() -> None:
 
 def test_weights_accepts_numpy_integers() -> None:
     np.testing.assert_allclose(Linear().weights(np.int64(3)), [0.5, 1 / 3, 1 / 6], rtol=1e-15)
+
+
+# --- WSM: weights from a decay curve ----------------------------------------------------
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_wsm_linear_decay_is_the_uniform_average(n: int) -> None:
+    np.testing.assert_allclose(parse_scheme("wsm:linear").weights(n), np.full(n, 1.0 / n))
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_wsm_1_sqrt_matches_its_closed_form(n: int) -> None:
+    # Oldest first j = 1..n: sqrt(j/n) - sqrt((j-1)/n); they telescope to 1.
+    oldest_first = [math.sqrt(j / n) - math.sqrt((j - 1) / n) for j in range(1, n + 1)]
+    np.testing.assert_allclose(
+        parse_scheme("wsm:1-sqrt").weights(n), oldest_first[::-1], rtol=1e-12, atol=1e-15
+    )
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_wsm_weights_give_back_the_decay_curve_as_tail_sums(n: int) -> None:
+    # The gradient of segment j counts in every member from j on: its learning-rate
+    # multiplier is the sum of the weights of members j..n, which must be f((j-1)/n).
+    for curve, f in {
+        "1-sqrt": lambda x: 1 - math.sqrt(x),
+        "cosine": lambda x: (1 + math.cos(math.pi * x)) / 2,
+    }.items():
+        oldest_first = parse_scheme(f"wsm:{curve}").weights(n)[::-1]
+        tails = np.cumsum(oldest_first[::-1])[::-1]
+        np.testing.assert_allclose(tails, [f((j - 1) / n) for j in range(1, n + 1)], atol=1e-12)
+
+
+def test_wsm_spec_default_and_unknown_curve() -> None:
+    assert parse_scheme("wsm").spec == "wsm:1-sqrt"
+    assert parse_scheme("wsm:1-sqrt").spec == "wsm:1-sqrt"
+    assert [s.spec for s in parse_schemes("equal,wsm:linear,wsm:cosine")] == [
+        "equal",
+        "wsm:linear",
+        "wsm:cosine",
+    ]
+    with pytest.raises(SchemeError, match="unknown decay curve; known: linear, 1-sqrt, cosine"):
+        parse_scheme("wsm:step")

@@ -48,7 +48,7 @@ from pathlib import Path
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
-from polyak.discovery import Checkpoint, find_checkpoints
+from polyak.discovery import Checkpoint, find_checkpoints, within_window
 from polyak.distributed import DistributedError, ProcessGroup
 from polyak.distributed import current as current_group
 from polyak.errors import (
@@ -98,6 +98,9 @@ BLOCK_BYTES = 4 << 20
 CHUNK_ELEMENTS = 1 << 18
 MIN_CHUNK_ELEMENTS = 1 << 12
 _MAX_LISTED_DIFFERENCES = 5
+# Shards of a safetensors directory averaged from DCP inputs, whose one file per rank
+# says nothing about shards: Hugging Face's save_pretrained default.
+DCP_MAX_SHARD_SIZE = 5 * 10**9
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,9 @@ class AverageResult:
             ``generation_config.json``, tokenizer files) copied into an output directory.
         notes: things worth telling the user that are not errors, one sentence each
             (one member averaged; companion files left behind by a single-file output).
+        selection: for DCP inputs, which subtree of the state dict was averaged.
+        other_entries: for a DCP output, ``"kept"`` when the newest member's other
+            entries (optimizer state, step...) were copied into it, ``"dropped"`` when not.
     """
 
     members: list[Checkpoint]
@@ -132,6 +138,8 @@ class AverageResult:
     files: tuple[Path, ...] = ()
     copied: tuple[Path, ...] = ()
     notes: tuple[str, ...] = ()
+    selection: str | None = None
+    other_entries: str | None = None
 
 
 def check_compatible(readers: Sequence[CheckpointReader]) -> list[tuple[str, TensorInfo]]:
@@ -261,7 +269,7 @@ def _average_floating(
     own_dtype = numpy_dtype(info.dtype) == accumulate
 
     def chunks() -> Iterator[np.ndarray]:
-        sources = [reader.read(name).reshape(-1) for reader in readers]
+        sources = [_flat(reader, name) for reader in readers]
         block = scratch.block(accumulate)
         output = None if own_dtype else scratch.output(info.dtype, block.chunk)
         for start in range(0, info.size, block.chunk):
@@ -298,6 +306,19 @@ def _average_floating(
                 yield output[:length]
 
     return StreamedTensor(info, chunks)
+
+
+def _flat(reader: CheckpointReader, name: str) -> np.ndarray:
+    """A tensor of a member as a flat array the engine slices chunk by chunk.
+
+    A reader with ``read_flat`` (DCP, whose tensors are stored in chunks) gives an
+    object whose slices ``[start:stop]`` are arrays assembled chunk by chunk, so no
+    whole tensor is assembled in memory; any other reader's tensor is reshaped.
+    """
+    read_flat = getattr(reader, "read_flat", None)
+    if read_flat is not None:
+        return read_flat(name)
+    return reader.read(name).reshape(-1)
 
 
 def _raise_nonfinite(
@@ -445,6 +466,7 @@ def write_output(
     *,
     max_shard_size: int | str | None = None,
     companions: Sequence[Path] = (),
+    **options: object,
 ) -> list[Path]:
     """Write tensors atomically to ``out`` in ``output_format``, copying ``template``'s container.
 
@@ -463,10 +485,11 @@ def write_output(
             shard layout, or one shard.
         companions: for an output directory, files copied into it beside the shards
             (the newest member's ``config.json`` and tokenizer files).
+        **options: passed to the writer of a ``dcp`` directory (``keep_other``).
 
     Returns:
         The files written: ``[out]``, or the shards, the index and the companions
-        inside ``out``.
+        inside ``out`` (or the files of a DCP directory).
 
     Raises:
         OutputError: ``max_shard_size`` for a single-file output, or a file-system
@@ -484,6 +507,10 @@ def write_output(
                     temporary, tensors, template, max_shard_size=max_shard_size
                 )
                 names += _copy_companions(companions, temporary)
+            return [out / name for name in names]
+        if output_format.name == "dcp":
+            with atomic_directory(out) as temporary:
+                names = output_format.write(temporary, tensors, template, **options)
             return [out / name for name in names]
         with atomic_output(out) as temporary:
             output_format.write(temporary, tensors, template)
@@ -517,6 +544,7 @@ def write_output_together(
     *,
     max_shard_size: int | str | None = None,
     companions: Sequence[Path] = (),
+    **options: object,
 ) -> list[Path]:
     """:func:`write_output` by every process of a torchrun group, each its share.
 
@@ -534,7 +562,9 @@ def write_output_together(
         files: list[Path] = []
         if group.is_main:
             try:
-                files = write_output(out, tensors, template, output_format, companions=companions)
+                files = write_output(
+                    out, tensors, template, output_format, companions=companions, **options
+                )
             except BaseException as failure:  # told to every process, then raised here
                 error = failure
         group.check(error)
@@ -593,6 +623,9 @@ def average(
     integers: str = "newest",
     allow_nonfinite: bool = False,
     key: str | None = None,
+    window_steps: float | None = None,
+    window_tokens: float | None = None,
+    tokens_per_step: float | None = None,
 ) -> dict[str, np.ndarray]:
     """Average checkpoints and return the result as numpy arrays keyed by tensor name.
 
@@ -604,7 +637,11 @@ def average(
         last: average only the ``last`` newest checkpoints.
         integers: ``"newest"`` or ``"require-equal"``; see the module's numeric policy.
         allow_nonfinite: average NaN and infinity instead of refusing them.
-        key: for PyTorch checkpoint dicts, the key holding the weights.
+        key: for PyTorch checkpoint dicts, the key holding the weights; for DCP
+            directories, the subtree to average.
+        window_steps: average only the members at most this many steps older than
+            the newest (see :func:`polyak.discovery.within_window`).
+        window_tokens, tokens_per_step: the same window in tokens.
 
     Returns:
         ``{name: array}`` in each tensor's own dtype.
@@ -613,6 +650,9 @@ def average(
         >>> weights = polyak.average("run/model_*.h5", scheme="exp:2", last=5)  # doctest: +SKIP
     """
     members = find_checkpoints(paths, last=last)
+    members = within_window(
+        members, window_steps, tokens=window_tokens, tokens_per_step=tokens_per_step
+    )
     _, weights = _weights_for(scheme, members)
     readers = open_members(members, key)
     try:
@@ -640,6 +680,11 @@ def average_to(
     progress: Callable[[int], None] | None = None,
     on_start: Callable[[list[Checkpoint], np.ndarray, int], None] | None = None,
     group: ProcessGroup | None = None,
+    format: str | None = None,
+    keep_other: bool = True,
+    window_steps: float | None = None,
+    window_tokens: float | None = None,
+    tokens_per_step: float | None = None,
 ) -> AverageResult:
     """Average checkpoints into one file or checkpoint directory, written atomically.
 
@@ -663,14 +708,16 @@ def average_to(
     silent: the result's ``notes`` say so, and ``min_members`` makes it an error.
 
     Args:
-        paths, scheme, last, integers, allow_nonfinite, key: as for :func:`average`.
+        paths, scheme, last, integers, allow_nonfinite, key, window_steps,
+            window_tokens, tokens_per_step: as for :func:`average`.
         out: the file or directory to write; must not be one of the inputs, lie
             inside one, or (a directory) hold one.
         overwrite: replace ``out`` if it exists (a directory only if it holds nothing
             but a safetensors checkpoint).
         max_shard_size: for an output directory, the most bytes of tensor data per
             shard: an int or ``"500MB"``, ``"2GB"``, ``"1.5GiB"``; a tensor larger than
-            that gets a shard of its own. Refused for a single-file output.
+            that gets a shard of its own. Refused for a single-file output. From DCP
+            inputs the default is ``DCP_MAX_SHARD_SIZE`` (5 GB, as ``save_pretrained``).
         progress: called with the number of input bytes processed after each tensor.
         on_start: called once with the members, their weights and the total bytes to
             process, before any tensor is read.
@@ -678,6 +725,12 @@ def average_to(
             :func:`write_output_together`); by default torch's initialized default
             group when there are several processes, else this process alone.
         min_members: refuse to average fewer members than this (``DiscoveryError``).
+        format: ``"dcp"`` writes ``out`` as a torch.distributed.checkpoint directory
+            (from DCP inputs), which ``torch.distributed.checkpoint.load`` reads into the
+            same model; by default the suffix of ``out`` decides.
+        keep_other: for ``format="dcp"``, copy the newest member's entries outside the
+            averaged subtree (optimizer state, step...) into the output, so training
+            resumes with them; False writes the averaged subtree alone.
 
     Returns:
         An :class:`AverageResult` describing the members, weights and output.
@@ -689,13 +742,16 @@ def average_to(
     requested, out = out, Path(out)
     readers: list[CheckpointReader] = []
     try:
-        directory = is_directory_output(requested)
+        directory = is_directory_output(requested) or format == "dcp"
         limit = None if max_shard_size is None else parse_size(max_shard_size)
         if type(min_members) is not int or min_members < 1:
             raise DiscoveryError(
                 f"min_members must be a whole number >= 1; received {min_members!r}."
             )
         members = find_checkpoints(paths, last=last)
+        members = within_window(
+            members, window_steps, tokens=window_tokens, tokens_per_step=tokens_per_step
+        )
         if len(members) < min_members:
             raise DiscoveryError(
                 f"found {len(members)} checkpoint(s) ({_named(members)}), fewer than "
@@ -704,9 +760,11 @@ def average_to(
             )
         parsed, weights = _weights_for(scheme, members)
         input_format = format_of(members[0].path)
-        output_format = format_for_output(requested, input_format)
+        output_format = format_for_output(requested, input_format, format)
         if limit is not None and output_format.name != "sharded-safetensors":
             raise _shards_need_a_directory(out, output_format)
+        if limit is None and output_format.name == "sharded-safetensors":
+            limit = DCP_MAX_SHARD_SIZE if input_format.name == "dcp" else None
         beside = companions_of(members[0])
         companions = beside if output_format.name == "sharded-safetensors" else []
         notes = _notes(members, beside, companions)
@@ -743,6 +801,7 @@ def average_to(
                 for _, info in tensors.infos
             )
             on_start(members, weights, total)
+        options = {"keep_other": keep_other} if output_format.name == "dcp" else {}
         if group is None:
             files = write_output(
                 out,
@@ -751,6 +810,7 @@ def average_to(
                 output_format,
                 max_shard_size=limit,
                 companions=companions,
+                **options,
             )
         else:
             files = write_output_together(
@@ -761,7 +821,9 @@ def average_to(
                 group,
                 max_shard_size=limit,
                 companions=companions,
+                **options,
             )
+        selection = getattr(readers[0], "selection", None)
     finally:
         for reader in readers:
             reader.close()
@@ -778,13 +840,21 @@ def average_to(
         files=tuple(files),
         copied=tuple(companions),
         notes=notes,
+        selection=selection,
+        other_entries=(
+            None if output_format.name != "dcp" else ("kept" if keep_other else "dropped")
+        ),
     )
 
 
 def companions_of(newest: Checkpoint) -> list[Path]:
     """The model files a directory output copies from the newest member, if it is a
-    model directory (see :func:`polyak.files.companion_files`)."""
-    return companion_files(newest.path) if newest.path.is_dir() else []
+    Hugging Face model directory (see :func:`polyak.files.companion_files`); none from
+    a DCP directory, whose ``.json`` files (Megatron's ``metadata.json``) describe the
+    distributed save, not the model."""
+    if not newest.path.is_dir() or format_of(newest.path).name == "dcp":
+        return []
+    return companion_files(newest.path)
 
 
 def _named(members: list[Checkpoint]) -> str:

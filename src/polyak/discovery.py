@@ -12,6 +12,10 @@ What counts as a checkpoint:
 - a directory holding a model file (``checkpoint-500/model.safetensors``, a sharded
   ``model.safetensors.index.json``, ``pytorch_model.bin``); the other files beside it
   (optimizer, scheduler) are ignored;
+- a ``torch.distributed.checkpoint`` directory, one holding a ``.metadata`` (torchtitan's
+  ``step-N/``, Megatron's ``iter_XXXXXXX/``, Lightning's sharded ``epoch=E-step=S.ckpt/``),
+  or a Hugging Face ``checkpoint-N/`` holding one as ``pytorch_model_fsdp_0/`` (accelerate
+  FSDP). torch writes ``.metadata`` last, so a step still being saved is not found yet;
 - inside a directory given on the command line: every such file and directory.
   Copies of another snapshot are not steps of their own, so directory scans and
   globs skip them: Lightning's ``last.ckpt``, timm's ``last.pth.tar`` and
@@ -45,7 +49,7 @@ from polyak.errors import CheckpointError, DiscoveryError
 from polyak.formats import directory_model_file, format_from_name, format_of
 from polyak.snapshots import MANIFEST_NAME, Snapshot, read_manifest
 
-__all__ = ["Checkpoint", "find_checkpoints", "order_key"]
+__all__ = ["Checkpoint", "find_checkpoints", "order_key", "within_window"]
 
 _INTEGER = re.compile(r"\d+")
 _NAMED = re.compile(r"(epoch|step)[=_-]?(\d+)", re.IGNORECASE)
@@ -141,7 +145,7 @@ def order_key(path: Path) -> Checkpoint:
 
 def _is_checkpoint_file(path: Path) -> bool:
     fmt = format_from_name(path.name)
-    return fmt is not None and fmt.name != "sharded-safetensors"
+    return fmt is not None and fmt.name not in ("sharded-safetensors", "dcp")
 
 
 def _with_recorded_numbers(
@@ -359,3 +363,53 @@ def find_checkpoints(
                 f"{newer.key}; their order is ambiguous. Pass only one of them."
             )
     return checkpoints[:last] if last is not None else checkpoints
+
+
+def within_window(
+    checkpoints: list[Checkpoint],
+    steps: float | None = None,
+    *,
+    tokens: float | None = None,
+    tokens_per_step: float | None = None,
+) -> list[Checkpoint]:
+    """The checkpoints (newest first) at most ``steps`` steps older than the newest.
+
+    A member at step s is kept when s_newest - s <= steps. A window in tokens is
+    ``tokens / tokens_per_step`` steps (a constant batch of tokens per step).
+
+    Args:
+        checkpoints: as :func:`find_checkpoints` returns them, newest first.
+        steps: the window's width in steps, or None.
+        tokens: the window's width in tokens, or None (needs ``tokens_per_step``).
+        tokens_per_step: tokens a training step consumes (global batch x sequence).
+
+    Raises:
+        DiscoveryError: both or neither widths where one is needed, a width that is
+            not a positive number, or a checkpoint without a step number.
+
+    Example:
+        >>> run = [order_key(Path(f"step-{s}")) for s in (1000, 900, 800, 600)]
+        >>> [c.step for c in within_window(run, 200)]
+        [1000, 900, 800]
+    """
+    if steps is None and tokens is None:
+        return checkpoints
+    if steps is not None and tokens is not None:
+        raise DiscoveryError("give a window in steps or in tokens, not both.")
+    if tokens is not None:
+        if tokens_per_step is None or not tokens_per_step > 0:
+            raise DiscoveryError(
+                f"a window of {tokens:g} tokens needs the tokens per step (global batch size "
+                f"x sequence length) as a number > 0; received {tokens_per_step!r}."
+            )
+        steps = tokens / tokens_per_step
+    if not (isinstance(steps, (int, float)) and steps >= 0 and steps == steps):
+        raise DiscoveryError(f"a window must be a number of steps >= 0; received {steps!r}.")
+    for checkpoint in checkpoints:
+        if checkpoint.step is None:
+            raise DiscoveryError(
+                f"checkpoint {checkpoint.path}: its name has no step number, so whether it "
+                "lies inside the window is unknown. Name checkpoints with their steps."
+            )
+    newest = checkpoints[0].step
+    return [c for c in checkpoints if newest - c.step <= steps]  # type: ignore[operator]

@@ -55,6 +55,8 @@ _OLD_MARK = ".polyak-old-"
 # an output directory holding anything else is never replaced.
 CHECKPOINT_DIRECTORY_FILES = re.compile(
     r"model\.safetensors|model\.safetensors\.index\.json|model-\d+-of-\d+\.safetensors"
+    # and of a DCP directory (--format dcp)
+    r"|\.metadata|__\d+_\d+\.distcp"
 )
 # Files of a Hugging Face model directory that are not weights but that its loader needs:
 # config.json, generation_config.json, tokenizer and processor files, chat templates,

@@ -12,11 +12,20 @@ linear          (n - i + 1)/n: n/n, (n-1)/n, ..., 1/n    ``linear``
 exponential     exp(-i/alpha), alpha > 0                 ``exp:2``
 custom          given, newest first                      ``custom:0.5,0.3,0.2``
 power EMA       the power profile's mass at each member  ``power:0.1``
+WSM decay       f((n-i)/n) - f((n-i+1)/n), f a decay curve ``wsm:1-sqrt``
 greedy soup     1/k for the k members the soup keeps     ``greedy`` (sweep only)
 =============== ======================================= =========================
 
 ``power:SIGMA_REL`` weighs members by a power-function EMA profile of relative width
 SIGMA_REL (Karras et al., 2024), using each member's step; see :mod:`polyak.posthoc`.
+
+``wsm:CURVE`` (WSM, Tian et al., 2025, arXiv 2507.17634) gives the average of checkpoints
+taken at a constant learning rate the effect of decaying it over their window by the
+curve f (f(0) = 1 to f(1) = 0): the gradient of the j-th of n equally spaced segments
+counts in every member saved after it, so weights c_j = f((j-1)/n) - f(j/n) (member j
+oldest first; above, i = n - j + 1 newest first) make its learning rate f((j-1)/n).
+``linear`` (f(x) = 1 - x) gives equal weights; ``1-sqrt`` (f(x) = 1 - sqrt(x)) and
+``cosine`` (f(x) = (1 + cos(pi x))/2) are the others.
 
 The greedy soup (Wortsman et al., 2022, "Model soups", Algorithm 1) takes its
 members from evaluation, not from a formula: members are sorted by their own
@@ -49,6 +58,7 @@ __all__ = [
     "Linear",
     "Power",
     "Scheme",
+    "Wsm",
     "normalize",
     "parse_scheme",
     "parse_schemes",
@@ -236,6 +246,45 @@ class Power(Scheme):
         )
 
 
+# Decay curves of the WSM scheme: f(0) = 1, f(1) = 0, non-increasing.
+WSM_CURVES = {
+    "linear": lambda x: 1.0 - x,
+    "1-sqrt": lambda x: 1.0 - np.sqrt(x),
+    "cosine": lambda x: 0.5 * (1.0 + np.cos(np.pi * x)),
+}
+
+
+@dataclass(frozen=True)
+class Wsm(Scheme):
+    """Weights that turn a checkpoint average into a learning-rate decay (WSM).
+
+    With n equally spaced members, oldest first j = 1..n, and a decay curve f from
+    f(0) = 1 to f(1) = 0: c_j = f((j-1)/n) - f(j/n). Returned newest first.
+
+    Example:
+        >>> Wsm("1-sqrt").weights(4).round(4).tolist()  # 1 - sqrt(3/4), ..., sqrt(1/4)
+        [0.134, 0.1589, 0.2071, 0.5]
+    """
+
+    curve: str = "1-sqrt"
+
+    def __post_init__(self) -> None:
+        if self.curve not in WSM_CURVES:
+            raise SchemeError(
+                f"scheme wsm:{self.curve}: unknown decay curve; known: {', '.join(WSM_CURVES)}."
+            )
+
+    @property
+    def spec(self) -> str:
+        return f"wsm:{self.curve}"
+
+    def raw_weights(self, n: int) -> np.ndarray:
+        f = WSM_CURVES[self.curve]
+        j = np.arange(1, n + 1, dtype=np.float64)
+        oldest_first = f((j - 1) / n) - f(j / n)
+        return oldest_first[::-1].copy()
+
+
 @dataclass(frozen=True)
 class Greedy(Scheme):
     """Greedy soup: members chosen by evaluation, averaged equally (sweep only)."""
@@ -259,6 +308,7 @@ SCHEMES = {
     "exp": "Exponentially decreasing: exp(-i/alpha), spec exp:ALPHA",
     "custom": "Given weights, newest first, spec custom:W1,W2,...",
     "power": "Power-function EMA profile over the members' steps, spec power:SIGMA_REL",
+    "wsm": "A learning-rate decay made of the average (WSM), spec wsm:linear|1-sqrt|cosine",
     "greedy": "Greedy soup: members kept while validation does not get worse (sweep only)",
 }
 
@@ -307,13 +357,23 @@ def parse_scheme(spec: str | Scheme) -> Scheme:
                 "schemes, e.g. --schemes power:0.05,0.1,0.2."
             )
         return Power(_number(argument, spec))
+    if name == "wsm":
+        return Wsm(argument.strip().lower() or "1-sqrt")
     if name == "custom":
         parts = [part for part in argument.split(",") if part.strip()]
         if not parts:
             raise SchemeError(f"scheme '{spec}': give the weights, e.g. custom:0.5,0.3,0.2.")
         return Custom(tuple(_number(part, spec) for part in parts))
     known = ", ".join(
-        ("equal", "linear", "exp:ALPHA", "power:SIGMA_REL", "custom:W1,W2,...", "greedy")
+        (
+            "equal",
+            "linear",
+            "exp:ALPHA",
+            "power:SIGMA_REL",
+            "wsm:CURVE",
+            "custom:W1,W2,...",
+            "greedy",
+        )
     )
     raise SchemeError(f"unknown scheme '{spec}'. Known schemes: {known}.")
 

@@ -38,9 +38,28 @@ def average_command(
         "equal",
         "--scheme",
         "-s",
-        help="Weights, newest first: equal, linear, exp:ALPHA or custom:W1,W2,...",
+        help="Weights, newest first: equal, linear, exp:ALPHA, power:SIGMA_REL, "
+        "wsm:linear|1-sqrt|cosine or custom:W1,W2,...",
     ),
     last: int | None = typer.Option(None, "--last", "-n", help="Average only the N newest."),
+    window_steps: float | None = typer.Option(
+        None,
+        "--window-steps",
+        metavar="STEPS",
+        help="Average only the checkpoints at most STEPS steps older than the newest.",
+    ),
+    window_tokens: float | None = typer.Option(
+        None,
+        "--window-tokens",
+        metavar="TOKENS",
+        help="The same window in tokens (needs --tokens-per-step), e.g. 2e9.",
+    ),
+    tokens_per_step: float | None = typer.Option(
+        None,
+        "--tokens-per-step",
+        metavar="TOKENS",
+        help="Tokens one training step consumes (global batch size x sequence length).",
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
     integers: str = typer.Option(
         "newest",
@@ -52,14 +71,29 @@ def average_command(
         False, "--allow-nonfinite", help="Average NaN/Inf values instead of refusing them."
     ),
     key: str | None = typer.Option(
-        None, "--key", help="PyTorch checkpoint dicts: the key holding the weights."
+        None,
+        "--key",
+        help="PyTorch checkpoint dicts: the key holding the weights. DCP directories: the "
+        "subtree to average (default: model, or the top-level model entries), e.g. optimizer.",
+    ),
+    output_format: str | None = typer.Option(
+        None,
+        "--format",
+        help="dcp: write OUT as a torch.distributed.checkpoint directory (DCP inputs only), "
+        "which torch.distributed.checkpoint.load reads into the same model.",
+    ),
+    drop_optimizer: bool = typer.Option(
+        False,
+        "--drop-optimizer",
+        help="With --format dcp: write the averaged subtree alone, without the newest "
+        "member's optimizer state and other entries (kept by default).",
     ),
     max_shard_size: str | None = typer.Option(
         None,
         "--max-shard-size",
         metavar="SIZE",
         help="Directory output: at most SIZE bytes of tensor data per shard (500MB, 2GB, "
-        "1.5GiB or bytes). Default: the newest input's shards, or one file.",
+        "1.5GiB or bytes). Default: the newest input's shards, 5GB from DCP inputs, or one file.",
     ),
     min_members: int = typer.Option(
         1,
@@ -103,6 +137,11 @@ def average_command(
             min_members=min_members,
             progress=progress.advance,
             on_start=on_start,
+            format=output_format,
+            keep_other=not drop_optimizer,
+            window_steps=window_steps,
+            window_tokens=window_tokens,
+            tokens_per_step=tokens_per_step,
         )
     for note in result.notes:
         print_note(note)
@@ -122,12 +161,16 @@ def average_command(
                 "files": [str(path) for path in result.files],
                 "copied": [str(path) for path in result.copied],
                 "notes": list(result.notes),
+                "selection": result.selection,
+                "other_entries": result.other_entries,
             }
         )
         return
     output = result.output
     size = human_bytes(path_size(output)) if output else "-"
-    if output is not None and output.is_dir():
+    if result.format == "dcp":
+        where = f"{output}/ (dcp, {size})"
+    elif output is not None and output.is_dir():
         shards = sum(path.name.endswith(".safetensors") for path in result.files)
         layout = "1 file" if shards == 1 else f"{shards} shards and an index"
         where = f"{output}/ ({result.format}: {layout}, {size})"
@@ -147,3 +190,12 @@ def average_command(
         from polyak.formats.torch import LIGHTNING_ADVICE  # only for .ckpt outputs
 
         console.print(LIGHTNING_ADVICE)
+    if result.selection is not None:
+        console.print(f"Averaged {result.selection}.")
+    if result.other_entries == "kept":
+        console.print(
+            "Kept the newest member's other entries (optimizer state, step...) in the DCP "
+            "output; --drop-optimizer leaves them out."
+        )
+    elif result.other_entries == "dropped":
+        console.print("Dropped the optimizer state and other entries (--drop-optimizer).")

@@ -21,7 +21,10 @@ def inspect_command(
     paths: list[str] = typer.Argument(..., help="Checkpoint files, directories or globs."),
     last: int | None = typer.Option(None, "--last", "-n", help="Keep only the N newest."),
     key: str | None = typer.Option(
-        None, "--key", help="PyTorch checkpoint dicts: the key holding the weights."
+        None,
+        "--key",
+        help="PyTorch checkpoint dicts: the key holding the weights. DCP directories: the "
+        "subtree to read.",
     ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
@@ -56,6 +59,12 @@ def inspect_command(
                     "weight_keys": weight_entries() if callable(weight_entries) else [],
                 }
             )
+            if reader.format == "dcp":
+                rows[-1]["dcp"] = {
+                    "selection": reader.selection,
+                    "world_size": reader.world_size(),
+                    "subtrees": reader.subtrees(),
+                }
         try:
             check_compatible(readers)
             compatible, reason = True, None
@@ -95,6 +104,18 @@ def inspect_command(
             "On disk counts every file of a checkpoint (optimizer state, training state); "
             "weights counts the tensors averaged."
         )
+    for number, row in enumerate(rows, start=1):
+        if "dcp" in row:
+            dcp = row["dcp"]
+            subtrees = ", ".join(
+                f"{name} ({counts['tensors']} tensors, {human_bytes(counts['bytes'])}"
+                + (f", {counts['byte_entries']} other entries)" if counts["byte_entries"] else ")")
+                for name, counts in dcp["subtrees"].items()
+            )
+            console.print(
+                f"#{number}: DCP saved by {dcp['world_size']} rank(s); holds {subtrees}; "
+                f"reads {dcp['selection']}."
+            )
     if compatible:
         console.print(f"These {len(rows)} checkpoint(s) can be averaged together.")
     else:

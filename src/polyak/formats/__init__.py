@@ -12,11 +12,16 @@ when a file of their format is opened, so ``import polyak`` never imports torch.
 | keras-weights       | .weights.h5                   | keras           |
 | keras               | .keras                        | keras           |
 | keras-h5            | .h5 .hdf5 (legacy full model) | keras           |
+| dcp                 | DCP directories (.metadata)   | dcp             |
 
 ``sharded-safetensors`` is read from a directory holding ``model.safetensors.index.json``
 and written to an output directory (a path ending with ``/`` or without a suffix):
 ``model-00001-of-0000K.safetensors`` shards and their index, or a single
 ``model.safetensors`` when everything fits in one shard (Hugging Face's layout).
+
+``dcp`` is a ``torch.distributed.checkpoint`` directory (``.metadata`` and ``.distcp``
+files; accelerate's FSDP checkpoints hold one as ``pytorch_model_fsdp_0/``). It is
+written only when asked for (``format="dcp"``, CLI ``--format dcp``).
 """
 
 from __future__ import annotations
@@ -48,6 +53,9 @@ DIRECTORY_MODEL_FILES = (
     "model.safetensors.index.json",
     "model.safetensors",
     "pytorch_model.bin",
+    # torch.distributed.checkpoint: FSDP2, torchtitan, Megatron torch_dist; accelerate FSDP.
+    ".metadata",
+    "pytorch_model_fsdp_0/.metadata",
 )
 
 
@@ -133,6 +141,14 @@ FORMATS: tuple[Format, ...] = (
         "write_keras_legacy_h5",
         "legacy Keras full-model HDF5 (model.save('x.h5'))",
     ),
+    Format(
+        "dcp",
+        (".metadata",),
+        "polyak.formats.dcp",
+        "DcpReader",
+        "write_dcp",
+        "torch.distributed.checkpoint directory (.metadata and .distcp files)",
+    ),
 )
 _BY_NAME = {fmt.name: fmt for fmt in FORMATS}
 
@@ -195,7 +211,7 @@ def format_of(path: str | Path) -> Format:
     return fmt
 
 
-def format_for_output(path: str | Path, input_format: Format) -> Format:
+def format_for_output(path: str | Path, input_format: Format, name: str | None = None) -> Format:
     """The format to write ``path`` in: its suffix decides; it must be able to hold the input.
 
     A path that ends with ``/`` or has no suffix (``"averaged/"``, ``"averaged"``) is an
@@ -206,10 +222,26 @@ def format_for_output(path: str | Path, input_format: Format) -> Format:
     member is that file). Any format converts to safetensors (file or directory), npz
     and torch.
 
+    ``name="dcp"`` asks for a DCP directory (from DCP inputs only); it is the only
+    way to get one.
+
     Raises:
         OutputError: an unknown suffix, a shard index named as the output (give its
-            directory), or a Keras container from inputs of another format.
+            directory), a Keras container from inputs of another format, or a DCP
+            output asked for from other inputs or by a file name.
     """
+    if name is not None and name != "dcp":
+        raise OutputError(
+            f"output {path}: format {name!r} is not chosen by name; only 'dcp' is. Give "
+            "the output a suffix (.safetensors, .pt...) or a directory instead."
+        )
+    if name == "dcp":
+        if input_format.name != "dcp":
+            raise OutputError(
+                f"output {path}: a DCP directory is written from DCP inputs only (it keeps "
+                f"their state dict's structure); the inputs are {input_format.name}."
+            )
+        return _BY_NAME["dcp"]
     if is_directory_output(path):
         return _BY_NAME["sharded-safetensors"]
     fmt = format_from_name(Path(path).name)
@@ -225,6 +257,11 @@ def format_for_output(path: str | Path, input_format: Format) -> Format:
             f"output {path}: a shard index is not a checkpoint file of its own. Give the "
             f"directory to write the shards and the index into instead: {directory}/ "
             "(or a single .safetensors file)."
+        )
+    if fmt.name == "dcp":
+        raise OutputError(
+            f"output {path}: a DCP checkpoint is a directory; write one with --format dcp "
+            "(format='dcp') and a directory name."
         )
     # A .keras archive holds the very file save_weights writes (model.weights.h5).
     from_archive = fmt.name == "keras-weights" and input_format.name == "keras"
@@ -257,7 +294,7 @@ def open_checkpoint(path: str | Path, **options: Any) -> CheckpointReader:
         raise CheckpointError(f"checkpoint {path}: no such file or directory.")
     file = resolve_checkpoint_file(path)
     fmt = format_of(file)
-    supported = {"key"} if fmt.name == "torch" else set()
+    supported = {"key"} if fmt.name in ("torch", "dcp") else set()
     unknown = set(options) - supported
     if unknown:
         raise CheckpointError(

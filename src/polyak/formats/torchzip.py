@@ -66,6 +66,7 @@ __all__ = [
     "PickledNamespace",
     "StoredTensor",
     "load",
+    "load_buffer",
     "write",
 ]
 
@@ -486,6 +487,56 @@ def load(path: Path) -> Any:
     except NotFastPath:
         raise
     except Exception as error:  # a malformed file: torch.load gives the message
+        raise NotFastPath(f"{type(error).__name__}: {error}") from None
+
+
+class _BufferFile(io.RawIOBase):
+    """A read-only, seekable file over a byte array, without copying it (for ``zipfile``)."""
+
+    def __init__(self, buffer: np.ndarray) -> None:
+        self._view = memoryview(buffer)
+        self._position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: len(self._view)}
+        self._position = max(0, base[whence] + offset)
+        return self._position
+
+    def readinto(self, target: Any) -> int:
+        data = self._view[self._position : self._position + len(target)]
+        target[: len(data)] = data
+        self._position += len(data)
+        return len(data)
+
+
+def load_buffer(buffer: np.ndarray) -> Any:
+    """:func:`load` of a torch zip checkpoint held in a byte array (a slice of a memory map).
+
+    The tensors are views of ``buffer``. Used for the payloads that
+    ``torch.distributed.checkpoint`` writes inside its ``.distcp`` files.
+
+    Raises:
+        NotFastPath: as :func:`load`.
+    """
+    if sys.byteorder != "little":
+        raise NotFastPath("big-endian machine")
+    if buffer[:4].tobytes() != _ZIP_MAGIC:
+        raise NotFastPath("not a zip file")
+    try:
+        with zipfile.ZipFile(io.BufferedReader(_BufferFile(buffer))) as archive:
+            return _load_archive(archive, buffer)
+    except NotFastPath:
+        raise
+    except Exception as error:
         raise NotFastPath(f"{type(error).__name__}: {error}") from None
 
 
