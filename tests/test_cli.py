@@ -320,3 +320,96 @@ def test_output_inside_an_input_checkpoint_directory_is_refused(tmp_path, capsys
     assert code == 2
     assert f"output {checkpoint / 'avg'}: lies inside the input checkpoint directory" in err
     assert snapshot(checkpoint) == before
+
+
+# ---------------------------------------------------------------- start-up: what a command imports
+
+# Modules a command must not import unless its files need them: each costs from 0.1 s
+# (h5py) to over a second (ml_dtypes 0.7, torch, keras) before a byte is read.
+HEAVY_MODULES = ("ml_dtypes", "torch", "keras", "h5py", "matplotlib", "scipy")
+
+# Runs the command line in a fresh interpreter, then writes the names of every module
+# it imported (sys.modules at exit) to the file named by the first argument.
+IMPORTS_PROBE = """
+import json, sys
+from polyak.cli.main import main
+record, arguments = sys.argv[1], sys.argv[2:]
+try:
+    main(arguments)
+except SystemExit as exited:
+    code = exited.code
+with open(record, "w") as file:
+    json.dump({"code": code, "modules": sorted(sys.modules)}, file)
+"""
+
+
+def imported_by_command(arguments: list[str], tmp_path: Path) -> set[str]:
+    """Top-level names of the modules ``polyak ARGUMENTS`` imported, in a fresh process."""
+    record = tmp_path / "imports.json"
+    completed = subprocess.run(
+        [sys.executable, "-c", IMPORTS_PROBE, str(record), *arguments],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr
+    result = json.loads(record.read_text())
+    assert result["code"] in (0, None), completed.stderr
+    return {name.split(".")[0] for name in result["modules"]}
+
+
+def float32_pair(tmp_path: Path) -> tuple[Path, Path]:
+    paths = tmp_path / "model_1.safetensors", tmp_path / "model_2.safetensors"
+    for value, path in enumerate(paths):
+        save_file({"w": np.full((3, 2), float(value), np.float32)}, str(path))
+    return paths
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        pytest.param(["--version"], id="version"),
+        pytest.param(["average", "{a}", "{b}", "-o", "{out}"], id="average"),
+        pytest.param(["inspect", "{a}"], id="inspect"),
+        pytest.param(["inspect", "{a}", "{b}", "--json"], id="inspect-json"),
+    ],
+)
+def test_safetensors_commands_import_no_heavy_module(command, tmp_path):
+    a, b = float32_pair(tmp_path)
+    out = tmp_path / "out.safetensors"
+    arguments = [part.format(a=a, b=b, out=out) for part in command]
+    imported = imported_by_command(arguments, tmp_path)
+    assert "polyak" in imported and "typer" in imported  # the probe ran the command line
+    assert sorted(imported.intersection(HEAVY_MODULES)) == []
+    if "average" in command:
+        np.testing.assert_array_equal(load_file(str(out))["w"], np.full((3, 2), 0.5, np.float32))
+
+
+def test_inspect_of_bfloat16_files_reads_dtypes_from_headers_only(tmp_path):
+    import ml_dtypes  # to write the files; the probe starts a process without it
+
+    path = tmp_path / "half.safetensors"
+    save_file({"w": np.ones((2, 2), ml_dtypes.bfloat16)}, str(path))
+    imported = imported_by_command(["inspect", str(path), "--json"], tmp_path)
+    assert "ml_dtypes" not in imported
+
+
+def test_bfloat16_safetensors_average_from_the_command_line(tmp_path, capsys):
+    import ml_dtypes
+
+    rng = np.random.default_rng(3)
+    members = [rng.standard_normal((4, 5)).astype(ml_dtypes.bfloat16) for _ in range(3)]
+    paths = []
+    for step, values in enumerate(members):
+        paths.append(tmp_path / f"ckpt_{step}.safetensors")
+        save_file({"w": values, "f": values.astype(np.float32)}, str(paths[-1]))
+    out = tmp_path / "out.safetensors"
+    code, _, err = run(["average", *map(str, paths), "-o", str(out)], capsys)
+    assert code == 0, err
+    averaged = load_file(str(out))
+    reference = np.mean([values.astype(np.float64) for values in members], axis=0)
+    assert averaged["w"].dtype == ml_dtypes.bfloat16
+    # One rounding to bfloat16 (8 significant bits) of the float64 mean.
+    np.testing.assert_allclose(averaged["w"].astype(np.float64), reference, rtol=2.0**-8)
+    np.testing.assert_array_equal(averaged["w"], reference.astype(ml_dtypes.bfloat16))
+    np.testing.assert_allclose(averaged["f"], reference, rtol=1e-6, atol=1e-7)
