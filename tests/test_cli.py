@@ -413,3 +413,24 @@ def test_bfloat16_safetensors_average_from_the_command_line(tmp_path, capsys):
     np.testing.assert_allclose(averaged["w"].astype(np.float64), reference, rtol=2.0**-8)
     np.testing.assert_array_equal(averaged["w"], reference.astype(ml_dtypes.bfloat16))
     np.testing.assert_allclose(averaged["f"], reference, rtol=1e-6, atol=1e-7)
+
+
+def test_progress_bar_shows_on_a_terminal_after_its_delay(monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    from polyak.cli import output
+
+    screen = io.StringIO()
+    monkeypatch.setattr(output, "error_console", Console(file=screen, force_terminal=True))
+    with output.DelayedProgress("Averaging", delay=0.0) as progress:
+        progress.start(total=2048)
+        progress.advance(1024)
+        assert progress._progress is not None  # shown: rich.progress imported on demand
+        progress.advance(1024)
+    assert "Averaging" in screen.getvalue()
+    quiet = output.DelayedProgress("Averaging", delay=3600.0)
+    quiet.start(total=10)
+    quiet.advance(10)
+    assert quiet._progress is None  # not shown before its delay

@@ -31,7 +31,6 @@ import contextlib
 import glob
 import os
 import re
-import secrets
 import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -249,7 +248,7 @@ def atomic_output(out: Path) -> Iterator[Path]:
     """
     out = Path(out)
     _remove_stale_temporaries(out)
-    temporary = out.parent / f".{out.name}{_TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
+    temporary = out.parent / f".{out.name}{_TEMP_MARK}{os.getpid()}-{os.urandom(4).hex()}"
     try:
         yield temporary
         try:
@@ -297,7 +296,7 @@ def atomic_directory(out: Path) -> Iterator[Path]:
     """
     out = Path(out)
     _remove_stale_temporaries(out)
-    token = f"{os.getpid()}-{secrets.token_hex(4)}"
+    token = f"{os.getpid()}-{os.urandom(4).hex()}"
     temporary = out.parent / f".{out.name}{_TEMP_MARK}{token}"
     try:
         temporary.mkdir()
