@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
+import polyak
 from polyak.cli.main import main
 
 
@@ -358,31 +359,49 @@ def imported_by_command(arguments: list[str], tmp_path: Path) -> set[str]:
     return {name.split(".")[0] for name in result["modules"]}
 
 
-def float32_pair(tmp_path: Path) -> tuple[Path, Path]:
-    paths = tmp_path / "model_1.safetensors", tmp_path / "model_2.safetensors"
+def float32_pair(tmp_path: Path, suffix: str) -> tuple[Path, Path]:
+    """Two members of one format, written by their own library: w = 0, then w = 1."""
+    paths = tmp_path / f"model_1{suffix}", tmp_path / f"model_2{suffix}"
     for value, path in enumerate(paths):
-        save_file({"w": np.full((3, 2), float(value), np.float32)}, str(path))
+        weights = np.full((3, 2), float(value), np.float32)
+        if suffix == ".safetensors":
+            save_file({"w": weights}, str(path))
+        elif suffix == ".npz":
+            np.savez(path, w=weights)
+        else:
+            import torch
+
+            torch.save({"w": torch.from_numpy(weights)}, path)
     return paths
 
 
+COMMANDS = {
+    "average": ["average", "{a}", "{b}", "-o", "{out}"],
+    "inspect": ["inspect", "{a}"],
+    "inspect-json": ["inspect", "{a}", "{b}", "--json"],
+}
+
+
 @pytest.mark.parametrize(
-    "command",
-    [
-        pytest.param(["--version"], id="version"),
-        pytest.param(["average", "{a}", "{b}", "-o", "{out}"], id="average"),
-        pytest.param(["inspect", "{a}"], id="inspect"),
-        pytest.param(["inspect", "{a}", "{b}", "--json"], id="inspect-json"),
+    ("suffix", "command"),
+    [pytest.param(".safetensors", ["--version"], id="version")]
+    + [
+        # .pt too: polyak reads and writes torch's zip format without torch.
+        pytest.param(suffix, command, id=f"{name}{suffix}")
+        for suffix in (".safetensors", ".npz", ".pt")
+        for name, command in COMMANDS.items()
     ],
 )
-def test_safetensors_commands_import_no_heavy_module(command, tmp_path):
-    a, b = float32_pair(tmp_path)
-    out = tmp_path / "out.safetensors"
+def test_commands_import_no_heavy_module(suffix, command, tmp_path):
+    a, b = float32_pair(tmp_path, suffix)
+    out = tmp_path / f"out{suffix}"
     arguments = [part.format(a=a, b=b, out=out) for part in command]
     imported = imported_by_command(arguments, tmp_path)
     assert "polyak" in imported and "typer" in imported  # the probe ran the command line
     assert sorted(imported.intersection(HEAVY_MODULES)) == []
     if "average" in command:
-        np.testing.assert_array_equal(load_file(str(out))["w"], np.full((3, 2), 0.5, np.float32))
+        with polyak.open_checkpoint(out) as reader:
+            np.testing.assert_array_equal(reader.read("w"), np.full((3, 2), 0.5, np.float32))
 
 
 def test_inspect_of_bfloat16_files_reads_dtypes_from_headers_only(tmp_path):
