@@ -741,6 +741,7 @@ class Measurement:
     peak_rss_kb: int  # ru_maxrss from wait4
     peak_anon_kb: int  # max RssAnon over samples
     samples: int
+    cpu_seconds: float  # user + system time of the child, from wait4
 
 
 # The process that spawns and reaps each contender. Linux's ru_maxrss of a child counts
@@ -778,7 +779,8 @@ sampler.join()
 with open(result_path, "w") as out:
     json.dump({"seconds": seconds, "returncode": os.waitstatus_to_exitcode(status),
                "maxrss_kb": usage.ru_maxrss, "hwm_kb": peaks["VmHWM:"],
-               "anon_kb": peaks["RssAnon:"], "samples": samples[0]}, out)
+               "anon_kb": peaks["RssAnon:"], "samples": samples[0],
+               "cpu": usage.ru_utime + usage.ru_stime}, out)
 """
 
 
@@ -817,6 +819,7 @@ def measure_process(argv: list[str], log_path: Path, timeout: float) -> Measurem
         max(result["maxrss_kb"], result["hwm_kb"]),
         result["anon_kb"],
         result["samples"],
+        result["cpu"],
     )
 
 
@@ -841,6 +844,7 @@ def remove_output(path: Path) -> None:
 class Row:
     contender: Contender
     times: list[float] = field(default_factory=list)
+    cpu_times: list[float] = field(default_factory=list)
     peak_rss_kb: int = 0
     peak_anon_kb: int = 0
     samples: int = 0
@@ -905,6 +909,7 @@ def benchmark_dataset(
                 row.check = f"FAILED: exit {measurement.returncode} in repeat {repeat + 1}"
             else:
                 row.times.append(measurement.seconds)
+                row.cpu_times.append(measurement.cpu_seconds)
     return rows
 
 
@@ -1106,19 +1111,34 @@ def verdicts(results: list[tuple[Dataset, list[Row]]]) -> list[str]:
 
 def startup_table(rows: list[Row]) -> str:
     """The start-up rows: min and median seconds, and each min over ``import numpy``'s."""
-    base = minimum(next((r for r in rows if r.contender.name == "import numpy"), None))
+    base_row = next((r for r in rows if r.contender.name == "import numpy"), None)
+    base = minimum(base_row)
+    base_cpu = min(base_row.cpu_times) if base is not None and base_row is not None else None
     lines = []
     for row in rows:
         best = minimum(row)
+        cpu = min(row.cpu_times) if best is not None else None
         lines.append(
             [
                 f"`{row.contender.name}`",
                 f"{best:.3f}" if best is not None else "FAILED",
                 f"{statistics.median(row.times):.3f}" if best is not None else "-",
                 f"{best - base:+.3f}" if best is not None and base is not None else "-",
+                f"{cpu:.3f}" if cpu is not None else "-",
+                f"{cpu - base_cpu:+.3f}" if cpu is not None and base_cpu is not None else "-",
             ]
         )
-    return markdown_table(["start-up", "min s", "median s", "min over `import numpy` s"], lines)
+    return markdown_table(
+        [
+            "start-up",
+            "min s",
+            "median s",
+            "min over `import numpy` s",
+            "min CPU s",
+            "CPU over `import numpy` s",
+        ],
+        lines,
+    )
 
 
 def startup_verdict(rows: list[Row]) -> str:
@@ -1130,10 +1150,12 @@ def startup_verdict(rows: list[Row]) -> str:
         return "- start-up: a start-up row FAILED; no verdict."
     over = polyak_min - numpy_min
     medians = statistics.median(polyak_row.times) - statistics.median(numpy_row.times)
+    cpu = min(polyak_row.cpu_times) - min(numpy_row.cpu_times)
     return (
         f"- start-up: `polyak --version` {polyak_min:.3f} s against `python -c 'import numpy'` "
-        f"{numpy_min:.3f} s by mins: {over:+.3f} s (medians {medians:+.3f} s); target <= "
-        f"+{STARTUP_TARGET_SECONDS} s: {'met' if over <= STARTUP_TARGET_SECONDS else 'MISSED'}."
+        f"{numpy_min:.3f} s by mins: {over:+.3f} s (medians {medians:+.3f} s; CPU time "
+        f"{cpu:+.3f} s by mins); target <= +{STARTUP_TARGET_SECONDS} s: "
+        f"{'met' if over <= STARTUP_TARGET_SECONDS else 'MISSED'}."
     )
 
 
@@ -1223,7 +1245,8 @@ def small_summary(
             f"Under test: {polyak_text}. {rerun}",
             "",
             f"Start-up: each the fastest and the median of {startup_repeats} runs, interleaved; "
-            "seconds from spawning the process to reaping it.",
+            "seconds from spawning the process to reaping it, and its CPU time (user + "
+            "system, from wait4), which other work on the machine stretches far less.",
             "",
             startup_table(startup_rows),
             "",
@@ -1241,6 +1264,15 @@ def small_summary(
 def measured_versions(polyak: Path) -> str:
     """The versions of MEASURED_VERSIONS in polyak's environment."""
     return ", ".join(f"{name} {tool_version(polyak, name)}" for name in MEASURED_VERSIONS)
+
+
+def load_text(start: tuple[float, float, float]) -> str:
+    """The machine's 1-minute load average at the start and the end of the run: how much
+    other work shared its CPUs (wall times stretch with it; CPU times much less)."""
+    return (
+        f"load average {start[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end "
+        f"({os.cpu_count()} CPUs)"
+    )
 
 
 def machine_description() -> str:
@@ -1417,6 +1449,7 @@ def main(argv: list[str] | None = None) -> int:
         print(message, flush=True)
 
     started = time.perf_counter()
+    load_at_start = os.getloadavg()
     workdir = args.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     tools_venv = (args.tools_venv or workdir / "tools-venv").resolve()
@@ -1453,6 +1486,7 @@ def main(argv: list[str] | None = None) -> int:
         log("\n" + dataset_table(dataset, rows))
 
     ran = any(row.contender.name == "mergekit" for _, rows in results for row in rows)
+    machine += f", {load_text(load_at_start)}"
     if source_digest() not in polyak_text:
         polyak_text += f"; CHANGED during the run, now {source_digest()}"
     command = shlex.join(["python", *sys.argv])
