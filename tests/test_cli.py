@@ -413,25 +413,39 @@ def test_inspect_of_bfloat16_files_reads_dtypes_from_headers_only(tmp_path):
     assert "ml_dtypes" not in imported
 
 
-def test_bfloat16_safetensors_average_from_the_command_line(tmp_path, capsys):
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_bfloat16_average_from_the_command_line_imports_ml_dtypes_when_needed(suffix, tmp_path):
+    # A fresh process, as a user runs it: ml_dtypes is imported on meeting bfloat16.
     import ml_dtypes
+    import torch
 
     rng = np.random.default_rng(3)
     members = [rng.standard_normal((4, 5)).astype(ml_dtypes.bfloat16) for _ in range(3)]
     paths = []
     for step, values in enumerate(members):
-        paths.append(tmp_path / f"ckpt_{step}.safetensors")
-        save_file({"w": values, "f": values.astype(np.float32)}, str(paths[-1]))
-    out = tmp_path / "out.safetensors"
-    code, _, err = run(["average", *map(str, paths), "-o", str(out)], capsys)
-    assert code == 0, err
-    averaged = load_file(str(out))
+        paths.append(tmp_path / f"ckpt_{step}{suffix}")
+        wide = values.astype(np.float32)  # bfloat16 values, exactly
+        if suffix == ".safetensors":
+            save_file({"w": values, "f": wide}, str(paths[-1]))
+        else:
+            tensors = {"w": torch.from_numpy(wide).to(torch.bfloat16), "f": torch.from_numpy(wide)}
+            torch.save(tensors, paths[-1])
+    out = tmp_path / f"out{suffix}"
+    imported = imported_by_command(["average", *map(str, paths), "-o", str(out)], tmp_path)
+    assert "ml_dtypes" in imported and "torch" not in imported
+    if suffix == ".safetensors":
+        averaged = load_file(str(out))
+        half, single = averaged["w"], averaged["f"]
+        assert half.dtype == ml_dtypes.bfloat16
+        half = half.astype(np.float64)
+    else:
+        averaged = torch.load(out, weights_only=True)
+        assert averaged["w"].dtype == torch.bfloat16
+        half, single = averaged["w"].double().numpy(), averaged["f"].numpy()
     reference = np.mean([values.astype(np.float64) for values in members], axis=0)
-    assert averaged["w"].dtype == ml_dtypes.bfloat16
-    # One rounding to bfloat16 (8 significant bits) of the float64 mean.
-    np.testing.assert_allclose(averaged["w"].astype(np.float64), reference, rtol=2.0**-8)
-    np.testing.assert_array_equal(averaged["w"], reference.astype(ml_dtypes.bfloat16))
-    np.testing.assert_allclose(averaged["f"], reference, rtol=1e-6, atol=1e-7)
+    # One rounding to bfloat16 (unit roundoff 2^-8) of a float32-accurate mean.
+    np.testing.assert_allclose(half, reference, rtol=2.0**-8 + 2.0**-20)
+    np.testing.assert_allclose(single, reference, rtol=1e-6, atol=1e-7)
 
 
 def test_progress_bar_shows_on_a_terminal_after_its_delay(monkeypatch):
