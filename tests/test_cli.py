@@ -377,14 +377,16 @@ def float32_pair(tmp_path: Path, suffix: str) -> tuple[Path, Path]:
 
 COMMANDS = {
     "average": ["average", "{a}", "{b}", "-o", "{out}"],
-    "inspect": ["inspect", "{a}"],
     "inspect-json": ["inspect", "{a}", "{b}", "--json"],
 }
 
 
 @pytest.mark.parametrize(
     ("suffix", "command"),
-    [pytest.param(".safetensors", ["--version"], id="version")]
+    [
+        pytest.param(".safetensors", ["--version"], id="version"),
+        pytest.param(".safetensors", ["inspect", "{a}"], id="inspect-table.safetensors"),
+    ]
     + [
         # .pt too: polyak reads and writes torch's zip format without torch.
         pytest.param(suffix, command, id=f"{name}{suffix}")
