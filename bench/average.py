@@ -51,6 +51,18 @@ What it measures
     floors as above. On both, a ``startup`` row times a child that only imports numpy:
     the part of every time that is Python's start-up.
 
+    Start-up rows, run first: ``python -c 'import numpy'`` against ``polyak --version``
+    (Python, polyak's imports and its command line, no work), ``--startup-repeats`` runs
+    each, interleaved. With the 10 x 1 MB data set (where fixed costs are nearly all of
+    the time, so it is judged in seconds over the floor's process, not by ratio) and
+    10 x 100 MB, they make README.md's start-up and small-models block, which names the
+    versions of numpy, ml_dtypes, safetensors, typer and rich measured (what polyak's
+    fixed costs depend on).
+
+    Every contender runs with this environment, less PYTHONDONTWRITEBYTECODE: Python's
+    bytecode caches are written by the warm-up and used, as they are for an installed
+    package (pip compiles them at install).
+
 How
     The model: an embedding (vocabulary x d), L layers of a pre-norm transformer block
     (layer norm weight and bias, fused qkv weight 3d x d and bias, attention output d x d
@@ -95,12 +107,15 @@ Report
     ``--contenders``, no ``--no-readme``) in which every contender passed its check also
     rewrites the block between ``<!-- bench-average:begin -->`` and
     ``<!-- bench-average:end -->`` in README.md with the command, the summary table and
-    the verdicts, in one step at the end.
+    the verdicts, and the start-up and small-models block (``bench-small``), in one step
+    at the end. ``--small`` runs only the start-up rows and the 10 MB and 1 GB safetensors
+    data sets (a few minutes instead of about ten) and rewrites only ``bench-small``,
+    saying that the main table is from another run.
 
 Usage:
-    .venv/bin/python bench/average.py [--totals 1GB,5GB] [--pt-totals 1GB,5GB]
-        [--members 10] [--repeats 3] [--workdir /tmp/polyak-bench] [--quick]
-        [--install-tools] [--no-readme]
+    .venv/bin/python bench/average.py [--totals 10MB,1GB,5GB] [--pt-totals 1GB,5GB]
+        [--members 10] [--repeats 3] [--startup-repeats 10] [--workdir /tmp/polyak-bench]
+        [--quick | --small] [--install-tools] [--no-readme]
 """
 
 from __future__ import annotations
@@ -135,6 +150,13 @@ SAFETENSORS_FLOOR_TARGET = 1.5
 PT_FLOOR_TARGET = 2.0
 MB = 1_000_000
 SAFETENSORS_DTYPES = {"float32": "F32", "float64": "F64"}
+# Start-up and small models: fixed costs, judged in seconds over the baseline, not by ratio.
+STARTUP_TARGET_SECONDS = 0.15  # polyak --version over python -c 'import numpy'
+SMALL_TARGET_SECONDS = 0.25  # polyak over the floor's process, members up to SMALL_MEMBER_BYTES
+SMALL_MEMBER_BYTES = 10 * MB
+SMALL_TOTALS = "10MB,1GB"
+# Distributions whose versions decide the fixed costs (ml_dtypes 0.7 took 1.1 s to import).
+MEASURED_VERSIONS = ("numpy", "ml_dtypes", "safetensors", "typer", "rich")
 
 
 # -- sizes --------------------------------------------------------------------------------
@@ -662,6 +684,25 @@ def mergekit_command(executable: Path, workdir: Path) -> Callable[[Dataset, Path
     return command
 
 
+def startup_contenders(polyak: Path) -> list[Contender]:
+    """The start-up rows: Python importing numpy (the floor of every contender's start),
+    and ``polyak --version`` (Python, polyak's imports and its command line, no work)."""
+    return [
+        Contender(
+            "import numpy",
+            lambda dataset, out: [sys.executable, "-c", "import numpy"],
+            "startup-numpy.none",
+            checked=False,
+        ),
+        Contender(
+            "polyak --version",
+            lambda dataset, out: [str(polyak), "--version"],
+            "startup-polyak.none",
+            checked=False,
+        ),
+    ]
+
+
 def contenders_for(fmt: str, polyak: Path, mergekit: Path | None, workdir: Path) -> list[Contender]:
     """The contenders of one input format, in table order."""
     suffix = ".safetensors" if fmt == "safetensors" else ".pt"
@@ -700,6 +741,7 @@ class Measurement:
     peak_rss_kb: int  # ru_maxrss from wait4
     peak_anon_kb: int  # max RssAnon over samples
     samples: int
+    cpu_seconds: float  # user + system time of the child, from wait4
 
 
 # The process that spawns and reaps each contender. Linux's ru_maxrss of a child counts
@@ -737,8 +779,20 @@ sampler.join()
 with open(result_path, "w") as out:
     json.dump({"seconds": seconds, "returncode": os.waitstatus_to_exitcode(status),
                "maxrss_kb": usage.ru_maxrss, "hwm_kb": peaks["VmHWM:"],
-               "anon_kb": peaks["RssAnon:"], "samples": samples[0]}, out)
+               "anon_kb": peaks["RssAnon:"], "samples": samples[0],
+               "cpu": usage.ru_utime + usage.ru_stime}, out)
 """
+
+
+def contender_environment() -> dict[str, str]:
+    """The contenders' environment: this one, with Python's bytecode caches allowed.
+
+    pip compiles an installed package's modules at install, so users run from bytecode
+    caches; an environment that sets PYTHONDONTWRITEBYTECODE (some sandboxes do) would
+    instead make every run compile polyak's sources again (35 ms of CPU more for
+    ``polyak --version`` here). The warm-up run writes the caches.
+    """
+    return {name: value for name, value in os.environ.items() if name != "PYTHONDONTWRITEBYTECODE"}
 
 
 def measure_process(argv: list[str], log_path: Path, timeout: float) -> Measurement:
@@ -756,6 +810,7 @@ def measure_process(argv: list[str], log_path: Path, timeout: float) -> Measurem
             stderr=subprocess.STDOUT,
             check=True,
             timeout=timeout + 60,
+            env=contender_environment(),
         )
     result = json.loads(result_path.read_text())
     return Measurement(
@@ -764,6 +819,7 @@ def measure_process(argv: list[str], log_path: Path, timeout: float) -> Measurem
         max(result["maxrss_kb"], result["hwm_kb"]),
         result["anon_kb"],
         result["samples"],
+        result["cpu"],
     )
 
 
@@ -788,6 +844,7 @@ def remove_output(path: Path) -> None:
 class Row:
     contender: Contender
     times: list[float] = field(default_factory=list)
+    cpu_times: list[float] = field(default_factory=list)
     peak_rss_kb: int = 0
     peak_anon_kb: int = 0
     samples: int = 0
@@ -801,14 +858,17 @@ class Row:
 
 
 def benchmark_dataset(
-    dataset: Dataset,
+    dataset: Dataset | None,
     contenders: list[Contender],
     outputs: Path,
     repeats: int,
     timeout: float,
     log: Callable[[str], None],
 ) -> list[Row]:
-    """Warm up and check each contender, then time them interleaved and rotated."""
+    """Warm up and check each contender, then time them interleaved and rotated.
+
+    ``dataset`` is None for the start-up rows, which read and write nothing.
+    """
     rows = [Row(contender) for contender in contenders]
     log_path = outputs / "contenders.log"
 
@@ -831,7 +891,7 @@ def benchmark_dataset(
         if measurement.returncode != 0:
             row.failed = True
             row.check = f"FAILED: exit {measurement.returncode} (see {log_path})"
-        elif row.contender.checked:
+        elif row.contender.checked and dataset is not None:
             result = check_output(out, dataset)
             row.failed = not result.ok
             row.check = result.message if result.ok else f"FAILED: {result.message}"
@@ -849,6 +909,7 @@ def benchmark_dataset(
                 row.check = f"FAILED: exit {measurement.returncode} in repeat {repeat + 1}"
             else:
                 row.times.append(measurement.seconds)
+                row.cpu_times.append(measurement.cpu_seconds)
     return rows
 
 
@@ -995,6 +1056,7 @@ def verdicts(results: list[tuple[Dataset, list[Row]]]) -> list[str]:
             continue
         target = SAFETENSORS_FLOOR_TARGET if dataset.fmt == "safetensors" else PT_FLOOR_TARGET
         ratio = polyak_min / floor_min
+        small = dataset.fmt == "safetensors" and dataset.member_bytes <= SMALL_MEMBER_BYTES
         others = [
             (minimum(row), row.contender.name)
             for row in rows
@@ -1004,11 +1066,20 @@ def verdicts(results: list[tuple[Dataset, list[Row]]]) -> list[str]:
         failed = [name for seconds, name in others if seconds is None]
         fastest = min(ran) if ran else None
         faster = fastest is None or polyak_min < fastest[0]
-        line = (
-            f"- {head}: polyak / floor = {ratio:.2f}x by mins (medians "
-            f"{statistics.median(polyak.times) / statistics.median(floor.times):.2f}x); "
-            f"target <= {target}x: {'met' if ratio <= target else 'MISSED'}."
-        )
+        if small:  # fixed costs dominate: judged by seconds over the floor's process
+            over = polyak_min - floor_min
+            line = (
+                f"- {head}: polyak - floor = {over:+.3f} s by mins (medians "
+                f"{statistics.median(polyak.times) - statistics.median(floor.times):+.3f} s; "
+                f"{ratio:.2f}x by mins); target <= +{SMALL_TARGET_SECONDS} s: "
+                f"{'met' if over <= SMALL_TARGET_SECONDS else 'MISSED'}."
+            )
+        else:
+            line = (
+                f"- {head}: polyak / floor = {ratio:.2f}x by mins (medians "
+                f"{statistics.median(polyak.times) / statistics.median(floor.times):.2f}x); "
+                f"target <= {target}x: {'met' if ratio <= target else 'MISSED'}."
+            )
         if fastest is not None:
             line += (
                 f" Faster than every other contender: {'yes' if faster else 'NO'} (fastest "
@@ -1036,6 +1107,61 @@ def verdicts(results: list[tuple[Dataset, list[Row]]]) -> list[str]:
             + f": {'met' if worst < ANON_TARGET_MB else 'MISSED'}."
         )
     return lines
+
+
+def startup_table(rows: list[Row]) -> str:
+    """The start-up rows: min and median seconds, and each min over ``import numpy``'s."""
+    base_row = next((r for r in rows if r.contender.name == "import numpy"), None)
+    base = minimum(base_row)
+    base_cpu = min(base_row.cpu_times) if base is not None and base_row is not None else None
+    lines = []
+    for row in rows:
+        best = minimum(row)
+        cpu = min(row.cpu_times) if best is not None else None
+        lines.append(
+            [
+                f"`{row.contender.name}`",
+                f"{best:.3f}" if best is not None else "FAILED",
+                f"{statistics.median(row.times):.3f}" if best is not None else "-",
+                f"{best - base:+.3f}" if best is not None and base is not None else "-",
+                f"{cpu:.3f}" if cpu is not None else "-",
+                f"{cpu - base_cpu:+.3f}" if cpu is not None and base_cpu is not None else "-",
+            ]
+        )
+    return markdown_table(
+        [
+            "start-up",
+            "min s",
+            "median s",
+            "min over `import numpy` s",
+            "min CPU s",
+            "CPU over `import numpy` s",
+        ],
+        lines,
+    )
+
+
+def startup_verdict(rows: list[Row]) -> str:
+    """The start-up target: ``polyak --version`` within STARTUP_TARGET_SECONDS of numpy's."""
+    by_name = {row.contender.name: row for row in rows}
+    numpy_row, polyak_row = by_name["import numpy"], by_name["polyak --version"]
+    numpy_min, polyak_min = minimum(numpy_row), minimum(polyak_row)
+    if numpy_min is None or polyak_min is None:
+        return "- start-up: a start-up row FAILED; no verdict."
+    over = polyak_min - numpy_min
+    medians = statistics.median(polyak_row.times) - statistics.median(numpy_row.times)
+    cpu = min(polyak_row.cpu_times) - min(numpy_row.cpu_times)
+    return (
+        f"- start-up: `polyak --version` {polyak_min:.3f} s against `python -c 'import numpy'` "
+        f"{numpy_min:.3f} s by mins: {over:+.3f} s (medians {medians:+.3f} s; CPU time "
+        f"{cpu:+.3f} s by mins); target <= +{STARTUP_TARGET_SECONDS} s: "
+        f"{'met' if over <= STARTUP_TARGET_SECONDS else 'MISSED'}."
+    )
+
+
+def is_small(dataset: Dataset) -> bool:
+    """Whether a data set belongs to the start-up and small-models block (members <= 100 MB)."""
+    return dataset.fmt == "safetensors" and dataset.total / len(dataset.members) <= 100 * MB
 
 
 def summary_table(results: list[tuple[Dataset, list[Row]]]) -> str:
@@ -1094,6 +1220,61 @@ def readme_summary(
     )
 
 
+def small_summary(
+    command: str,
+    machine: str,
+    versions: str,
+    polyak_text: str,
+    repeats: int,
+    startup_repeats: int,
+    startup_rows: list[Row],
+    results: list[tuple[Dataset, list[Row]]],
+    partial: bool,
+) -> str:
+    """The README's start-up and small-models block (bench-small)."""
+    small = [(dataset, rows) for dataset, rows in results if is_small(dataset)]
+    rerun = (
+        "This block was rewritten by a run of these rows only; the table above is from "
+        "its own (full) run, named in its command line."
+        if partial
+        else "The table above is from the same run."
+    )
+    return "\n".join(
+        [
+            f"Command: `{command}`. Machine: {machine}. Measured with {versions}. "
+            f"Under test: {polyak_text}. {rerun}",
+            "",
+            f"Start-up: each the fastest and the median of {startup_repeats} runs, interleaved; "
+            "seconds from spawning the process to reaping it, and its CPU time (user + "
+            "system, from wait4), which other work on the machine stretches far less.",
+            "",
+            startup_table(startup_rows),
+            "",
+            f"Small models: as in the table above (the fastest of {repeats} timed runs, its "
+            "ratio to the I/O floor's, peak anonymous memory).",
+            "",
+            summary_table(small),
+            "",
+            startup_verdict(startup_rows),
+            *verdicts(small),
+        ]
+    )
+
+
+def measured_versions(polyak: Path) -> str:
+    """The versions of MEASURED_VERSIONS in polyak's environment."""
+    return ", ".join(f"{name} {tool_version(polyak, name)}" for name in MEASURED_VERSIONS)
+
+
+def load_text(start: tuple[float, float, float]) -> str:
+    """The machine's 1-minute load average at the start and the end of the run: how much
+    other work shared its CPUs (wall times stretch with it; CPU times much less)."""
+    return (
+        f"load average {start[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end "
+        f"({os.cpu_count()} CPUs)"
+    )
+
+
 def machine_description() -> str:
     import numpy
     import safetensors
@@ -1130,8 +1311,21 @@ def polyak_description(polyak: Path) -> str:
         text=True,
         check=False,
     ).stdout.strip()
+    python = polyak.parent / "python"
+    imported = subprocess.run(
+        [
+            str(python if python.exists() else sys.executable),
+            "-c",
+            "import polyak; print(polyak.__file__)",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=contender_environment(),
+    ).stdout.strip()
     return (
-        f"polyak {tool_version(polyak, 'polyak')} ({polyak}, git {commit or 'unknown'}, "
+        f"polyak {tool_version(polyak, 'polyak')} ({polyak}, imported from "
+        f"{Path(imported).parent.parent if imported else 'unknown'}, git {commit or 'unknown'}, "
         f"src/polyak sha256 {source_digest()})"
     )
 
@@ -1151,7 +1345,9 @@ def main(argv: list[str] | None = None) -> int:
         epilog="Sizes: 500MB, 5GB (decimal) or 1.5GiB; a total is all N members together.",
     )
     parser.add_argument(
-        "--totals", default="1GB,5GB", help="safetensors data sets, total sizes (default 1GB,5GB)"
+        "--totals",
+        default="10MB,1GB,5GB",
+        help="safetensors data sets, total sizes (default 10MB,1GB,5GB)",
     )
     parser.add_argument(
         "--pt-totals",
@@ -1172,6 +1368,18 @@ def main(argv: list[str] | None = None) -> int:
         "--quick",
         action="store_true",
         help="a tiny run for development: --totals 20MB --pt-totals 20MB --repeats 2",
+    )
+    parser.add_argument(
+        "--small",
+        action="store_true",
+        help=f"only the start-up rows and the small models: --totals {SMALL_TOTALS} "
+        "--pt-totals ''; rewrites only README.md's start-up and small-models block",
+    )
+    parser.add_argument(
+        "--startup-repeats",
+        type=int,
+        default=10,
+        help="timed runs of each start-up row (default 10)",
     )
     parser.add_argument(
         "--no-readme",
@@ -1211,25 +1419,37 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unexpected arguments {args.inputs}")
     if args.quick:
         args.totals, args.pt_totals, args.repeats = "20MB", "20MB", 2
+    if args.small:
+        args.totals, args.pt_totals = SMALL_TOTALS, ""
     try:
         totals, pt_totals = parse_sizes(args.totals), parse_sizes(args.pt_totals)
     except argparse.ArgumentTypeError as error:
         parser.error(str(error))
     if args.members < 2:
         parser.error(f"--members must be >= 2; received {args.members}.")
-    if args.repeats < 1:
-        parser.error(f"--repeats must be >= 1; received {args.repeats}.")
+    if args.repeats < 1 or args.startup_repeats < 1:
+        parser.error(
+            f"--repeats and --startup-repeats must be >= 1; received {args.repeats} and "
+            f"{args.startup_repeats}."
+        )
     if not args.polyak.exists():
         parser.error(f"--polyak {args.polyak} does not exist; install polyak (make test) first.")
     selected = {name.strip() for name in args.contenders.split(",") if name.strip()}
     write_readme = not (args.quick or args.no_readme or selected)
-    if write_readme and not has_readme_block("bench-average"):
-        parser.error("README.md has no bench-average block to rewrite; use --no-readme.")
+    blocks = (
+        (["bench-small"] if args.small else ["bench-average", "bench-small"])
+        if write_readme
+        else []
+    )
+    for block in blocks:
+        if not has_readme_block(block):
+            parser.error(f"README.md has no {block} block to rewrite; use --no-readme.")
 
     def log(message: str) -> None:
         print(message, flush=True)
 
     started = time.perf_counter()
+    load_at_start = os.getloadavg()
     workdir = args.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     tools_venv = (args.tools_venv or workdir / "tools-venv").resolve()
@@ -1238,12 +1458,19 @@ def main(argv: list[str] | None = None) -> int:
     mergekit = find_mergekit(tools_venv)
     machine = machine_description()
     polyak_text = polyak_description(args.polyak)
+    versions = measured_versions(args.polyak)
     log(machine)
     log(polyak_text)
+    log(f"Measured with {versions}")
 
     outputs = workdir / "outputs"
     outputs.mkdir(exist_ok=True)
     (outputs / "contenders.log").write_text("")  # what the contenders printed, this run
+    log(f"\nstart-up, {args.startup_repeats} runs each:")
+    startup_rows = benchmark_dataset(
+        None, startup_contenders(args.polyak), outputs, args.startup_repeats, args.timeout, log
+    )
+    log("\n" + startup_table(startup_rows))
     results: list[tuple[Dataset, list[Row]]] = []
     plan = [("safetensors", total) for total in totals] + [("pt", total) for total in pt_totals]
     for fmt, total in plan:
@@ -1259,6 +1486,7 @@ def main(argv: list[str] | None = None) -> int:
         log("\n" + dataset_table(dataset, rows))
 
     ran = any(row.contender.name == "mergekit" for _, rows in results for row in rows)
+    machine += f", {load_text(load_at_start)}"
     if source_digest() not in polyak_text:
         polyak_text += f"; CHANGED during the run, now {source_digest()}"
     command = shlex.join(["python", *sys.argv])
@@ -1267,7 +1495,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Command: `{command}`  ",
         f"Machine: {machine}  ",
-        f"Under test: {polyak_text}",
+        f"Under test: {polyak_text}  ",
+        f"Measured with: {versions}",
         "",
         f"Each contender is its own process: warm-up (checked), then {args.repeats} timed "
         "runs interleaved in rotating order. Seconds include Python's start-up and imports; "
@@ -1279,7 +1508,12 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "## Verdicts",
         "",
+        startup_verdict(startup_rows),
         *verdicts(results),
+        "",
+        f"## Start-up (the fastest and the median of {args.startup_repeats} runs, interleaved)",
+        "",
+        startup_table(startup_rows),
         "",
         "## Summary (min seconds, ratio to the floor's min, peak anonymous memory)",
         "",
@@ -1313,14 +1547,28 @@ def main(argv: list[str] | None = None) -> int:
         for dataset, rows in results
         for row in rows
         if row.failed
-    ]
+    ] + [f"start-up {row.contender.name}" for row in startup_rows if row.failed]
     if failed:
         print(f"FAILED: {', '.join(failed)}; README.md left as it was.", file=sys.stderr)
         return 1
-    if write_readme:
+    if "bench-average" in blocks:
         block = readme_summary(command, machine, polyak_text, args.repeats, results)
         replace_readme_block("bench-average", block, "## Speed and memory")
         print("README.md's benchmark block rewritten from this run.")
+    if "bench-small" in blocks:
+        block = small_summary(
+            command,
+            machine,
+            versions,
+            polyak_text,
+            args.repeats,
+            args.startup_repeats,
+            startup_rows,
+            results,
+            partial=args.small,
+        )
+        replace_readme_block("bench-small", block, "## Speed and memory")
+        print("README.md's start-up and small-models block rewritten from this run.")
     return 0
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import ml_dtypes
@@ -556,3 +558,25 @@ def test_existing_output_directory_needs_overwrite(tmp_path):
     with pytest.raises(OutputError, match=r"holds config\.json, which polyak did not write"):
         polyak.average_to(tmp_path / "run", out, overwrite=True)
     assert (out / "config.json").exists()
+
+
+def test_the_library_imports_no_command_line_and_no_heavy_module(tmp_path):
+    """``import polyak`` and a safetensors average: numpy and safetensors' header, nothing more."""
+    for step in (1, 2):
+        save_file(
+            {"w": np.full(3, float(step), np.float32)}, str(tmp_path / f"m_{step}.safetensors")
+        )
+    probe = (
+        "import sys, polyak; "
+        f"polyak.average_to({str(tmp_path)!r}, {str(tmp_path / 'out.npz')!r}); "
+        "print(' '.join(sorted({name.split('.')[0] for name in sys.modules})))"
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=False
+    )
+    assert completed.returncode == 0, completed.stderr
+    imported = set(completed.stdout.split())
+    assert "polyak" in imported
+    unwanted = {"typer", "rich", "click", "ml_dtypes", "torch", "keras", "h5py", "matplotlib"}
+    assert sorted(imported & (unwanted | {"scipy"})) == []
+    np.testing.assert_array_equal(np.load(tmp_path / "out.npz")["w"], np.full(3, 1.5, np.float32))

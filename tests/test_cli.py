@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
+import polyak
 from polyak.cli.main import main
 
 
@@ -341,3 +342,151 @@ def test_average_window_in_steps_and_tokens(tmp_path: Path, capsys) -> None:
         ["average", str(tmp_path), "--window-tokens", "4e6", "-o", str(out)], capsys
     )
     assert code == 2 and "needs the tokens per step" in stderr
+
+
+# ---------------------------------------------------------------- start-up: what a command imports
+
+# Modules a command must not import unless its files need them: each costs from 0.1 s
+# (h5py) to over a second (ml_dtypes 0.7, torch, keras) before a byte is read.
+HEAVY_MODULES = ("ml_dtypes", "torch", "keras", "h5py", "matplotlib", "scipy")
+
+# Runs the command line in a fresh interpreter, then writes the names of every module
+# it imported (sys.modules at exit) to the file named by the first argument.
+IMPORTS_PROBE = """
+import json, sys
+from polyak.cli.main import main
+record, arguments = sys.argv[1], sys.argv[2:]
+try:
+    main(arguments)
+except SystemExit as exited:
+    code = exited.code
+with open(record, "w") as file:
+    json.dump({"code": code, "modules": sorted(sys.modules)}, file)
+"""
+
+
+def imported_by_command(arguments: list[str], tmp_path: Path) -> set[str]:
+    """Top-level names of the modules ``polyak ARGUMENTS`` imported, in a fresh process."""
+    record = tmp_path / "imports.json"
+    completed = subprocess.run(
+        [sys.executable, "-c", IMPORTS_PROBE, str(record), *arguments],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr
+    result = json.loads(record.read_text())
+    assert result["code"] in (0, None), completed.stderr
+    return {name.split(".")[0] for name in result["modules"]}
+
+
+def float32_pair(tmp_path: Path, suffix: str) -> tuple[Path, Path]:
+    """Two members of one format, written by their own library: w = 0, then w = 1."""
+    paths = tmp_path / f"model_1{suffix}", tmp_path / f"model_2{suffix}"
+    for value, path in enumerate(paths):
+        weights = np.full((3, 2), float(value), np.float32)
+        if suffix == ".safetensors":
+            save_file({"w": weights}, str(path))
+        elif suffix == ".npz":
+            np.savez(path, w=weights)
+        else:
+            import torch
+
+            torch.save({"w": torch.from_numpy(weights)}, path)
+    return paths
+
+
+COMMANDS = {
+    "average": ["average", "{a}", "{b}", "-o", "{out}"],
+    "inspect-json": ["inspect", "{a}", "{b}", "--json"],
+}
+
+
+@pytest.mark.parametrize(
+    ("suffix", "command"),
+    [
+        pytest.param(".safetensors", ["--version"], id="version"),
+        pytest.param(".safetensors", ["inspect", "{a}"], id="inspect-table.safetensors"),
+    ]
+    + [
+        # .pt too: polyak reads and writes torch's zip format without torch.
+        pytest.param(suffix, command, id=f"{name}{suffix}")
+        for suffix in (".safetensors", ".npz", ".pt")
+        for name, command in COMMANDS.items()
+    ],
+)
+def test_commands_import_no_heavy_module(suffix, command, tmp_path):
+    a, b = float32_pair(tmp_path, suffix)
+    out = tmp_path / f"out{suffix}"
+    arguments = [part.format(a=a, b=b, out=out) for part in command]
+    imported = imported_by_command(arguments, tmp_path)
+    assert "polyak" in imported and "typer" in imported  # the probe ran the command line
+    assert sorted(imported.intersection(HEAVY_MODULES)) == []
+    if "average" in command:
+        with polyak.open_checkpoint(out) as reader:
+            np.testing.assert_array_equal(reader.read("w"), np.full((3, 2), 0.5, np.float32))
+
+
+def test_inspect_of_bfloat16_files_reads_dtypes_from_headers_only(tmp_path):
+    import ml_dtypes  # to write the files; the probe starts a process without it
+
+    path = tmp_path / "half.safetensors"
+    save_file({"w": np.ones((2, 2), ml_dtypes.bfloat16)}, str(path))
+    imported = imported_by_command(["inspect", str(path), "--json"], tmp_path)
+    assert "ml_dtypes" not in imported
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_bfloat16_average_from_the_command_line_imports_ml_dtypes_when_needed(suffix, tmp_path):
+    # A fresh process, as a user runs it: ml_dtypes is imported on meeting bfloat16.
+    import ml_dtypes
+    import torch
+
+    rng = np.random.default_rng(3)
+    members = [rng.standard_normal((4, 5)).astype(ml_dtypes.bfloat16) for _ in range(3)]
+    paths = []
+    for step, values in enumerate(members):
+        paths.append(tmp_path / f"ckpt_{step}{suffix}")
+        wide = values.astype(np.float32)  # bfloat16 values, exactly
+        if suffix == ".safetensors":
+            save_file({"w": values, "f": wide}, str(paths[-1]))
+        else:
+            tensors = {"w": torch.from_numpy(wide).to(torch.bfloat16), "f": torch.from_numpy(wide)}
+            torch.save(tensors, paths[-1])
+    out = tmp_path / f"out{suffix}"
+    imported = imported_by_command(["average", *map(str, paths), "-o", str(out)], tmp_path)
+    assert "ml_dtypes" in imported and "torch" not in imported
+    if suffix == ".safetensors":
+        averaged = load_file(str(out))
+        half, single = averaged["w"], averaged["f"]
+        assert half.dtype == ml_dtypes.bfloat16
+        half = half.astype(np.float64)
+    else:
+        averaged = torch.load(out, weights_only=True)
+        assert averaged["w"].dtype == torch.bfloat16
+        half, single = averaged["w"].double().numpy(), averaged["f"].numpy()
+    reference = np.mean([values.astype(np.float64) for values in members], axis=0)
+    # One rounding to bfloat16 (unit roundoff 2^-8) of a float32-accurate mean.
+    np.testing.assert_allclose(half, reference, rtol=2.0**-8 + 2.0**-20)
+    np.testing.assert_allclose(single, reference, rtol=1e-6, atol=1e-7)
+
+
+def test_progress_bar_shows_on_a_terminal_after_its_delay(monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    from polyak.cli import output
+
+    screen = io.StringIO()
+    monkeypatch.setattr(output, "error_console", Console(file=screen, force_terminal=True))
+    with output.DelayedProgress("Averaging", delay=0.0) as progress:
+        progress.start(total=2048)
+        progress.advance(1024)
+        assert progress._progress is not None  # shown: rich.progress imported on demand
+        progress.advance(1024)
+    assert "Averaging" in screen.getvalue()
+    quiet = output.DelayedProgress("Averaging", delay=3600.0)
+    quiet.start(total=10)
+    quiet.advance(10)
+    assert quiet._progress is None  # not shown before its delay

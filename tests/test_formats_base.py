@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
-from polyak.formats.base import ArrayReader, PlannedTensors, StreamedTensor, TensorInfo
+from polyak.formats.base import (
+    DTYPES,
+    ArrayReader,
+    PlannedTensors,
+    StreamedTensor,
+    TensorInfo,
+    dtype_name,
+)
 
 
 def streamed(values: np.ndarray, chunk: int) -> StreamedTensor:
@@ -56,3 +66,40 @@ def test_planned_tensors_from_arrays_and_array_reader():
     with ArrayReader("memory", arrays) as reader:
         assert reader.names() == ["a", "b"]
         assert reader.info("b") == TensorInfo((), "int64")
+
+
+def test_dtype_table_imports_ml_dtypes_only_for_bfloat16():
+    # A fresh process: this one may hold ml_dtypes already.
+    probe = """
+import sys
+from polyak.formats.base import DTYPES, TensorInfo, dtype_name, itemsize
+import numpy as np
+names = list(DTYPES)
+assert TensorInfo((3, 4), "bfloat16").nbytes == 24 and itemsize("bfloat16") == 2
+assert dtype_name(np.float16) == "float16" and dtype_name(np.dtype(">f4")) == "float32"
+assert dtype_name(np.complex64) is None
+before = "ml_dtypes" in sys.modules
+bfloat16 = DTYPES["bfloat16"]
+import ml_dtypes
+assert bfloat16 == np.dtype(ml_dtypes.bfloat16) and dtype_name(bfloat16) == "bfloat16"
+print(",".join(names), before)
+"""
+    completed = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=False
+    )
+    assert completed.returncode == 0, completed.stderr
+    names, before = completed.stdout.split()
+    assert names.split(",")[:5] == ["float64", "float32", "float16", "bfloat16", "int64"]
+    assert before == "False"
+
+
+def test_dtype_table_lookups():
+    import ml_dtypes
+
+    assert DTYPES["float32"] == np.float32 and DTYPES["bool"] == np.bool_
+    assert DTYPES["bfloat16"] == np.dtype(ml_dtypes.bfloat16)
+    assert "bfloat16" in DTYPES and "complex64" not in DTYPES and len(DTYPES) == 13
+    with pytest.raises(KeyError):
+        DTYPES["complex64"]
+    assert dtype_name(ml_dtypes.bfloat16) == "bfloat16"
+    assert dtype_name(ml_dtypes.float8_e4m3fn) is None

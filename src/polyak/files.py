@@ -32,7 +32,6 @@ import filecmp
 import glob
 import os
 import re
-import secrets
 import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -297,7 +296,7 @@ def atomic_output(out: Path) -> Iterator[Path]:
     """
     out = Path(out)
     _remove_stale_temporaries(out)
-    temporary = out.parent / f".{out.name}{_TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
+    temporary = out.parent / f".{out.name}{_TEMP_MARK}{os.getpid()}-{os.urandom(4).hex()}"
     try:
         yield temporary
         try:
@@ -345,7 +344,7 @@ def atomic_directory(out: Path, companions: Sequence[Path] = ()) -> Iterator[Pat
     """
     out = Path(out)
     _remove_stale_temporaries(out)
-    token = f"{os.getpid()}-{secrets.token_hex(4)}"
+    token = f"{os.getpid()}-{os.urandom(4).hex()}"
     temporary = out.parent / f".{out.name}{_TEMP_MARK}{token}"
     try:
         temporary.mkdir()

@@ -71,7 +71,6 @@ import json
 import math
 import os
 import re
-import secrets
 import shutil
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -687,7 +686,7 @@ class SnapshotDirectory:
         committed = self._recover()
         final = self.directory / file_name
         workspace = self.directory / (
-            f"{_TEMPORARY_MARK}{os.getpid()}-{secrets.token_hex(4)}-{file_name}"
+            f"{_TEMPORARY_MARK}{os.getpid()}-{os.urandom(4).hex()}-{file_name}"
         )
         temporary = workspace / file_name
         try:

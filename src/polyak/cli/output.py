@@ -10,10 +10,12 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
 
 console = Console(highlight=False)
 error_console = Console(stderr=True, highlight=False)
@@ -67,6 +69,9 @@ class DelayedProgress:
         if self._progress is None:
             if not error_console.is_terminal or time.monotonic() - self._started < self.delay:
                 return
+            # Imported only when a bar shows: most runs never need rich.progress.
+            from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
+
             self._progress = Progress(
                 "[progress.description]{task.description}",
                 BarColumn(),

@@ -60,7 +60,6 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import ml_dtypes
 import numpy as np
 
 from polyak.errors import CheckpointError, OutputError, require
@@ -439,7 +438,7 @@ class TorchReader(ReaderBase):
         if not tensor.is_contiguous():
             tensor = tensor.contiguous()
         if tensor.dtype == torch.bfloat16:
-            array = tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+            array = tensor.view(torch.int16).numpy().view(DTYPES["bfloat16"])
         else:
             array = tensor.numpy()
         array.flags.writeable = False

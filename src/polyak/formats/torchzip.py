@@ -58,7 +58,7 @@ from typing import Any, BinaryIO, ClassVar
 
 import numpy as np
 
-from polyak.formats.base import DTYPES, StreamedTensor, TensorInfo
+from polyak.formats.base import DTYPES, StreamedTensor, TensorInfo, itemsize
 
 __all__ = [
     "NewTensor",
@@ -234,7 +234,7 @@ def _check_view(
         raise NotFastPath("negative storage offset")
     if 0 not in shape:
         last = offset + sum((size - 1) * step for size, step in zip(shape, stride, strict=True))
-        if last >= storage.data.size // DTYPES[dtype].itemsize:
+        if last >= storage.data.size // itemsize(dtype):
             raise NotFastPath("tensor reaches beyond its storage")
     return offset, shape, stride
 
@@ -569,9 +569,9 @@ def _load_archive(archive: zipfile.ZipFile, buffer: np.ndarray) -> Any:
                 raise NotFastPath(f"storage {key} is described twice differently")
             return existing
         data = record(f"data/{key}")
-        itemsize = 1 if kind == _UNTYPED_STORAGE else DTYPES[_TYPED_STORAGES[kind]].itemsize
-        if data.size != numel * itemsize:
-            raise NotFastPath(f"storage {key} has {data.size} bytes, not {numel * itemsize}")
+        width = 1 if kind == _UNTYPED_STORAGE else itemsize(_TYPED_STORAGES[kind])
+        if data.size != numel * width:
+            raise NotFastPath(f"storage {key} has {data.size} bytes, not {numel * width}")
         storages[key] = _Storage(kind, key, numel, data)
         return storages[key]
 

@@ -30,7 +30,6 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 
 from polyak.averaging import open_members
@@ -45,6 +44,7 @@ from polyak.data import (
 )
 from polyak.discovery import find_checkpoints
 from polyak.errors import CheckpointError, DataError, require
+from polyak.formats.base import DTYPES, dtype_name
 from polyak.schemes import Scheme, parse_schemes
 from polyak.sweep import SweepResult, run_sweep
 
@@ -101,7 +101,7 @@ def _as_torch(array: np.ndarray) -> Any:
     with warnings.catch_warnings():
         # Memory-mapped, read-only arrays: load_state_dict only reads them.
         warnings.simplefilter("ignore", UserWarning)
-        if array.dtype == ml_dtypes.bfloat16:
+        if dtype_name(array.dtype) == "bfloat16":
             return torch.from_numpy(np.ascontiguousarray(array).view(np.int16)).view(torch.bfloat16)
         return torch.from_numpy(np.ascontiguousarray(array))
 
@@ -109,7 +109,7 @@ def _as_torch(array: np.ndarray) -> Any:
 def _to_numpy(tensor: Any) -> np.ndarray:
     tensor = tensor.detach().cpu()
     if tensor.dtype == torch.bfloat16:
-        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return tensor.view(torch.int16).numpy().view(DTYPES["bfloat16"])
     return tensor.numpy()
 
 
