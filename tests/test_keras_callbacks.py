@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -261,22 +257,3 @@ def test_bad_arguments_are_refused(tmp_path: Path, arguments: dict, message: str
     with pytest.raises(ValueError, match=message):
         SnapshotCheckpoint(tmp_path, **arguments)
     assert names(tmp_path) == []
-
-
-def test_importing_polyak_keras_chooses_torch_without_tensorflow(tmp_path: Path) -> None:
-    # keras.json as Keras writes it on first import, naming TensorFlow unasked.
-    (tmp_path / "keras.json").write_text(json.dumps({"backend": "tensorflow"}))
-    env = {key: value for key, value in os.environ.items() if key != "KERAS_BACKEND"}
-    env["KERAS_HOME"] = str(tmp_path)
-    script = (
-        "import sys, importlib.util\n"
-        "import polyak\n"
-        "assert 'keras' not in sys.modules and 'torch' not in sys.modules\n"
-        "import polyak.keras, keras\n"
-        "expected = 'tensorflow' if importlib.util.find_spec('tensorflow') else 'torch'\n"
-        "assert keras.backend.backend() == expected, keras.backend.backend()\n"
-    )
-    completed = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=False
-    )
-    assert completed.returncode == 0, completed.stderr

@@ -209,7 +209,8 @@ class _Profiles:
         try:
             for width, averages in self.averages.items():
                 for variable, average in zip(self.variables, averages, strict=True):
-                    variable.assign(ops.cast(average, variable.dtype))
+                    # A copy: on JAX, compiled steps donate the buffers variables hold.
+                    variable.assign(ops.copy(ops.cast(average, variable.dtype)))
                 directory = self._directories.get(width)
                 if directory is None:
                     directory = SnapshotDirectory(

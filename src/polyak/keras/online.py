@@ -353,7 +353,9 @@ class OnlineAverage(keras.callbacks.Callback):
             self.model  # noqa: B018  (JAX: sync the model's state first)
             for variable, average in zip(self._variables, self._averages, strict=True):
                 backup.append(ops.copy(ops.stop_gradient(variable.value)))
-                variable.assign(ops.cast(average, variable.dtype))
+                # A copy, never the average itself: on JAX, compiled steps donate (free)
+                # the buffers the variables hold, and the average must outlive them.
+                variable.assign(ops.copy(ops.cast(average, variable.dtype)))
         self._backup = backup
 
     def swap_out(self) -> None:
