@@ -64,15 +64,28 @@ np.savez(
 """
 
 
-def run_on(backend: str, arguments: list[str], home: Path | None = None, **env_changes):
-    """Run ``python ARGUMENTS`` (or the polyak script) with Keras on ``backend``."""
+def environment(backend: str | None, home: Path | None = None) -> dict[str, str]:
+    """This process's environment with ``KERAS_BACKEND=backend`` (None: unset)."""
     env = {key: value for key, value in os.environ.items() if key != "KERAS_BACKEND"}
     if backend:
         env["KERAS_BACKEND"] = backend
     if home is not None:
         env["KERAS_HOME"] = str(home)
-    env.update(env_changes)
+    return env
+
+
+def run_on(backend: str | None, arguments: list[str], home: Path | None = None):
+    """Run ``ARGUMENTS`` (python or the polyak script) with Keras on ``backend``."""
+    env = environment(backend, home)
     return subprocess.run(arguments, env=env, capture_output=True, text=True, check=False)
+
+
+def start_on(backend: str, arguments: list[str]) -> subprocess.Popen:
+    """:func:`run_on`, started and not waited for."""
+    return subprocess.Popen(
+        arguments, env=environment(backend), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
 
 
 def blobs(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -111,14 +124,17 @@ def written(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def evaluated(written) -> dict[str, dict[str, np.ndarray]]:
     """Each installed backend's numbers for the same snapshots."""
-    results = {}
+    # The backends side by side: each process is mostly start-up and compilation.
+    running = {}
     for backend in BACKENDS:
-        if not installed[backend]:
-            continue
-        out = written / f"{backend}.npz"
-        completed = run_on(backend, [sys.executable, "-c", EVALUATE, str(written), str(out)])
-        assert completed.returncode == 0, f"{backend}: {completed.stderr[-3000:]}"
-        with np.load(out) as archive:
+        if installed[backend]:
+            arguments = [sys.executable, "-c", EVALUATE, str(written), f"{written}/{backend}.npz"]
+            running[backend] = start_on(backend, arguments)
+    results = {}
+    for backend, process in running.items():
+        _, stderr = process.communicate()
+        assert process.returncode == 0, f"{backend}: {stderr[-3000:]}"
+        with np.load(written / f"{backend}.npz") as archive:
             results[backend] = {key: archive[key] for key in archive.files}
     return results
 
