@@ -375,3 +375,21 @@ def test_a_mixed_bfloat16_model_is_averaged_in_float32_and_evaluated_with_it(tmp
     check.set_weights([w.astype(v.dtype) for w, v in zip(expected, check.weights, strict=True)])
     loss = check.evaluate(X_VAL, Y_VAL, batch_size=BATCH, verbose=0)
     assert history.history["val_loss"][-1] == pytest.approx(loss, rel=1e-2)
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() == "torch",
+    reason="Keras refuses steps_per_execution > 1 on the torch backend",
+)
+def test_steps_per_execution_updates_once_per_execution_with_the_decay_of_its_steps(tmp_path):
+    # 3 batches an epoch run in one execution: the callback sees steps 3 and 6 only, and
+    # an update standing for 3 steps has decay r ** 3.
+    model, recorder = make_model(compiled=False), Recorder()
+    model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9), loss="mse",
+                  steps_per_execution=3)  # fmt: skip
+    average = OnlineAverage(decay=0.8)
+    model.fit(X, Y, batch_size=BATCH, epochs=2, shuffle=False, callbacks=[recorder, average],
+              verbose=0)  # fmt: skip
+    assert len(recorder.weights) == 2 and average.step == 6 and average.updates == 2
+    expected = float64_average(recorder.weights, "decay", 0.8**3)
+    assert_average_is(average, tmp_path / "average.npz", expected)
