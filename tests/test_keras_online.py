@@ -397,3 +397,32 @@ def test_steps_per_execution_updates_once_per_execution_with_the_decay_of_its_st
     assert len(recorder.weights) == 2 and average.step == 6 and average.updates == 2
     expected = float64_average(recorder.weights, "decay", 0.8**3)
     assert_average_is(average, tmp_path / "average.npz", expected)
+
+
+def test_a_model_saved_mid_accumulation_resumes_with_its_pending_batches(tmp_path):
+    # Two batches a step, batches of 16: 3 batches an epoch. After epoch 0 the optimizer
+    # has made 1 step and holds 1 batch; resumed, batches 4, 6 end steps 2, 3.
+    def compiled() -> keras.Model:
+        model = make_model(compiled=False)
+        optimizer = keras.optimizers.SGD(0.05, momentum=0.9, gradient_accumulation_steps=2)
+        model.compile(optimizer=optimizer, loss="mse")
+        return model
+
+    fit = {"batch_size": BATCH, "shuffle": False, "verbose": 0}
+    model, recorder = compiled(), Recorder()
+    average = OnlineAverage(decay=0.5)
+    model.fit(X, Y, epochs=2, callbacks=[recorder, average], **fit)
+    assert average.step == 3 and average.updates == 3
+    uninterrupted = float64_average([recorder.weights[b - 1] for b in (2, 4, 6)], "decay", 0.5)
+    assert_average_is(average, tmp_path / "uninterrupted.npz", uninterrupted)
+
+    first, average_first = compiled(), OnlineAverage(decay=0.5)
+    first.fit(X, Y, epochs=1, callbacks=[average_first], **fit)
+    first.save(tmp_path / "model.keras")
+    average_first.save(tmp_path / "average.npz")
+    resumed = keras.models.load_model(tmp_path / "model.keras", custom_objects=CUSTOM)
+    average_resumed = OnlineAverage(decay=0.5)
+    average_resumed.load(tmp_path / "average.npz")
+    resumed.fit(X, Y, epochs=2, initial_epoch=1, callbacks=[average_resumed], **fit)
+    assert average_resumed.step == 3 and average_resumed.updates == 3
+    assert_average_is(average_resumed, tmp_path / "resumed.npz", uninterrupted)

@@ -5,8 +5,8 @@ their counts and the optimizer's agree on resuming. Without gradient accumulatio
 step is a training batch. With ``gradient_accumulation_steps=k`` the optimizer changes
 the weights on every ``k``-th batch only, and ``iterations`` counts those updates:
 batches ``1 .. k`` are step 0 until the ``k``-th, which makes step 1, and so on. (Keras'
-own ``use_ema`` updates its average after every batch instead, averaging unchanged
-weights ``k`` times and stretching its time scale ``k`` times.)
+own ``use_ema`` updates its average after every batch instead: it averages unchanged
+weights ``k`` times, its momentum applying ``k`` times per optimizer step.)
 """
 
 from __future__ import annotations
@@ -39,12 +39,28 @@ def optimizer_steps(model: Any) -> int | None:
         return None
 
 
+def _batches_taken(model: Any, step: int, accumulation: int) -> int:
+    """The batches behind ``step`` accumulating steps, those of an unfinished step included.
+
+    Keras counts batches in the optimizer's private ``_iterations`` (``iterations`` is it
+    floor-divided by ``accumulation``); it is used only where it agrees with ``step``.
+    """
+    optimizer = getattr(model, "optimizer", None)
+    optimizer = getattr(optimizer, "inner_optimizer", optimizer)
+    counted = getattr(optimizer, "_iterations", None)
+    try:
+        batches = int(keras.ops.convert_to_numpy(getattr(counted, "value", counted)))
+    except (TypeError, ValueError):
+        return step * accumulation
+    return batches if batches // accumulation == step else step * accumulation
+
+
 class StepCounter:
     """Optimizer steps from the batch indices Keras passes to ``on_train_batch_end``.
 
     Call :meth:`start` in ``on_train_begin`` (with the steps taken so far), :meth:`new_epoch`
     in ``on_epoch_begin`` and :meth:`after_batch` in ``on_train_batch_end``. A model
-    saved mid-accumulation resumes counted from its last update.
+    saved mid-accumulation resumes with the batches it had accumulated counted.
     """
 
     def __init__(self) -> None:
@@ -66,6 +82,8 @@ class StepCounter:
         accumulation = _accumulation(model)
         if step != self.step or accumulation != self.accumulation:
             self.accumulation, self.batches = accumulation, step * accumulation
+            if accumulation > 1:
+                self.batches = _batches_taken(model, step, accumulation)
         self._epoch_start = self.batches
 
     def new_epoch(self) -> None:
