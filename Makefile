@@ -4,24 +4,38 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all fuzz lint format bench bench-average bench-sweep bench-dcp quality clean
+.PHONY: demo test test-all keras-backends fuzz lint format bench bench-average bench-sweep bench-dcp quality clean
 
 # torch first, pinned: pip takes the CPU wheel from local disk. Asking for the
 # rest first could let a dependency pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[all,dev]"
+	$(BIN)/pip install --quiet -e ".[all,dev,keras-backends]" torch==2.13.0
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/polyak demo
 
+# Keras fixes its backend once per process: the suite runs on torch (tests/conftest.py),
+# then the Keras tests run again in one process per other backend.
+# tests/test_keras_backends.py runs once: it starts a process per backend itself.
+KERAS_BACKENDS := jax tensorflow
+KERAS_TESTS = $(filter-out tests/test_keras_backends.py,$(wildcard tests/test_keras_*.py))
+
 test: $(STAMP)
 	$(BIN)/python -m pytest
+	$(MAKE) --no-print-directory keras-backends
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -m ""
+	$(MAKE) --no-print-directory keras-backends PYTEST_ARGS='-m ""'
+
+keras-backends: $(STAMP)
+	@for backend in $(KERAS_BACKENDS); do \
+		echo "Keras tests on the $$backend backend"; \
+		KERAS_BACKEND=$$backend $(BIN)/python -m pytest -q $(PYTEST_ARGS) $(KERAS_TESTS) || exit 1; \
+	done
 
 # The readers fuzzed longer than in `make test`: 5000 examples per property.
 fuzz: $(STAMP)

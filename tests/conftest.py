@@ -1,4 +1,4 @@
-"""Shared test set-up: Keras on the torch backend unless told otherwise, one thread."""
+"""Shared test set-up: Keras on torch unless KERAS_BACKEND says otherwise, one thread."""
 
 import contextlib
 import os
@@ -12,6 +12,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # One thread per process: CI and these machines have 2 shared cores, and torch's
 # default of one thread per core made small models 5-10x slower under load.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def pytest_report_header(config):
+    """The Keras backend of this run (`make test` runs the Keras tests on each)."""
+    return f"keras backend: {os.environ['KERAS_BACKEND']}"
 
 
 @pytest.fixture(scope="module")

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -263,20 +259,35 @@ def test_bad_arguments_are_refused(tmp_path: Path, arguments: dict, message: str
     assert names(tmp_path) == []
 
 
-def test_importing_polyak_keras_chooses_torch_without_tensorflow(tmp_path: Path) -> None:
-    # keras.json as Keras writes it on first import, naming TensorFlow unasked.
-    (tmp_path / "keras.json").write_text(json.dumps({"backend": "tensorflow"}))
-    env = {key: value for key, value in os.environ.items() if key != "KERAS_BACKEND"}
-    env["KERAS_HOME"] = str(tmp_path)
-    script = (
-        "import sys, importlib.util\n"
-        "import polyak\n"
-        "assert 'keras' not in sys.modules and 'torch' not in sys.modules\n"
-        "import polyak.keras, keras\n"
-        "expected = 'tensorflow' if importlib.util.find_spec('tensorflow') else 'torch'\n"
-        "assert keras.backend.backend() == expected, keras.backend.backend()\n"
-    )
-    completed = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=False
-    )
-    assert completed.returncode == 0, completed.stderr
+def test_every_steps_counts_optimizer_steps_with_gradient_accumulation(tmp_path: Path) -> None:
+    # Two batches a step: 64 samples in batches of 16 make 2 steps an epoch, 6 in 3 epochs;
+    # steps 2, 4, 6 end on batches 4, 8, 12, where the weights change.
+    x, y = data()
+    keras.utils.set_random_seed(0)
+    model = classic_model(compile=False)
+    optimizer = keras.optimizers.SGD(0.01, momentum=0.9, gradient_accumulation_steps=2)
+    model.compile(optimizer=optimizer, loss="categorical_crossentropy")
+    recorder = RecordWeights()
+    checkpoint = SnapshotCheckpoint(tmp_path, keep=3, every_steps=2, posthoc=(0.1,))
+    model.fit(x, y, epochs=3, batch_size=16, verbose=0, callbacks=[checkpoint, recorder])
+    assert int(keras.ops.convert_to_numpy(model.optimizer.iterations)) == 6
+    snapshots = verify(tmp_path)
+    assert [(s.step, s.epoch) for s in snapshots] == [(2, 0), (4, 1), (6, 2)]
+    restored = classic_model(compile=False)
+    for snapshot, batch in zip(snapshots, (4, 8, 12), strict=True):
+        restored.load_weights(snapshot.path)
+        assert_weights_equal(restored.get_weights(), recorder.steps[batch - 1])
+    # The post-hoc profile is updated once a step, at the step's last batch.
+    from polyak.posthoc import gamma_of, profile_directory
+
+    profile = verify(profile_directory(tmp_path, 0.1))[-1]
+    assert profile.step == 6
+    exponent = gamma_of(0.1) + 1
+    expected = [w.astype(np.float64) for w in recorder.steps[1]]
+    for t, batch in enumerate((4, 6, 8, 10, 12), start=2):
+        beta = (1 - 1 / t) ** exponent
+        expected = [beta * a + (1 - beta) * w for a, w in zip(expected, recorder.steps[batch - 1],
+                                                              strict=True)]  # fmt: skip
+    restored.load_weights(profile.path)
+    for value, reference in zip(restored.get_weights(), expected, strict=True):
+        np.testing.assert_allclose(value, reference, rtol=2e-6, atol=1e-7)

@@ -262,3 +262,167 @@ def test_a_run_that_begins_after_start_epoch_warns_and_starts_then():
         model.fit(X, Y, batch_size=BATCH, epochs=3, initial_epoch=2, callbacks=[average],
                   verbose=0)  # fmt: skip
     assert average.schedule.start_step == 0 and average.updates == 3
+
+
+def float64_average(members: list[list[np.ndarray]], mode: str, value: float) -> list[np.ndarray]:
+    """The average after an update at each of steps 1..T, in float64, from its formula.
+
+    ``a_1 = theta_1``, then ``a_t = beta_t a_(t-1) + (1 - beta_t) theta_t`` with
+    ``beta_t = (t - 1) / t`` (polyak), ``r`` (decay), ``0.5 ** (1 / h)`` (half-life) or
+    ``(1 - 1 / t) ** (gamma + 1)`` (power, Karras et al.).
+    """
+    from polyak.posthoc import gamma_of
+
+    average = [w.copy() for w in members[0]]
+    for t, weights in enumerate(members[1:], start=2):
+        if mode == "polyak":
+            beta = (t - 1) / t
+        elif mode == "decay":
+            beta = value
+        elif mode == "half_life":
+            beta = 0.5 ** (1 / value)
+        else:
+            beta = (1 - 1 / t) ** (gamma_of(value) + 1)
+        average = [beta * a + (1 - beta) * w for a, w in zip(average, weights, strict=True)]
+    return average
+
+
+def assert_average_is(average: OnlineAverage, path, expected: list[np.ndarray]) -> None:
+    kept = saved_average(average, path)
+    assert kept
+    for name, value in kept.items():
+        assert value.dtype == np.float32
+        index = int(name.split("/")[1])  # average/INDEX/NAME, INDEX in model.weights
+        np.testing.assert_allclose(value, expected[index], rtol=2e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    ("mode", "value"), [("polyak", None), ("decay", 0.7), ("half_life", 2.0), ("sigma_rel", 0.2)]
+)
+def test_every_mode_equals_its_float64_reference(tmp_path, mode, value):
+    model, recorder = make_model(), Recorder()
+    average = OnlineAverage() if mode == "polyak" else OnlineAverage(**{mode: value})
+    model.fit(X, Y, batch_size=BATCH, epochs=2, shuffle=False, callbacks=[recorder, average],
+              verbose=0)  # fmt: skip
+    assert average.updates == 6
+    assert_average_is(average, tmp_path / "average.npz", float64_average(recorder.weights,
+                                                                         mode, value))  # fmt: skip
+
+
+def test_predict_with_the_callback_or_swapped_uses_the_average_then_the_raw_weights():
+    model, recorder = make_model(), Recorder()
+    average = OnlineAverage(half_life=2)
+    model.fit(X, Y, batch_size=BATCH, epochs=2, shuffle=False, callbacks=[recorder, average],
+              verbose=0)  # fmt: skip
+    reference = make_model(seed=9)
+    expected = float64_average(recorder.weights, "half_life", 2.0)
+    reference.set_weights([w.astype(v.dtype) for w, v in zip(expected, reference.weights,
+                                                             strict=True)])  # fmt: skip
+    averaged = reference.predict(X_VAL, batch_size=BATCH, verbose=0)
+    raw = model.predict(X_VAL, batch_size=BATCH, verbose=0)
+    assert np.abs(raw - averaged).max() > 1e-3  # the two are told apart
+    # Keras' SwapEMAWeights swaps the EMA in at on_predict_end: predicting twice shows it.
+    for _ in range(2):
+        swapped = model.predict(X_VAL, batch_size=BATCH, verbose=0, callbacks=[average])
+        np.testing.assert_allclose(swapped, averaged, rtol=1e-5, atol=1e-6)
+        assert not average.is_swapped
+        np.testing.assert_array_equal(model.predict(X_VAL, batch_size=BATCH, verbose=0), raw)
+    with average.swapped() as inside:
+        np.testing.assert_allclose(inside.predict(X_VAL, batch_size=BATCH, verbose=0),
+                                   averaged, rtol=1e-5, atol=1e-6)  # fmt: skip
+    for kept, recorded in zip(weights_of(model), recorder.weights[-1], strict=True):
+        np.testing.assert_array_equal(kept, recorded)
+
+
+def test_gradient_accumulation_averages_the_weights_of_each_optimizer_step(tmp_path):
+    # 48 samples in batches of 12, two batches a step: 2 steps an epoch. The weights
+    # change on batches 2, 4, ... only; BatchNorm's statistics on every batch.
+    model, recorder = make_model(compiled=False), Recorder()
+    optimizer = keras.optimizers.SGD(0.05, momentum=0.9, gradient_accumulation_steps=2)
+    model.compile(optimizer=optimizer, loss="mse")
+    average = OnlineAverage(half_life=2)
+    fit = {"batch_size": 12, "shuffle": False, "verbose": 0}
+    model.fit(X, Y, epochs=2, callbacks=[recorder, average], **fit)
+    assert int(ops.convert_to_numpy(model.optimizer.iterations)) == average.step == 4
+    assert average.updates == 4
+    kernel = [w[0] for w in recorder.weights]
+    assert np.array_equal(kernel[0], kernel[1]) is False and np.array_equal(kernel[1], kernel[2])
+    after_steps = [recorder.weights[b - 1] for b in (2, 4, 6, 8)]
+    assert_average_is(average, tmp_path / "a.npz", float64_average(after_steps, "half_life", 2))
+    # A second fit goes on counting steps with the optimizer: 2 more.
+    model.fit(X, Y, epochs=1, callbacks=[recorder, average], **fit)
+    assert average.step == 6 and average.updates == 6
+    after_steps += [recorder.weights[b - 1] for b in (10, 12)]
+    assert_average_is(average, tmp_path / "b.npz", float64_average(after_steps, "half_life", 2))
+
+
+def test_a_mixed_bfloat16_model_is_averaged_in_float32_and_evaluated_with_it(tmp_path):
+    model, recorder = make_model(dtype="mixed_bfloat16"), Recorder()
+    average = OnlineAverage()
+    history = model.fit(
+        X, Y, batch_size=BATCH, epochs=2, validation_data=(X_VAL, Y_VAL), shuffle=False,
+        callbacks=[recorder, average], verbose=0,
+    )  # fmt: skip
+    expected = mean(recorder.weights)
+    assert_average_is(average, tmp_path / "average.npz", expected)
+    with average.swapped():
+        assert {v.dtype for v in model.weights} == {"float32", "int32"}
+        swapped = weights_of(model)
+    for value, reference in zip(swapped, expected, strict=True):
+        np.testing.assert_allclose(value, reference, rtol=1e-6, atol=1e-7)
+    # Validation ran in bfloat16 with the average: a bfloat16 model holding it agrees.
+    check = make_model(seed=9, dtype="mixed_bfloat16")
+    check.set_weights([w.astype(v.dtype) for w, v in zip(expected, check.weights, strict=True)])
+    loss = check.evaluate(X_VAL, Y_VAL, batch_size=BATCH, verbose=0)
+    assert history.history["val_loss"][-1] == pytest.approx(loss, rel=1e-6)
+    raw = make_model(seed=9, dtype="mixed_bfloat16")
+    raw.set_weights([w.astype(v.dtype) for w, v in zip(recorder.weights[-1], raw.weights,
+                                                       strict=True)])  # fmt: skip
+    assert abs(raw.evaluate(X_VAL, Y_VAL, batch_size=BATCH, verbose=0) - loss) > 1e-3 * loss
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() == "torch",
+    reason="Keras refuses steps_per_execution > 1 on the torch backend",
+)
+def test_steps_per_execution_updates_once_per_execution_with_the_decay_of_its_steps(tmp_path):
+    # 3 batches an epoch run in one execution: the callback sees steps 3 and 6 only, and
+    # an update standing for 3 steps has decay r ** 3.
+    model, recorder = make_model(compiled=False), Recorder()
+    model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9), loss="mse",
+                  steps_per_execution=3)  # fmt: skip
+    average = OnlineAverage(decay=0.8)
+    model.fit(X, Y, batch_size=BATCH, epochs=2, shuffle=False, callbacks=[recorder, average],
+              verbose=0)  # fmt: skip
+    assert len(recorder.weights) == 2 and average.step == 6 and average.updates == 2
+    expected = float64_average(recorder.weights, "decay", 0.8**3)
+    assert_average_is(average, tmp_path / "average.npz", expected)
+
+
+def test_a_model_saved_mid_accumulation_resumes_with_its_pending_batches(tmp_path):
+    # Two batches a step, batches of 16: 3 batches an epoch. After epoch 0 the optimizer
+    # has made 1 step and holds 1 batch; resumed, batches 4, 6 end steps 2, 3.
+    def compiled() -> keras.Model:
+        model = make_model(compiled=False)
+        optimizer = keras.optimizers.SGD(0.05, momentum=0.9, gradient_accumulation_steps=2)
+        model.compile(optimizer=optimizer, loss="mse")
+        return model
+
+    fit = {"batch_size": BATCH, "shuffle": False, "verbose": 0}
+    model, recorder = compiled(), Recorder()
+    average = OnlineAverage(decay=0.5)
+    model.fit(X, Y, epochs=2, callbacks=[recorder, average], **fit)
+    assert average.step == 3 and average.updates == 3
+    uninterrupted = float64_average([recorder.weights[b - 1] for b in (2, 4, 6)], "decay", 0.5)
+    assert_average_is(average, tmp_path / "uninterrupted.npz", uninterrupted)
+
+    first, average_first = compiled(), OnlineAverage(decay=0.5)
+    first.fit(X, Y, epochs=1, callbacks=[average_first], **fit)
+    first.save(tmp_path / "model.keras")
+    average_first.save(tmp_path / "average.npz")
+    resumed = keras.models.load_model(tmp_path / "model.keras", custom_objects=CUSTOM)
+    average_resumed = OnlineAverage(decay=0.5)
+    average_resumed.load(tmp_path / "average.npz")
+    resumed.fit(X, Y, epochs=2, initial_epoch=1, callbacks=[average_resumed], **fit)
+    assert average_resumed.step == 3 and average_resumed.updates == 3
+    assert_average_is(average_resumed, tmp_path / "resumed.npz", uninterrupted)

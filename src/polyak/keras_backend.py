@@ -3,7 +3,10 @@
 Keras reads its backend once, on first import: ``KERAS_BACKEND`` if set, else
 ``keras.json``, else TensorFlow. polyak runs on the torch backend when the user has
 not chosen: ``KERAS_BACKEND`` wins if set; else a backend configured in
-``keras.json`` whose package is installed; else, without TensorFlow, torch.
+``keras.json`` whose package is installed; else, without TensorFlow, torch. With
+TensorFlow installed and nothing chosen, polyak sets nothing and Keras uses
+TensorFlow, its default (also when ``keras.json`` names TensorFlow, as Keras writes
+it on first import).
 ``polyak.keras`` calls :func:`choose_keras_backend` on import; code that imports
 ``keras`` itself first (the demo) calls it before.
 """

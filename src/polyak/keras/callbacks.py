@@ -19,12 +19,13 @@ File names carry the numbers polyak orders checkpoints by:
 Post-hoc EMA (``posthoc=(0.05, 0.10)``): the callback also keeps one power-function
 EMA per width (:mod:`polyak.posthoc`; float32, float64 for float64 weights, of every
 floating weight, BatchNormalization statistics included; integer variables stay the
-raw model's), updated after every training batch with the step count above as the
-profile's time, and commits the EMA of each width, as a file of the same ``format``
-named ``{prefix}_step{step:08d}{suffix}``, into ``DIR/posthoc/sigma-WIDTH/`` at every
-epoch end (or every ``posthoc_every`` steps instead) and with every raw snapshot,
-keeping the newest ``posthoc_keep``. ``polyak posthoc DIR --sigma-rel ...`` then
-reconstructs the EMA of any width.
+raw model's), updated after every optimizer step (every training batch; with
+``gradient_accumulation_steps=k``, every ``k``-th, see :mod:`polyak.keras.steps`) with
+the step count above as the profile's time, and commits the EMA of each width, as a
+file of the same ``format`` named ``{prefix}_step{step:08d}{suffix}``, into
+``DIR/posthoc/sigma-WIDTH/`` at every epoch end (or every ``posthoc_every`` steps
+instead) and with every raw snapshot, keeping the newest ``posthoc_keep``.
+``polyak posthoc DIR --sigma-rel ...`` then reconstructs the EMA of any width.
 
 Resuming: the profile snapshots are the profiles' state. When ``fit`` begins after
 ``S`` steps (the optimizer's iteration count, as in a model loaded with its optimizer)
@@ -50,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from polyak.errors import require
+from polyak.keras.steps import StepCounter, optimizer_steps
 from polyak.online import AveragingProgress, AveragingSchedule
 from polyak.posthoc import (
     DEFAULT_PROFILE_KEEP,
@@ -209,7 +211,8 @@ class _Profiles:
         try:
             for width, averages in self.averages.items():
                 for variable, average in zip(self.variables, averages, strict=True):
-                    variable.assign(ops.cast(average, variable.dtype))
+                    # A copy: on JAX, compiled steps donate the buffers variables hold.
+                    variable.assign(ops.copy(ops.cast(average, variable.dtype)))
                 directory = self._directories.get(width)
                 if directory is None:
                     directory = SnapshotDirectory(
@@ -244,8 +247,9 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
     - ``rolling=True``: save every ``every_epochs`` epochs and keep the ``keep`` most
       recent. Use this with EarlyStopping.
 
-    With ``every_steps=N`` the callback saves every N training batches instead
-    (counted across epochs and ``fit`` calls, starting from the optimizer's
+    With ``every_steps=N`` the callback saves every N optimizer steps instead
+    (training batches, or every ``k``-th with ``gradient_accumulation_steps=k``;
+    counted across epochs and ``fit`` calls, starting from the optimizer's
     iteration count), keeping the ``keep`` most recent; epochs play no part.
 
     Args:
@@ -253,7 +257,7 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
         keep: how many snapshots to keep.
         rolling: keep the most recent snapshots instead of the run's last epochs.
         every_epochs: save every this many epochs.
-        every_steps: save every this many training batches instead of by epoch.
+        every_steps: save every this many optimizer steps instead of by epoch.
         format: ``"weights.h5"`` (``model.save_weights``) or ``"keras"``
             (``model.save``, the whole model).
         prefix: the start of each file name.
@@ -315,7 +319,7 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
         self._epochs: int | None = None
         self._epoch = 0
         self._step = 0
-        self._epoch_start_step = 0
+        self._counter = StepCounter()
         self._last_epoch: int | None = None
 
     @property
@@ -324,13 +328,8 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
 
     def _starting_step(self) -> int:
         """Training steps already taken: the optimizer's count, else this callback's."""
-        iterations = getattr(getattr(self.model, "optimizer", None), "iterations", None)
-        if iterations is None:
-            return self._step
-        try:
-            return int(keras.ops.convert_to_numpy(iterations))
-        except (TypeError, ValueError):
-            return self._step
+        steps = optimizer_steps(self.model)
+        return self._step if steps is None else steps
 
     def on_train_begin(self, logs: Mapping[str, Any] | None = None) -> None:
         epochs = (self.params or {}).get("epochs")
@@ -343,18 +342,20 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
         self._epochs = epochs
         self._snapshots = SnapshotDirectory(self.directory, self.keep)
         self.saved = []
-        self._step = self._epoch_start_step = self._starting_step()
+        self._step = self._starting_step()
+        self._counter.start(self.model, self._step)
         self._last_epoch = None
         if self.posthoc:
             self._profiles.start(self.model, self._step)
 
     def on_epoch_begin(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
         self._epoch = epoch
-        self._epoch_start_step = self._step
+        self._counter.new_epoch()
 
     def on_train_batch_end(self, batch: int, logs: Mapping[str, Any] | None = None) -> None:
-        # Keras passes the index of the last batch run, also with steps_per_execution > 1.
-        step = self._epoch_start_step + batch + 1
+        # With gradient accumulation, several batches make one step; the step that ends
+        # them is the one that saves, and the profiles skip repeated steps.
+        step = self._counter.after_batch(batch)
         previous, self._step = self._step, step
         if self.posthoc:
             self.model  # noqa: B018  (on JAX, reading the model syncs its state to the variables)

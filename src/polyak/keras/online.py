@@ -4,16 +4,18 @@ The callback updates the average after training batches and swaps it into the mo
 for every evaluation it is a callback of: the validation that ``fit`` runs after each
 epoch (Keras runs it through ``evaluate`` with the same callbacks, so ``val_*``
 metrics, and EarlyStopping or ModelCheckpoint monitoring them, see the averaged
-model) and ``model.evaluate(..., callbacks=[average])``. The raw weights go back into
-the model in ``on_test_end``: training always continues from them, and the model
+model), ``model.evaluate(..., callbacks=[average])`` and ``model.predict(...,
+callbacks=[average])``. The raw weights go back into the model when the evaluation
+or prediction ends: training always continues from them, and the model
 holds them when ``fit`` returns, so saving it and training on resumes the run. (Keras'
 ``use_ema=True`` instead overwrites the weights with the average at the end of
 ``fit``.) The schedules and their formulas are those of :mod:`polyak.online`.
 
-Steps are training batches counted across epochs and ``fit`` calls, starting from the
-optimizer's iteration count (as :class:`polyak.keras.SnapshotCheckpoint` counts them);
-``start_epoch=E`` starts averaging with Keras' 0-based epoch ``E``, i.e. after the
-steps taken before it.
+Steps are the optimizer's steps counted across epochs and ``fit`` calls, starting from
+its iteration count (as :class:`polyak.keras.SnapshotCheckpoint` counts them): training
+batches, or with ``gradient_accumulation_steps=k`` every ``k``-th batch, the one that
+changes the weights (see :mod:`polyak.keras.steps`); ``start_epoch=E`` starts
+averaging with Keras' 0-based epoch ``E``, i.e. after the steps taken before it.
 
 Numeric policy, as in :mod:`polyak.torch.online`:
 
@@ -64,6 +66,7 @@ import numpy as np
 
 from polyak.errors import OutputError, require
 from polyak.files import atomic_output
+from polyak.keras.steps import StepCounter, optimizer_steps
 from polyak.online import (
     BUFFER_POLICIES,
     AveragingProgress,
@@ -105,7 +108,7 @@ class OnlineAverage(keras.callbacks.Callback):
             scale whatever ``update_every``.
         sigma_rel: power: the width of the power-function EMA profile.
         start_epoch: start averaging with this (0-based) epoch.
-        start_step: start averaging after this many steps (training batches); give
+        start_step: start averaging after this many (optimizer) steps; give
             ``start_epoch`` or ``start_step``, not both (default: from the start).
         update_every: update every this many steps.
         buffers: ``"average"`` (default) to average non-trainable floating variables
@@ -164,16 +167,16 @@ class OnlineAverage(keras.callbacks.Callback):
         self._names: list[str] = []
         self._dtypes: list[str] = []
         self._pending: dict[str, Any] | None = None
-        self._epoch_start_step = 0
 
     def _reset(self) -> None:
         """Forget the average: no updates, steps from 0, the start not yet reached."""
         self._progress = AveragingProgress(self._template)
         self._started = self.start_epoch is None
         self._step = 0
+        self._counter = StepCounter()
         self._averages: list[Any] = []
         self._backup: list[Any] | None = None
-        self._swapped_by_test = False
+        self._swapped_by_hook = False
 
     # ------------------------------------------------------------ state
 
@@ -223,17 +226,7 @@ class OnlineAverage(keras.callbacks.Callback):
         self._bound = model
         self._variables, self._names, self._dtypes = variables, names, dtypes
         self._reset()
-        self._step = self._optimizer_step(model)
-
-    @staticmethod
-    def _optimizer_step(model: Any) -> int:
-        iterations = getattr(getattr(model, "optimizer", None), "iterations", None)
-        if iterations is None:
-            return 0
-        try:
-            return int(ops.convert_to_numpy(getattr(iterations, "value", iterations)))
-        except (TypeError, ValueError):
-            return 0
+        self._step = optimizer_steps(model) or 0
 
     def _ensure_bound(self, model: Any, *, rebind: bool) -> bool:
         """Bind to ``model`` if needed; whether the average is ``model``'s.
@@ -272,11 +265,12 @@ class OnlineAverage(keras.callbacks.Callback):
             # A previous fit stopped by an error during validation left them in.
             self.swap_out()
         self._ensure_bound(model, rebind=True)
+        self._counter.start(model, self._step)
         if self._started and self._progress.last_step is None:
             self._progress.last_step = self._step
 
     def on_epoch_begin(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
-        self._epoch_start_step = self._step
+        self._counter.new_epoch()
         if not self._started and epoch >= self.start_epoch:
             if epoch > self.start_epoch:
                 warnings.warn(
@@ -292,8 +286,9 @@ class OnlineAverage(keras.callbacks.Callback):
             self._started = True
 
     def on_train_batch_end(self, batch: int, logs: Mapping[str, Any] | None = None) -> None:
-        # Keras passes the index of the last batch run, also with steps_per_execution > 1.
-        self._step = self._epoch_start_step + batch + 1
+        # With gradient accumulation, several batches make one step: the average is
+        # updated on the batches that change the weights (advance() skips repeated steps).
+        self._step = self._counter.after_batch(batch)
         if not self._started:
             return
         decay = self._progress.advance(self._step)
@@ -305,16 +300,20 @@ class OnlineAverage(keras.callbacks.Callback):
         if self.is_swapped or not self._ensure_bound(model, rebind=False):
             return  # inside swapped() (the averaged weights are in), or another model
         self.swap_in()
-        self._swapped_by_test = True
+        self._swapped_by_hook = True
 
     def on_test_end(self, logs: Mapping[str, Any] | None = None) -> None:
-        if self._swapped_by_test:
-            self._swapped_by_test = False
+        if self._swapped_by_hook:
+            self._swapped_by_hook = False
             self.swap_out()
+
+    # predict(..., callbacks=[average]) swaps in and back out as evaluate() does.
+    on_predict_begin = on_test_begin
+    on_predict_end = on_test_end
 
     def on_train_end(self, logs: Mapping[str, Any] | None = None) -> None:
         if self.is_swapped:
-            self._swapped_by_test = False
+            self._swapped_by_hook = False
             self.swap_out()
 
     # ------------------------------------------------------------ averaging, swapping
@@ -353,7 +352,9 @@ class OnlineAverage(keras.callbacks.Callback):
             self.model  # noqa: B018  (JAX: sync the model's state first)
             for variable, average in zip(self._variables, self._averages, strict=True):
                 backup.append(ops.copy(ops.stop_gradient(variable.value)))
-                variable.assign(ops.cast(average, variable.dtype))
+                # A copy, never the average itself: on JAX, compiled steps donate (free)
+                # the buffers the variables hold, and the average must outlive them.
+                variable.assign(ops.copy(ops.cast(average, variable.dtype)))
         self._backup = backup
 
     def swap_out(self) -> None:
@@ -574,7 +575,7 @@ class OnlineAverage(keras.callbacks.Callback):
         self._started = bool(record["started"])
         self._step = int(record["step"])
         self._averages = averages
-        iterations = self._optimizer_step(model)
+        iterations = optimizer_steps(model) or 0
         if iterations not in (0, self._step):
             warnings.warn(
                 f"OnlineAverage: the average was saved at step {self._step}, but the model's "
