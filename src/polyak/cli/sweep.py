@@ -175,7 +175,7 @@ def sweep_command(
         console.print(f"[bold]{scheme}[/bold] (test {result.metric})")
         for line in classic_lines(result, scheme):
             console.print(line)
-    console.print(sweep_table(result))
+    console.print(sweep_table(result, uncertainty=False))  # in the classic lines above
     if result.selected_on == "test":
         console.print(
             "Note: the best candidate was chosen on the test data itself (no validation "
