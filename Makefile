@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all fuzz lint format bench bench-average bench-sweep quality clean
+.PHONY: demo test test-all fuzz lint format bench bench-average bench-sweep quality quality-lm clean
 
 # torch first, pinned: pip takes the CPU wheel from local disk. Asking for the
 # rest first could let a dependency pull a multi-GB CUDA build.
@@ -44,9 +44,15 @@ bench-average: $(STAMP)
 bench-sweep: $(STAMP)
 	$(BIN)/python bench/sweep.py --repeats 5
 
-# The multi-seed study: does averaging help? Rewrites its README section and plot.
+# The multi-seed study: does averaging help? Rewrites its README section and plot, and
+# bench/results/quality.json, the raw results behind them.
 quality: $(STAMP)
 	$(BIN)/python bench/quality.py
+
+# The language-model part of the study (5 seeds, about 2.5 min each on an idle 2-core
+# machine): rewrites its README table and bench/results/quality-lm.json.
+quality-lm: $(STAMP)
+	$(BIN)/python bench/language_model.py
 
 clean:
 	rm -rf $(VENV) polyak-demo .pytest_cache

@@ -124,7 +124,7 @@ def test_losses_use_the_interval_and_lower_is_better():
         "the gain over the final model is larger than noise (the 95% interval excludes 0)"
     )
     worse = compare(final, selected, higher_is_better=False, against="the final model")
-    assert worse.sentence.startswith("the loss against the final model is larger than noise")
+    assert worse.sentence.startswith("the shortfall against the final model is larger than noise")
 
 
 def test_unknown_says_so_and_invents_nothing():

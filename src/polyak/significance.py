@@ -218,7 +218,7 @@ def compare(
     elif better:
         word = "the gain over"
     else:
-        word = "the loss against"
+        word = "the shortfall against"
     if within:
         sentence = f"{word} {against} is within noise on this test set"
     else:

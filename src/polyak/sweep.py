@@ -34,6 +34,13 @@ The evaluator is one plain callable over numpy arrays keyed by tensor name:
 ``{"test": float, "validation": float}``, optionally with ``"recalibrated":
 {"test": ..., "validation": ...}``, the scores after BatchNorm recalibration; then
 both variants of every candidate compete and the report shows both numbers.
+Beside the scores it may give ``"outcomes"`` (also inside ``"recalibrated"``): a
+1-D array with each test example's outcome, the same examples in the same order
+every call: bool for correct or not, or numbers such as each example's loss (their
+mean the test score). The sweep keeps them for the selected candidate, the final
+model (the newest member) and the best single member, and
+:meth:`SweepResult.comparisons` reports the differences with their uncertainty
+(:mod:`polyak.significance`); without outcomes the uncertainty is unknown.
 ``polyak.keras`` and ``polyak.torch`` build evaluators for their models. It is called
 once per candidate, so a framework adapter loads each candidate's weights into its
 model once.

@@ -215,6 +215,8 @@ def sweep(
         evaluate: instead of data, ``evaluate(model) -> float`` (a test score), or
             ``-> {"test": float, "validation": float}`` to choose on validation; it
             is called with the model holding each candidate's weights.
+            It may add ``"outcomes"``: each test example's outcome (bool correct or
+            not, or its loss), for the report's interval (see :mod:`polyak.sweep`).
         schemes: e.g. ``"equal,linear,exp:2"``, ``"exp:0.5,1,2,4,8"``, ``"greedy"``.
         last: sweep the ``last`` newest checkpoints only.
         model: the architecture for weights-only files (see ``resolve_model``).

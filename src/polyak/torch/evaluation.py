@@ -344,6 +344,8 @@ def sweep(
         evaluate: instead of data, ``evaluate(module) -> float`` or
             ``-> {"test": float, "validation": float}``, called with the module
             holding each candidate's weights.
+            It may add ``"outcomes"``: each test example's outcome (bool correct or
+            not, or its loss), for the report's interval (see :mod:`polyak.sweep`).
         schemes: e.g. ``"equal,linear,exp:2"``, ``"exp:0.5,1,2,4,8"``, ``"greedy"``.
         last: sweep the ``last`` newest checkpoints only.
         metric: with data: ``"accuracy"``, ``"loss"``, ``(y_true, y_pred) -> float`` or
