@@ -306,8 +306,76 @@ def report(payload: dict) -> str:
         + ", ".join(f"{scheme} ×{count}" for scheme, count in sorted(chosen.items()))
         + f"; n from {min(r['selected']['n'] for r in runs)} to "
         f"{max(r['selected']['n'] for r in runs)}.",
+        "",
+        f"Without selection, each scheme over all K = {first['keep']} snapshots, against the "
+        "final model (test bits per byte; lower is better):",
+        "",
+        "| scheme (all K) | test bpb, mean ± sd | − final, mean bpb | lower in |",
+        "|---|---|---|---|",
     ]
+    fixed = {}
+    for scheme in runs[0]["candidates"]:
+        values = [bpb(r["candidates"][scheme][-1]["test"]) for r in runs]
+        deltas = [v - f for v, f in zip(values, finals, strict=True)]
+        fixed[scheme] = statistics.fmean(deltas)
+        lines.append(
+            f"| {scheme} | {statistics.fmean(values):.4f} ± {statistics.stdev(values):.4f} | "
+            f"{statistics.fmean(deltas):+.4f} | {sum(d < 0 for d in deltas)} of {len(runs)} |"
+        )
+    lines += ["", "Reading: " + reading(runs, differences, versus_single, beyond, fixed)]
     return "\n".join(lines) + "\n"
+
+
+def reading(
+    runs: list[dict],
+    differences: list[float],
+    versus_single: list[float],
+    beyond: int,
+    fixed: dict[str, float],
+) -> str:
+    """What the numbers say, in words chosen by the numbers."""
+    count = len(runs)
+    better = sum(d < 0 for d in differences)
+    mean = statistics.fmean(differences)
+    error = statistics.stdev(differences) / math.sqrt(count)
+    finals = statistics.fmean(bpb(r["final"]["test"]) for r in runs)
+    relative = -mean / finals
+    if better == count and beyond == count:
+        verdict = (
+            f"the average chosen on validation had a lower test loss than the final model "
+            f"in every seed ({count} of {count}), and in every seed the sweep's own 95% "
+            "interval excluded 0: a consistent gain on this task"
+        )
+    elif better > count / 2:
+        verdict = (
+            f"the average chosen on validation had a lower test loss in {better} of {count} "
+            f"seeds, beyond its own noise in {beyond}"
+        )
+    else:
+        verdict = (
+            f"the average chosen on validation did not beat the final model consistently "
+            f"(lower in {better} of {count} seeds, beyond its own noise in {beyond})"
+        )
+    best_fixed = min(fixed, key=fixed.get)
+    single = statistics.fmean(versus_single)
+    single_text = (
+        "below the best single snapshot chosen on the same validation data too "
+        f"({single:+.4f} bpb on average), so the gain is the averaging's, not the choice "
+        "of a lucky snapshot's"
+        if single < 0
+        else f"no better than the best single snapshot by validation ({single:+.4f} bpb)"
+    )
+    return (
+        f"{verdict}. The mean change is {mean:+.4f} bpb (standard error {error:.4f}), "
+        f"{100 * relative:.1f}% of the final model's {finals:.3f} bpb, and {single_text}. "
+        f"Without any selection the best fixed rule here, {best_fixed} over all "
+        f"snapshots, changes the test loss by {fixed[best_fixed]:+.4f} bpb on average. "
+        "The learning rate here is constant, the setting where averaging the latest "
+        "weights stands in for a learning-rate decay; whether the gain survives a decay "
+        f"to near zero is not measured here. {count} seeds of a "
+        f"{runs[0]['parameters'] / 1e6:.2f} M-parameter model trained for "
+        f"{runs[0]['steps']} steps on one CPU thread: a small model on a small budget."
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
