@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all fuzz lint format bench bench-average bench-sweep quality quality-lm clean
+.PHONY: demo test test-all fuzz lint format bench bench-average bench-sweep bench-significance quality quality-lm clean
 
 # torch first, pinned: pip takes the CPU wheel from local disk. Asking for the
 # rest first could let a dependency pull a multi-GB CUDA build.
@@ -36,13 +36,16 @@ format: $(STAMP)
 	$(BIN)/ruff format src tests bench
 
 # Benchmarks run by hand; their results go into the README.
-bench: bench-average bench-sweep
+bench: bench-average bench-sweep bench-significance
 
 bench-average: $(STAMP)
 	$(BIN)/python bench/average.py --install-tools
 
 bench-sweep: $(STAMP)
 	$(BIN)/python bench/sweep.py --repeats 5
+
+bench-significance: $(STAMP)
+	$(BIN)/python bench/significance.py --repeats 5
 
 # The multi-seed study: does averaging help? Rewrites its README section and plot, and
 # bench/results/quality.json, the raw results behind them.
