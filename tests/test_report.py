@@ -204,3 +204,26 @@ def test_json_and_plot_carry_the_interval(tmp_path):
     assert final["interval"][0] < 0 < final["interval"][1]
     path = write_plot(result, tmp_path / "plot.png")
     assert path.read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_plot_has_the_final_models_line_and_the_interval_as_an_error_bar(tmp_path, monkeypatch):
+    from matplotlib import pyplot
+
+    figures = []
+    monkeypatch.setattr(pyplot, "close", figures.append)  # keep the figure to look at
+    result = with_outcomes(make_result())
+    write_plot(result, tmp_path / "plot.png")
+    (axes,) = figures[0].axes
+    (reference,) = [line for line in axes.lines if line.get_label() == "final model (test)"]
+    assert set(reference.get_ydata()) == {result.single[0].test}
+    (bar,) = axes.containers
+    comparison = result.comparisons()["final"]
+    (segment,) = bar.lines[2][0].get_segments()
+    low, high = sorted(point[1] for point in segment)
+    final = result.single[0].test
+    assert low == pytest.approx(final + comparison.low)
+    assert high == pytest.approx(final + comparison.high)
+    assert (
+        axes.get_title() == "The difference from the final model is within noise on this test set."
+    )
+    pyplot.close(figures[0])
