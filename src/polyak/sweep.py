@@ -167,7 +167,7 @@ class SweepResult:
     best_recalibrated: bool = False
     best_single: int = 0
     best_single_recalibrated: bool = False
-    outcomes: dict[str, np.ndarray | None] = field(default_factory=dict, repr=False)
+    outcomes: dict[str, np.ndarray | None] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def best_single_test(self) -> float:
@@ -204,7 +204,9 @@ class SweepResult:
             self._comparisons = found
         return self._comparisons
 
-    _comparisons: dict[str, Comparison] | None = field(default=None, repr=False, init=False)
+    _comparisons: dict[str, Comparison] | None = field(
+        default=None, repr=False, init=False, compare=False
+    )
 
     @property
     def recalibrated(self) -> bool:
