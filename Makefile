@@ -52,8 +52,9 @@ bench-significance: $(STAMP)
 quality: $(STAMP)
 	$(BIN)/python bench/quality.py
 
-# The language-model part of the study (5 seeds, about 2.5 min each on an idle 2-core
-# machine): rewrites its README table and bench/results/quality-lm.json.
+# The language-model part of the study, its own target: 5 seeds took 47 min on this
+# 2-core machine shared with other jobs (4 min for the least loaded seed). Rewrites its
+# README table and bench/results/quality-lm.json.
 quality-lm: $(STAMP)
 	$(BIN)/python bench/language_model.py
 

@@ -301,7 +301,8 @@ def report(payload: dict) -> str:
         f"in {better} of {len(runs)} seeds, and beyond the 95% bootstrap interval's noise "
         f"in {beyond} of {len(runs)}.",
         f"- Selected − best single snapshot by validation: {statistics.fmean(versus_single):+.4f} "
-        "bpb on average.",
+        "bpb on average; the best single snapshot by validation was the final model itself "
+        f"in {sum(r['best_single']['index'] == 0 for r in runs)} of {len(runs)} seeds.",
         "- Chosen on validation: "
         + ", ".join(f"{scheme} ×{count}" for scheme, count in sorted(chosen.items()))
         + f"; n from {min(r['selected']['n'] for r in runs)} to "
@@ -374,7 +375,12 @@ def reading(
         "weights stands in for a learning-rate decay; whether the gain survives a decay "
         f"to near zero is not measured here. {count} seeds of a "
         f"{runs[0]['parameters'] / 1e6:.2f} M-parameter model trained for "
-        f"{runs[0]['steps']} steps on one CPU thread: a small model on a small budget."
+        f"{runs[0]['steps']} steps on one CPU thread: a small model on a small budget. "
+        f"Per seed: {min(r['train_seconds'] for r in runs):.0f} to "
+        f"{max(r['train_seconds'] for r in runs):.0f} s of training and "
+        f"{min(r['sweep_seconds'] for r in runs):.0f} to "
+        f"{max(r['sweep_seconds'] for r in runs):.0f} s of sweeping on this machine, shared "
+        "with other jobs while it ran."
     )
 
 
