@@ -22,7 +22,8 @@ while the members stream by, newest first (member i = 1..N):
 Integer and bool tensors come from the newest member averaged, as in
 ``polyak.averaging``. Memory: one float64 copy of the model per running sum (one for
 equal, two for linear, one per alpha, one per custom scheme, one for the greedy soup)
-plus one candidate.
+plus one candidate. With per-example outcomes, the sweep also holds those of every member
+and of the best candidate so far (one value per test example each).
 
 Selection is honest: with a validation evaluator the best candidate is chosen on
 validation and its test score reported; with test data only, the report says the
