@@ -56,9 +56,13 @@ Checks (exit status 1 on failure)
       are not all equal (a warning, not a failure, since it is a fact about training).
 
 Output
-    The per-seed results as JSON (``bench/out/quality.json``), the report as Markdown
+    The per-seed results as JSON (``bench/out/quality.json``; every seed's numbers, the
+    sweep's own selected - final interval and McNemar p, the machine: CPU model,
+    thread counts, library versions), the report as Markdown
     (``bench/out/quality.md``), and the plot of the per-seed differences. A full run
-    (not ``--quick``, not ``--no-readme``) writes the plot to ``docs/quality.png`` and
+    (not ``--quick``, not ``--no-readme``) also writes the JSON to
+    ``bench/results/quality.json`` (committed: a rerun can be diffed against it), the
+    plot to ``docs/quality.png`` and
     replaces the block between ``<!-- quality:begin ... -->`` and
     ``<!-- quality:end -->`` in README.md with the report, in one step at the end;
     otherwise the plot goes to ``bench/out/quality.png`` and README.md is untouched.
@@ -83,6 +87,9 @@ STARTED = time.perf_counter()  # the run time reported includes importing torch 
 # One torch thread: these models are tiny, and more threads only add overhead (and
 # make results depend on scheduling). Must be set before torch is imported.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# One Keras backend for the study, whatever else is installed: the numbers depend on it
+# (another backend runs other kernels, which round differently). KERAS_BACKEND overrides.
+os.environ.setdefault("KERAS_BACKEND", "torch")
 
 import argparse
 import concurrent.futures
@@ -108,6 +115,7 @@ choose_keras_backend()  # torch without TensorFlow, before Keras is imported
 
 import keras
 
+from machine import cpu_model, machine_description
 from polyak.demo import classic_data, classic_model
 from polyak.keras import SnapshotCheckpoint
 from polyak.keras.evaluation import sweep as polyak_sweep
@@ -116,6 +124,7 @@ from readme_block import README, has_readme_block, replace_readme_block
 ROOT = Path(__file__).resolve().parent.parent
 PLOT = ROOT / "docs" / "quality.png"
 OUT = ROOT / "bench" / "out"
+RESULTS = ROOT / "bench" / "results" / "quality.json"  # the full run behind the README block
 SCHEMES = "equal,linear,exp:0.5,1,2,4,8,greedy"
 SCHEME_NAMES = ("equal", "linear", "exp:0.5", "exp:1", "exp:2", "exp:4", "exp:8", "greedy")
 
@@ -311,6 +320,7 @@ def run_seed(task_name: str, seed: int, quick: bool, root: str) -> dict:
     warnings_found = []
     if len(set(single_test)) == 1:
         warnings_found.append(f"{label}: all {keep} snapshots score {single_test[0]} on test")
+    against_final = result.comparisons()["final"]
     candidates = {scheme: [] for scheme in SCHEME_NAMES}
     for candidate in result.candidates:
         candidates[candidate.scheme].append(
@@ -342,6 +352,8 @@ def run_seed(task_name: str, seed: int, quick: bool, root: str) -> dict:
         },
         "single": {"test": single_test, "validation": single_val},
         "candidates": candidates,
+        # The sweep's own report: selected - final on this seed's test set.
+        "uncertainty": against_final.to_json(),
         "problems": problems,
         "warnings": warnings_found,
     }
@@ -465,6 +477,14 @@ def short_label(selected: dict, keep: int) -> str:
     return f"{selected['scheme']}\nn={selected['n']}"
 
 
+def p_value_text(run: dict) -> str:
+    """The sweep's McNemar p-value of selected - final on this seed's test set."""
+    uncertainty = run.get("uncertainty")
+    if uncertainty is None or uncertainty["p_value"] is None:
+        return "–"
+    return f"{uncertainty['p_value']:.3f}"
+
+
 def seed_table(runs: list[dict]) -> str:
     n_test = runs[0]["test_examples"]
     rows = []
@@ -479,6 +499,7 @@ def seed_table(runs: list[dict]) -> str:
                 f"{r['selected']['validation']:.4f}",
                 f"{r['selected']['test']:.4f}",
                 f"{points(r['selected']['test'] - r['final']['test'])} ({count:+d})",
+                p_value_text(r),
                 f"{r['best_single']['test']:.4f} (epoch {r['best_single']['epoch']})",
             ]
         )
@@ -491,10 +512,24 @@ def seed_table(runs: list[dict]) -> str:
             "selected: val",
             "selected: test",
             "selected − final, points (examples)",
+            "McNemar p",
             "best single by val: test",
         ],
         rows,
     )
+
+
+def beyond_noise_line(runs: list[dict]) -> list[str]:
+    """How many seeds' own sweep reports called selected - final larger than noise."""
+    known = [r["uncertainty"] for r in runs if r.get("uncertainty", {}).get("p_value") is not None]
+    if not known:
+        return []
+    beyond = sum(1 for u in known if not u["within_noise"])
+    return [
+        f"- Each seed's own sweep report (McNemar's exact test on that seed's "
+        f"{runs[0]['test_examples']} test examples, p < 0.05) called selected − final larger "
+        f"than noise in {beyond} of {len(known)} seeds."
+    ]
 
 
 def summary_lines(summary: dict, runs: list[dict]) -> list[str]:
@@ -511,6 +546,7 @@ def summary_lines(summary: dict, runs: list[dict]) -> list[str]:
         f"wins/ties/losses {summary['wins']}/{summary['ties']}/{summary['losses']} "
         f"(sign test over the {summary['wins'] + summary['losses']} non-tied seeds: "
         f"p = {summary['sign_test_p']:.2f}).",
+        *beyond_noise_line(runs),
         f"- Chosen on validation: {schemes}; n from {min(ns)} to {max(ns)} (median "
         f"{statistics.median(ns):g}). In {summary['single_member']} of {summary['seeds']} "
         "seeds the choice was one snapshot, not an average (n = 1, or a greedy soup that "
@@ -679,7 +715,7 @@ def environment(workers: int) -> str:
     import torch
 
     return (
-        f"Python {platform.python_version()}, keras {keras.__version__} "
+        f"{cpu_model()}, Python {platform.python_version()}, keras {keras.__version__} "
         f"({keras.backend.backend()} backend), torch {torch.__version__} "
         f"({torch.get_num_threads()} thread per process, {workers} worker process"
         f"{'es' if workers > 1 else ''}), numpy {np.__version__}, {os.cpu_count()} CPUs, "
@@ -844,6 +880,7 @@ def main(argv: list[str] | None = None) -> int:
     payload = {
         "command": command,
         "machine": machine,
+        "machine_details": machine_description(),
         "seconds": seconds,
         "schemes": SCHEMES,
         "quick": args.quick,
@@ -854,7 +891,12 @@ def main(argv: list[str] | None = None) -> int:
     }
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "quality.json").write_text(json.dumps(payload, indent=1) + "\n")
-    return publish(payload, write_readme, [OUT / "quality.json"])
+    written = [OUT / "quality.json"]
+    if write_readme:  # the README block's raw results, committed beside it
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(json.dumps(payload, indent=1) + "\n")
+        written.append(RESULTS)
+    return publish(payload, write_readme, written)
 
 
 def publish(payload: dict, write_readme: bool, written: list[Path]) -> int:

@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -150,6 +151,20 @@ def test_sweep_exits_0_and_prints_the_classic_lines(full_run):
         assert f"{scheme} (test accuracy)" in full_run["out"]
     assert "selected on validation" in " ".join(full_run["out"].split())
     assert "chosen on the test data itself" not in full_run["out"]
+    # The CLI's own --data evaluation keeps per-example outcomes: a McNemar p-value.
+    flat = " ".join(full_run["out"].split())  # rich wraps long lines
+    found = re.findall(
+        r"> selected − final: [+-]\d\.\d{4} \(95% interval [+-]\d\.\d{4} to [+-]\d\.\d{4}, "
+        r"McNemar p = [\d.e+-]+, 1000 test examples\): the [a-z ]+ the final model is "
+        r"(within|larger than) noise",
+        flat,
+    )
+    assert len(found) == 1
+
+
+def experiment_test_labels(experiment) -> np.ndarray:
+    with np.load(experiment["test"]) as data:
+        return data["y"]
 
 
 def test_sweep_writes_a_valid_json_report(full_run, experiment):
@@ -162,6 +177,10 @@ def test_sweep_writes_a_valid_json_report(full_run, experiment):
     assert [Path(m["path"]).name for m in report["members"]] == [
         f"model_{e}.h5" for e in reversed(EPOCHS)
     ]
+    final = report["uncertainty"]["selected_minus_final"]
+    assert len(final["interval"]) == 2 and 0 <= final["p_value"] <= 1
+    assert final["examples"] == len(experiment_test_labels(experiment))
+    assert final["sentence"].startswith("the ")
 
 
 def test_sweep_writes_a_real_png(full_run):
@@ -290,7 +309,10 @@ def test_demo_exits_0_and_prints_ten_classic_lines_per_scheme(demo_run):
     assert demo_run["code"] == 0, demo_run["err"]
     lines = demo_run["out"].splitlines()
     classic = [line for line in lines if line.startswith("> ")]
-    assert len(classic) == 30
+    # Ten per scheme, and the selected scheme's two uncertainty lines, once.
+    assert len(classic) == 32
+    assert sum(line.startswith("> selected − final: ") for line in lines) == 1
+    assert sum(line.startswith("> selected − best single: ") for line in lines) == 1
     for scheme in ("equal", "linear", "exp:2"):
         start = lines.index(
             next(line for line in lines if line.startswith(f"{scheme}: test accuracy"))

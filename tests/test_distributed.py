@@ -25,7 +25,10 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 
 def run(command: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
     environment = {key: value for key, value in os.environ.items() if key not in _TORCHRUN_KEYS}
-    environment["PYTHONPATH"] = str(cwd)
+    # cwd first (the model's module), then any PYTHONPATH the tests run under.
+    environment["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(cwd), os.environ.get("PYTHONPATH")])
+    )
     environment["OMP_NUM_THREADS"] = "1"
     completed = subprocess.run(
         command, cwd=cwd, env=environment, capture_output=True, text=True, timeout=240
@@ -130,6 +133,8 @@ def evaluate(module):
         for split, data in (("test", test), ("validation", val)):
             predicted = module(torch.from_numpy(data["x"])).argmax(-1).numpy()
             scores[split] = float(np.mean(predicted == data["y"]))
+            if split == "test":  # per-example outcomes, for the report's uncertainty
+                scores["outcomes"] = predicted == data["y"]
     return scores
 """
 
@@ -183,6 +188,9 @@ def test_sweep_is_identical_with_two_processes(torch_run, extra):
     two = sweep_report(torch_run, [*TORCHRUN, "-m", "polyak"], extra, "two.json")
     assert one == two
     assert one["selected_on"] == "validation" and len(one["candidates"]) == 3 * 6 + 1
+    # Each process kept the outcomes of what it scored; the report has them all.
+    for comparison in one["uncertainty"].values():
+        assert comparison["examples"] == 301 and comparison["p_value"] is not None
 
 
 def test_sweep_best_model_is_identical_with_two_processes(torch_run):

@@ -497,3 +497,60 @@ def test_a_model_the_caller_gave_gets_its_weights_back(snapshots, data):
     sweep(directory, data["test"], schemes="equal", model=model)
     for after, original in zip(model.get_weights(), before, strict=True):
         np.testing.assert_array_equal(after, original)
+
+
+# ---------------------------------------------------------------- per-example outcomes
+
+
+def test_sweep_keeps_per_example_outcomes_for_accuracy(snapshots, data, reference):
+    directory, weights = snapshots
+    x, y = data["test"]
+    result = sweep(directory, data["test"], data["validation"], schemes="equal,exp:2", last=4)
+    final = result.outcomes["final"]
+    assert final.dtype == bool and len(final) == len(y)
+    np.testing.assert_array_equal(final, reference(weights[0], x).argmax(-1) == y.argmax(-1))
+    best_single = result.outcomes["best_single"]
+    np.testing.assert_array_equal(
+        best_single, reference(weights[result.best_single], x).argmax(-1) == y.argmax(-1)
+    )
+    raw = formula_weights(result.best.scheme, result.best.n)
+    expected = reference(numpy_average(weights[: result.best.n], raw), x).argmax(-1)
+    np.testing.assert_array_equal(result.outcomes["selected"], expected == y.argmax(-1))
+    assert result.comparisons()["final"].p_value is not None
+
+
+def test_sweep_keeps_per_example_losses(snapshots, data, reference):
+    directory, weights = snapshots
+    x, y = data["test"]
+    result = sweep(directory, data["test"], schemes="equal", last=3, metric="loss")
+    per_example = -np.sum(y * np.log(reference(weights[0], x).astype(np.float64)), axis=-1)
+    np.testing.assert_allclose(result.outcomes["final"], per_example, rtol=1e-5, atol=1e-6)
+    comparison = result.comparisons()["final"]
+    assert comparison.p_value is None and comparison.low is not None
+
+
+def test_sweep_with_a_user_metric_has_unknown_uncertainty(snapshots, data):
+    directory, _ = snapshots
+    result = sweep(
+        directory,
+        data["test"],
+        schemes="equal",
+        last=2,
+        metric=lambda y_true, y_pred: float(np.mean(y_pred.max(-1))),
+    )
+    assert result.outcomes["selected"] is None
+    assert "unknown" in result.comparisons()["final"].sentence
+
+
+def test_sweep_passes_on_outcomes_from_evaluate_model(snapshots, data):
+    directory, _ = snapshots
+    x, y = data["test"]
+
+    def evaluate(model):
+        predictions = keras.ops.convert_to_numpy(model(x, training=False))
+        outcomes = predictions.argmax(-1) == y.argmax(-1)
+        return {"test": float(outcomes.mean()), "outcomes": outcomes}
+
+    result = sweep(directory, evaluate=evaluate, schemes="equal", last=3)
+    assert result.outcomes["final"].mean() == pytest.approx(result.single[0].test)
+    assert result.comparisons()["final"].p_value is not None

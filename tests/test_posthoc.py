@@ -327,9 +327,10 @@ def test_sweep_evaluates_posthoc_candidates_beside_the_others(run):
     np.testing.assert_array_equal(seen[candidate.test], expected["w"])
     assert candidate.n == 60 and candidate.weights == tuple(details.coefficients.tolist())
     assert result.best == candidate  # the reconstruction is the closest to the target EMA
-    assert classic_lines(result, "posthoc:0.08") == [
-        f"> post-hoc EMA from 60 EMA snapshots: ensemble={candidate.test:.3f}"
-    ]
+    lines = classic_lines(result, "posthoc:0.08")
+    assert lines[0] == f"> post-hoc EMA from 60 EMA snapshots: ensemble={candidate.test:.3f}"
+    # The selected scheme's lines end with the uncertainty (unknown: no outcomes here).
+    assert [line[:20] for line in lines[1:]] == ["> selected − final: ", "> selected − best si"]
     assert sweep_table(result).row_count == 5 + 1  # five n, one post-hoc row
 
 

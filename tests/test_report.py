@@ -154,3 +154,76 @@ def test_missing_output_directory_is_refused(tmp_path, writer):
     with pytest.raises(OutputError, match=r"the directory .*missing does not exist"):
         writer(make_result(), out)
     assert not (tmp_path / "missing").exists()
+
+
+def with_outcomes(result: SweepResult, examples: int = 1000) -> SweepResult:
+    """The result with per-example outcomes whose means are the scores: selected 0.814
+    (linear n=3), final 0.814 (first member), best single the first member too."""
+    selected = np.zeros(examples, dtype=bool)
+    selected[:814] = True
+    final = np.zeros(examples, dtype=bool)
+    final[:800] = True
+    final[900:914] = True  # 814 right, 28 disagreements: 14 each way
+    result.outcomes = {"selected": selected, "final": final, "best_single": final.copy()}
+    return result
+
+
+def test_every_report_carries_the_uncertainty_sentence():
+    from polyak.report import uncertainty_lines
+
+    result = with_outcomes(make_result())
+    lines = uncertainty_lines(result)
+    assert lines[0].startswith("selected − final: +0.0000 (95% interval ")
+    assert "McNemar p = 1.000, 1000 test examples" in lines[0]
+    assert lines[0].endswith(
+        ": the difference from the final model is within noise on this test set."
+    )
+    assert lines[1].startswith("selected − best single: ")
+    assert "the best single member (model_499.h5)" in lines[1]
+    # The classic lines of the selected scheme end with them; others do not.
+    assert classic_lines(result, "linear")[-2:] == [f"> {line}" for line in lines]
+    assert all("selected" not in line for line in classic_lines(result, "equal"))
+    flat = " ".join(render(sweep_table(result)).split())
+    assert " ".join(lines[0].split()) in flat
+
+
+def test_reports_without_outcomes_say_the_uncertainty_is_unknown(tmp_path):
+    result = make_result()
+    text = " ".join(render(sweep_table(result)).split())
+    assert "the uncertainty of the difference from the final model is unknown" in text
+    data = json.loads(write_json(result, tmp_path / "r.json").read_text())
+    assert data["uncertainty"]["selected_minus_final"]["interval"] is None
+    assert data["uncertainty"]["selected_minus_final"]["difference"] == pytest.approx(0.0)
+
+
+def test_json_and_plot_carry_the_interval(tmp_path):
+    result = with_outcomes(make_result())
+    data = json.loads(write_json(result, tmp_path / "r.json").read_text())
+    final = data["uncertainty"]["selected_minus_final"]
+    assert final["p_value"] == 1.0 and final["examples"] == 1000 and final["resamples"] >= 2000
+    assert final["interval"][0] < 0 < final["interval"][1]
+    path = write_plot(result, tmp_path / "plot.png")
+    assert path.read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_plot_has_the_final_models_line_and_the_interval_as_an_error_bar(tmp_path, monkeypatch):
+    from matplotlib import pyplot
+
+    figures = []
+    monkeypatch.setattr(pyplot, "close", figures.append)  # keep the figure to look at
+    result = with_outcomes(make_result())
+    write_plot(result, tmp_path / "plot.png")
+    (axes,) = figures[0].axes
+    (reference,) = [line for line in axes.lines if line.get_label() == "final model (test)"]
+    assert set(reference.get_ydata()) == {result.single[0].test}
+    (bar,) = axes.containers
+    comparison = result.comparisons()["final"]
+    (segment,) = bar.lines[2][0].get_segments()
+    low, high = sorted(point[1] for point in segment)
+    final = result.single[0].test
+    assert low == pytest.approx(final + comparison.low)
+    assert high == pytest.approx(final + comparison.high)
+    assert (
+        axes.get_title() == "The difference from the final model is within noise on this test set."
+    )
+    pyplot.close(figures[0])

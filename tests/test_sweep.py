@@ -623,3 +623,97 @@ def test_write_best_to_a_directory_copies_the_newest_model_directory_files(tmp_p
     assert sorted(path.name for path in files) == ["config.json", "model.safetensors"]
     newest = max(STEPS)
     assert (tmp_path / "best" / "config.json").read_text() == f'{{"step": {newest}}}'
+
+
+# -- per-example outcomes and the uncertainty of the gain -----------------------------------
+
+
+def kernel_outcomes(tensors) -> np.ndarray:
+    """Twelve 'test examples': correct where the candidate's kernel entry is positive."""
+    return np.asarray(tensors["dense/kernel"], dtype=np.float64).ravel() > 0
+
+
+def outcome_evaluator(tensors):
+    outcomes = kernel_outcomes(tensors)
+    return {
+        "test": float(np.mean(outcomes)),
+        "validation": float(np.asarray(tensors["norm/scale"], dtype=np.float64).sum()),
+        "outcomes": outcomes,
+    }
+
+
+def test_outcomes_of_selected_final_and_best_single_are_kept(run_dir):
+    from polyak.significance import compare
+
+    result = sweep(run_dir, outcome_evaluator, schemes="equal,linear,exp:2")
+    np.testing.assert_array_equal(result.outcomes["selected"], kernel_outcomes(result.best_tensors))
+    np.testing.assert_array_equal(
+        result.outcomes["final"], kernel_outcomes(member_tensors(NEWEST_FIRST[0]))
+    )
+    validations = [float(member_tensors(step)["norm/scale"].sum()) for step in NEWEST_FIRST]
+    best_single = int(np.argmax(validations))
+    assert result.best_single == best_single
+    np.testing.assert_array_equal(
+        result.outcomes["best_single"], kernel_outcomes(member_tensors(NEWEST_FIRST[best_single]))
+    )
+    comparisons = result.comparisons()
+    expected = compare(
+        result.outcomes["selected"],
+        result.outcomes["final"],
+        higher_is_better=True,
+        against="the final model",
+    )
+    assert comparisons["final"] == expected
+    assert comparisons["best_single"].against.startswith("the best single member (ckpt_")
+    data = result.to_json()
+    assert data["uncertainty"]["selected_minus_final"] == expected.to_json()
+    assert data["best_single"]["index"] == best_single
+    json.dumps(data)  # JSON-ready: no numpy arrays
+
+
+def test_greedy_soup_keeps_the_outcomes_of_its_members(run_dir):
+    result = sweep(run_dir, outcome_evaluator, schemes="greedy")
+    assert result.best.scheme == "greedy"
+    np.testing.assert_array_equal(result.outcomes["selected"], kernel_outcomes(result.best_tensors))
+
+
+def test_without_outcomes_the_uncertainty_is_unknown(run_dir):
+    result = sweep(run_dir, Recorder(), schemes="equal")
+    comparisons = result.comparisons()
+    assert comparisons["final"].difference == result.best_test - result.single[0].test
+    for comparison in comparisons.values():
+        assert comparison.low is None and comparison.p_value is None
+        assert "unknown" in comparison.sentence
+    assert result.to_json()["uncertainty"]["selected_minus_final"]["interval"] is None
+
+
+def test_outcomes_for_some_candidates_only_are_refused(run_dir):
+    calls = []
+
+    def evaluate(tensors):
+        calls.append(None)
+        value = {"test": 0.5}
+        if len(calls) == 1:
+            value["outcomes"] = np.ones(3, dtype=bool)
+        return value
+
+    with pytest.raises(SchemeError, match="per-example outcomes for some only"):
+        sweep(run_dir, evaluate, schemes="equal")
+
+
+@pytest.mark.parametrize(
+    ("outcomes", "message"),
+    [
+        (lambda call: np.ones(3 + call), "outcomes of 4 test examples for one candidate and 3"),
+        (lambda call: np.ones((2, 2)), "must be a 1-D array"),
+    ],
+)
+def test_bad_outcomes_are_refused(run_dir, outcomes, message):
+    calls = []
+
+    def evaluate(tensors):
+        calls.append(None)
+        return {"test": 0.5, "outcomes": outcomes(len(calls) - 1)}
+
+    with pytest.raises(SchemeError, match=message):
+        sweep(run_dir, evaluate, schemes="equal")

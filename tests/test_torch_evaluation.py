@@ -397,3 +397,36 @@ def test_a_module_the_caller_gave_gets_its_state_back(run, data):
     sweep(run["dir"], data["test"], model=model, schemes="equal")
     for name, value in model.state_dict().items():
         torch.testing.assert_close(value, before[name], rtol=0, atol=0)
+
+
+def reference_outputs(state: dict, x: np.ndarray) -> np.ndarray:
+    model = build()
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    with torch.no_grad():
+        return model(torch.from_numpy(x)).double().numpy()
+
+
+def test_per_example_outcomes_for_accuracy(swept, run, data):
+    x, y = data["test"]
+    for key, state in (
+        ("final", run["states"][0]),
+        ("best_single", run["states"][swept.best_single]),
+        (
+            "selected",
+            reference_state(run["states"], formula_weights(swept.best.scheme, swept.best.n)),
+        ),
+    ):
+        outcomes = swept.outcomes[key]
+        assert outcomes.dtype == bool
+        np.testing.assert_array_equal(outcomes, reference_outputs(state, x).argmax(-1) == y)
+    assert swept.comparisons()["final"].p_value is not None
+
+
+def test_per_example_outcomes_for_loss(run, data):
+    x, y = data["test"]
+    result = sweep(run["dir"], data["test"], model=build, schemes="equal", metric="loss")
+    logits = torch.from_numpy(reference_outputs(run["states"][0], x))
+    expected = torch.nn.functional.cross_entropy(logits, torch.from_numpy(y), reduction="none")
+    np.testing.assert_allclose(result.outcomes["final"], expected.numpy(), rtol=1e-6)
+    assert result.single[0].test == pytest.approx(float(expected.mean()), rel=1e-12)

@@ -9,6 +9,10 @@ are theirs.
 - Metrics: ``accuracy`` (argmax for several outputs, threshold 0.5 for one),
   ``loss`` (each framework's cross-entropy; lower is better), a callable
   ``metric(y_true, y_pred) -> float`` or ``"module:function"`` naming one.
+- Per-example outcomes on test, for the sweep's uncertainty
+  (:mod:`polyak.significance`): correct or not for ``accuracy``
+  (:func:`correct`), the loss of each example for ``loss``; none for a user's
+  metric, whose per-example form polyak cannot know.
 
 Example:
     >>> import numpy as np
@@ -36,6 +40,7 @@ __all__ = [
     "accuracy",
     "as_dataset",
     "check_data_or_evaluate",
+    "correct",
     "import_callable",
     "load_dataset",
     "resolve_metric",
@@ -114,18 +119,23 @@ def as_dataset(data: Dataset | tuple | str | Path, name: str) -> Dataset:
     return Dataset(x, y, name)
 
 
+def correct(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
+    """Whether each prediction is right, as a bool array; the rule of :func:`accuracy`."""
+    labels = y_true.argmax(-1) if y_true.ndim > 1 and y_true.shape[-1] > 1 else y_true.reshape(-1)
+    if y_pred.ndim == 1 or y_pred.shape[-1] == 1:
+        predicted = (y_pred.reshape(-1) > 0.5).astype(labels.dtype)
+    else:
+        predicted = y_pred.argmax(-1)
+    return np.asarray(predicted == labels, dtype=bool)
+
+
 def accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     """Share of correct predictions; ``y_true`` as class indices or one-hot.
 
     Several outputs: the predicted class is the argmax (logits or probabilities
     alike). One output: a probability, predicted class 1 above 0.5.
     """
-    labels = y_true.argmax(-1) if y_true.ndim > 1 and y_true.shape[-1] > 1 else y_true.reshape(-1)
-    if y_pred.ndim == 1 or y_pred.shape[-1] == 1:
-        predicted = (y_pred.reshape(-1) > 0.5).astype(labels.dtype)
-    else:
-        predicted = y_pred.argmax(-1)
-    return float(np.mean(predicted == labels))
+    return float(np.mean(correct(y_true, y_pred)))
 
 
 def import_callable(spec: str, role: str) -> Callable[..., Any]:

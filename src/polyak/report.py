@@ -3,6 +3,12 @@
 The classic lines are those of the tutorial polyak started from, one per n for each
 scheme: ``> 3: single=0.811, ensemble=0.813``, where ``single`` is the n-th newest
 member on its own and ``ensemble`` the average of the n newest.
+
+Every report also says whether the selected candidate's gain is more than noise
+(:func:`uncertainty_lines`, the table's caption, ``report.json``'s
+``uncertainty``, the plot's error bar): selected - final model and selected - best
+single member on test, each with a 95% paired bootstrap interval, McNemar's exact
+p-value for accuracy, and one sentence (:mod:`polyak.significance`).
 """
 
 from __future__ import annotations
@@ -14,9 +20,46 @@ from rich.table import Table
 
 from polyak.errors import OutputError, require
 from polyak.files import atomic_output
+from polyak.significance import Comparison
 from polyak.sweep import SweepResult
 
-__all__ = ["classic_lines", "is_posthoc", "sweep_table", "write_json", "write_plot"]
+__all__ = [
+    "classic_lines",
+    "comparison_text",
+    "is_posthoc",
+    "sweep_table",
+    "uncertainty_lines",
+    "write_json",
+    "write_plot",
+]
+
+
+def comparison_text(comparison: Comparison, name: str) -> str:
+    """One line: the difference, its 95% interval, the p-value and the sentence.
+
+    ``name`` names the difference, e.g. ``"selected - final"``.
+    """
+    head = f"{name}: {comparison.difference:+.4f}"
+    if comparison.low is None:
+        return f"{head}; {comparison.sentence}."
+    details = f"95% interval {comparison.low:+.4f} to {comparison.high:+.4f}"
+    if comparison.p_value is not None:
+        details += f", McNemar p = {_p_text(comparison.p_value)}"
+    details += f", {comparison.examples} test examples"
+    return f"{head} ({details}): {comparison.sentence}."
+
+
+def _p_text(p_value: float) -> str:
+    return f"{p_value:.3f}" if p_value >= 0.001 else f"{p_value:.1e}"
+
+
+def uncertainty_lines(result: SweepResult) -> list[str]:
+    """The selected candidate against the final model and the best single member, on test."""
+    comparisons = result.comparisons()
+    return [
+        comparison_text(comparisons["final"], "selected − final"),
+        comparison_text(comparisons["best_single"], "selected − best single"),
+    ]
 
 
 def classic_lines(result: SweepResult, scheme: str) -> list[str]:
@@ -24,8 +67,16 @@ def classic_lines(result: SweepResult, scheme: str) -> list[str]:
 
     The greedy soup has no n-th newest to compare with: its one line names the
     members it kept (0 is the newest); a post-hoc EMA's names the EMA snapshots it
-    combines.
+    combines. The selected candidate's scheme ends with the uncertainty lines
+    (:func:`uncertainty_lines`), each starting ``> ``.
     """
+    lines = _scheme_lines(result, scheme)
+    if scheme == result.best.scheme:
+        lines += [f"> {line}" for line in uncertainty_lines(result)]
+    return lines
+
+
+def _scheme_lines(result: SweepResult, scheme: str) -> list[str]:
     lines = []
     if is_posthoc(scheme):
         for candidate in result.candidates_of(scheme):
@@ -49,11 +100,13 @@ def is_posthoc(scheme: str) -> bool:
     return scheme.startswith("posthoc:")
 
 
-def sweep_table(result: SweepResult) -> Table:
+def sweep_table(result: SweepResult, *, uncertainty: bool = True) -> Table:
     """Every scheme side by side against n, beside each single member, on test data.
 
     Post-hoc EMA candidates do not average the n newest members: they share one last
-    row, ``post-hoc``.
+    row, ``post-hoc``. The caption names the best and, with ``uncertainty``, ends
+    with :func:`uncertainty_lines` (the CLI, which prints them with the classic
+    lines, leaves them out).
     """
     schemes = result.schemes or list(dict.fromkeys(c.scheme for c in result.candidates))
     title = f"Test {result.metric} by number of newest members averaged"
@@ -99,6 +152,8 @@ def sweep_table(result: SweepResult) -> Table:
     )
     if result.recalibrated:
         table.caption += "; cells: as averaged -> after BatchNorm recalibration"
+    if uncertainty:
+        table.caption += "\n" + "\n".join(uncertainty_lines(result))
     return table
 
 
@@ -120,7 +175,10 @@ def write_plot(result: SweepResult, path: str | Path) -> Path:
     """Plot test metric against n: single members as dots, one line per scheme (PNG).
 
     With BatchNorm recalibration each scheme also gets a dashed line of its
-    recalibrated scores.
+    recalibrated scores. The final model's test score is a horizontal reference
+    line; the selected candidate carries the 95% interval of selected - final as an
+    error bar, placed on the final model's score (final + low to final + high): a bar
+    that crosses the reference line is a gain within noise.
     """
     path = Path(path)
     if not path.parent.is_dir():
@@ -161,6 +219,23 @@ def write_plot(result: SweepResult, path: str | Path) -> Path:
                 label=f"average, {scheme}, BatchNorm recalibrated",
             )
     best = result.best
+    final = result.single[0].test
+    axes.axhline(final, color="0.2", linestyle="--", linewidth=1.0, label="final model (test)")
+    against_final = result.comparisons()["final"]
+    if against_final.low is not None:
+        axes.errorbar(
+            [min(best.n, len(result.single))],
+            [result.best_test],
+            yerr=[
+                [max(0.0, result.best_test - (final + against_final.low))],
+                [max(0.0, final + against_final.high - result.best_test)],
+            ],
+            fmt="none",
+            ecolor="black",
+            capsize=5,
+            linewidth=1.4,
+            label="95% interval of selected − final",
+        )
     axes.plot(
         [min(best.n, len(result.single))],
         [result.best_test],
@@ -171,6 +246,8 @@ def write_plot(result: SweepResult, path: str | Path) -> Path:
         label=f"selected on {result.selected_on}: {best.scheme}, n={best.n}"
         + (" (recalibrated)" if result.best_recalibrated else ""),
     )
+    sentence = against_final.sentence
+    axes.set_title(sentence[0].upper() + sentence[1:] + ".", fontsize=9)
     axes.set_xlabel("n newest members")
     axes.set_ylabel(f"test {result.metric}")
     axes.set_xticks(n_values if len(n_values) <= 20 else n_values[:: max(1, len(n_values) // 10)])

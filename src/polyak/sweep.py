@@ -22,7 +22,8 @@ while the members stream by, newest first (member i = 1..N):
 Integer and bool tensors come from the newest member averaged, as in
 ``polyak.averaging``. Memory: one float64 copy of the model per running sum (one for
 equal, two for linear, one per alpha, one per custom scheme, one for the greedy soup)
-plus one candidate.
+plus one candidate. With per-example outcomes, the sweep also holds those of every member
+and of the best candidate so far (one value per test example each).
 
 Selection is honest: with a validation evaluator the best candidate is chosen on
 validation and its test score reported; with test data only, the report says the
@@ -34,6 +35,13 @@ The evaluator is one plain callable over numpy arrays keyed by tensor name:
 ``{"test": float, "validation": float}``, optionally with ``"recalibrated":
 {"test": ..., "validation": ...}``, the scores after BatchNorm recalibration; then
 both variants of every candidate compete and the report shows both numbers.
+Beside the scores it may give ``"outcomes"`` (also inside ``"recalibrated"``): a
+1-D array with each test example's outcome, the same examples in the same order
+every call: bool for correct or not, or numbers such as each example's loss (their
+mean the test score). The sweep keeps them for the selected candidate, the final
+model (the newest member) and the best single member, and
+:meth:`SweepResult.comparisons` reports the differences with their uncertainty
+(:mod:`polyak.significance`); without outcomes the uncertainty is unknown.
 ``polyak.keras`` and ``polyak.torch`` build evaluators for their models. It is called
 once per candidate, so a framework adapter loads each candidate's weights into its
 model once.
@@ -72,6 +80,7 @@ from polyak.schemes import (
     Scheme,
     parse_schemes,
 )
+from polyak.significance import Comparison, compare, unknown
 
 __all__ = ["Candidate", "SingleResult", "SweepResult", "run_sweep", "sweep", "write_best"]
 
@@ -139,6 +148,12 @@ class SweepResult:
         schemes: the schemes' specs, in the order given.
         best_tensors: the selected candidate's tensors (for writing it out), with
             the recalibrated statistics when ``best_recalibrated``.
+        best_single: index (0 is the newest) of the best single member, chosen the
+            way the best candidate is (on validation if there is one).
+        best_single_recalibrated: whether that member's recalibrated variant won.
+        outcomes: per-example test outcomes of ``"selected"``, ``"final"`` (the
+            newest member as saved) and ``"best_single"``; None each when the
+            evaluator gives none.
     """
 
     metric: str
@@ -151,6 +166,48 @@ class SweepResult:
     schemes: list[str] = field(default_factory=list)
     best_tensors: dict[str, np.ndarray] | None = field(default=None, repr=False)
     best_recalibrated: bool = False
+    best_single: int = 0
+    best_single_recalibrated: bool = False
+    outcomes: dict[str, np.ndarray | None] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def best_single_test(self) -> float:
+        """The best single member's test score (of its winning variant)."""
+        member = self.single[self.best_single]
+        if self.best_single_recalibrated:
+            return member.recalibrated_test
+        return member.test
+
+    def comparisons(self) -> dict[str, Comparison]:
+        """The selected candidate against the final model and the best single member.
+
+        ``{"final": ..., "best_single": ...}``: each difference on test with its 95%
+        paired bootstrap interval, McNemar's p for correct-or-not outcomes, and a
+        sentence (:func:`polyak.significance.compare`); the uncertainty is unknown
+        when the evaluator gave no per-example outcomes. Computed once, then kept.
+        """
+        if self._comparisons is None:
+            member = self.members[self.best_single].path.name
+            others = {
+                "final": ("the final model", self.single[0].test),
+                "best_single": (f"the best single member ({member})", self.best_single_test),
+            }
+            found = {}
+            selected = self.outcomes.get("selected")
+            for key, (against, score) in others.items():
+                other = self.outcomes.get(key)
+                if selected is None or other is None:
+                    found[key] = unknown(self.best_test - score, against)
+                else:
+                    found[key] = compare(
+                        selected, other, higher_is_better=self.higher_is_better, against=against
+                    )
+            self._comparisons = found
+        return self._comparisons
+
+    _comparisons: dict[str, Comparison] | None = field(
+        default=None, repr=False, init=False, compare=False
+    )
 
     @property
     def recalibrated(self) -> bool:
@@ -193,6 +250,13 @@ class SweepResult:
         best["recalibrated"] = self.best_recalibrated
         if self.best.scheme == "greedy":
             best["members"] = list(self.best.members)
+        comparisons = self.comparisons()
+        best_single: dict[str, Any] = {
+            "index": self.best_single,
+            "path": str(self.members[self.best_single].path),
+            "metric": self.best_single_test,
+            "recalibrated": self.best_single_recalibrated,
+        }
         return {
             "metric": self.metric,
             "higher_is_better": self.higher_is_better,
@@ -208,6 +272,11 @@ class SweepResult:
                 for c in self.candidates
             ],
             "best": best,
+            "best_single": best_single,
+            "uncertainty": {
+                "selected_minus_final": comparisons["final"].to_json(),
+                "selected_minus_best_single": comparisons["best_single"].to_json(),
+            },
         }
 
 
@@ -268,6 +337,15 @@ class _Scores:
     validation: float | None
     recalibrated_test: float | None
     recalibrated_validation: float | None
+    # Per-example test outcomes (plain and recalibrated), when the evaluator gives them.
+    outcomes: np.ndarray | None = field(default=None, repr=False, compare=False)
+    recalibrated_outcomes: np.ndarray | None = field(default=None, repr=False, compare=False)
+
+    def without_outcomes(self) -> _Scores:
+        return _Scores(*_fields(self))
+
+    def outcomes_of(self, recalibrated: bool) -> np.ndarray | None:
+        return self.recalibrated_outcomes if recalibrated else self.outcomes
 
     def variants(self) -> list[tuple[float, bool]]:
         """``(selection value, recalibrated?)`` of each variant, plain first."""
@@ -305,7 +383,8 @@ class _ScoreReader:
 
     def __init__(self, evaluate: Evaluate) -> None:
         self.evaluate = evaluate
-        self.shape: tuple[bool, bool] | None = None  # (validation?, recalibrated?)
+        self.shape: tuple[bool, ...] | None = None  # (validation?, recalibrated?, outcomes?)
+        self.examples: int | None = None  # test examples in the outcomes
 
     def __call__(self, tensors: Mapping[str, np.ndarray]) -> _Scores:
         value = self.evaluate(tensors)
@@ -329,17 +408,42 @@ class _ScoreReader:
                 _optional_float(value.get("validation")),
                 _optional_float(recalibrated.get("test")),
                 _optional_float(recalibrated.get("validation")),
+                self._outcomes(value.get("outcomes")),
+                self._outcomes(recalibrated.get("outcomes")),
             )
         else:
             scores = _Scores(float(value), None, None, None)
-        shape = (scores.validation is not None, scores.recalibrated_test is not None)
+        shape = (
+            scores.validation is not None,
+            scores.recalibrated_test is not None,
+            scores.outcomes is not None,
+        )
         if self.shape is not None and shape != self.shape:
             raise SchemeError(
                 "the evaluator returned validation or recalibrated scores for some "
-                "candidates only; it must return the same kinds of score every time."
+                "candidates only (or per-example outcomes for some only); it must return "
+                "the same kinds of score every time."
             )
         self.shape = shape
         return scores
+
+    def _outcomes(self, value: object) -> np.ndarray | None:
+        """Per-example test outcomes as a 1-D array, the same length every time."""
+        if value is None:
+            return None
+        outcomes = np.asarray(value)
+        if outcomes.dtype == object or outcomes.ndim != 1 or len(outcomes) == 0:
+            raise SchemeError(
+                "the evaluator's 'outcomes' must be a 1-D array with one value per test "
+                f"example (correct or not, or a loss); received shape {outcomes.shape}."
+            )
+        if self.examples is not None and len(outcomes) != self.examples:
+            raise SchemeError(
+                f"the evaluator returned outcomes of {len(outcomes)} test examples for one "
+                f"candidate and {self.examples} for another; they must be the same examples."
+            )
+        self.examples = len(outcomes)
+        return outcomes
 
 
 def _check_schemes(schemes: Sequence[Scheme], count: int) -> None:
@@ -384,8 +488,13 @@ class _Ledger:
         else:
             local = self.score(tensors) if self.group.owned(index) else None
             result = self.group.broadcast(local, source=index % self.group.size)
-        self.results[index] = result
+        self.results[index] = result.without_outcomes()
         return result
+
+    def forget_outcomes(self, index: int) -> None:
+        """Drop a result's per-example outcomes once they are no longer needed."""
+        if index in self.results:
+            self.results[index] = self.results[index].without_outcomes()
 
     def reserve(self) -> int:
         """A number for a candidate scored another way (the greedy soup's)."""
@@ -486,7 +595,10 @@ def run_sweep(
             pending.append((sums.scheme.spec, i, weights, number))
             if ledger.known(number):
                 chooser.offer(number, ledger[number], candidate_tensors)
+                # Per-example outcomes are kept for the chooser's best and the members only.
+                ledger.forget_outcomes(number)
     ledger.settle()
+    single_numbers = [number for _, number in pending_single]
     single = [SingleResult(member, *_fields(ledger[number])) for member, number in pending_single]
     candidates = [
         Candidate(spec, n, weights, *_fields(ledger[number]))
@@ -494,13 +606,19 @@ def run_sweep(
     ]
     by_number = {number: c for (_, _, _, number), c in zip(pending, candidates, strict=True)}
     if any(isinstance(scheme, Greedy) for scheme in schemes):
-        soup, soup_tensors = _greedy_soup(
-            readers, floating, integer_names, single, ledger, higher_is_better, progress
+        soup, soup_tensors, soup_scores = _greedy_soup(
+            readers,
+            floating,
+            integer_names,
+            [ledger[number] for number in single_numbers],
+            ledger,
+            higher_is_better,
+            progress,
         )
         candidates.append(soup)
         number = ledger.reserve()
         by_number[number] = soup
-        chooser.offer(number, _Scores(*_fields_of(soup)), soup_tensors)
+        chooser.offer(number, soup_scores, soup_tensors)
     specs = [scheme.spec for scheme in schemes]
     if posthoc:
         directory = members[0].path.parent if posthoc_directory is None else posthoc_directory
@@ -512,6 +630,7 @@ def run_sweep(
             specs.append(head[0])
             if ledger.known(number):
                 chooser.offer(number, ledger[number], tensors)
+                ledger.forget_outcomes(number)
         ledger.settle()
         for (spec, n, weights), number in posthoc_pending:
             candidate = Candidate(spec, n, weights, *_fields(ledger[number]))
@@ -520,8 +639,14 @@ def run_sweep(
     # Computed member by member; reported scheme by scheme, each by n.
     order = {spec: index for index, spec in enumerate(specs)}
     candidates.sort(key=lambda candidate: (order[candidate.scheme], candidate.n))
-    number, recalibrated, best_tensors = chooser.result(group)
+    number, recalibrated, best_tensors, selected_outcomes = chooser.result(group)
     best = by_number[number]
+    # The best single member, chosen like the best candidate (ties to the newest).
+    single_chooser = _Chooser(higher_is_better)
+    for number in single_numbers:
+        single_chooser.offer(number, ledger[number])
+    single_number, single_recalibrated, _, single_outcomes = single_chooser.result()
+    best_single = single_numbers.index(single_number)
     if recalibrated and hasattr(evaluate, "recalibrated_tensors"):
         best_tensors = {
             name: np.array(array)
@@ -539,6 +664,13 @@ def run_sweep(
         schemes=specs,
         best_tensors=best_tensors,
         best_recalibrated=recalibrated,
+        best_single=best_single,
+        best_single_recalibrated=single_recalibrated,
+        outcomes={
+            "selected": selected_outcomes,
+            "final": ledger[single_numbers[0]].outcomes,
+            "best_single": single_outcomes,
+        },
     )
 
 
@@ -549,10 +681,6 @@ def _fields(scores: _Scores) -> tuple[float, float | None, float | None, float |
         scores.recalibrated_test,
         scores.recalibrated_validation,
     )
-
-
-def _fields_of(item: Candidate | SingleResult) -> tuple:
-    return (item.test, item.validation, item.recalibrated_test, item.recalibrated_validation)
 
 
 class _Chooser:
@@ -566,22 +694,33 @@ class _Chooser:
         self.higher_is_better = higher_is_better
         self.best: tuple[int, bool, float] | None = None  # number, recalibrated?, value
         self.tensors: dict[str, np.ndarray] | None = None
+        self.outcomes: np.ndarray | None = None
 
-    def offer(self, number: int, scores: _Scores, tensors: Mapping[str, np.ndarray]) -> None:
+    def offer(
+        self,
+        number: int,
+        scores: _Scores,
+        tensors: Mapping[str, np.ndarray] | None = None,
+    ) -> None:
         for value, recalibrated in scores.variants():
             if self.best is None or _better(value, self.best[2], self.higher_is_better):
                 self.best = (number, recalibrated, value)
-                self.tensors = {name: np.array(array) for name, array in tensors.items()}
+                self.outcomes = scores.outcomes_of(recalibrated)
+                if tensors is not None:
+                    self.tensors = {name: np.array(array) for name, array in tensors.items()}
 
-    def result(self, group: ProcessGroup | None = None) -> tuple[int, bool, dict[str, np.ndarray]]:
-        """``(number, recalibrated?, tensors)`` of the best; among a group, of them all.
+    def result(
+        self, group: ProcessGroup | None = None
+    ) -> tuple[int, bool, dict[str, np.ndarray] | None, np.ndarray | None]:
+        """``(number, recalibrated?, tensors, outcomes)`` of the best; among a group, of all.
 
         Each process offered the candidates it scored; the best of the bests wins by
-        the same rule (its tensors then come from the process that has them).
+        the same rule (its tensors and per-example outcomes then come from the process
+        that has them).
         """
         if group is None:
-            assert self.best is not None and self.tensors is not None  # one at least
-            return self.best[0], self.best[1], self.tensors
+            assert self.best is not None  # one at least
+            return self.best[0], self.best[1], self.tensors, self.outcomes
         bests = group.gather(self.best)
         winner: tuple[int, int] | None = None  # (rank, number)
         for rank, best in enumerate(bests):
@@ -597,8 +736,10 @@ class _Chooser:
                 winner = (rank, best[0])
         assert winner is not None  # some process scored a candidate
         rank = winner[0]
-        tensors = group.broadcast(self.tensors if group.rank == rank else None, source=rank)
-        return bests[rank][0], bests[rank][1], tensors
+        tensors, outcomes = group.broadcast(
+            (self.tensors, self.outcomes) if group.rank == rank else None, source=rank
+        )
+        return bests[rank][0], bests[rank][1], tensors, outcomes
 
 
 def _posthoc_candidates(
@@ -656,11 +797,11 @@ def _greedy_soup(
     readers: Sequence[CheckpointReader],
     floating: list[tuple[str, TensorInfo]],
     integer_names: list[str],
-    single: list[SingleResult],
+    single: list[_Scores],
     ledger: _Ledger,
     higher_is_better: bool,
     progress: Callable[[str], None] | None,
-) -> tuple[Candidate, dict[str, np.ndarray]]:
+) -> tuple[Candidate, dict[str, np.ndarray], _Scores]:
     """The greedy soup (Wortsman et al., 2022, Algorithm 1) over the members.
 
     Members are sorted by their own score (validation if there is one, else test),
@@ -684,7 +825,7 @@ def _greedy_soup(
         name: np.asarray(readers[order[0]].read(name), dtype=np.float64).copy()
         for name, _ in floating
     }
-    soup_scores = _Scores(*_fields_of(single[order[0]]))
+    soup_scores = single[order[0]]
     trial = {name: np.empty(info.shape, numpy_dtype(info.dtype)) for name, info in floating}
 
     def fill(indices: list[int], extra: Mapping[str, np.ndarray] | None) -> dict[str, np.ndarray]:
@@ -712,7 +853,8 @@ def _greedy_soup(
                 totals[name] += member[name]
     weights = tuple(1.0 / len(soup) if index in soup else 0.0 for index in range(count))
     candidate = Candidate("greedy", len(soup), weights, *_fields(soup_scores))
-    return candidate, {name: np.array(array) for name, array in fill(sorted(soup), None).items()}
+    tensors = {name: np.array(array) for name, array in fill(sorted(soup), None).items()}
+    return candidate, tensors, soup_scores
 
 
 def sweep(

@@ -35,7 +35,7 @@ def demo_command(
         for line in classic_lines(sweep, scheme):
             console.print(line)
     console.print()
-    console.print(sweep_table(sweep))
+    console.print(sweep_table(sweep, uncertainty=False))  # in the classic lines above
     best, final = sweep.best, sweep.single[0]
     console.print(
         f"Recommended (chosen on validation): {best.scheme} over the {best.n} newest snapshots, "

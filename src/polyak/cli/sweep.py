@@ -92,7 +92,9 @@ def sweep_command(
     ),
 ) -> None:
     """Evaluate each member and the average of the n newest for every n and scheme,
-    reading each checkpoint once; print the classic lines, a table and the best."""
+    reading each checkpoint once; print the classic lines, a table and the best, and
+    whether its gain over the final model and the best single member is more than
+    noise on the test set (95% bootstrap interval; McNemar's p for accuracy)."""
     from polyak.data import import_callable, load_dataset
     from polyak.discovery import find_checkpoints
     from polyak.distributed import current as current_group
@@ -175,7 +177,7 @@ def sweep_command(
         console.print(f"[bold]{scheme}[/bold] (test {result.metric})")
         for line in classic_lines(result, scheme):
             console.print(line)
-    console.print(sweep_table(result))
+    console.print(sweep_table(result, uncertainty=False))  # in the classic lines above
     if result.selected_on == "test":
         console.print(
             "Note: the best candidate was chosen on the test data itself (no validation "

@@ -25,6 +25,7 @@ from polyak.data import (
     accuracy,
     as_dataset,
     check_data_or_evaluate,
+    correct,
     load_dataset,
     resolve_metric,
     sweep_metric,
@@ -131,6 +132,11 @@ class KerasEvaluator:
 
     def score(self, data: Dataset) -> float:
         """The metric of the model as it is now, on ``data``."""
+        return self.score_examples(data)[0]
+
+    def score_examples(self, data: Dataset) -> tuple[float, np.ndarray | None]:
+        """The metric on ``data`` and each example's outcome: correct or not for
+        accuracy, its loss for ``loss``, None for a user's metric."""
         shared = self.group is not None and len(data.x) >= self.group.size
         x = data.x[self.group.share(len(data.x))] if shared else data.x
         try:
@@ -142,14 +148,23 @@ class KerasEvaluator:
         if shared:
             predictions = self.group.concatenate(predictions)
         if self._function is None:
-            losses = _loss_function(self.model, data.y)(data.y, predictions)
-            return float(np.mean(keras.ops.convert_to_numpy(losses)))
-        return float(self._function(data.y, predictions))
+            losses = keras.ops.convert_to_numpy(
+                _loss_function(self.model, data.y)(data.y, predictions)
+            )
+            per_example = np.asarray(losses, dtype=np.float64).reshape(len(predictions), -1)
+            return float(np.mean(losses)), per_example.mean(axis=1)
+        outcomes = correct(data.y, predictions) if self._function is accuracy else None
+        return float(self._function(data.y, predictions)), outcomes
 
     def _scores(self) -> Any:
         if self.evaluate is not None:
             return self.evaluate(self.model)
-        return {split: self.score(data) for split, data in self.splits.items()}
+        scores: dict[str, Any] = {}
+        for split, data in self.splits.items():
+            scores[split], outcomes = self.score_examples(data)
+            if split == "test" and outcomes is not None:
+                scores["outcomes"] = outcomes
+        return scores
 
     def __call__(self, tensors: Mapping[str, np.ndarray]) -> Any:
         self.weight_map.assign(tensors)
@@ -200,6 +215,8 @@ def sweep(
         evaluate: instead of data, ``evaluate(model) -> float`` (a test score), or
             ``-> {"test": float, "validation": float}`` to choose on validation; it
             is called with the model holding each candidate's weights.
+            It may add ``"outcomes"``: each test example's outcome (bool correct or
+            not, or its loss), for the report's interval (see :mod:`polyak.sweep`).
         schemes: e.g. ``"equal,linear,exp:2"``, ``"exp:0.5,1,2,4,8"``, ``"greedy"``.
         last: sweep the ``last`` newest checkpoints only.
         model: the architecture for weights-only files (see ``resolve_model``).

@@ -35,8 +35,10 @@ import numpy as np
 from polyak.averaging import open_members
 from polyak.data import (
     Dataset,
+    accuracy,
     as_dataset,
     check_data_or_evaluate,
+    correct,
     import_callable,
     resolve_metric,
     sweep_metric,
@@ -255,27 +257,37 @@ class TorchEvaluator:
         predictions = np.concatenate(outputs)
         return self.group.concatenate(predictions) if shared else predictions
 
-    def _loss(self, y: np.ndarray, outputs: np.ndarray) -> float:
+    def _losses(self, y: np.ndarray, outputs: np.ndarray) -> np.ndarray:
+        """Each example's cross-entropy (float64), the outputs taken as logits."""
+        functional = torch.nn.functional
         logits = torch.from_numpy(outputs).double()
         if logits.ndim == 1 or logits.shape[-1] == 1:
             target = torch.from_numpy(np.asarray(y, dtype=np.float64).reshape(logits.shape))
-            return float(torch.nn.functional.binary_cross_entropy_with_logits(logits, target))
-        if y.ndim > 1 and y.shape[-1] > 1:
-            target = torch.from_numpy(np.asarray(y, dtype=np.float64))
+            losses = functional.binary_cross_entropy_with_logits(logits, target, reduction="none")
         else:
-            target = torch.from_numpy(np.asarray(y).reshape(-1).astype(np.int64))
-        return float(torch.nn.functional.cross_entropy(logits, target))
+            if y.ndim > 1 and y.shape[-1] > 1:
+                target = torch.from_numpy(np.asarray(y, dtype=np.float64))
+            else:
+                target = torch.from_numpy(np.asarray(y).reshape(-1).astype(np.int64))
+            losses = functional.cross_entropy(logits, target, reduction="none")
+        return losses.numpy().reshape(len(outputs), -1).mean(axis=1)
 
-    def _scores(self) -> float | dict[str, float]:
+    def _scores(self) -> float | dict[str, Any]:
         if self.evaluate is not None:
             return self.evaluate(self.module)
-        scores = {}
+        scores: dict[str, Any] = {}
         for split, data in self.splits.items():
             outputs = self.predict(data)
+            outcomes = None
             if self._function is None:
-                scores[split] = self._loss(data.y, outputs)
+                outcomes = self._losses(data.y, outputs)
+                scores[split] = float(np.mean(outcomes))
             else:
                 scores[split] = float(self._function(data.y, outputs))
+                if self._function is accuracy:
+                    outcomes = correct(data.y, outputs)
+            if split == "test" and outcomes is not None:
+                scores["outcomes"] = outcomes
         return scores
 
     def __call__(self, tensors: Mapping[str, np.ndarray]) -> float | dict[str, Any]:
@@ -332,6 +344,8 @@ def sweep(
         evaluate: instead of data, ``evaluate(module) -> float`` or
             ``-> {"test": float, "validation": float}``, called with the module
             holding each candidate's weights.
+            It may add ``"outcomes"``: each test example's outcome (bool correct or
+            not, or its loss), for the report's interval (see :mod:`polyak.sweep`).
         schemes: e.g. ``"equal,linear,exp:2"``, ``"exp:0.5,1,2,4,8"``, ``"greedy"``.
         last: sweep the ``last`` newest checkpoints only.
         metric: with data: ``"accuracy"``, ``"loss"``, ``(y_true, y_pred) -> float`` or
