@@ -20,7 +20,6 @@ the classes and generated files that the README's Safety section quotes.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
@@ -694,20 +693,20 @@ def _pickle_runs(w: Workspace, variant: str) -> Scenario:
     return Scenario(args, rf"checkpoint {named(bad)}: {message}", [bad], marker=marker)
 
 
-@case("pickle-classes-outside-safe-list", "custom-class", "legacy-custom-class", "namespace")
+# argparse.Namespace is not here: timm saves its command line as one, and polyak reads it
+# as plain data without calling argparse (tests/test_real_trainers.py).
+@case("pickle-classes-outside-safe-list", "custom-class", "legacy-custom-class")
 def _unsafe_classes(w: Workspace, variant: str) -> Scenario:
     good = w.copy("pt", 1)
     bad = w.inputs / "m_2.pt"
-    extra = argparse.Namespace(lr=0.1) if variant == "namespace" else Opaque()
     torch.save(
-        {"model": torch_state(state(2)), "args": extra},
+        {"model": torch_state(state(2)), "args": Opaque()},
         bad,
         _use_new_zipfile_serialization=variant != "legacy-custom-class",
     )
-    refused = r"argparse\.Namespace" if variant == "namespace" else r"[\w.]*Opaque"
     return Scenario(
         w.average([good, bad], "pt"),
-        rf"checkpoint {named(bad)}: refused to load {refused}",
+        rf"checkpoint {named(bad)}: refused to load [\w.]*Opaque",
         [bad],
     )
 

@@ -220,6 +220,19 @@ def test_round_trip_with_scaled_weights(trained, suffix, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [output.name]  # no temporary left
 
 
+def test_weights_h5_written_from_a_keras_archive_loads_with_load_weights(trained, tmp_path):
+    # A .keras archive holds the file save_weights writes (model.weights.h5): an average of
+    # .keras snapshots can be written as .weights.h5 for model.load_weights.
+    batchnorm, _, files = trained
+    output = tmp_path / "scaled.weights.h5"
+    with KerasArchiveReader(files[".keras"]) as template:
+        scaled = {name: template.read(name) * 2 for name in template.names()}
+        write_keras_weights(output, scaled.items(), template)
+    loaded = load_written(output, batchnorm)
+    assert_same_tensors(expected_tensors(loaded, ".weights.h5"), scaled)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [output.name]
+
+
 def hdf5_datasets(file: h5py.File, group: str) -> dict[str, np.ndarray]:
     found = {}
     file[group].visititems(
@@ -301,7 +314,7 @@ def test_compressed_template_keeps_its_member_compression(trained, tmp_path):
 @pytest.mark.parametrize(
     ("writer", "template_suffix"),
     [
-        (write_keras_weights, ".keras"),
+        (write_keras_weights, ".h5"),
         (write_keras_archive, ".weights.h5"),
         (write_keras_legacy_h5, ".weights.h5"),
         (write_keras_archive, None),
