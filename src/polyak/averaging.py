@@ -417,6 +417,7 @@ def write_output(
     output_format: Format,
     *,
     max_shard_size: int | str | None = None,
+    overwrite: bool = False,
 ) -> list[Path]:
     """Write tensors atomically to ``out`` in ``output_format``, copying ``template``'s container.
 
@@ -433,6 +434,8 @@ def write_output(
         max_shard_size: for an output directory, the most bytes of tensor data per
             shard (an int or a string such as ``"2GB"``); by default the template's
             shard layout, or one shard.
+        overwrite: replace an existing ``out``; without it, an ``out`` another writer
+            created meanwhile is kept and ``OutputError`` raised (create-if-absent).
 
     Returns:
         The files written: ``[out]``, or the shards and the index inside ``out``.
@@ -447,12 +450,12 @@ def write_output(
         raise _shards_need_a_directory(out, output_format)
     try:
         if directory:
-            with atomic_directory(out) as temporary:
+            with atomic_directory(out, overwrite=overwrite) as temporary:
                 names = output_format.write(
                     temporary, tensors, template, max_shard_size=max_shard_size
                 )
             return [out / name for name in names]
-        with atomic_output(out) as temporary:
+        with atomic_output(out, overwrite=overwrite) as temporary:
             output_format.write(temporary, tensors, template)
         return [out]
     except PolyakError:
@@ -476,6 +479,7 @@ def write_output_together(
     group: ProcessGroup,
     *,
     max_shard_size: int | str | None = None,
+    overwrite: bool = False,
 ) -> list[Path]:
     """:func:`write_output` by every process of a torchrun group, each its share.
 
@@ -493,12 +497,12 @@ def write_output_together(
         files: list[Path] = []
         if group.is_main:
             try:
-                files = write_output(out, tensors, template, output_format)
+                files = write_output(out, tensors, template, output_format, overwrite=overwrite)
             except BaseException as failure:  # told to every process, then raised here
                 error = failure
         group.check(error)
         return group.broadcast(files)
-    context = atomic_directory(out)
+    context = atomic_directory(out, overwrite=overwrite)
     if group.is_main:
         try:
             temporary = context.__enter__()
@@ -673,10 +677,18 @@ def average_to(
             )
             on_start(members, weights, total)
         if group is None:
-            files = write_output(out, tensors, readers[0], output_format, max_shard_size=limit)
+            files = write_output(
+                out, tensors, readers[0], output_format, max_shard_size=limit, overwrite=overwrite
+            )
         else:
             files = write_output_together(
-                out, tensors, readers[0], output_format, group, max_shard_size=limit
+                out,
+                tensors,
+                readers[0],
+                output_format,
+                group,
+                max_shard_size=limit,
+                overwrite=overwrite,
             )
     finally:
         for reader in readers:

@@ -434,7 +434,7 @@ def reconstruct_to(
     readers = open_members([order_key(s.path) for s in snapshots], None)
     try:
         tensors = average_readers(readers, coefficients, signed=True)
-        write_output(out, tensors, readers[0], output_format)
+        write_output(out, tensors, readers[0], output_format, overwrite=overwrite)
     finally:
         for reader in readers:
             reader.close()

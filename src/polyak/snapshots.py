@@ -515,7 +515,7 @@ def _write_manifest(
     text = json.dumps(data, indent=2, allow_nan=False) + "\n"
     manifest = directory / MANIFEST_NAME
     try:
-        with atomic_output(manifest) as temporary:
+        with atomic_output(manifest, overwrite=True) as temporary:
             temporary.write_bytes(text.encode("utf-8"))
     except OutputError:
         raise

@@ -811,4 +811,11 @@ def write_best(
     with open_checkpoint(members[0].path) as template:
         plan = [(name, template.info(name)) for name in template.names()]
         tensors = PlannedTensors(plan, [(name, result.best_tensors[name]) for name, _ in plan])
-        return write_output(out, tensors, template, output_format, max_shard_size=max_shard_size)
+        return write_output(
+            out,
+            tensors,
+            template,
+            output_format,
+            max_shard_size=max_shard_size,
+            overwrite=overwrite,
+        )

@@ -485,7 +485,7 @@ class OnlineAverage(keras.callbacks.Callback):
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)
         path = Path(path)
-        with atomic_output(path) as temporary:
+        with atomic_output(path, overwrite=True) as temporary:
             temporary.write_bytes(buffer.getvalue())
         return path
 
