@@ -26,13 +26,11 @@ import numpy as np
 
 from polyak.errors import CheckpointError, OutputError
 from polyak.formats.base import ReaderBase, TensorInfo, dtype_name
+from polyak.formats.limits import MAX_INFLATION as _MAX_INFLATION
 
 __all__ = ["NpzReader", "write_npz"]
 
 _SUFFIX = ".npy"
-# Deflate, which numpy.savez_compressed uses, inflates at most about 1032-fold; a
-# member declaring more than this times its compressed size is lying about its size.
-_MAX_INFLATION = 1100
 # What reading a damaged member raises: zipfile's own errors, zlib's for corrupt deflate
 # data, numpy's for a bad .npy header (it parses the header as a Python literal, so
 # also SyntaxError and tokenize's TokenError), and those for encrypted or unsupported
