@@ -451,7 +451,10 @@ def test_sharded_inputs_average_into_the_same_shards(tmp_path):
     newest = json.loads((tmp_path / "run/checkpoint-300/model.safetensors.index.json").read_text())
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert index["weight_map"] == newest["weight_map"]
-    assert index["metadata"] == {"total_size": 8 * 4 * 4 + 4 * 2 + 4 * 3 * 2 + 8}
+    assert index["metadata"] == {
+        "total_size": 8 * 4 * 4 + 4 * 2 + 4 * 3 * 2 + 8,
+        "polyak": "average",
+    }
     # Bit for bit what the single-file average holds, whatever the container.
     assert same_bits(directory_tensors(out), load_file(str(single)))
     assert same_bits(directory_tensors(out), polyak.average(tmp_path / "run", "linear"))

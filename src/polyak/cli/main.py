@@ -10,12 +10,13 @@ from __future__ import annotations
 import os
 import sys
 import traceback
+import warnings
 
 import typer
 
 from polyak import __version__
 from polyak.cli.output import console
-from polyak.errors import PolyakError
+from polyak.errors import PolyakError, PolyakNote
 
 app = typer.Typer(
     name="polyak",
@@ -96,7 +97,19 @@ def main(argv: list[str] | None = None) -> None:
             shut_down(clean=exit_code in (0, None))
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A ``PolyakNote`` as one line on stderr; every other warning as Python shows it."""
+    if issubclass(category, PolyakNote):
+        print(f"polyak: note: {message}", file=sys.stderr)
+        return
+    _SHOW_WARNING(message, category, filename, lineno, file, line)
+
+
+_SHOW_WARNING = warnings.showwarning
+
+
 def _run(arguments: list[str], where: str) -> None:
+    warnings.showwarning = _show_warning
     command = typer.main.get_command(app)
     try:
         # Standalone mode: typer itself reports usage errors (exit 2) and --help.

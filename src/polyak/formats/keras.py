@@ -62,6 +62,7 @@ import numpy as np
 
 from polyak.errors import CheckpointError, OutputError, PolyakError
 from polyak.formats.base import CheckpointReader, ReaderBase, TensorInfo, dtype_name
+from polyak.formats.marks import MARK_KEY, MARK_VALUE, ZIP_COMMENT
 
 __all__ = [
     "MAX_COMPRESSION_RATIO",
@@ -718,6 +719,7 @@ def _overwrite_datasets(
             # Written at once: the engine may reuse the array's buffer for the next tensor.
             dataset[()] = array
             written.add(name)
+        file.attrs[MARK_KEY] = MARK_VALUE  # polyak's mark: Keras ignores it
     missing = [name for name in expected if name not in written]
     if missing:
         raise OutputError(
@@ -839,7 +841,7 @@ def write_keras_archive(
                 zipfile.ZipFile(archive_template.zip_path) as archive,
                 zipfile.ZipFile(temporary, "w") as output,
             ):
-                output.comment = archive.comment
+                output.comment = ZIP_COMMENT  # polyak's mark: Keras ignores it
                 for info in archive.infolist():
                     if info.filename == WEIGHTS_MEMBER:
                         with open(weights, "rb") as source:

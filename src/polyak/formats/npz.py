@@ -27,6 +27,7 @@ import numpy as np
 from polyak.errors import CheckpointError, OutputError
 from polyak.formats.base import ReaderBase, TensorInfo, dtype_name
 from polyak.formats.limits import MAX_INFLATION as _MAX_INFLATION
+from polyak.formats.marks import ZIP_COMMENT
 
 __all__ = ["NpzReader", "write_npz"]
 
@@ -158,6 +159,7 @@ def write_npz(
 ) -> None:
     """Write tensors to a ``.npz`` archive, one member at a time."""
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+        archive.comment = ZIP_COMMENT  # polyak's mark: numpy.load ignores it
         for name, array in tensors:
             if dtype_name(array.dtype) == "bfloat16":
                 raise OutputError(

@@ -43,6 +43,7 @@ import numpy as np
 from polyak.errors import CheckpointError, OutputError
 from polyak.formats.background import BackgroundWriter
 from polyak.formats.base import DTYPES, PlannedTensors, ReaderBase, StreamedTensor, TensorInfo
+from polyak.formats.marks import MARK_KEY, MARK_VALUE
 
 __all__ = [
     "INDEX_NAME",
@@ -390,16 +391,17 @@ def _header_bytes(infos: list[tuple[str, TensorInfo]], metadata: dict[str, str] 
     return len(encoded).to_bytes(8, "little") + encoded
 
 
-def _string_metadata(template: object | None) -> dict[str, str] | None:
-    """The ``__metadata__`` to copy from a template: a safetensors file's, or a shard's."""
+def _string_metadata(template: object | None) -> dict[str, str]:
+    """The ``__metadata__`` to write: a safetensors template's (or its shards'), and
+    polyak's mark (see :mod:`polyak.formats.marks`)."""
     metadata = getattr(template, "shard_metadata", None)
     if metadata is None:
         metadata = getattr(template, "metadata", None)
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
-        return None
-    return metadata
+        metadata = {}
+    return {**metadata, MARK_KEY: MARK_VALUE}
 
 
 def _write_tensors(
@@ -639,7 +641,10 @@ def write_sharded_safetensors(
         return files
     if write_index:
         total_size = sum(info.nbytes for _, info in planned.infos)
-        index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+        index = {
+            "metadata": {"total_size": total_size, MARK_KEY: MARK_VALUE},
+            "weight_map": weight_map,
+        }
         (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     return [*files, INDEX_NAME]
 

@@ -56,6 +56,7 @@ import numpy as np
 
 from polyak.formats.base import DTYPES, StreamedTensor, TensorInfo
 from polyak.formats.limits import MAX_DIMENSIONS, MAX_PICKLE_BYTES, inflation_refusal
+from polyak.formats.marks import ZIP_COMMENT
 
 __all__ = [
     "NewTensor",
@@ -727,7 +728,8 @@ class _ZipWriter:
         start = self._offset
         for entry in self._directory:
             self._put(entry)
-        self._put(end_records(len(self._directory), start, self._offset - start))
+        size = self._offset - start
+        self._put(end_records(len(self._directory), start, size, ZIP_COMMENT))
 
 
 # --- writing -----------------------------------------------------------------------------
