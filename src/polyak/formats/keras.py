@@ -829,9 +829,10 @@ def write_keras_archive(
     archive_template = _require_template(path, template, KerasArchiveReader)
 
     def build(temporary: Path) -> None:
-        handle, name = tempfile.mkstemp(
-            dir=path.parent, prefix=f".{path.name}.", suffix=".weights.h5"
-        )
+        # Named after the output's temporary (.NAME.polyak-tmp-PID-...), so files.py
+        # cleans it up after a kill as it does the temporary itself.
+        hidden = path.name if path.name.startswith(".") else f".{path.name}"
+        handle, name = tempfile.mkstemp(dir=path.parent, prefix=f"{hidden}.", suffix=".weights.h5")
         weights = Path(name)
         try:
             with os.fdopen(handle, "wb") as file, archive_template.open_weights_bytes() as source:
