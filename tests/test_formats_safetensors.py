@@ -921,3 +921,20 @@ def test_sharded_writer_refuses_tensors_that_differ_from_the_plan(tmp_path: Path
         )
     with pytest.raises(ValueError, match="tensor x: does not match the planned a"):
         write_sharded_safetensors(tmp_path, PlannedTensors(infos, [("x", two)]), None)
+
+
+@pytest.mark.parametrize(
+    ("shape", "data", "message"),
+    [
+        ([1] * 65, b"\x00" * 4, "has 65 dimensions, more than 64"),
+        ([2**100, 0], b"", "has shape (1267650600228229401496703205376, 0), larger than any file"),
+    ],
+)
+def test_impossible_shapes_are_refused_from_the_header(tmp_path: Path, shape, data, message):
+    """Before: "internal error" from numpy, which cannot describe such an array."""
+    path = raw_file(
+        tmp_path / "crafted.safetensors", {"w": entry("F32", shape, 0, len(data))}, data
+    )
+    with pytest.raises(CheckpointError, match=re.escape(f"tensor w: {message}")):
+        with SafetensorsReader(path) as reader:
+            reader.read("w")

@@ -11,7 +11,14 @@ refused from the zip directory alone, before a byte is inflated.
 
 from __future__ import annotations
 
-__all__ = ["MAX_DIMENSIONS", "MAX_INFLATION", "MAX_PICKLE_BYTES", "inflation_refusal"]
+__all__ = [
+    "MAX_DIMENSIONS",
+    "MAX_DIMENSION_SIZE",
+    "MAX_INFLATION",
+    "MAX_PICKLE_BYTES",
+    "inflation_refusal",
+    "shape_refusal",
+]
 
 # Deflate inflates at most about 1032-fold; a member declaring more than this times its
 # compressed size is lying about its size.
@@ -38,4 +45,23 @@ def inflation_refusal(declared: int, compressed: int, *, limit: int | None = Non
         )
     if limit is not None and declared > limit:
         return f"declares {declared} bytes, more than the {limit} allowed"
+    return None
+
+
+# No file holds a dimension this large; numpy cannot even describe an empty array with it.
+MAX_DIMENSION_SIZE = 2**62
+
+
+def shape_refusal(shape: tuple[int, ...] | list[int]) -> str | None:
+    """Why a declared shape is refused before anything is allocated, or None.
+
+    Example:
+        >>> shape_refusal((1,) * 65)
+        'has 65 dimensions, more than 64'
+    """
+    if len(shape) > MAX_DIMENSIONS:
+        return f"has {len(shape)} dimensions, more than {MAX_DIMENSIONS}"
+    if any(size > MAX_DIMENSION_SIZE for size in shape):
+        text = str(tuple(shape))
+        return f"has shape {text if len(text) <= 60 else text[:57] + '...'}, larger than any file"
     return None

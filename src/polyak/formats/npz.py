@@ -27,6 +27,7 @@ import numpy as np
 from polyak.errors import CheckpointError, OutputError
 from polyak.formats.base import ReaderBase, TensorInfo, dtype_name
 from polyak.formats.limits import MAX_INFLATION as _MAX_INFLATION
+from polyak.formats.limits import shape_refusal
 from polyak.formats.marks import ZIP_COMMENT
 
 __all__ = ["NpzReader", "write_npz"]
@@ -116,6 +117,9 @@ class NpzReader(ReaderBase):
             raise CheckpointError(f"{where}: dtype {dtype} is not supported.")
         if any(int(d) < 0 for d in shape):
             raise CheckpointError(f"{where}: shape {shape} has a negative dimension.")
+        refusal = shape_refusal(shape)
+        if refusal is not None:
+            raise CheckpointError(f"{where}: {refusal}; the file is corrupt or crafted.")
         info = TensorInfo(tuple(int(d) for d in shape), canonical)
         held = member.file_size - header_size
         if info.nbytes > held:

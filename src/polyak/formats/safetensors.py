@@ -43,6 +43,7 @@ import numpy as np
 from polyak.errors import CheckpointError, OutputError
 from polyak.formats.background import BackgroundWriter
 from polyak.formats.base import DTYPES, PlannedTensors, ReaderBase, StreamedTensor, TensorInfo
+from polyak.formats.limits import shape_refusal
 from polyak.formats.marks import MARK_KEY, MARK_VALUE
 
 __all__ = [
@@ -149,6 +150,9 @@ def parse_header(path: Path, header_bytes: bytes, data_size: int) -> tuple[dict,
             isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
         ):
             raise CheckpointError(f"{where}: shape {shape!r} is not a list of integers >= 0.")
+        refusal = shape_refusal(shape)
+        if refusal is not None:
+            raise CheckpointError(f"{where}: {refusal}; the file is corrupt or crafted.")
         offsets = entry.get("data_offsets")
         if (
             not isinstance(offsets, list)

@@ -370,6 +370,19 @@ class TorchReader(ReaderBase):
                 f"checkpoint {self.path}: tensor {name!r} is sparse ({tensor.layout}); polyak "
                 "reads dense tensors only. Save it dense with tensor.to_dense()."
             )
+        if tensor.is_nested or tensor.device.type != "cpu":
+            kind = "a nested tensor" if tensor.is_nested else f"on device {tensor.device.type}"
+            raise CheckpointError(
+                f"checkpoint {self.path}: tensor {name!r} is {kind}, which holds no plain "
+                "data to average. Save real CPU tensors (tensor.cpu(), to_padded_tensor)."
+            )
+        storage_elements = tensor.untyped_storage().nbytes() // max(tensor.element_size(), 1)
+        if tensor.numel() > storage_elements:
+            raise CheckpointError(
+                f"checkpoint {self.path}: tensor {name!r} declares {tensor.numel()} elements, "
+                f"more than the {storage_elements} its storage holds (an expanded view); "
+                "the output would be larger than the file chooses. Save it with .clone()."
+            )
         if tensor.dtype not in self._dtype_names:
             supported = ", ".join(self._dtype_names.values())
             raise CheckpointError(
