@@ -405,3 +405,17 @@ def test_two_outputs_on_one_path_exit_2(experiment, tmp_path, capsys):
     )
     assert_one_line_error(code, err, f"output {same}: is also the output", "its own path")
     assert not same.exists()
+
+
+@pytest.mark.parametrize("metric", ["accuracy", "loss"])
+def test_labels_the_keras_model_cannot_output_exit_2(experiment, tmp_path, capsys, metric):
+    """Before: every candidate scored 0.0 accuracy silently."""
+    with np.load(experiment["test"]) as test:
+        x, y = test["x"], test["y"]
+    np.savez(tmp_path / "other.npz", x=x, y=y.argmax(-1) + 3)  # classes 3..5 of a 3-class model
+    code, _, err = run(
+        ["sweep", str(experiment["snapshots"]), "--data", str(tmp_path / "other.npz"),
+         "--metric", metric],
+        capsys,
+    )  # fmt: skip
+    assert_one_line_error(code, err, "y holds labels 3 to 5", "3 classes (0 to 2)")

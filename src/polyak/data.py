@@ -182,6 +182,47 @@ def accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     return float(np.mean(predicted == labels))
 
 
+def check_labels(data: Dataset, outputs: np.ndarray) -> None:
+    """Refuse labels the model cannot output, before accuracy or loss scores them.
+
+    With several outputs (``C`` classes), ``y`` is one-hot of width ``C`` or class
+    indices ``0..C-1``; with one output, ``y`` holds 0/1 targets (probabilities for a
+    loss). Otherwise every candidate would score 0 accuracy, or a loss would fail.
+
+    Raises:
+        DataError: naming the data, the labels found and the classes the model has.
+    """
+    y = np.asarray(data.y)
+    binary = outputs.ndim == 1 or outputs.shape[-1] == 1
+    classes = 2 if binary else outputs.shape[-1]
+    if y.ndim > 1 and y.shape[-1] > 1:
+        if binary or y.shape[-1] != classes:
+            raise DataError(
+                f"data {data.name}: y is one-hot of width {y.shape[-1]}, but the model outputs "
+                f"{outputs.shape[-1] if outputs.ndim > 1 else 1} value(s) per example. Check "
+                "that the data belongs to this model."
+            )
+        return
+    if not np.issubdtype(y.dtype, np.number) or y.dtype == np.bool_:
+        return  # booleans are 0/1; anything else fails in the metric with its own words
+    labels = y.reshape(-1)
+    finite = np.isfinite(labels)
+    low = float(labels.min()) if labels.size else 0.0
+    high = float(labels.max()) if labels.size else 0.0
+    whole = bool(np.all(labels == np.round(labels))) if finite.all() else False
+    if not finite.all() or low < 0 or high > classes - 1 or (not binary and not whole):
+        shown = f"{low:g} to {high:g}" if finite.all() else "non-finite values"
+        raise DataError(
+            f"data {data.name}: y holds labels {shown}, but the model outputs "
+            + (
+                "one probability (labels 0 or 1)"
+                if binary
+                else f"{classes} classes (0 to {classes - 1})"
+            )
+            + ". Check that the data belongs to this model."
+        )
+
+
 def import_callable(spec: str, role: str) -> Callable[..., Any]:
     """The function a ``"module:function"`` spec names, importable from the working directory.
 

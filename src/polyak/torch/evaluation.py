@@ -36,8 +36,10 @@ import numpy as np
 from polyak.averaging import open_members
 from polyak.data import (
     Dataset,
+    accuracy,
     as_dataset,
     check_data_or_evaluate,
+    check_labels,
     import_callable,
     resolve_metric,
     sweep_metric,
@@ -272,6 +274,8 @@ class TorchEvaluator:
         scores = {}
         for split, data in self.splits.items():
             outputs = self.predict(data)
+            if self._function is None or self._function is accuracy:
+                check_labels(data, outputs)
             if self._function is None:
                 scores[split] = self._loss(data.y, outputs)
             else:
