@@ -22,6 +22,7 @@ from polyak.errors import (
     SchemeError,
 )
 from polyak.formats import open_checkpoint
+from polyak.formats.base import TensorInfo
 
 # Mantissa bits of each dtype: the final rounding to it costs at most 2**-(m+1) relative.
 MANTISSA_BITS = {np.float32: 23, np.float16: 10, ml_dtypes.bfloat16: 7}
@@ -260,7 +261,8 @@ def test_members_with_different_tensors_are_refused_with_the_differences(tmp_pat
         polyak.average(tmp_path)
     message = str(caught.value)
     # ck_3 is the newest member, the reference the others are compared with.
-    assert "ck_2.safetensors lacks tensor dense/bias" in message
+    # Named after the member that holds it (ck_3), as an extra tensor is.
+    assert "ck_3.safetensors has tensor dense/bias that ck_2.safetensors lacks" in message
     assert (
         "ck_1.safetensors: tensor dense/kernel has shape (2, 26); ck_3.safetensors has (2, 25)"
         in message
@@ -559,3 +561,37 @@ def test_existing_output_directory_needs_overwrite(tmp_path):
     with pytest.raises(OutputError, match=r"holds config\.json, which polyak did not write"):
         polyak.average_to(tmp_path / "run", out, overwrite=True)
     assert (out / "config.json").exists()
+
+
+class CountedNames(list):
+    """A names() list that counts how often it is walked."""
+
+    walks = 0
+
+    def __iter__(self):
+        CountedNames.walks += 1
+        return super().__iter__()
+
+
+class NamesOnly:
+    """The part of the reader interface check_compatible uses, over many tiny tensors."""
+
+    def __init__(self, path: str, count: int) -> None:
+        self.path = Path(path)
+        self._names = CountedNames(f"layer{i}.weight" for i in range(count))
+
+    def names(self) -> list[str]:
+        return self._names
+
+    def info(self, name: str) -> TensorInfo:
+        return TensorInfo((4,), "float32")
+
+
+def test_checking_members_walks_each_name_list_a_fixed_number_of_times():
+    """Linear in the number of tensors: before, a set of all names was built per name
+    (30,000 tensors took 47 s to average and 70 s of CPU to inspect)."""
+    readers = [NamesOnly(f"m_{step}.safetensors", 2_000) for step in (3, 2, 1)]
+    CountedNames.walks = 0
+    plan = check_compatible(readers)
+    assert len(plan) == 2_000
+    assert CountedNames.walks <= 4 * len(readers)

@@ -64,7 +64,7 @@ def test_inspect_table_says_whether_they_average(run_dir, capsys):
     assert code == 0
     assert "ckpt_500" in out and "ckpt_497" not in out
     assert "Cannot be averaged together" in out
-    assert "ckpt_499.safetensors lacks tensor other" in out
+    assert "ckpt_500.safetensors has tensor other that ckpt_499.safetensors lacks" in out
 
 
 def test_average_writes_output_and_prints_members_and_weights(run_dir, tmp_path, capsys):

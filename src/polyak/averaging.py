@@ -137,10 +137,14 @@ def check_compatible(readers: Sequence[CheckpointReader]) -> list[tuple[str, Ten
     differences: list[str] = []
     for reader in readers[1:]:
         names = reader.names()
-        missing = [name for name in expected if name not in set(names)]
+        present = set(names)  # once per member: a set per name made this quadratic
+        missing = [name for name in expected if name not in present]
         extra = [name for name in names if name not in expected]
         for name in missing:
-            differences.append(f"{reader.path.name} lacks tensor {name}")
+            # Named after the member that holds the tensor, as an extra tensor is.
+            differences.append(
+                f"{newest.path.name} has tensor {name} that {reader.path.name} lacks"
+            )
         for name in extra:
             differences.append(
                 f"{reader.path.name} has tensor {name} that {newest.path.name} lacks"
