@@ -1,9 +1,15 @@
 """``SnapshotCheckpoint``: save the weights of the last epochs for averaging afterwards.
 
-The callback saves with Keras' own ``model.save_weights`` or ``model.save`` and
-commits each file through :class:`polyak.snapshots.SnapshotDirectory`: atomically,
-with a manifest recording epoch, step, logs and checksum, and keeping the newest
-``keep``. It uses Keras' public API only, so it works on every backend.
+The callback has Keras serialize the model into memory (its ``.keras`` writer, given a
+``BytesIO``; for ``.weights.h5`` the archive's ``model.weights.h5``, the same file
+``model.save_weights`` writes) and writes the bytes itself, committing each file
+through :class:`polyak.snapshots.SnapshotDirectory`: atomically, with a manifest
+recording epoch, step, logs and checksum, and keeping the newest ``keep``. HDF5 never
+writes to the disk, so a full disk, a read-only folder or a quota is an ``OutputError``
+(an ``OSError``) the training script can catch, with every earlier snapshot intact;
+HDF5 crashed the process (SIGSEGV) when a write failed as it closed a file. The cost is
+the snapshot's bytes held in memory twice while saving. Only Keras' saving is used, so
+it works on every backend.
 
 File names carry the numbers polyak orders checkpoints by:
 
@@ -43,13 +49,16 @@ Example:
 
 from __future__ import annotations
 
+import io
 import os
+import shutil
 import warnings
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from polyak.errors import require
+from polyak.errors import OutputError, require
 from polyak.online import AveragingProgress, AveragingSchedule
 from polyak.posthoc import (
     DEFAULT_PROFILE_KEEP,
@@ -73,6 +82,34 @@ __all__ = ["SnapshotCheckpoint"]
 
 # format argument -> file suffix (Keras insists on these suffixes when saving).
 _SUFFIXES = {"weights.h5": ".weights.h5", "keras": ".keras"}
+_WEIGHTS_MEMBER = "model.weights.h5"  # the weights inside a .keras archive
+
+
+def _save(model: Any, path: Path, format: str) -> None:
+    """Save ``model`` to ``path`` as ``format``, HDF5 writing only into memory.
+
+    Keras' ``.keras`` writer takes a file object; the archive's ``model.weights.h5`` is
+    what ``model.save_weights`` writes. polyak writes the bytes with Python's own I/O,
+    which raises ``OSError`` where HDF5, failing to write as it closed a file, crashed.
+    """
+    from keras.src.saving import saving_lib  # the writer behind model.save, file objects too
+
+    buffer = io.BytesIO()
+    saving_lib.save_model(model, buffer)
+    try:
+        with open(path, "wb") as file:
+            if format == "keras":
+                file.write(buffer.getbuffer())
+            else:  # streamed out of the (stored) archive member, no copy of it
+                with zipfile.ZipFile(buffer) as archive, archive.open(_WEIGHTS_MEMBER) as member:
+                    shutil.copyfileobj(member, file, 1 << 20)
+    except OSError as error:
+        # path is the snapshot's temporary, in a workspace inside the snapshot directory.
+        final = path.parent.parent / path.name
+        raise OutputError(
+            f"snapshot {final}: cannot be written ({error.strerror or error}); the earlier "
+            "snapshots are intact."
+        ) from None
 
 
 class _Profiles:
@@ -218,10 +255,7 @@ class _Profiles:
                     self._directories[width] = directory
 
                 def write(path: Path) -> None:
-                    if self.format == "keras":
-                        model.save(str(path))
-                    else:
-                        model.save_weights(str(path))
+                    _save(model, path, self.format)
 
                 committed.append(directory.commit(write, name, epoch=epoch, step=step))
         finally:
@@ -391,10 +425,7 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
         model = self.model
 
         def write(path: Path) -> None:
-            if self.format == "keras":
-                model.save(str(path))
-            else:
-                model.save_weights(str(path))
+            _save(model, path, self.format)
 
         if self._snapshots is None:  # called outside fit
             self._snapshots = SnapshotDirectory(self.directory, self.keep)
