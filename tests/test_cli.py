@@ -320,3 +320,15 @@ def test_output_inside_an_input_checkpoint_directory_is_refused(tmp_path, capsys
     assert code == 2
     assert f"output {checkpoint / 'avg'}: lies inside the input checkpoint directory" in err
     assert snapshot(checkpoint) == before
+
+
+def test_control_characters_in_names_are_escaped_in_the_one_line_error(tmp_path, capsys):
+    """Before: a tensor name holding a newline printed a second line that read like
+    polyak's own output."""
+    fake = "w\npolyak: done \x1b[2J"
+    save_file({fake: np.ones(2, np.float32)}, str(tmp_path / "a_2.safetensors"))
+    save_file({"w": np.ones(2, np.float32)}, str(tmp_path / "a_1.safetensors"))
+    code, _, err = run(["average", str(tmp_path), "-o", str(tmp_path / "x.safetensors")], capsys)
+    assert code == 2
+    assert err.count("\n") == 1 and "\x1b" not in err, err
+    assert "has tensor w\\npolyak: done \\x1b[2J that a_1.safetensors lacks" in err
