@@ -595,3 +595,22 @@ def test_checking_members_walks_each_name_list_a_fixed_number_of_times():
     plan = check_compatible(readers)
     assert len(plan) == 2_000
     assert CountedNames.walks <= 4 * len(readers)
+
+
+@pytest.mark.parametrize("scheme", ["equal", "custom:0.2,0.3,0.5"])
+def test_members_near_opposite_float32_extremes_average_without_overflow(tmp_path, scheme):
+    """Before: refused as "overflowed" though the mean is in range (x_2 - x_1 overflowed)."""
+    big = np.finfo(np.float32).max
+    members = [  # oldest first
+        {"w": np.array([big, -big, 1.0, big], np.float32)},
+        {"w": np.array([-big, big, 2.0, big], np.float32)},
+        {"w": np.array([big, -big, 3.0, big], np.float32)},
+    ]
+    write_members(tmp_path, members)
+    averaged = polyak.average(tmp_path, scheme=scheme)["w"]
+    raw = np.ones(3) if scheme == "equal" else np.array([0.2, 0.3, 0.5])
+    weights = raw / raw.sum()  # newest first
+    newest_first = [m["w"].astype(np.float64) for m in members[::-1]]
+    expected = sum(w * x for w, x in zip(weights, newest_first, strict=True))
+    assert averaged.dtype == np.float32 and np.isfinite(averaged).all()
+    np.testing.assert_allclose(averaged, expected.astype(np.float32), rtol=1e-6)

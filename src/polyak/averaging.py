@@ -279,7 +279,20 @@ def _average_floating(
                 # element by element); NaN and infinity never cancel out of it.
                 finite = allow_nonfinite or np.isfinite(summed.sum())
             if not finite and not np.isfinite(summed).all():
-                _raise_nonfinite(name, readers, sources, start, stop)
+                _refuse_nonfinite_inputs(name, readers, sources, start, stop)
+                # Finite inputs: a difference x_i - x_1 overflowed the accumulator
+                # (members near opposite float32 extremes). This chunk again as
+                # sum_i w_i x_i in float64, where no such sum of float32 values overflows.
+                exact = np.zeros(length, np.float64)
+                for weight, source in zip(weights, sources, strict=True):
+                    exact += float(weight) * source[start:stop].astype(np.float64)
+                with np.errstate(over="ignore"):
+                    np.copyto(summed, exact, casting="unsafe")
+                if not np.isfinite(summed).all():
+                    raise NonFiniteError(
+                        f"tensor {name}: the weighted average exceeds the range of "
+                        f"{info.dtype}; the weights (some negative?) extrapolate too far."
+                    )
             if output is None:
                 yield summed
             else:
@@ -289,22 +302,20 @@ def _average_floating(
     return StreamedTensor(info, chunks)
 
 
-def _raise_nonfinite(
+def _refuse_nonfinite_inputs(
     name: str,
     readers: Sequence[CheckpointReader],
     sources: Sequence[np.ndarray],
     start: int,
     stop: int,
 ) -> None:
+    """Refuse the first member whose chunk holds NaN or infinity (returns if none does)."""
     for reader, source in zip(readers, sources, strict=True):
         if not np.isfinite(source[start:stop].astype(np.float64)).all():
             raise NonFiniteError(
                 f"checkpoint {reader.path}: tensor {name} holds NaN or infinite values. "
                 "Leave this checkpoint out, or pass --allow-nonfinite to average it anyway."
             )
-    raise NonFiniteError(  # pragma: no cover - finite inputs with weights <= 1 cannot overflow
-        f"tensor {name}: the weighted sum overflowed; the inputs are too large to average."
-    )
 
 
 def _carry_integer(name: str, readers: Sequence[CheckpointReader], integers: str) -> np.ndarray:
