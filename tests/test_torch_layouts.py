@@ -297,7 +297,7 @@ def test_hugging_face_trainer_output_sharded(tmp_path, capsys):
     for shard in sorted(set(index["weight_map"].values())):
         merged |= load_file(out / shard)
         with safe_open(out / shard, framework="pt") as opened:
-            assert opened.metadata() == {"format": "pt"}  # as huggingface_hub wrote it
+            assert opened.metadata() == {"format": "pt", "polyak": "average"}  # hub's, and the mark
     load_strictly(merged)
     assert_matches(merged, expected)
     # huggingface_hub's own loader reads the directory, strictly.
