@@ -49,16 +49,14 @@ Example:
 
 from __future__ import annotations
 
-import io
 import os
-import shutil
 import warnings
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from polyak.errors import OutputError, require
+from polyak.keras.saving import save_model_file
 from polyak.online import AveragingProgress, AveragingSchedule
 from polyak.posthoc import (
     DEFAULT_PROFILE_KEEP,
@@ -82,27 +80,12 @@ __all__ = ["SnapshotCheckpoint"]
 
 # format argument -> file suffix (Keras insists on these suffixes when saving).
 _SUFFIXES = {"weights.h5": ".weights.h5", "keras": ".keras"}
-_WEIGHTS_MEMBER = "model.weights.h5"  # the weights inside a .keras archive
 
 
 def _save(model: Any, path: Path, format: str) -> None:
-    """Save ``model`` to ``path`` as ``format``, HDF5 writing only into memory.
-
-    Keras' ``.keras`` writer takes a file object; the archive's ``model.weights.h5`` is
-    what ``model.save_weights`` writes. polyak writes the bytes with Python's own I/O,
-    which raises ``OSError`` where HDF5, failing to write as it closed a file, crashed.
-    """
-    from keras.src.saving import saving_lib  # the writer behind model.save, file objects too
-
-    buffer = io.BytesIO()
-    saving_lib.save_model(model, buffer)
+    """Save a snapshot with HDF5 writing only into memory (see polyak.keras.saving)."""
     try:
-        with open(path, "wb") as file:
-            if format == "keras":
-                file.write(buffer.getbuffer())
-            else:  # streamed out of the (stored) archive member, no copy of it
-                with zipfile.ZipFile(buffer) as archive, archive.open(_WEIGHTS_MEMBER) as member:
-                    shutil.copyfileobj(member, file, 1 << 20)
+        save_model_file(model, path, format)
     except OSError as error:
         # path is the snapshot's temporary, in a workspace inside the snapshot directory.
         final = path.parent.parent / path.name
