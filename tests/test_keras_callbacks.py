@@ -308,7 +308,7 @@ except OutputError as error:
 """
 
 
-@pytest.mark.parametrize("format", ["weights.h5", "keras"])
+@pytest.mark.parametrize("format", ["weights.h5", pytest.param("keras", marks=pytest.mark.slow)])
 def test_a_full_disk_is_an_exception_the_script_catches_not_a_crash(tmp_path, format) -> None:
     """Before: SIGSEGV inside HDF5 (3 of 3 runs), the training process lost."""
     (tmp_path / "script.py").write_text(FULL_DISK_SCRIPT)
