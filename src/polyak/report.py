@@ -177,7 +177,9 @@ def write_plot(result: SweepResult, path: str | Path, *, overwrite: bool = False
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
     figure.tight_layout()
-    with atomic_output(path, overwrite=overwrite) as temporary:
-        figure.savefig(temporary, format="png")
-    pyplot.close(figure)
+    try:
+        with atomic_output(path, overwrite=overwrite) as temporary:
+            figure.savefig(temporary, format="png")
+    finally:  # also when the output was taken meanwhile: no figure left open
+        pyplot.close(figure)
     return path
