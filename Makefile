@@ -37,9 +37,17 @@ keras-backends: $(STAMP)
 		KERAS_BACKEND=$$backend $(BIN)/python -m pytest -q $(PYTEST_ARGS) $(KERAS_TESTS) || exit 1; \
 	done
 
-# The readers fuzzed longer than in `make test`: 5000 examples per property.
+# The readers fuzzed longer than in `make test`: 5000 examples per Hypothesis property,
+# then each parser under atheris (coverage-guided, seeded from real files) for
+# FUZZ_SECONDS; an input that breaks one is saved in tests/fuzz_regressions/TARGET/,
+# which `make test` replays.
+FUZZ_SECONDS ?= 120
+FUZZ_TARGETS := safetensors_header safetensors_file safetensors_index torch_zip npz keras_archive manifest
 fuzz: $(STAMP)
 	POLYAK_FUZZ_EXAMPLES=5000 $(BIN)/python -m pytest tests/test_fuzz.py -q --hypothesis-show-statistics
+	status=0; for target in $(FUZZ_TARGETS); do \
+		$(BIN)/python tests/fuzz_run.py $$target --seconds $(FUZZ_SECONDS) || status=1; \
+	done; exit $$status
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

@@ -65,7 +65,7 @@ def test_inspect_table_says_whether_they_average(run_dir, capsys):
     assert code == 0
     assert "ckpt_500" in out and "ckpt_497" not in out
     assert "Cannot be averaged together" in out
-    assert "ckpt_499.safetensors lacks tensor other" in out
+    assert "ckpt_500.safetensors has tensor other that ckpt_499.safetensors lacks" in out
 
 
 def test_average_writes_output_and_prints_members_and_weights(run_dir, tmp_path, capsys):
@@ -490,3 +490,15 @@ def test_progress_bar_shows_on_a_terminal_after_its_delay(monkeypatch):
     quiet.start(total=10)
     quiet.advance(10)
     assert quiet._progress is None  # not shown before its delay
+
+
+def test_control_characters_in_names_are_escaped_in_the_one_line_error(tmp_path, capsys):
+    """Before: a tensor name holding a newline printed a second line that read like
+    polyak's own output."""
+    fake = "w\npolyak: done \x1b[2J"
+    save_file({fake: np.ones(2, np.float32)}, str(tmp_path / "a_2.safetensors"))
+    save_file({"w": np.ones(2, np.float32)}, str(tmp_path / "a_1.safetensors"))
+    code, _, err = run(["average", str(tmp_path), "-o", str(tmp_path / "x.safetensors")], capsys)
+    assert code == 2
+    assert err.count("\n") == 1 and "\x1b" not in err, err
+    assert "has tensor w\\npolyak: done \\x1b[2J that a_1.safetensors lacks" in err

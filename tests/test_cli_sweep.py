@@ -368,3 +368,76 @@ def test_demo_runs_as_a_console_script_without_keras_backend_set(tmp_path):
     assert completed.returncode == 0, completed.stderr
     assert "Recommended (chosen on validation)" in " ".join(completed.stdout.split())
     assert (out / "report.json").is_file()
+
+
+@pytest.mark.parametrize("option", ["--json", "--plot", "--out-model"])
+def test_an_output_naming_a_member_exits_2_even_with_overwrite(
+    experiment, tmp_path, capsys, option
+):
+    member = sorted(experiment["snapshots"].iterdir())[0]
+    before = member.read_bytes()
+    code, _, err = run(
+        [
+            "sweep",
+            str(experiment["snapshots"]),
+            "--data",
+            str(experiment["test"]),
+            option,
+            str(member),
+            "--overwrite",
+        ],
+        capsys,
+    )
+    assert_one_line_error(code, err, f"output {member}: is the input", "another output path")
+    assert member.read_bytes() == before
+
+
+def test_an_output_naming_the_data_file_exits_2(experiment, capsys):
+    before = experiment["test"].read_bytes()
+    code, _, err = run(
+        [
+            "sweep",
+            str(experiment["snapshots"]),
+            "--data",
+            str(experiment["test"]),
+            "--json",
+            str(experiment["test"]),
+            "--overwrite",
+        ],
+        capsys,
+    )
+    assert_one_line_error(code, err, "is the input", str(experiment["test"]))
+    assert experiment["test"].read_bytes() == before
+
+
+def test_two_outputs_on_one_path_exit_2(experiment, tmp_path, capsys):
+    same = tmp_path / "same.out"
+    code, _, err = run(
+        [
+            "sweep",
+            str(experiment["snapshots"]),
+            "--data",
+            str(experiment["test"]),
+            "--json",
+            str(same),
+            "--plot",
+            str(same),
+        ],
+        capsys,
+    )
+    assert_one_line_error(code, err, f"output {same}: is also the output", "its own path")
+    assert not same.exists()
+
+
+@pytest.mark.parametrize("metric", ["accuracy", "loss"])
+def test_labels_the_keras_model_cannot_output_exit_2(experiment, tmp_path, capsys, metric):
+    """Before: every candidate scored 0.0 accuracy silently."""
+    with np.load(experiment["test"]) as test:
+        x, y = test["x"], test["y"]
+    np.savez(tmp_path / "other.npz", x=x, y=y.argmax(-1) + 3)  # classes 3..5 of a 3-class model
+    code, _, err = run(
+        ["sweep", str(experiment["snapshots"]), "--data", str(tmp_path / "other.npz"),
+         "--metric", metric],
+        capsys,
+    )  # fmt: skip
+    assert_one_line_error(code, err, "y holds labels 3 to 5", "3 classes (0 to 2)")

@@ -1071,7 +1071,10 @@ def _incompatible(w: Workspace, variant: str) -> Scenario:
         if variant == "names":
             tensors["extra.weight"] = tensors.pop("1.bias")
             save_file(tensors, str(bad))
-            message = r"m_1\.safetensors lacks tensor 1\.bias; m_1\.safetensors has tensor extra"
+            message = (
+                r"m_2\.safetensors has tensor 1\.bias that m_1\.safetensors lacks; "
+                r"m_1\.safetensors has tensor extra"
+            )
         elif variant == "shapes":
             tensors["0.weight"] = np.zeros((4, 3), np.float32)
             np.savez(bad, **tensors)

@@ -41,3 +41,52 @@ def test_with_recalibrated_from_splits_keeps_the_plain_splits():
         "recalibrated": {"test": 0.75, "validation": 0.5},
     }
     assert "recalibrated" not in plain
+
+
+# ---------------------------------------------------------------- load_dataset on hostile files
+
+
+def npy_bytes(shape: tuple[int, ...], data: bytes, dtype: str = "<f8") -> bytes:
+    """A .npy member by hand: a header declaring ``shape``, then ``data``."""
+    import io
+
+    import numpy as np
+
+    buffer = io.BytesIO()
+    header = {"descr": dtype, "fortran_order": False, "shape": shape}
+    np.lib.format.write_array_header_1_0(buffer, header)
+    return buffer.getvalue() + data
+
+
+def test_an_npz_declaring_16_tib_is_refused_before_allocating(tmp_path):
+    """Before: numpy allocated what the header declared (MemoryError: internal error)."""
+    import zipfile
+
+    from polyak.data import load_dataset
+    from polyak.errors import DataError
+
+    path = tmp_path / "test.npz"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("x.npy", npy_bytes((2**41, 1), b"\x00" * 64))  # 16 TiB of float64
+        archive.writestr("y.npy", npy_bytes((1,), b"\x00" * 8))
+    with pytest.raises(DataError, match=r"array x: declares shape \(2199023255552, 1\)"):
+        load_dataset(path)
+
+
+def test_an_npz_member_beyond_the_inflation_limit_is_refused(tmp_path):
+    import struct
+    import zipfile
+
+    from polyak.data import load_dataset
+    from polyak.errors import DataError
+
+    path = tmp_path / "test.npz"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("x.npy", npy_bytes((512,), b"\x00" * 4096))
+        archive.writestr("y.npy", npy_bytes((1,), b"\x00" * 8))
+    data = bytearray(path.read_bytes())
+    central = data.index(b"PK\x01\x02")  # x.npy's entry
+    struct.pack_into("<I", data, central + 24, 2**32 - 2)  # declares 4 GiB
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"array x: its zip entry declares 4294967294 bytes"):
+        load_dataset(path)

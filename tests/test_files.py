@@ -63,7 +63,7 @@ def test_renames_on_success(tmp_path: Path) -> None:
 def test_replaces_a_previous_output_on_success(tmp_path: Path) -> None:
     out = tmp_path / "avg.npz"
     out.write_bytes(b"old")
-    with atomic_output(out) as temporary:
+    with atomic_output(out, overwrite=True) as temporary:
         temporary.write_bytes(b"new")
         assert out.read_bytes() == b"old"
     assert out.read_bytes() == b"new"
@@ -74,7 +74,7 @@ def test_exception_keeps_the_previous_content(tmp_path: Path) -> None:
     out = tmp_path / "avg.npz"
     out.write_bytes(b"old")
     with pytest.raises(RuntimeError, match="disk on fire"):
-        with atomic_output(out) as temporary:
+        with atomic_output(out, overwrite=True) as temporary:
             temporary.write_bytes(b"partial")
             raise RuntimeError("disk on fire")
     assert out.read_bytes() == b"old"
@@ -429,7 +429,7 @@ def test_atomic_directory_fills_an_empty_directory(tmp_path: Path) -> None:
 
 def test_atomic_directory_replaces_a_previous_output_as_a_whole(tmp_path: Path) -> None:
     out = checkpoint_directory(tmp_path / "averaged")
-    with atomic_directory(out) as temporary:
+    with atomic_directory(out, overwrite=True) as temporary:
         (temporary / "model.safetensors").write_bytes(b"new")
         assert contents(out)["model.safetensors.index.json"] == b"old"
     # No old shard survives beside the new file.
@@ -441,7 +441,7 @@ def test_atomic_directory_failure_keeps_the_previous_output(tmp_path: Path) -> N
     out = checkpoint_directory(tmp_path / "averaged")
     before = contents(out)
     with pytest.raises(RuntimeError, match="disk on fire"):
-        with atomic_directory(out) as temporary:
+        with atomic_directory(out, overwrite=True) as temporary:
             (temporary / "model-00001-of-00002.safetensors").write_bytes(b"partial")
             raise RuntimeError("disk on fire")
     assert contents(out) == before
@@ -472,7 +472,7 @@ def test_atomic_directory_puts_the_old_output_back_if_the_new_cannot_go_in(
     with pytest.raises(
         OutputError, match=rf"output {re.escape(str(out))}: cannot be written \(No space left"
     ):
-        with atomic_directory(out) as temporary:
+        with atomic_directory(out, overwrite=True) as temporary:
             (temporary / "model.safetensors").write_bytes(b"new")
     assert contents(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["averaged"]
@@ -481,7 +481,7 @@ def test_atomic_directory_puts_the_old_output_back_if_the_new_cannot_go_in(
 def test_atomic_directory_refuses_files_that_appeared_meanwhile(tmp_path: Path) -> None:
     out = checkpoint_directory(tmp_path / "averaged")
     with pytest.raises(OutputError, match=r"holds config\.json, which polyak did not write"):
-        with atomic_directory(out) as temporary:
+        with atomic_directory(out, overwrite=True) as temporary:
             (temporary / "model.safetensors").write_bytes(b"new")
             (out / "config.json").write_text("{}")
     assert "config.json" in contents(out)
@@ -503,6 +503,71 @@ def test_atomic_directory_cleans_stale_leftovers_of_dead_processes(tmp_path: Pat
     # ...until the new output is in: this write leaves nothing of the killed one.
     assert not old.exists() and live.exists()
     assert contents(tmp_path / "averaged") == {"model.safetensors": b"new"}
-    with atomic_directory(tmp_path / "averaged") as temporary:
+    with atomic_directory(tmp_path / "averaged", overwrite=True) as temporary:
         (temporary / "model.safetensors").write_bytes(b"newer")
     assert contents(tmp_path / "averaged") == {"model.safetensors": b"newer"}
+
+
+# ---------------------------------------------------------------- create-if-absent
+
+
+def test_a_file_another_writer_committed_meanwhile_is_kept(tmp_path: Path) -> None:
+    out = tmp_path / "avg.safetensors"
+    with pytest.raises(OutputError, match=r"created by another writer.*--overwrite"):
+        with atomic_output(out) as temporary:
+            temporary.write_bytes(b"mine")
+            out.write_bytes(b"theirs")  # the other run finished first
+    assert out.read_bytes() == b"theirs"
+    assert leftovers(tmp_path) == []
+
+
+def test_a_file_committed_meanwhile_is_replaced_under_overwrite(tmp_path: Path) -> None:
+    out = tmp_path / "avg.safetensors"
+    with atomic_output(out, overwrite=True) as temporary:
+        temporary.write_bytes(b"mine")
+        out.write_bytes(b"theirs")
+    assert out.read_bytes() == b"mine"
+
+
+def test_a_directory_another_writer_committed_meanwhile_is_kept(tmp_path: Path) -> None:
+    out = tmp_path / "averaged"
+    with pytest.raises(OutputError, match=r"created by another writer"):
+        with atomic_directory(out) as temporary:
+            (temporary / "model.safetensors").write_bytes(b"mine")
+            checkpoint_directory(out, b"theirs")
+    assert set(contents(out).values()) == {b"theirs"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["averaged"]
+
+
+def test_an_existing_directory_is_never_set_aside_without_overwrite(tmp_path: Path) -> None:
+    out = checkpoint_directory(tmp_path / "averaged")
+    before = contents(out)
+    with pytest.raises(OutputError, match=r"created by another writer"):
+        with atomic_directory(out) as temporary:
+            (temporary / "model.safetensors").write_bytes(b"new")
+    assert contents(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["averaged"]
+
+
+def test_two_averages_to_one_output_the_second_exits_2(tmp_path: Path) -> None:
+    """Two real `polyak average` processes race for one output: one wins, one exits 2."""
+    import sys
+
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    for step in (1, 2):
+        save_file(
+            {"w": np.full((64, 64), step, np.float32)}, str(tmp_path / f"m_{step}.safetensors")
+        )
+    out = tmp_path / "out" / "avg.safetensors"
+    out.parent.mkdir()
+    command = [sys.executable, "-m", "polyak", "average", str(tmp_path), "-o", str(out)]
+    processes = [subprocess.Popen(command, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    results = [(p.wait(), p.stderr.read()) for p in processes]
+    codes = sorted(code for code, _ in results)
+    assert codes.count(0) == 1 and set(codes) <= {0, 2}, results
+    for code, err in results:
+        if code == 2:
+            assert err.count("\n") == 1 and ("already exists" in err or "another writer" in err)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["avg.safetensors"]

@@ -267,7 +267,7 @@ def test_optimizer_state_and_config_come_from_the_template(trained, tmp_path):
     with KerasLegacyH5Reader(files[".h5"]) as template:
         write_keras_legacy_h5(output_h5, template.items(), template)
     with h5py.File(files[".h5"]) as source, h5py.File(output_h5) as written:
-        assert dict(written.attrs) == dict(source.attrs)
+        assert dict(written.attrs) == {**source.attrs, "polyak": "average"}  # polyak's mark
         before, after = hdf5_datasets(source, "optimizer_weights"), hdf5_datasets(written, "/")
         for name, value in before.items():
             np.testing.assert_array_equal(after[f"optimizer_weights/{name}"], value)
@@ -482,3 +482,23 @@ def test_unknown_names_and_unsupported_dtypes(tmp_path):
                 CheckpointError, match="tensor 'layers/dense/vars/1' has dtype complex64"
             ):
                 method("layers/dense/vars/1")
+
+
+def test_the_archive_writers_scratch_file_is_named_for_the_cleanup(trained, tmp_path):
+    """The scratch weights file of a .keras output is named after the output's temporary
+    (not ``..NAME.polyak-tmp-*``), so a killed run's leftover is removed by the next write."""
+    _, _, files = trained
+    out = tmp_path / "avg.keras"
+    seen: list[str] = []
+    with open_checkpoint(files[".keras"]) as template:
+
+        def tensors():
+            seen.extend(p.name for p in tmp_path.iterdir())  # while the scratch file exists
+            yield from template.items()
+
+        with atomic_output(out) as temporary:
+            write_keras_archive(temporary, tensors(), template)
+    scratch = [name for name in seen if name.endswith(".weights.h5")]
+    assert scratch and all(name.startswith(f"{temporary.name}.") for name in scratch), seen
+    # What files.py's cleanup matches: .avg.keras.polyak-tmp-PID-...
+    assert all(name.startswith(f".avg.keras.polyak-tmp-{os.getpid()}-") for name in scratch)

@@ -193,7 +193,7 @@ def test_safetensors_reads_what_polyak_writes(tmp_path: Path) -> None:
     for name, expected in tensors.items():
         assert_same(loaded[name], expected)
     with safe_open(path, framework="np") as handle:
-        assert handle.metadata() is None
+        assert handle.metadata() == {"polyak": "average"}  # polyak's mark alone
 
 
 def test_round_trip_through_polyak_both_ways(tmp_path: Path) -> None:
@@ -204,7 +204,7 @@ def test_round_trip_through_polyak_both_ways(tmp_path: Path) -> None:
     with SafetensorsReader(first) as reader:
         write_safetensors(second, reader.items(), reader)
     with safe_open(second, framework="np") as handle:
-        assert handle.metadata() == {"format": "pt"}
+        assert handle.metadata() == {"format": "pt", "polyak": "average"}
         for name, expected in tensors.items():
             assert_same(handle.get_tensor(name), expected)
 
@@ -214,7 +214,7 @@ def test_metadata_dropped_when_template_has_none_or_it_is_not_strings(tmp_path: 
     path = tmp_path / "out.safetensors"
     write_safetensors(path, [("a", np.ones(2, np.float32))], template)
     with safe_open(path, framework="np") as handle:
-        assert handle.metadata() is None
+        assert handle.metadata() == {"polyak": "average"}
 
 
 def test_writer_converts_byte_order_and_layout(tmp_path: Path) -> None:
@@ -840,7 +840,10 @@ def test_sharded_writer_streams_shards_and_index(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(files)
     index = json.loads((tmp_path / INDEX_NAME).read_text())
     assert set(index) == {"metadata", "weight_map"}
-    assert index["metadata"] == {"total_size": sum(a.nbytes for a in tensors.values())}
+    assert index["metadata"] == {
+        "total_size": sum(a.nbytes for a in tensors.values()),
+        "polyak": "average",
+    }
     assert list(index["weight_map"]) == list(tensors)  # in output order
     assert set(index["weight_map"].values()) == set(files[:-1])
     for shard in files[:-1]:
@@ -885,7 +888,7 @@ def test_sharded_writer_copies_the_templates_layout_and_metadata(tmp_path: Path)
     assert index["weight_map"] == layout
     for shard in files[:-1]:
         with safe_open(out / shard, framework="numpy") as opened:
-            assert opened.metadata() == {"format": "pt"}
+            assert opened.metadata() == {"format": "pt", "polyak": "average"}
     with open_checkpoint(out) as reader:
         for name, expected in tensors.items():
             assert_same(reader.read(name), expected)
@@ -904,7 +907,7 @@ def test_single_file_from_a_sharded_template_keeps_the_shards_metadata(tmp_path:
     with open_checkpoint(tmp_path / "checkpoint-500") as template:
         write_safetensors(tmp_path / "one.safetensors", template.items(), template)
     with safe_open(tmp_path / "one.safetensors", framework="numpy") as opened:
-        assert opened.metadata() == {"format": "pt"}
+        assert opened.metadata() == {"format": "pt", "polyak": "average"}
 
 
 def test_sharded_writer_refuses_tensors_that_differ_from_the_plan(tmp_path: Path) -> None:
@@ -918,3 +921,20 @@ def test_sharded_writer_refuses_tensors_that_differ_from_the_plan(tmp_path: Path
         )
     with pytest.raises(ValueError, match="tensor x: does not match the planned a"):
         write_sharded_safetensors(tmp_path, PlannedTensors(infos, [("x", two)]), None)
+
+
+@pytest.mark.parametrize(
+    ("shape", "data", "message"),
+    [
+        ([1] * 65, b"\x00" * 4, "has 65 dimensions, more than 64"),
+        ([2**100, 0], b"", "has shape (1267650600228229401496703205376, 0), larger than any file"),
+    ],
+)
+def test_impossible_shapes_are_refused_from_the_header(tmp_path: Path, shape, data, message):
+    """Before: "internal error" from numpy, which cannot describe such an array."""
+    path = raw_file(
+        tmp_path / "crafted.safetensors", {"w": entry("F32", shape, 0, len(data))}, data
+    )
+    with pytest.raises(CheckpointError, match=re.escape(f"tensor w: {message}")):
+        with SafetensorsReader(path) as reader:
+            reader.read("w")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections import OrderedDict
 
 import ml_dtypes
@@ -505,3 +506,30 @@ def test_close_drops_references(tmp_path):
         reader.read("w")
     with pytest.raises(OutputError, match="closed before writing"):
         write_torch(tmp_path / "out.ckpt", [("w", np.ones(1, np.float32))], reader)
+
+
+def test_meta_nested_and_expanded_tensors_are_refused_in_one_line(tmp_path):
+    """Before: "internal error" (TypeError, RuntimeError) from the torch.load fallback."""
+    import subprocess
+    import sys
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch: nested tensors are a prototype
+        nested = torch.nested.nested_tensor([torch.ones(2), torch.ones(3)])
+    cases = {
+        "meta": ({"w": torch.empty(3, device="meta")}, "is on device meta"),
+        "nested": ({"w": nested}, "is a nested tensor"),
+        # A legacy (non-zip) file goes to torch.load; its expanded view is 2**20 of 1 element.
+        "expanded": ({"w": torch.ones(1).expand(2**20)}, "declares 1048576 elements"),
+    }
+    for name, (state, message) in cases.items():
+        path = tmp_path / f"{name}.pt"
+        torch.save(state, path, _use_new_zipfile_serialization=name != "expanded")
+        with pytest.raises(CheckpointError, match=message):
+            with TorchReader(path) as reader:
+                reader.info("w")
+                reader.read("w")
+        done = subprocess.run(
+            [sys.executable, "-m", "polyak", "inspect", str(path)], capture_output=True, text=True
+        )
+        assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr

@@ -181,8 +181,8 @@ def test_checkpoint_layouts_and_prefixes(tmp_path, monkeypatch, prefix):
     assert_same_readers(fast, slow)
 
 
-def test_a_storage_past_its_file_falls_back(tmp_path):
-    """A record shorter than its storage claims is left to torch, which refuses it."""
+def test_a_storage_past_its_file_is_refused(tmp_path):
+    """A record shorter than its storage claims is refused, never handed to torch."""
     torch.save({"w": torch.ones(4)}, tmp_path / "w.pt")
     data = (tmp_path / "w.pt").read_bytes()
     with zipfile.ZipFile(io.BytesIO(data)) as archive:
@@ -191,7 +191,7 @@ def test_a_storage_past_its_file_falls_back(tmp_path):
     tampered = pickled.replace(b"K\x04t", b"K\x09t", 1)
     assert tampered != pickled
     (tmp_path / "bad.pt").write_bytes(data.replace(pickled, tampered))
-    with pytest.raises(torchzip.NotFastPath, match="storage 0 has 16 bytes"):
+    with pytest.raises(torchzip.Refused, match="storage 0 has 16 bytes, fewer than its 36"):
         torchzip.load(tmp_path / "bad.pt")
 
 
@@ -267,10 +267,6 @@ def craft(tmp_path: Path, pickled: bytes) -> Path:
         b"\x80\x04\x8c\x01a\x94.",
         # A persistent id that is not a storage.
         b"\x80\x02X\x04\x00\x00\x00evilQ.",
-        # A tensor reaching past its storage (2 floats in 8 bytes, offset 1, 2 elements).
-        b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\n((X\x07\x00\x00\x00storagectorch\n"
-        b"FloatStorage\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x02tQK\x01K\x02\x85K\x01"
-        b"\x85\x89ccollections\nOrderedDict\n)RtR.",
     ],
 )
 def test_crafted_pickles_are_declined(tmp_path, pickled):
@@ -535,3 +531,94 @@ def test_same_tensors_give_the_same_file(tmp_path):
     ):
         name = "archive/.data/serialization_id"
         assert len(one.read(name)) == 40 and one.read(name) != three.read(name)
+
+
+# --- refused for safety: never handed to torch.load -----------------------------------------
+
+REBUILD = (
+    b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\n((X\x07\x00\x00\x00storagectorch\n"
+    b"FloatStorage\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x02tQ"
+)
+REBUILD_END = b"\x89ccollections\nOrderedDict\n)RtR"
+
+
+def tensor_pickle(offset: bytes, shape: bytes, stride: bytes) -> bytes:
+    """A pickle of one tensor on the 2-float storage of `craft`."""
+    return REBUILD + offset + shape + stride + REBUILD_END + b"."
+
+
+def int4(value: int) -> bytes:
+    return b"J" + struct.pack("<i", value)
+
+
+@pytest.mark.parametrize(
+    ("pickled", "reason"),
+    [
+        # 2 floats in 8 bytes, offset 1, 2 elements: reaches past the storage.
+        (tensor_pickle(b"K\x01", b"K\x02\x85", b"K\x01\x85"), "reaches beyond its storage"),
+        # A stride-0 view declaring 2**30 elements of a 2-element storage.
+        (tensor_pickle(b"K\x00", int4(2**30) + b"\x85", b"K\x00\x85"), "1073741824 elements"),
+        # 65 dimensions.
+        (tensor_pickle(b"K\x00", b"(" + b"K\x01" * 65 + b"t", b"(" + b"K\x00" * 65 + b"t"),
+         "65 dimensions"),
+        # A shape of 2**100 with a zero dimension: nothing to read, still no such array.
+        (tensor_pickle(b"K\x00", b"(K\x00\x8a\x0d" + (2**100).to_bytes(13, "little") + b"t",
+                       b"K\x00K\x00\x86"), "larger than any file"),
+        # A dict key that is a deep tuple: hashing it recurses in C.
+        (b"\x80\x02}N" + b"\x85" * 200_000 + b"K\x01s.", "key of type tuple"),
+        # SETITEMS with a tuple key.
+        (b"\x80\x02}(N\x85K\x01u.", "key of type tuple"),
+        # Containers nested 1,000 deep under a string key.
+        (b"\x80\x02}X\x01\x00\x00\x00a]" + b"]" * 999 + b"a" * 999 + b"s.", "nest more than"),
+        # BUILD setting an attribute that shadows OrderedDict.items.
+        (b"\x80\x02ccollections\nOrderedDict\n)R}X\x05\x00\x00\x00itemsK\x01sb.", "_metadata"),
+    ],
+)  # fmt: skip
+def test_crafted_pickles_are_refused_for_safety(tmp_path, pickled, reason):
+    path = craft(tmp_path, pickled)
+    with pytest.raises(torchzip.Refused, match=reason):
+        torchzip.load(path)
+    with pytest.raises(CheckpointError, match=rf"checkpoint {path}: refused \(.*{reason}"):
+        TorchReader(path)
+
+
+def test_a_deep_tuple_key_is_one_line_not_a_crash(tmp_path):
+    """Before: SIGSEGV while the pickle's SETITEM hashed the key."""
+    path = craft(tmp_path, b"\x80\x02}N" + b"\x85" * 200_000 + b"K\x01s.")
+    done = subprocess.run(
+        [sys.executable, "-m", "polyak", "inspect", str(path)], capture_output=True, text=True
+    )
+    assert done.returncode == 2, done.stderr[-500:]
+    assert done.stderr.count("\n") == 1 and "key of type tuple" in done.stderr
+
+
+def test_a_record_shorter_than_its_storage_is_not_averaged_with_other_records(tmp_path):
+    """Before: torch.load(mmap=True) read tensor a's declared 8 floats from a's and b's records."""
+    from polyak.cli.main import main
+
+    torch.save({"a": torch.ones(4), "b": torch.full((4,), 2.0)}, tmp_path / "m_1.pt")
+    data = (tmp_path / "m_1.pt").read_bytes()
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        pickled = archive.read("m_1/data.pkl")
+    tampered = pickled.replace(b"K\x04t", b"K\x08t", 1).replace(b"K\x04\x85", b"K\x08\x85", 1)
+    assert tampered != pickled
+    (tmp_path / "m_2.pt").write_bytes(data.replace(pickled, tampered))
+    with pytest.raises(SystemExit) as exited:
+        main(["average", str(tmp_path / "m_2.pt"), "-o", str(tmp_path / "avg.safetensors")])
+    assert exited.value.code == 2
+    assert not (tmp_path / "avg.safetensors").exists()
+
+
+def test_a_compressed_pickle_beyond_the_inflation_limit_is_refused(tmp_path):
+    """A deflated data.pkl whose zip directory declares 2 GiB: refused before inflating."""
+    path = tmp_path / "bomb.pt"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("bomb/data.pkl", b"\x80\x02}." + b"\x00" * 4096, zipfile.ZIP_DEFLATED)
+        archive.writestr("bomb/byteorder", "little")
+        archive.writestr("bomb/version", "3\n")
+    data = bytearray(path.read_bytes())
+    central = data.index(b"PK\x01\x02")  # data.pkl's entry comes first
+    struct.pack_into("<I", data, central + 24, 2**31)  # its uncompressed size
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="more than deflate can inflate"):
+        TorchReader(path)

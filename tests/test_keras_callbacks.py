@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -291,3 +293,47 @@ def test_every_steps_counts_optimizer_steps_with_gradient_accumulation(tmp_path:
     restored.load_weights(profile.path)
     for value, reference in zip(restored.get_weights(), expected, strict=True):
         np.testing.assert_allclose(value, reference, rtol=2e-6, atol=1e-7)
+
+
+FULL_DISK_SCRIPT = """
+import resource, sys
+import numpy as np
+import keras
+from polyak.errors import OutputError
+from polyak.keras import SnapshotCheckpoint
+
+directory, format, limit = sys.argv[1], sys.argv[2], int(sys.argv[3])
+keras.utils.set_random_seed(0)
+model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(256), keras.layers.Dense(3)])
+model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+x = np.random.default_rng(0).normal(size=(32, 2)).astype("float32")
+y = np.arange(32) % 3
+callback = SnapshotCheckpoint(directory, keep=5, rolling=True, format=format)
+model.fit(x, y, epochs=1, verbose=0, callbacks=[callback])  # one snapshot fits
+# The disk is full from here on (ulimit -f: writes fail with EFBIG, as with ENOSPC).
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+try:
+    model.fit(x, y, epochs=3, verbose=0, callbacks=[callback])
+except OutputError as error:
+    print("caught:", error)
+    model.fit(x, y, epochs=1, verbose=0)  # training goes on
+    print("trained on")
+"""
+
+
+@pytest.mark.parametrize("format", ["weights.h5", pytest.param("keras", marks=pytest.mark.slow)])
+def test_a_full_disk_is_an_exception_the_script_catches_not_a_crash(tmp_path, format) -> None:
+    """Before: SIGSEGV inside HDF5 (3 of 3 runs), the training process lost."""
+    (tmp_path / "script.py").write_text(FULL_DISK_SCRIPT)
+    directory = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, str(tmp_path / "script.py"), str(directory), format, "4096"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "caught: " in done.stdout and "File too large" in done.stdout, done.stdout
+    assert "trained on" in done.stdout
+    snapshots = verify(directory)  # the earlier snapshot intact, checksums and all
+    assert len(snapshots) == 1
+    assert not [p for p in directory.iterdir() if p.name.startswith(".polyak-tmp")]

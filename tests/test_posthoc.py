@@ -294,6 +294,23 @@ def test_cli_json_and_conversion(run, tmp_path, capsys):
     [
         (["--sigma-rel", "0.5"], r"sigma_rel must be a number in \(0, 0\.2887\)"),
         (["--sigma-rel", "wide"], r"widths \(sigma_rel\) are numbers"),
+        # Two widths naming one file: refused before either is written.
+        (["--sigma-rel", "0.08,0.080"], r"posthoc-0\.08\.safetensors: is also the output"),
+        # Before: exit 0 with an extrapolation, or numpy warnings and "weights must be finite".
+        *(
+            (
+                ["--sigma-rel", "0.08", "--time", time],
+                rf"within the snapshots' steps, \d+ to \d+; received {shown}\.",
+            )
+            for time, shown in (
+                ("1e9", "1e\\+09"),
+                ("1", "1"),
+                ("0", "0"),
+                ("-5", "-5"),
+                ("inf", "inf"),
+                ("nan", "nan"),
+            )
+        ),
     ],
 )
 def test_cli_refusals_exit_2(run, tmp_path, capsys, arguments, message):

@@ -298,6 +298,19 @@ def test_verify_without_a_manifest_is_an_error(tmp_path: Path) -> None:
             b'"evicting": ["../outside.txt"]}',
             "evicting",
         ),
+        # Before: "internal error" (RecursionError, ValueError), exit 1.
+        (b'{"format": "polyak-snapshots", "snapshots": ' + b"[" * 100_000, "nested too deeply"),
+        (
+            b'{"format": "polyak-snapshots", "version": 1, "snapshots": '
+            b'[{"file": "model_1.npz", "step": ' + b"9" * 5000 + b"}]}",
+            "not valid JSON",
+        ),
+        # A step too large for a float (the power schemes compute with floats).
+        (
+            b'{"format": "polyak-snapshots", "version": 1, "snapshots": '
+            b'[{"file": "model_1.npz", "step": 1' + b"0" * 400 + b"}]}",
+            "'step' that is not a whole number from 0 to 2\\*\\*63 - 1",
+        ),
     ],
 )
 def test_a_damaged_manifest_is_refused_and_kept(tmp_path: Path, content: bytes, message) -> None:

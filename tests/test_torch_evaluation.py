@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import textwrap
 from pathlib import Path
 
@@ -430,3 +431,18 @@ def test_per_example_outcomes_for_loss(run, data):
     expected = torch.nn.functional.cross_entropy(logits, torch.from_numpy(y), reduction="none")
     np.testing.assert_allclose(result.outcomes["final"], expected.numpy(), rtol=1e-6)
     assert result.single[0].test == pytest.approx(float(expected.mean()), rel=1e-12)
+
+
+@pytest.mark.parametrize("metric", ["accuracy", "loss"])
+@pytest.mark.parametrize(
+    ("labels", "message"),
+    [
+        (lambda y: y + 5, "y holds labels 5 to 7, but the model outputs 3 classes (0 to 2)"),
+        (lambda y: np.eye(4, dtype=np.float32)[y], "y is one-hot of width 4"),
+    ],
+)
+def test_labels_the_model_cannot_output_are_refused(run, data, metric, labels, message):
+    """Before: accuracy scored every candidate 0.0 silently; loss was an internal error."""
+    x, y = data["test"]
+    with pytest.raises(DataError, match=re.escape(message)):
+        sweep(run["dir"], (x, labels(y)), model=build, schemes="equal", metric=metric)

@@ -289,14 +289,17 @@ def test_hugging_face_trainer_output_sharded(tmp_path, capsys):
     report = run([str(tmp_path / "output"), "-o", f"{out}/"], capsys)
     assert report["format"] == "sharded-safetensors"
     index = json.loads((out / "model.safetensors.index.json").read_text())
-    # The newest member's shards, tensor for tensor, and the same total size.
-    assert index == {"metadata": newest_index["metadata"], "weight_map": newest_index["weight_map"]}
+    # The newest member's shards, tensor for tensor, the same total size, and polyak's mark.
+    assert index == {
+        "metadata": {**newest_index["metadata"], "polyak": "average"},
+        "weight_map": newest_index["weight_map"],
+    }
     expected = reference_average(members, EQUAL3)
     merged = {}
     for shard in sorted(set(index["weight_map"].values())):
         merged |= load_file(out / shard)
         with safe_open(out / shard, framework="pt") as opened:
-            assert opened.metadata() == {"format": "pt"}  # as huggingface_hub wrote it
+            assert opened.metadata() == {"format": "pt", "polyak": "average"}  # hub's, and the mark
     load_strictly(merged)
     assert_matches(merged, expected)
     # huggingface_hub's own loader reads the directory, strictly.

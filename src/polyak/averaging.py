@@ -160,10 +160,14 @@ def check_compatible(readers: Sequence[CheckpointReader]) -> list[tuple[str, Ten
     differences: list[str] = []
     for reader in readers[1:]:
         names = reader.names()
-        missing = [name for name in expected if name not in set(names)]
+        present = set(names)  # once per member: a set per name made this quadratic
+        missing = [name for name in expected if name not in present]
         extra = [name for name in names if name not in expected]
         for name in missing:
-            differences.append(f"{reader.path.name} lacks tensor {name}")
+            # Named after the member that holds the tensor, as an extra tensor is.
+            differences.append(
+                f"{newest.path.name} has tensor {name} that {reader.path.name} lacks"
+            )
         for name in extra:
             differences.append(
                 f"{reader.path.name} has tensor {name} that {newest.path.name} lacks"
@@ -298,7 +302,20 @@ def _average_floating(
                 # element by element); NaN and infinity never cancel out of it.
                 finite = allow_nonfinite or np.isfinite(summed.sum())
             if not finite and not np.isfinite(summed).all():
-                _raise_nonfinite(name, readers, sources, start, stop)
+                _refuse_nonfinite_inputs(name, readers, sources, start, stop)
+                # Finite inputs: a difference x_i - x_1 overflowed the accumulator
+                # (members near opposite float32 extremes). This chunk again as
+                # sum_i w_i x_i in float64, where no such sum of float32 values overflows.
+                exact = np.zeros(length, np.float64)
+                for weight, source in zip(weights, sources, strict=True):
+                    exact += float(weight) * source[start:stop].astype(np.float64)
+                with np.errstate(over="ignore"):
+                    np.copyto(summed, exact, casting="unsafe")
+                if not np.isfinite(summed).all():
+                    raise NonFiniteError(
+                        f"tensor {name}: the weighted average exceeds the range of "
+                        f"{info.dtype}; the weights (some negative?) extrapolate too far."
+                    )
             if output is None:
                 yield summed
             else:
@@ -321,22 +338,20 @@ def _flat(reader: CheckpointReader, name: str) -> np.ndarray:
     return reader.read(name).reshape(-1)
 
 
-def _raise_nonfinite(
+def _refuse_nonfinite_inputs(
     name: str,
     readers: Sequence[CheckpointReader],
     sources: Sequence[np.ndarray],
     start: int,
     stop: int,
 ) -> None:
+    """Refuse the first member whose chunk holds NaN or infinity (returns if none does)."""
     for reader, source in zip(readers, sources, strict=True):
         if not np.isfinite(source[start:stop].astype(np.float64)).all():
             raise NonFiniteError(
                 f"checkpoint {reader.path}: tensor {name} holds NaN or infinite values. "
                 "Leave this checkpoint out, or pass --allow-nonfinite to average it anyway."
             )
-    raise NonFiniteError(  # pragma: no cover - finite inputs with weights <= 1 cannot overflow
-        f"tensor {name}: the weighted sum overflowed; the inputs are too large to average."
-    )
 
 
 def _carry_integer(name: str, readers: Sequence[CheckpointReader], integers: str) -> np.ndarray:
@@ -466,6 +481,7 @@ def write_output(
     *,
     max_shard_size: int | str | None = None,
     companions: Sequence[Path] = (),
+    overwrite: bool = False,
     **options: object,
 ) -> list[Path]:
     """Write tensors atomically to ``out`` in ``output_format``, copying ``template``'s container.
@@ -486,6 +502,8 @@ def write_output(
         companions: for an output directory, files copied into it beside the shards
             (the newest member's ``config.json`` and tokenizer files).
         **options: passed to the writer of a ``dcp`` directory (``keep_other``).
+        overwrite: replace an existing ``out``; without it, an ``out`` another writer
+            created meanwhile is kept and ``OutputError`` raised (create-if-absent).
 
     Returns:
         The files written: ``[out]``, or the shards, the index and the companions
@@ -502,17 +520,17 @@ def write_output(
     output_format.check_output(out, template)
     try:
         if directory:
-            with atomic_directory(out, companions) as temporary:
+            with atomic_directory(out, companions, overwrite=overwrite) as temporary:
                 names = output_format.write(
                     temporary, tensors, template, max_shard_size=max_shard_size
                 )
                 names += _copy_companions(companions, temporary)
             return [out / name for name in names]
         if output_format.name == "dcp":
-            with atomic_directory(out) as temporary:
+            with atomic_directory(out, overwrite=overwrite) as temporary:
                 names = output_format.write(temporary, tensors, template, **options)
             return [out / name for name in names]
-        with atomic_output(out) as temporary:
+        with atomic_output(out, overwrite=overwrite) as temporary:
             output_format.write(temporary, tensors, template)
         return [out]
     except PolyakError:
@@ -544,6 +562,7 @@ def write_output_together(
     *,
     max_shard_size: int | str | None = None,
     companions: Sequence[Path] = (),
+    overwrite: bool = False,
     **options: object,
 ) -> list[Path]:
     """:func:`write_output` by every process of a torchrun group, each its share.
@@ -563,13 +582,19 @@ def write_output_together(
         if group.is_main:
             try:
                 files = write_output(
-                    out, tensors, template, output_format, companions=companions, **options
+                    out,
+                    tensors,
+                    template,
+                    output_format,
+                    companions=companions,
+                    overwrite=overwrite,
+                    **options,
                 )
             except BaseException as failure:  # told to every process, then raised here
                 error = failure
         group.check(error)
         return group.broadcast(files)
-    context = atomic_directory(out, companions)
+    context = atomic_directory(out, companions, overwrite=overwrite)
     if group.is_main:
         try:
             temporary = context.__enter__()
@@ -810,6 +835,7 @@ def average_to(
                 output_format,
                 max_shard_size=limit,
                 companions=companions,
+                overwrite=overwrite,
                 **options,
             )
         else:
@@ -821,6 +847,7 @@ def average_to(
                 group,
                 max_shard_size=limit,
                 companions=companions,
+                overwrite=overwrite,
                 **options,
             )
         selection = getattr(readers[0], "selection", None)

@@ -24,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import importlib
+import math
 import sys
 import zipfile
 from collections.abc import Callable, Mapping
@@ -34,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from polyak.errors import DataError
+from polyak.formats.limits import inflation_refusal, shape_refusal
 
 __all__ = [
     "Dataset",
@@ -66,6 +68,7 @@ def load_dataset(path: str | Path) -> Dataset:
             or ``y``, or they differ in length; the message names the file.
     """
     path = Path(path)
+    _check_declared_sizes(path)
     try:
         loaded = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
@@ -95,6 +98,57 @@ def load_dataset(path: str | Path) -> Dataset:
     if len(x) == 0:
         raise DataError(f"data {path}: holds no examples.")
     return Dataset(x, y, path.name)
+
+
+def _check_declared_sizes(path: Path) -> None:
+    """Refuse an ``x`` or ``y`` member declaring more data than it holds, before numpy
+    allocates what the header declares (an 800-byte file can declare 16 TiB).
+
+    The rule of every polyak parser (``polyak.formats.limits``): a compressed member
+    inflates at most ``MAX_INFLATION``-fold, and the ``.npy`` header's shape times
+    item size fits in what the member holds.
+    """
+    try:
+        if not zipfile.is_zipfile(path):
+            return  # np.load reports what it is
+        with zipfile.ZipFile(path) as archive:
+            size = path.stat().st_size
+            for member in archive.infolist():
+                name = member.filename.removesuffix(".npy")
+                if name not in ("x", "y"):
+                    continue
+                where = f"data {path}: array {name}"
+                stored = member.compress_type == zipfile.ZIP_STORED
+                refusal = inflation_refusal(member.file_size, member.compress_size)
+                if member.compress_size > size or (
+                    member.file_size != member.compress_size if stored else refusal
+                ):
+                    raise DataError(
+                        f"{where}: its zip entry declares {member.file_size} bytes from "
+                        f"{member.compress_size} stored in a {size}-byte file; the file is "
+                        "corrupt or crafted. Save it again with numpy.savez."
+                    )
+                with archive.open(member) as file:
+                    version = np.lib.format.read_magic(file)
+                    read_header = (
+                        np.lib.format.read_array_header_1_0
+                        if version == (1, 0)
+                        else np.lib.format.read_array_header_2_0
+                    )
+                    shape, _, dtype = read_header(file)
+                    held = member.file_size - file.tell()
+                refusal = shape_refusal(shape)
+                declared = math.prod(shape) * dtype.itemsize
+                if refusal is not None or declared > held:
+                    raise DataError(
+                        f"{where}: declares shape {shape} of {dtype} ({declared} bytes) but "
+                        f"holds {max(held, 0)}; the file is truncated or crafted. Save it again "
+                        "with numpy.savez."
+                    )
+    except DataError:
+        raise
+    except (OSError, ValueError, EOFError, SyntaxError, zipfile.BadZipFile) as error:
+        raise DataError(f"data {path}: cannot be read as .npz ({error}).") from None
 
 
 def as_dataset(data: Dataset | tuple | str | Path, name: str) -> Dataset:
@@ -136,6 +190,47 @@ def accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     alike). One output: a probability, predicted class 1 above 0.5.
     """
     return float(np.mean(correct(y_true, y_pred)))
+
+
+def check_labels(data: Dataset, outputs: np.ndarray) -> None:
+    """Refuse labels the model cannot output, before accuracy or loss scores them.
+
+    With several outputs (``C`` classes), ``y`` is one-hot of width ``C`` or class
+    indices ``0..C-1``; with one output, ``y`` holds 0/1 targets (probabilities for a
+    loss). Otherwise every candidate would score 0 accuracy, or a loss would fail.
+
+    Raises:
+        DataError: naming the data, the labels found and the classes the model has.
+    """
+    y = np.asarray(data.y)
+    binary = outputs.ndim == 1 or outputs.shape[-1] == 1
+    classes = 2 if binary else outputs.shape[-1]
+    if y.ndim > 1 and y.shape[-1] > 1:
+        if binary or y.shape[-1] != classes:
+            raise DataError(
+                f"data {data.name}: y is one-hot of width {y.shape[-1]}, but the model outputs "
+                f"{outputs.shape[-1] if outputs.ndim > 1 else 1} value(s) per example. Check "
+                "that the data belongs to this model."
+            )
+        return
+    if not np.issubdtype(y.dtype, np.number) or y.dtype == np.bool_:
+        return  # booleans are 0/1; anything else fails in the metric with its own words
+    labels = y.reshape(-1)
+    finite = np.isfinite(labels)
+    low = float(labels.min()) if labels.size else 0.0
+    high = float(labels.max()) if labels.size else 0.0
+    whole = bool(np.all(labels == np.round(labels))) if finite.all() else False
+    if not finite.all() or low < 0 or high > classes - 1 or (not binary and not whole):
+        shown = f"{low:g} to {high:g}" if finite.all() else "non-finite values"
+        raise DataError(
+            f"data {data.name}: y holds labels {shown}, but the model outputs "
+            + (
+                "one probability (labels 0 or 1)"
+                if binary
+                else f"{classes} classes (0 to {classes - 1})"
+            )
+            + ". Check that the data belongs to this model."
+        )
 
 
 def import_callable(spec: str, role: str) -> Callable[..., Any]:

@@ -137,8 +137,8 @@ def run_demo(
     train_accuracy = float(history.history["accuracy"][-1])
     log(f"Final train accuracy {train_accuracy:.3f}. Sweeping n = 1..{keep} for {SCHEMES}...")
     result = sweep(snapshots, data["test"], data["validation"], schemes=SCHEMES, model=model)
-    report = write_json(result, out / "report.json")
-    plot = write_plot(result, out / "sweep.png")
+    report = write_json(result, out / "report.json", overwrite=overwrite)
+    plot = write_plot(result, out / "sweep.png", overwrite=overwrite)
     best_model = out / "best.keras"
     write_best(result, best_model, overwrite=overwrite)
     return DemoResult(

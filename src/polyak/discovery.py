@@ -41,12 +41,14 @@ import glob
 import itertools
 import os
 import re
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from polyak.errors import CheckpointError, DiscoveryError
+from polyak.errors import CheckpointError, DiscoveryError, PolyakNote
 from polyak.formats import directory_model_file, format_from_name, format_of
+from polyak.formats.marks import is_polyak_output
 from polyak.snapshots import MANIFEST_NAME, Snapshot, read_manifest
 
 __all__ = ["Checkpoint", "find_checkpoints", "order_key", "within_window"]
@@ -234,12 +236,33 @@ def _scan_directory(directory: Path) -> list[Path]:
                 found.append(child)
         elif _is_checkpoint_file(child):
             found.append(child)
+    found = _without_outputs(found)
     if not found:
         raise DiscoveryError(
             f"directory {directory}: no checkpoints found (files with a known suffix, or "
             "subdirectories holding model.safetensors or pytorch_model.bin)."
         )
     return found
+
+
+def _without_outputs(paths: list[Path]) -> list[Path]:
+    """``paths`` less the outputs polyak marked (see ``polyak.formats.marks``), each noted.
+
+    Only scans and globs skip them: an average written into the run folder is not the
+    newest snapshot. A marked file named on its own is used.
+    """
+    kept = []
+    for path in paths:
+        if is_polyak_output(path):
+            warnings.warn(
+                f"skipped {path}: polyak wrote it (an average, not a snapshot); name it on its "
+                "own to use it as a member.",
+                PolyakNote,
+                stacklevel=2,
+            )
+        else:
+            kept.append(path)
+    return kept
 
 
 def _expand(entry: str | Path) -> list[Path]:
@@ -257,6 +280,7 @@ def _expand(entry: str | Path) -> list[Path]:
                     expanded.append(match)
             elif _is_checkpoint_file(match) and match.name.lower() not in _SKIPPED_IN_SCANS:
                 expanded.append(match)
+        expanded = _without_outputs(expanded)
         if not expanded:
             shown = ", ".join(match.name for match in matches[:3])
             raise DiscoveryError(

@@ -21,12 +21,17 @@ __all__ = [
     "NonFiniteError",
     "OutputError",
     "PolyakError",
+    "PolyakNote",
     "SchemeError",
 ]
 
 
 class PolyakError(Exception):
     """Base class of every error polyak raises on purpose."""
+
+
+class PolyakNote(UserWarning):
+    """Something polyak did on its own that a user should know (the CLI prints one line)."""
 
 
 class SchemeError(PolyakError, ValueError):

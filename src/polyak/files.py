@@ -28,6 +28,9 @@ Which outputs are directories: a path that ends with ``/`` or has no suffix at a
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import errno
 import filecmp
 import glob
 import os
@@ -38,11 +41,15 @@ from pathlib import Path
 
 from polyak.errors import OutputError
 
+_RENAME_NOREPLACE = 1  # linux/fs.h
+_AT_FDCWD = -100
+
 __all__ = [
     "CHECKPOINT_DIRECTORY_FILES",
     "atomic_directory",
     "atomic_output",
     "check_output_path",
+    "check_outputs",
     "companion_files",
     "is_companion_file",
     "is_directory_output",
@@ -192,6 +199,34 @@ def check_output_path(
         raise OutputError(f"output {out}: the directory {out.parent} does not exist.")
 
 
+def check_outputs(
+    outputs: Iterable[tuple[Path, bool]], inputs: Iterable[Path], *, overwrite: bool
+) -> None:
+    """:func:`check_output_path` for each of several outputs, and no two of them the same.
+
+    Args:
+        outputs: ``(path, is_directory)`` for every file or directory a command writes
+            (a model, a JSON report, a plot...).
+        inputs: everything the command reads: checkpoints, data files, model files.
+        overwrite: whether existing outputs may be replaced.
+
+    Raises:
+        OutputError: an output is or holds an input, exists unasked, or is (or lies
+            inside) another output.
+    """
+    inputs = [Path(source) for source in inputs]
+    seen: list[Path] = []
+    for out, directory in outputs:
+        out = Path(out)
+        check_output_path(out, inputs, overwrite=overwrite, directory=directory)
+        for other in seen:
+            if _is_within(out, other) or _is_within(other, out):
+                raise OutputError(
+                    f"output {out}: is also the output {other}; give each output its own path."
+                )
+        seen.append(out)
+
+
 def _check_output_directory(
     out: Path, inputs: list[Path], *, overwrite: bool, companions: Sequence[Path]
 ) -> None:
@@ -284,11 +319,92 @@ def _naming_the_output(error: OutputError, temporary: Path, out: Path) -> Output
     return error if renamed == message else OutputError(renamed)
 
 
+def _renameat2() -> object | None:
+    """libc's ``renameat2``, or None where the C library has none (not Linux, old glibc)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        function = libc.renameat2
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_uint,
+    ]
+    function.restype = ctypes.c_int
+    return function
+
+
+_RENAMEAT2 = _renameat2()
+
+
+def _rename_no_replace(source: Path, target: Path) -> bool:
+    """Rename ``source`` to ``target`` unless ``target`` exists, in one step.
+
+    Returns False where the kernel or the file system cannot do it in one step
+    (no ``renameat2``, or ``RENAME_NOREPLACE`` unsupported); the caller falls back.
+
+    Raises:
+        FileExistsError: ``target`` exists (created meanwhile by another writer).
+        OSError: any other failure.
+    """
+    if _RENAMEAT2 is None:
+        return False
+    result = _RENAMEAT2(  # type: ignore[operator]
+        _AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target), _RENAME_NOREPLACE
+    )
+    if result == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OSError(code, os.strerror(code), os.fspath(target))
+
+
+def _commit_file(temporary: Path, out: Path, *, overwrite: bool) -> None:
+    """Move the finished temporary file to ``out``: replacing it only when ``overwrite``.
+
+    Without ``overwrite`` the commit is create-if-absent in one step (``renameat2``
+    with ``RENAME_NOREPLACE``, else a hard link then unlinking the temporary), so an
+    output another writer committed meanwhile is kept, never replaced.
+    """
+    if overwrite:
+        os.replace(temporary, out)
+        return
+    if _rename_no_replace(temporary, out):
+        return
+    try:
+        os.link(temporary, out)
+    except FileExistsError:
+        raise
+    except OSError as error:
+        if error.errno not in (errno.EPERM, errno.ENOTSUP, errno.EXDEV, errno.EMLINK):
+            raise
+        # A file system without hard links: the last check, then a plain rename.
+        if os.path.lexists(out):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), os.fspath(out)) from None
+        os.replace(temporary, out)
+        return
+    os.unlink(temporary)
+
+
+def _created_meanwhile(out: Path) -> OutputError:
+    return OutputError(
+        f"output {out}: was created by another writer while polyak wrote its own; polyak "
+        "kept that one and discarded its own. Pass --overwrite to replace it."
+    )
+
+
 @contextlib.contextmanager
-def atomic_output(out: Path) -> Iterator[Path]:
+def atomic_output(out: Path, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``out``; on success fsync it and rename it to ``out``.
 
     On any exception the temporary file is removed and ``out`` is left as it was.
+    Without ``overwrite`` the rename is create-if-absent: if ``out`` appeared while
+    the temporary was written (another process's output), it is kept, and
+    ``OutputError`` is raised.
 
     Example:
         >>> with atomic_output(Path("avg.safetensors")) as temporary:  # doctest: +SKIP
@@ -302,7 +418,9 @@ def atomic_output(out: Path) -> Iterator[Path]:
         try:
             with open(temporary, "rb+") as file:
                 os.fsync(file.fileno())
-            os.replace(temporary, out)
+            _commit_file(temporary, out, overwrite=overwrite)
+        except FileExistsError:
+            raise _created_meanwhile(out) from None
         except OSError as error:
             raise OutputError(f"output {out}: cannot be written ({error.strerror}).") from None
         _fsync_directory(out.parent)
@@ -319,20 +437,48 @@ def atomic_output(out: Path) -> Iterator[Path]:
         raise
 
 
+def _commit_directory(temporary: Path, out: Path) -> None:
+    """Rename the finished temporary directory to ``out`` only if ``out`` holds nothing.
+
+    ``renameat2(RENAME_NOREPLACE)`` where the kernel has it; else a plain rename, which
+    POSIX lets replace only an empty directory (a non-empty one fails).
+
+    Raises:
+        FileExistsError: ``out`` exists and holds something.
+    """
+    if out.is_dir() and not any(out.iterdir()):
+        with contextlib.suppress(OSError):
+            out.rmdir()  # an empty directory (made by the user for the output) holds nothing
+    if _rename_no_replace(temporary, out):
+        return
+    if os.path.lexists(out) and not out.is_dir():
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), os.fspath(out))
+    try:
+        os.rename(temporary, out)
+    except OSError as error:
+        if error.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            raise FileExistsError(error.errno, error.strerror, os.fspath(out)) from None
+        raise
+
+
 def _fsync_file(path: Path) -> None:
     with open(path, "rb+") as file:
         os.fsync(file.fileno())
 
 
 @contextlib.contextmanager
-def atomic_directory(out: Path, companions: Sequence[Path] = ()) -> Iterator[Path]:
+def atomic_directory(
+    out: Path, companions: Sequence[Path] = (), *, overwrite: bool = False
+) -> Iterator[Path]:
     """Yield an empty temporary directory beside ``out``; on success rename it to ``out``.
 
     Every file in the temporary directory and the directory itself are fsynced before
-    the rename. An existing non-empty ``out`` is renamed aside, replaced, then deleted
-    (see the module docstring); it must hold only a safetensors checkpoint's files and
-    byte-for-byte copies of ``companions``, checked again here. On any exception the
-    temporary directory is removed and ``out`` is left as it was.
+    the rename. With ``overwrite``, an existing non-empty ``out`` is renamed aside,
+    replaced, then deleted (see the module docstring); it must hold only a safetensors
+    checkpoint's files and byte-for-byte copies of ``companions``, checked again here.
+    Without ``overwrite`` the rename is create-if-absent: an ``out`` that holds anything
+    (another writer's output created meanwhile) is kept and ``OutputError`` raised. On
+    any exception the temporary directory is removed and ``out`` is left as it was.
 
     Raises:
         OutputError: the directory cannot be created, written or renamed, or ``out``
@@ -357,7 +503,9 @@ def atomic_directory(out: Path, companions: Sequence[Path] = ()) -> Iterator[Pat
             for entry in temporary.iterdir():
                 _fsync_file(entry)
             _fsync_directory(temporary)
-            if out.is_dir() and any(out.iterdir()):
+            if not overwrite:
+                _commit_directory(temporary, out)
+            elif out.is_dir() and any(out.iterdir()):
                 foreign = _foreign_entries(out, companions)
                 if foreign:
                     raise OutputError(
@@ -366,13 +514,17 @@ def atomic_directory(out: Path, companions: Sequence[Path] = ()) -> Iterator[Pat
                     )
                 aside = out.parent / f".{out.name}{_OLD_MARK}{token}"
                 os.rename(out, aside)
-            try:
-                os.rename(temporary, out)
-            except OSError:
-                if aside is not None:
-                    os.rename(aside, out)
-                    aside = None
-                raise
+            if overwrite:
+                try:
+                    os.rename(temporary, out)
+                except OSError:
+                    if aside is not None:
+                        os.rename(aside, out)
+                        aside = None
+                    raise
+        except FileExistsError:
+            shutil.rmtree(temporary, ignore_errors=True)
+            raise _created_meanwhile(out) from None
         except OSError as error:
             if isinstance(error, OutputError):
                 raise

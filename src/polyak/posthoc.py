@@ -162,7 +162,8 @@ def posthoc_coefficients(
         One coefficient per snapshot, summing to 1 (some may be negative).
 
     Raises:
-        SchemeError: no snapshots, times not positive, or two snapshots of the same
+        SchemeError: no snapshots, times not positive, ``target_time`` outside the
+            snapshots' times (or not a finite number), or two snapshots of the same
             profile at the same time (the system is singular).
     """
     times = np.asarray(times, dtype=np.float64)
@@ -179,7 +180,15 @@ def posthoc_coefficients(
         raise SchemeError(
             "post-hoc EMA: two snapshots hold the same profile at the same time; keep one."
         )
-    target_time = float(times.max()) if target_time is None else float(target_time)
+    first, last = float(times.min()), float(times.max())
+    target_time = last if target_time is None else float(target_time)
+    # Only reconstructions between the first and the last snapshot are interpolations;
+    # outside, the least-squares fit extrapolates silently (and 0, inf, nan fail in numpy).
+    if not first <= target_time <= last:
+        raise SchemeError(
+            f"post-hoc EMA: the time (CLI --time) must lie within the snapshots' steps, "
+            f"{first:g} to {last:g}; received {target_time:g}."
+        )
     target_gamma = gamma_of(target_sigma_rel)
     rows, columns = times[:, None], times[None, :]
     a = profile_inner_product(rows, gammas[:, None], columns, gammas[None, :])
@@ -434,7 +443,7 @@ def reconstruct_to(
     readers = open_members([order_key(s.path) for s in snapshots], None)
     try:
         tensors = average_readers(readers, coefficients, signed=True)
-        write_output(out, tensors, readers[0], output_format)
+        write_output(out, tensors, readers[0], output_format, overwrite=overwrite)
     finally:
         for reader in readers:
             reader.close()

@@ -161,17 +161,17 @@ def _scores_text(test: float, recalibrated: float | None) -> str:
     return f"{test:.4f}" if recalibrated is None else f"{test:.4f} -> {recalibrated:.4f}"
 
 
-def write_json(result: SweepResult, path: str | Path) -> Path:
-    """Write the report as JSON, atomically."""
+def write_json(result: SweepResult, path: str | Path, *, overwrite: bool = False) -> Path:
+    """Write the report as JSON, atomically; an existing file only with ``overwrite``."""
     path = Path(path)
     if not path.parent.is_dir():
         raise OutputError(f"output {path}: the directory {path.parent} does not exist.")
-    with atomic_output(path) as temporary:
+    with atomic_output(path, overwrite=overwrite) as temporary:
         temporary.write_text(json.dumps(result.to_json(), indent=2) + "\n", encoding="utf-8")
     return path
 
 
-def write_plot(result: SweepResult, path: str | Path) -> Path:
+def write_plot(result: SweepResult, path: str | Path, *, overwrite: bool = False) -> Path:
     """Plot test metric against n: single members as dots, one line per scheme (PNG).
 
     With BatchNorm recalibration each scheme also gets a dashed line of its
@@ -179,6 +179,7 @@ def write_plot(result: SweepResult, path: str | Path) -> Path:
     line; the selected candidate carries the 95% interval of selected - final as an
     error bar, placed on the final model's score (final + low to final + high): a bar
     that crosses the reference line is a gain within noise.
+    An existing file is replaced only with ``overwrite``.
     """
     path = Path(path)
     if not path.parent.is_dir():
@@ -254,7 +255,9 @@ def write_plot(result: SweepResult, path: str | Path) -> Path:
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
     figure.tight_layout()
-    with atomic_output(path) as temporary:
-        figure.savefig(temporary, format="png")
-    pyplot.close(figure)
+    try:
+        with atomic_output(path, overwrite=overwrite) as temporary:
+            figure.savefig(temporary, format="png")
+    finally:  # also when the output was taken meanwhile: no figure left open
+        pyplot.close(figure)
     return path

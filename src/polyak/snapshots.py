@@ -65,6 +65,7 @@ Example:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import json
@@ -280,8 +281,14 @@ def _check_file_name(name: object) -> str | None:
     return None
 
 
+# Epochs and steps fit a signed 64-bit integer (and so, closely enough, a float).
+_MAX_COUNT = 2**63
+
+
 def _optional_int(value: object) -> bool:
-    return value is None or (isinstance(value, int) and not isinstance(value, bool))
+    return value is None or (
+        isinstance(value, int) and not isinstance(value, bool) and 0 <= value < _MAX_COUNT
+    )
 
 
 def _entry(directory: Path, record: object, manifest: Path, where: str) -> Snapshot:
@@ -298,7 +305,7 @@ def _entry(directory: Path, record: object, manifest: Path, where: str) -> Snaps
         raise bad(f"has a 'file' that {problem} (received {record.get('file')!r})")
     for key in ("epoch", "step"):
         if not _optional_int(record.get(key)):
-            raise bad(f"has a '{key}' that is not a whole number or null")
+            raise bad(f"has a '{key}' that is not a whole number from 0 to 2**63 - 1, or null")
     logs = record.get("logs", {})
     if not isinstance(logs, dict) or not all(
         isinstance(value, (int, float, str)) and not isinstance(value, bool)
@@ -345,7 +352,9 @@ def _read(directory: Path) -> _Manifest | None:
 
     try:
         data = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    except RecursionError:
+        raise bad("is not valid JSON (nested too deeply)") from None
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError, a 5,000-digit number
         raise bad(f"is not valid JSON ({error})") from None
     if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
         raise bad(f'has no "format": "{MANIFEST_FORMAT}"')
@@ -364,8 +373,8 @@ def _read(directory: Path) -> _Manifest | None:
             _entry(directory, record, manifest, f"entry {index} of '{key}'")
             for index, record in enumerate(records)
         ]
-        names = [entry.name for entry in entries]
-        duplicates = sorted({name for name in names if names.count(name) > 1})
+        counts = collections.Counter(entry.name for entry in entries)
+        duplicates = sorted(name for name, count in counts.items() if count > 1)
         if duplicates:
             raise bad(f"lists {', '.join(duplicates)} more than once in '{key}'")
         sections.append(entries)
@@ -514,7 +523,7 @@ def _write_manifest(
     text = json.dumps(data, indent=2, allow_nan=False) + "\n"
     manifest = directory / MANIFEST_NAME
     try:
-        with atomic_output(manifest) as temporary:
+        with atomic_output(manifest, overwrite=True) as temporary:
             temporary.write_bytes(text.encode("utf-8"))
     except OutputError:
         raise
@@ -682,7 +691,10 @@ class SnapshotDirectory:
             raise ValueError(f"snapshot file name {file_name!r} {problem}.")
         for key, value in (("epoch", epoch), ("step", step)):
             if not _optional_int(value):
-                raise ValueError(f"{key} must be a whole number or None; received {value!r}.")
+                raise ValueError(
+                    f"{key} must be a whole number from 0 to 2**63 - 1, or None; received "
+                    f"{value!r}."
+                )
         committed = self._recover()
         final = self.directory / file_name
         workspace = self.directory / (

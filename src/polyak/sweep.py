@@ -967,4 +967,5 @@ def write_best(
             output_format,
             max_shard_size=max_shard_size,
             companions=companions,
+            overwrite=overwrite,
         )

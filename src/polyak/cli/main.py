@@ -10,12 +10,13 @@ from __future__ import annotations
 import os
 import sys
 import traceback
+import warnings
 
 import typer
 
 from polyak import __version__
 from polyak.cli.output import console
-from polyak.errors import PolyakError
+from polyak.errors import PolyakError, PolyakNote
 
 app = typer.Typer(
     name="polyak",
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         where = _join_torchrun_group()
     except PolyakError as error:
-        print(f"polyak: error: {error}", file=sys.stderr)
+        print(f"polyak: error: {one_line(str(error))}", file=sys.stderr)
         sys.exit(2)
     try:
         _run(arguments, where)
@@ -96,7 +97,30 @@ def main(argv: list[str] | None = None) -> None:
             shut_down(clean=exit_code in (0, None))
 
 
+def one_line(text: str) -> str:
+    """``text`` with control characters escaped (``\\n``, ``\\x1b``...), so a message
+    stays one line whatever a file's tensor or member names hold."""
+    if text.isprintable():
+        return text
+    return "".join(
+        character if character.isprintable() else character.encode("unicode_escape").decode()
+        for character in text
+    )
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A ``PolyakNote`` as one line on stderr; every other warning as Python shows it."""
+    if issubclass(category, PolyakNote):
+        print(f"polyak: note: {one_line(str(message))}", file=sys.stderr)
+        return
+    _SHOW_WARNING(message, category, filename, lineno, file, line)
+
+
+_SHOW_WARNING = warnings.showwarning
+
+
 def _run(arguments: list[str], where: str) -> None:
+    warnings.showwarning = _show_warning
     command = typer.main.get_command(app)
     try:
         # Standalone mode: typer itself reports usage errors (exit 2) and --help.
@@ -104,7 +128,7 @@ def _run(arguments: list[str], where: str) -> None:
     except PolyakError as error:
         if STATE.verbose:
             traceback.print_exc()
-        print(f"polyak: error{where}: {error}", file=sys.stderr)
+        print(f"polyak: error{where}: {one_line(str(error))}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("polyak: interrupted.", file=sys.stderr)
@@ -113,7 +137,8 @@ def _run(arguments: list[str], where: str) -> None:
         if STATE.verbose:
             traceback.print_exc()
         print(
-            f"polyak: internal error (a bug, please report it): {type(error).__name__}: {error}"
+            "polyak: internal error (a bug, please report it): "
+            f"{type(error).__name__}: {one_line(str(error))}"
             + ("" if STATE.verbose else " (run with -v for the traceback)"),
             file=sys.stderr,
         )

@@ -55,6 +55,7 @@ def posthoc_command(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Reconstruct the EMA of each width from the tracked profiles, by least squares."""
+    from polyak.files import check_outputs, is_directory_output
     from polyak.formats import suffix_of
     from polyak.posthoc import find_profile_snapshots, reconstruct_to
     from polyak.schemes import format_number
@@ -64,16 +65,17 @@ def posthoc_command(
     if out.exists() and not out.is_dir():
         raise OutputError(f"output {out}: exists and is not a directory.")
     extension = suffix_of(snapshots[0].path.name) if suffix is None else "." + suffix.lstrip(".")
-    out.mkdir(parents=True, exist_ok=True)
-    results = [
-        reconstruct_to(
-            directory,
-            width,
-            out / f"posthoc-{format_number(width)}{extension}",
-            time=time,
+    targets = [out / f"posthoc-{format_number(width)}{extension}" for width in widths]
+    if out.is_dir():  # every output checked before the first is written
+        check_outputs(
+            [(target, is_directory_output(target)) for target in targets],
+            [snapshot.path for snapshot in snapshots],
             overwrite=overwrite,
         )
-        for width in widths
+    out.mkdir(parents=True, exist_ok=True)
+    results = [
+        reconstruct_to(directory, width, target, time=time, overwrite=overwrite)
+        for width, target in zip(widths, targets, strict=True)
     ]
     if as_json:
         print_json(

@@ -12,7 +12,7 @@ import typer
 
 from polyak.cli.main import app
 from polyak.cli.output import console, error_console, print_json
-from polyak.errors import DataError, OutputError
+from polyak.errors import DataError
 
 KERAS_FORMATS = ("keras", "keras-h5", "keras-weights")
 
@@ -98,18 +98,20 @@ def sweep_command(
     from polyak.data import import_callable, load_dataset
     from polyak.discovery import find_checkpoints
     from polyak.distributed import current as current_group
+    from polyak.files import check_outputs, is_directory_output
     from polyak.formats import format_of
     from polyak.report import classic_lines, sweep_table, write_json, write_plot
     from polyak.sweep import write_best
 
     group = current_group()
     try:
-        outputs = [Path(p) for p in (json_path, plot_path, out_model) if p is not None]
-        for output in outputs:
-            if output.exists() and not overwrite:
-                raise OutputError(
-                    f"output {output}: already exists. Pass --overwrite to replace it."
-                )
+        outputs = [(Path(p), False) for p in (json_path, plot_path) if p is not None]
+        if out_model is not None:
+            outputs.append((Path(out_model), is_directory_output(out_model)))
+        read = [Path(p) for p in (data, val, recalibrate, posthoc_dir) if p is not None]
+        if model is not None and Path(model).exists():
+            read.append(Path(model))
+        check_outputs(outputs, read, overwrite=overwrite)  # cheap: before any data is read
         if (data is None) == (evaluate is None):
             raise DataError("give test data with --data, or an evaluation function with --eval.")
         if evaluate is not None and val is not None:
@@ -124,6 +126,9 @@ def sweep_command(
         calibration = load_dataset(recalibrate) if recalibrate is not None else None
         user_evaluate = import_callable(evaluate, "eval") if evaluate is not None else None
         members = find_checkpoints(paths, last=last)
+        # Every output against every input: a --json or --plot path naming a member
+        # would replace the checkpoint with the report.
+        check_outputs(outputs, [*read, *(m.path for m in members)], overwrite=overwrite)
         keras_checkpoints = format_of(members[0].path).name in KERAS_FORMATS
     except BaseException as error:
         if group is not None:
@@ -163,11 +168,11 @@ def sweep_command(
     # Under torchrun every process has the same result; process 0 writes the files.
     if group is None or group.is_main:
         if out_model is not None:
-            write_best(result, out_model, overwrite=True)
+            write_best(result, out_model, overwrite=overwrite)
         if json_path is not None:
-            write_json(result, json_path)
+            write_json(result, json_path, overwrite=overwrite)
         if plot_path is not None:
-            write_plot(result, plot_path)
+            write_plot(result, plot_path, overwrite=overwrite)
     if group is not None:
         group.barrier()
     if print_json_report:

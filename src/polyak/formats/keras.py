@@ -62,6 +62,7 @@ import numpy as np
 
 from polyak.errors import CheckpointError, OutputError, PolyakError
 from polyak.formats.base import CheckpointReader, ReaderBase, TensorInfo, dtype_name
+from polyak.formats.marks import MARK_KEY, MARK_VALUE, ZIP_COMMENT
 
 __all__ = [
     "MAX_COMPRESSION_RATIO",
@@ -718,6 +719,7 @@ def _overwrite_datasets(
             # Written at once: the engine may reuse the array's buffer for the next tensor.
             dataset[()] = array
             written.add(name)
+        file.attrs[MARK_KEY] = MARK_VALUE  # polyak's mark: Keras ignores it
     missing = [name for name in expected if name not in written]
     if missing:
         raise OutputError(
@@ -839,9 +841,10 @@ def write_keras_archive(
     archive_template = _require_template(path, template, KerasArchiveReader)
 
     def build(temporary: Path) -> None:
-        handle, name = tempfile.mkstemp(
-            dir=path.parent, prefix=f".{path.name}.", suffix=".weights.h5"
-        )
+        # Named after the output's temporary (.NAME.polyak-tmp-PID-...), so files.py
+        # cleans it up after a kill as it does the temporary itself.
+        hidden = path.name if path.name.startswith(".") else f".{path.name}"
+        handle, name = tempfile.mkstemp(dir=path.parent, prefix=f"{hidden}.", suffix=".weights.h5")
         weights = Path(name)
         try:
             with os.fdopen(handle, "wb") as file, archive_template.open_weights_bytes() as source:
@@ -851,7 +854,7 @@ def write_keras_archive(
                 zipfile.ZipFile(archive_template.zip_path) as archive,
                 zipfile.ZipFile(temporary, "w") as output,
             ):
-                output.comment = archive.comment
+                output.comment = ZIP_COMMENT  # polyak's mark: Keras ignores it
                 for info in archive.infolist():
                     if info.filename == WEIGHTS_MEMBER:
                         with open(weights, "rb") as source:

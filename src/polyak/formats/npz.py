@@ -26,13 +26,13 @@ import numpy as np
 
 from polyak.errors import CheckpointError, OutputError
 from polyak.formats.base import ReaderBase, TensorInfo, dtype_name
+from polyak.formats.limits import MAX_INFLATION as _MAX_INFLATION
+from polyak.formats.limits import shape_refusal
+from polyak.formats.marks import ZIP_COMMENT
 
 __all__ = ["NpzReader", "write_npz"]
 
 _SUFFIX = ".npy"
-# Deflate, which numpy.savez_compressed uses, inflates at most about 1032-fold; a
-# member declaring more than this times its compressed size is lying about its size.
-_MAX_INFLATION = 1100
 # What reading a damaged member raises: zipfile's own errors, zlib's for corrupt deflate
 # data, numpy's for a bad .npy header (it parses the header as a Python literal, so
 # also SyntaxError and tokenize's TokenError), and those for encrypted or unsupported
@@ -117,6 +117,9 @@ class NpzReader(ReaderBase):
             raise CheckpointError(f"{where}: dtype {dtype} is not supported.")
         if any(int(d) < 0 for d in shape):
             raise CheckpointError(f"{where}: shape {shape} has a negative dimension.")
+        refusal = shape_refusal(shape)
+        if refusal is not None:
+            raise CheckpointError(f"{where}: {refusal}; the file is corrupt or crafted.")
         info = TensorInfo(tuple(int(d) for d in shape), canonical)
         held = member.file_size - header_size
         if info.nbytes > held:
@@ -160,6 +163,7 @@ def write_npz(
 ) -> None:
     """Write tensors to a ``.npz`` archive, one member at a time."""
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+        archive.comment = ZIP_COMMENT  # polyak's mark: numpy.load ignores it
         for name, array in tensors:
             if dtype_name(array.dtype) == "bfloat16":
                 raise OutputError(

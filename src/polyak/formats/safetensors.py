@@ -44,6 +44,8 @@ import numpy as np
 from polyak.errors import CheckpointError, OutputError
 from polyak.formats.background import BackgroundWriter
 from polyak.formats.base import DTYPES, PlannedTensors, ReaderBase, StreamedTensor, TensorInfo
+from polyak.formats.limits import shape_refusal
+from polyak.formats.marks import MARK_KEY, MARK_VALUE
 
 __all__ = [
     "INDEX_NAME",
@@ -149,6 +151,9 @@ def parse_header(path: Path, header_bytes: bytes, data_size: int) -> tuple[dict,
             isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
         ):
             raise CheckpointError(f"{where}: shape {shape!r} is not a list of integers >= 0.")
+        refusal = shape_refusal(shape)
+        if refusal is not None:
+            raise CheckpointError(f"{where}: {refusal}; the file is corrupt or crafted.")
         offsets = entry.get("data_offsets")
         if (
             not isinstance(offsets, list)
@@ -391,16 +396,17 @@ def _header_bytes(infos: list[tuple[str, TensorInfo]], metadata: dict[str, str] 
     return len(encoded).to_bytes(8, "little") + encoded
 
 
-def _string_metadata(template: object | None) -> dict[str, str] | None:
-    """The ``__metadata__`` to copy from a template: a safetensors file's, or a shard's."""
+def _string_metadata(template: object | None) -> dict[str, str]:
+    """The ``__metadata__`` to write: a safetensors template's (or its shards'), and
+    polyak's mark (see :mod:`polyak.formats.marks`)."""
     metadata = getattr(template, "shard_metadata", None)
     if metadata is None:
         metadata = getattr(template, "metadata", None)
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
-        return None
-    return metadata
+        metadata = {}
+    return {**metadata, MARK_KEY: MARK_VALUE}
 
 
 def _write_tensors(
@@ -639,7 +645,8 @@ def write_sharded_safetensors(
     if len(files) == 1:
         return files
     if write_index:
-        index = {"metadata": _index_metadata(template, planned.infos), "weight_map": weight_map}
+        metadata = {**_index_metadata(template, planned.infos), MARK_KEY: MARK_VALUE}
+        index = {"metadata": metadata, "weight_map": weight_map}
         (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     return [*files, INDEX_NAME]
 

@@ -8,7 +8,10 @@ complex tensor...) is loaded with ``torch.load(path, map_location="cpu", weights
 mmap=True)`` (legacy files without ``mmap``, still ``weights_only``), so both paths give
 the same reader and the same errors. polyak never unpickles arbitrary Python objects: a file
 that ``weights_only`` refuses raises ``CheckpointError`` naming the refused classes, and
-there is no fallback to ``weights_only=False``.
+there is no fallback to ``weights_only=False``. The fallback is never weaker than polyak's own
+reader: a file it declines for a safety reason (``torchzip.Refused``: a record shorter than
+its storage, a view declaring more elements than its storage, a pickle beyond its bounds, a
+compressed record beyond the inflation limit) is refused, never handed to ``torch.load``.
 
 Where the weights are:
 
@@ -292,6 +295,13 @@ class TorchReader(ReaderBase):
         except torchzip.NotFastPath:
             self.container = _load(self.path)
             self.fast = False
+        except torchzip.Refused as error:
+            # Declined for safety: torch.load(mmap=True) would read past a record or
+            # allocate what the file only declares, so the file is never handed to it.
+            raise CheckpointError(
+                f"checkpoint {self.path}: refused ({error}); the file is corrupt or crafted. "
+                "Save it again with torch.save(model.state_dict(), path)."
+            ) from None
         self.key, self.state_dict = self._find_state_dict(self.container, key)
         self._dtype_names = {} if self.fast else _dtype_names()
         raw_names = []
@@ -378,6 +388,19 @@ class TorchReader(ReaderBase):
             raise CheckpointError(
                 f"checkpoint {self.path}: tensor {name!r} is sparse ({tensor.layout}); polyak "
                 "reads dense tensors only. Save it dense with tensor.to_dense()."
+            )
+        if tensor.is_nested or tensor.device.type != "cpu":
+            kind = "a nested tensor" if tensor.is_nested else f"on device {tensor.device.type}"
+            raise CheckpointError(
+                f"checkpoint {self.path}: tensor {name!r} is {kind}, which holds no plain "
+                "data to average. Save real CPU tensors (tensor.cpu(), to_padded_tensor)."
+            )
+        storage_elements = tensor.untyped_storage().nbytes() // max(tensor.element_size(), 1)
+        if tensor.numel() > storage_elements:
+            raise CheckpointError(
+                f"checkpoint {self.path}: tensor {name!r} declares {tensor.numel()} elements, "
+                f"more than the {storage_elements} its storage holds (an expanded view); "
+                "the output would be larger than the file chooses. Save it with .clone()."
             )
         if tensor.dtype not in self._dtype_names:
             supported = ", ".join(self._dtype_names.values())

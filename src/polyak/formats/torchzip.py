@@ -59,6 +59,8 @@ from typing import Any, BinaryIO, ClassVar
 import numpy as np
 
 from polyak.formats.base import DTYPES, StreamedTensor, TensorInfo, itemsize
+from polyak.formats.limits import MAX_DIMENSIONS, MAX_PICKLE_BYTES, inflation_refusal
+from polyak.formats.marks import ZIP_COMMENT
 
 __all__ = [
     "NewTensor",
@@ -108,6 +110,25 @@ _UNTYPED_STORAGE = "UntypedStorage"
 
 class NotFastPath(Exception):
     """The file is not one this module reads; the caller loads it with torch instead."""
+
+
+class Refused(Exception):
+    """The file is declined for a safety reason: the caller refuses it, never hands it to torch.
+
+    A record shorter than its storage, a tensor whose view reaches past its storage or
+    declares more elements than its storage holds, a record outside the file, a
+    compressed record that would inflate beyond the shared limit, or a pickle beyond
+    the bounds on nesting, memo and containers: ``torch.load(mmap=True)`` would read
+    the bytes of other records, or allocate what the file only declares.
+    """
+
+
+# Bounds on what a pickle may build, checked before anything is allocated.
+_MAX_DIMENSION_SIZE = 2**62
+_MAX_DEPTH = 100  # nesting of containers in the pickle
+_MAX_MEMO = 10_000_000  # memo entries
+_MAX_CONTAINER = 10_000_000  # items in one list, dict or tuple
+_MAX_KEY_INT = 2**63  # a dict key that is an int is below this in size
 
 
 # --- what the pickle holds ---------------------------------------------------------------
@@ -232,11 +253,31 @@ def _check_view(
         raise NotFastPath("malformed tensor")
     if offset < 0:
         raise NotFastPath("negative storage offset")
-    if 0 not in shape:
+    if len(shape) > MAX_DIMENSIONS:
+        raise Refused(f"a tensor has {len(shape)} dimensions, more than {MAX_DIMENSIONS}")
+    if any(size > _MAX_DIMENSION_SIZE for size in shape + stride) or offset > _MAX_DIMENSION_SIZE:
+        raise Refused(f"a tensor declares shape {_shown(shape)}, larger than any file")
+    elements = storage.data.size // itemsize(dtype)
+    count = 1
+    for size in shape:
+        count *= size
+    # A view (stride 0, overlapping) may not declare more elements than its storage
+    # holds: the output would be larger than the input by a factor the file chooses.
+    if count > elements:
+        raise Refused(
+            f"a tensor of shape {_shown(shape)} declares {count} elements, more than the "
+            f"{elements} its storage holds"
+        )
+    if count:
         last = offset + sum((size - 1) * step for size, step in zip(shape, stride, strict=True))
-        if last >= storage.data.size // itemsize(dtype):
-            raise NotFastPath("tensor reaches beyond its storage")
+        if last >= elements:
+            raise Refused("a tensor reaches beyond its storage")
     return offset, shape, stride
+
+
+def _shown(shape: tuple[int, ...]) -> str:
+    text = str(shape)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _no_hooks(backward_hooks: object) -> None:
@@ -404,7 +445,10 @@ class _Unpickler(pickle._Unpickler):  # type: ignore[name-defined]
             return
         if type(instance) is not OrderedDict:
             raise NotFastPath("BUILD on something other than an OrderedDict")
-        # As torch's weights-only unpickler does: state becomes attributes (_metadata).
+        # As torch's weights-only unpickler does: state becomes attributes. torch.save
+        # writes only _metadata; any other name could shadow a method (items, keys).
+        if set(state) - {"_metadata"}:
+            raise Refused("the pickle sets attributes other than _metadata on a dict")
         instance.__dict__.update(state)
 
     def load_append(self) -> None:
@@ -420,12 +464,27 @@ class _Unpickler(pickle._Unpickler):  # type: ignore[name-defined]
     def load_setitem(self) -> None:
         if type(self.stack[-3]) not in (dict, OrderedDict):
             raise NotFastPath("SETITEM on something other than a dict")
+        _check_key(self.stack[-2])
         super().load_setitem()
 
     def load_setitems(self) -> None:
         if type(self.metastack[-1][-1]) not in (dict, OrderedDict):
             raise NotFastPath("SETITEMS on something other than a dict")
+        for key in self.stack[::2]:
+            _check_key(key)
         super().load_setitems()
+
+    def load_binput(self) -> None:
+        self._count_memo()
+        super().load_binput()
+
+    def load_long_binput(self) -> None:
+        self._count_memo()
+        super().load_long_binput()
+
+    def _count_memo(self) -> None:
+        if len(self.memo) >= _MAX_MEMO:
+            raise Refused(f"the pickle memoizes more than {_MAX_MEMO} objects")
 
     for _code, _method in (
         (pickle.REDUCE, load_reduce),
@@ -435,9 +494,40 @@ class _Unpickler(pickle._Unpickler):  # type: ignore[name-defined]
         (pickle.APPENDS, load_appends),
         (pickle.SETITEM, load_setitem),
         (pickle.SETITEMS, load_setitems),
+        (pickle.BINPUT, load_binput),
+        (pickle.LONG_BINPUT, load_long_binput),
     ):
         dispatch[_code[0]] = _method
     del _code, _method
+
+
+def _check_key(key: object) -> None:
+    """A dict key must be a string or a small int: hashing an attacker-built tuple key
+    recurses in C (a deep one crashes the process) or takes exponential time (a DAG)."""
+    if type(key) is str or (type(key) is int and abs(key) < _MAX_KEY_INT):
+        return
+    raise Refused(f"a dict key of type {type(key).__name__}; keys must be strings or ints")
+
+
+def _check_depth(obj: object) -> None:
+    """Containers nest at most ``_MAX_DEPTH`` deep (writing back and printing recurse).
+
+    Iterative, and each container is visited once, so a shared (DAG) structure costs
+    its size, not its number of paths.
+    """
+    seen: set[int] = set()
+    pending = [(obj, 0)]
+    while pending:
+        value, depth = pending.pop()
+        if type(value) not in (dict, OrderedDict, list, tuple) or id(value) in seen:
+            continue
+        if depth > _MAX_DEPTH:
+            raise Refused(f"containers nest more than {_MAX_DEPTH} deep")
+        seen.add(id(value))
+        children = value.values() if isinstance(value, dict) else value
+        if len(children) > _MAX_CONTAINER:
+            raise Refused(f"a container holds more than {_MAX_CONTAINER} items")
+        pending.extend((child, depth + 1) for child in children)
 
 
 # --- reading -----------------------------------------------------------------------------
@@ -449,20 +539,29 @@ def _record_data(buffer: np.ndarray, archive: zipfile.ZipFile, name: str) -> np.
         info = archive.getinfo(name)
     except KeyError:
         raise NotFastPath(f"no record {name}") from None
+    if info.compress_size > buffer.size:
+        raise Refused(f"record {name} lies outside the file")
+    limit = MAX_PICKLE_BYTES if name.endswith("/data.pkl") else None
     if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:
+        # torch inflates what it is handed: only a plausible size goes to it.
+        refusal = inflation_refusal(info.file_size, info.compress_size, limit=limit)
+        if refusal is not None:
+            raise Refused(f"record {name} {refusal}")
         raise NotFastPath(f"record {name} is compressed or encrypted")
+    if limit is not None and info.file_size > limit:
+        raise Refused(f"record {name} has {info.file_size} bytes, more than {limit} allowed")
     if info.compress_size != info.file_size:
         raise NotFastPath(f"record {name} has inconsistent sizes")
     start = info.header_offset
     if start + _LOCAL_HEADER.size > buffer.size:
-        raise NotFastPath(f"record {name} lies outside the file")
+        raise Refused(f"record {name} lies outside the file")
     fields = _LOCAL_HEADER.unpack(buffer[start : start + _LOCAL_HEADER.size].tobytes())
     if fields[0] != _LOCAL_SIGNATURE:
         raise NotFastPath(f"record {name} has no local header")
     begin = start + _LOCAL_HEADER.size + fields[9] + fields[10]
     end = begin + info.file_size
     if end > buffer.size:
-        raise NotFastPath(f"record {name} lies outside the file")
+        raise Refused(f"record {name} lies outside the file")
     return buffer[begin:end]
 
 
@@ -484,8 +583,10 @@ def load(path: Path) -> Any:
             file.seek(0)
             archive = zipfile.ZipFile(file)
             return _load_archive(archive, buffer)
-    except NotFastPath:
+    except (NotFastPath, Refused):
         raise
+    except RecursionError:
+        raise Refused(f"containers nest more than {_MAX_DEPTH} deep") from None
     except Exception as error:  # a malformed file: torch.load gives the message
         raise NotFastPath(f"{type(error).__name__}: {error}") from None
 
@@ -570,12 +671,17 @@ def _load_archive(archive: zipfile.ZipFile, buffer: np.ndarray) -> Any:
             return existing
         data = record(f"data/{key}")
         width = 1 if kind == _UNTYPED_STORAGE else itemsize(_TYPED_STORAGES[kind])
+        if data.size < numel * width:
+            # torch.load(mmap=True) would read past the record, into other records.
+            raise Refused(f"storage {key} has {data.size} bytes, fewer than its {numel * width}")
         if data.size != numel * width:
             raise NotFastPath(f"storage {key} has {data.size} bytes, not {numel * width}")
         storages[key] = _Storage(kind, key, numel, data)
         return storages[key]
 
-    return _Unpickler(record("data.pkl").tobytes(), storage).load()
+    loaded = _Unpickler(record("data.pkl").tobytes(), storage).load()
+    _check_depth(loaded)
+    return loaded
 
 
 # --- the zip records, as miniz writes them -----------------------------------------------
@@ -632,8 +738,11 @@ def _small(value: int) -> int:
     return value if value < _ZIP64_LIMIT else _UINT32_MAX
 
 
-def end_records(count: int, directory_offset: int, directory_size: int) -> bytes:
-    """The ZIP64 end record and locator (miniz always writes them), then the end record."""
+def end_records(
+    count: int, directory_offset: int, directory_size: int, comment: bytes = b""
+) -> bytes:
+    """The ZIP64 end record and locator (miniz always writes them), then the end record
+    and its ``comment`` (polyak's mark on its outputs; torch's reader ignores it)."""
     zip64_end = directory_offset + directory_size
     return (
         struct.pack(
@@ -643,8 +752,9 @@ def end_records(count: int, directory_offset: int, directory_size: int) -> bytes
         + struct.pack("<IIQI", 0x07064B50, 0, zip64_end, 1)
         + struct.pack(
             "<IHHHHIIH", 0x06054B50, 0, 0, min(count, _UINT16_MAX), min(count, _UINT16_MAX),
-            _small(directory_size), _small(directory_offset), 0,
+            _small(directory_size), _small(directory_offset), len(comment),
         )
+        + comment
     )  # fmt: skip
 
 
@@ -702,7 +812,8 @@ class _ZipWriter:
         start = self._offset
         for entry in self._directory:
             self._put(entry)
-        self._put(end_records(len(self._directory), start, self._offset - start))
+        size = self._offset - start
+        self._put(end_records(len(self._directory), start, size, ZIP_COMMENT))
 
 
 # --- writing -----------------------------------------------------------------------------

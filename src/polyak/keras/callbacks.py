@@ -1,9 +1,15 @@
 """``SnapshotCheckpoint``: save the weights of the last epochs for averaging afterwards.
 
-The callback saves with Keras' own ``model.save_weights`` or ``model.save`` and
-commits each file through :class:`polyak.snapshots.SnapshotDirectory`: atomically,
-with a manifest recording epoch, step, logs and checksum, and keeping the newest
-``keep``. It uses Keras' public API only, so it works on every backend.
+The callback has Keras serialize the model into memory (its ``.keras`` writer, given a
+``BytesIO``; for ``.weights.h5`` the archive's ``model.weights.h5``, the same file
+``model.save_weights`` writes) and writes the bytes itself, committing each file
+through :class:`polyak.snapshots.SnapshotDirectory`: atomically, with a manifest
+recording epoch, step, logs and checksum, and keeping the newest ``keep``. HDF5 never
+writes to the disk, so a full disk, a read-only folder or a quota is an ``OutputError``
+(an ``OSError``) the training script can catch, with every earlier snapshot intact;
+HDF5 crashed the process (SIGSEGV) when a write failed as it closed a file. The cost is
+the snapshot's bytes held in memory twice while saving. Only Keras' saving is used, so
+it works on every backend.
 
 File names carry the numbers polyak orders checkpoints by:
 
@@ -50,7 +56,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from polyak.errors import require
+from polyak.errors import OutputError, require
+from polyak.keras.saving import save_model_file
 from polyak.keras.steps import StepCounter, optimizer_steps
 from polyak.online import AveragingProgress, AveragingSchedule
 from polyak.posthoc import (
@@ -75,6 +82,19 @@ __all__ = ["SnapshotCheckpoint"]
 
 # format argument -> file suffix (Keras insists on these suffixes when saving).
 _SUFFIXES = {"weights.h5": ".weights.h5", "keras": ".keras"}
+
+
+def _save(model: Any, path: Path, format: str) -> None:
+    """Save a snapshot with HDF5 writing only into memory (see polyak.keras.saving)."""
+    try:
+        save_model_file(model, path, format)
+    except OSError as error:
+        # path is the snapshot's temporary, in a workspace inside the snapshot directory.
+        final = path.parent.parent / path.name
+        raise OutputError(
+            f"snapshot {final}: cannot be written ({error.strerror or error}); the earlier "
+            "snapshots are intact."
+        ) from None
 
 
 class _Profiles:
@@ -221,10 +241,7 @@ class _Profiles:
                     self._directories[width] = directory
 
                 def write(path: Path) -> None:
-                    if self.format == "keras":
-                        model.save(str(path))
-                    else:
-                        model.save_weights(str(path))
+                    _save(model, path, self.format)
 
                 committed.append(directory.commit(write, name, epoch=epoch, step=step))
         finally:
@@ -392,10 +409,7 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
         model = self.model
 
         def write(path: Path) -> None:
-            if self.format == "keras":
-                model.save(str(path))
-            else:
-                model.save_weights(str(path))
+            _save(model, path, self.format)
 
         if self._snapshots is None:  # called outside fit
             self._snapshots = SnapshotDirectory(self.directory, self.keep)

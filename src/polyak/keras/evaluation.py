@@ -25,6 +25,7 @@ from polyak.data import (
     accuracy,
     as_dataset,
     check_data_or_evaluate,
+    check_labels,
     correct,
     load_dataset,
     resolve_metric,
@@ -68,6 +69,19 @@ def _loss_function(model: Any, y: np.ndarray) -> Callable:
     if y.ndim > 1 and y.shape[-1] > 1:
         return keras.losses.categorical_crossentropy
     return keras.losses.sparse_categorical_crossentropy
+
+
+def _is_cross_entropy(model: Any) -> bool:
+    """Whether the sweep's loss is a cross-entropy: none compiled (the default), or one named so."""
+    loss = getattr(model, "loss", None)
+    if loss is None:
+        return True
+    name = (
+        loss
+        if isinstance(loss, str)
+        else getattr(loss, "name", None) or getattr(loss, "__name__", "")
+    )
+    return "crossentropy" in str(name).lower()
 
 
 class KerasEvaluator:
@@ -147,6 +161,10 @@ class KerasEvaluator:
             ) from None
         if shared:
             predictions = self.group.concatenate(predictions)
+        # Class labels: for accuracy, and for a cross-entropy loss (a compiled loss of
+        # another kind may be a regression's, whose targets are not classes).
+        if self._function is accuracy or (self._function is None and _is_cross_entropy(self.model)):
+            check_labels(data, predictions)
         if self._function is None:
             losses = keras.ops.convert_to_numpy(
                 _loss_function(self.model, data.y)(data.y, predictions)

@@ -56,7 +56,6 @@ import contextlib
 import io
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -66,6 +65,7 @@ import numpy as np
 
 from polyak.errors import OutputError, require
 from polyak.files import atomic_output
+from polyak.keras.saving import save_model_file
 from polyak.keras.steps import StepCounter, optimizer_steps
 from polyak.online import (
     BUFFER_POLICIES,
@@ -429,24 +429,14 @@ class OnlineAverage(keras.callbacks.Callback):
             )
         if path.exists() and not overwrite:
             raise OutputError(f"output {path}: exists; pass overwrite=True to replace it.")
-        # Keras insists on the suffix, so the file is written under its own name in a
-        # temporary directory beside the target, then renamed into place.
+        # Keras serializes into memory and polyak writes the bytes (a full disk is an
+        # OutputError, not a crash in HDF5), renamed into place create-if-absent.
+        format = "keras" if path.name.endswith(".keras") else "weights.h5"
         try:
-            with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as temp:
-                temporary = Path(temp) / path.name
-                with self.swapped():
-                    if path.name.endswith(".keras"):
-                        model.save(str(temporary))
-                    else:
-                        model.save_weights(str(temporary))
-                with open(temporary, "rb+") as file:
-                    os.fsync(file.fileno())
-                os.replace(temporary, path)
-            directory = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(directory)
-            finally:
-                os.close(directory)
+            with atomic_output(path, overwrite=overwrite) as temporary, self.swapped():
+                save_model_file(model, temporary, format)
+        except OutputError:
+            raise
         except OSError as error:
             raise OutputError(f"output {path}: cannot be written ({error.strerror}).") from None
         return path
@@ -486,7 +476,7 @@ class OnlineAverage(keras.callbacks.Callback):
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)
         path = Path(path)
-        with atomic_output(path) as temporary:
+        with atomic_output(path, overwrite=True) as temporary:
             temporary.write_bytes(buffer.getvalue())
         return path
 

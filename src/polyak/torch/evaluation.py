@@ -38,6 +38,7 @@ from polyak.data import (
     accuracy,
     as_dataset,
     check_data_or_evaluate,
+    check_labels,
     correct,
     import_callable,
     resolve_metric,
@@ -279,6 +280,8 @@ class TorchEvaluator:
         for split, data in self.splits.items():
             outputs = self.predict(data)
             outcomes = None
+            if self._function is None or self._function is accuracy:
+                check_labels(data, outputs)
             if self._function is None:
                 outcomes = self._losses(data.y, outputs)
                 scores[split] = float(np.mean(outcomes))

@@ -451,7 +451,7 @@ class OnlineAverage:
         if path.exists() and not overwrite:
             raise OutputError(f"output {path}: exists; pass overwrite=True to replace it.")
         state = self.averaged_state_dict()
-        with atomic_output(path) as temporary:
+        with atomic_output(path, overwrite=overwrite) as temporary:
             save_state_dict(state, temporary, format)
         return path
 
