@@ -339,7 +339,7 @@ def test_average_window_in_steps_and_tokens(tmp_path: Path, capsys) -> None:
     code, stdout, _ = run(["average", str(directory), *arguments, "-o", str(out), "--json"], capsys)
     assert code == 0 and len(json.loads(stdout)["members"]) == 2
     code, _, stderr = run(
-        ["average", str(tmp_path), "--window-tokens", "4e6", "-o", str(out)], capsys
+        ["average", str(directory), "--window-tokens", "4e6", "-o", str(out)], capsys
     )
     assert code == 2 and "needs the tokens per step" in stderr
 

@@ -31,6 +31,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from polyak.cli.main import main  # noqa: E402
+from polyak.formats.marks import MARK_KEY, MARK_VALUE  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -271,6 +272,8 @@ def test_sharded_bert_checkpoints_keep_their_index_metadata(tmp_path, capsys):
     report, _ = average_json([str(run / "checkpoint-*"), "-o", f"{out}/"], capsys)
     assert report["format"] == "sharded-safetensors"
     index = json.loads((out / "model.safetensors.index.json").read_text())
+    # transformers' entries kept (total_parameters counted again), beside polyak's mark.
+    assert index["metadata"].pop(MARK_KEY) == MARK_VALUE
     assert index["metadata"] == newest_index["metadata"]
     assert index["weight_map"] == newest_index["weight_map"]
     assert (out / "config.json").exists()
