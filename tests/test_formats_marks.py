@@ -107,3 +107,19 @@ def test_keras_outputs_are_marked_and_load(tmp_path):
         assert not is_polyak_output(run / f"model_1{suffix}")
     keras.saving.load_model(tmp_path / "avg.keras")
     model.load_weights(tmp_path / "avg.weights.h5")
+
+
+def test_an_average_written_by_torch_save_is_marked_too(tmp_path):
+    # Legacy (non-zip) members are loaded by torch, so the output is written by torch.save.
+    torch = pytest.importorskip("torch")
+    run = tmp_path / "run"
+    run.mkdir()
+    for step in (1, 2):
+        state = {"w": torch.full((3, 2), float(step))}
+        torch.save(state, run / f"model_{step}.pt", _use_new_zipfile_serialization=False)
+    average = tmp_path / "average.pt"
+    done = polyak("average", str(run), "-o", str(average))
+    assert done.returncode == 0, done.stderr
+    assert is_polyak_output(average)
+    np.testing.assert_array_equal(load_pt(average)["w"], np.full((3, 2), 1.5, np.float32))
+    assert torch.load(average, weights_only=True, mmap=True)["w"].shape == (3, 2)

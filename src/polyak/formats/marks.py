@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import struct
 from pathlib import Path
+from typing import BinaryIO
 
 __all__ = ["MARK_KEY", "MARK_VALUE", "ZIP_COMMENT", "is_polyak_output"]
 
@@ -46,6 +47,24 @@ def _safetensors_marked(path: Path) -> bool:
             return False
     metadata = header.get("__metadata__") if isinstance(header, dict) else None
     return isinstance(metadata, dict) and metadata.get(MARK_KEY) == MARK_VALUE
+
+
+def mark_zip_file(file: BinaryIO) -> None:
+    """Put polyak's comment on a zip another library wrote (``torch.save``'s), if it has none.
+
+    ``file`` is open for reading and writing; the end record is the last 22 bytes of a
+    zip without a comment, whose comment length is then set and the comment appended.
+    A file that does not end so is left as it is.
+    """
+    file.seek(0, 2)
+    if file.tell() < _EOCD_SIZE:
+        return
+    file.seek(-_EOCD_SIZE, 2)
+    end = file.read(_EOCD_SIZE)
+    if not end.startswith(_EOCD) or end[20:22] != b"\x00\x00":
+        return
+    file.seek(-2, 2)
+    file.write(struct.pack("<H", len(ZIP_COMMENT)) + ZIP_COMMENT)
 
 
 def _zip_marked(path: Path) -> bool:

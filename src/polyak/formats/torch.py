@@ -77,6 +77,7 @@ from polyak.formats.base import (
     TensorInfo,
     dtype_name,
 )
+from polyak.formats.marks import mark_zip_file
 
 if TYPE_CHECKING:
     import torch
@@ -651,8 +652,10 @@ def _save_with_torch(
     try:
         # Through a Python file, so that a failed write (a full disk) raises OSError
         # rather than torch's RuntimeError from its C++ stream.
-        with open(path, "wb") as file:
+        with open(path, "w+b") as file:
             torch.save(obj, file)
+            file.flush()
+            mark_zip_file(file)  # as polyak's own writer marks its outputs
     except (OSError, RuntimeError) as error:
         reason = getattr(error, "strerror", None) or str(error)
         raise OutputError(f"output {path}: cannot be written ({reason}).") from error
