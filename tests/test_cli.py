@@ -502,3 +502,14 @@ def test_control_characters_in_names_are_escaped_in_the_one_line_error(tmp_path,
     assert code == 2
     assert err.count("\n") == 1 and "\x1b" not in err, err
     assert "has tensor w\\npolyak: done \\x1b[2J that a_1.safetensors lacks" in err
+
+
+def test_control_characters_in_a_note_are_escaped(tmp_path, capsys):
+    # The one-member note names the member: its path may hold a newline too.
+    run_dir = tmp_path / "run\npolyak: done"
+    run_dir.mkdir()
+    save_file({"w": np.ones(2, np.float32)}, str(run_dir / "a_1.safetensors"))
+    code, _, err = run(["average", str(run_dir), "-o", str(tmp_path / "x.safetensors")], capsys)
+    assert code == 0
+    assert err.count("\n") == 1 and err.startswith("polyak: note: only one checkpoint"), err
+    assert "run\\npolyak: done" in err

@@ -15,7 +15,7 @@ import warnings
 import typer
 
 from polyak import __version__
-from polyak.cli.output import console
+from polyak.cli.output import console, one_line, print_note
 from polyak.errors import PolyakError, PolyakNote
 
 app = typer.Typer(
@@ -97,21 +97,10 @@ def main(argv: list[str] | None = None) -> None:
             shut_down(clean=exit_code in (0, None))
 
 
-def one_line(text: str) -> str:
-    """``text`` with control characters escaped (``\\n``, ``\\x1b``...), so a message
-    stays one line whatever a file's tensor or member names hold."""
-    if text.isprintable():
-        return text
-    return "".join(
-        character if character.isprintable() else character.encode("unicode_escape").decode()
-        for character in text
-    )
-
-
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """A ``PolyakNote`` as one line on stderr; every other warning as Python shows it."""
     if issubclass(category, PolyakNote):
-        print(f"polyak: note: {one_line(str(message))}", file=sys.stderr)
+        print_note(str(message))
         return
     _SHOW_WARNING(message, category, filename, lineno, file, line)
 

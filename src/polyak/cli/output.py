@@ -26,9 +26,20 @@ def print_json(data: Any) -> None:
     print(json.dumps(data, indent=2, default=str))
 
 
+def one_line(text: str) -> str:
+    """``text`` with control characters escaped (``\\n``, ``\\x1b``...), so a message
+    stays one line whatever a file's tensor or member names hold."""
+    if text.isprintable():
+        return text
+    return "".join(
+        character if character.isprintable() else character.encode("unicode_escape").decode()
+        for character in text
+    )
+
+
 def print_note(note: str) -> None:
     """One line on stderr for something the user should know that is not an error."""
-    print(f"polyak: note: {note}", file=sys.stderr)
+    print(f"polyak: note: {one_line(note)}", file=sys.stderr)
 
 
 def human_bytes(count: int) -> str:
