@@ -798,7 +798,7 @@ def bomb(size: int = 32 * 2**20) -> bytes:
     return bytes(size)
 
 
-@case("zip-bomb", "weights-member", "other-member", "declared-size")
+@case("zip-bomb", "weights-member", "other-member", "declared-size", "small-declared-size")
 def _zip_bomb(w: Workspace, variant: str) -> Scenario:
     good, bad = w.pair("keras")
     if variant == "weights-member":
@@ -820,6 +820,15 @@ def _zip_bomb(w: Workspace, variant: str) -> Scenario:
             return [*keep(members), ("assets/bomb.bin", bomb(), zipfile.ZIP_DEFLATED)]
 
         message = r"member 'assets/bomb\.bin' inflates from \d+ to \d+ bytes"
+    elif variant == "small-declared-size":
+        # Below the .keras rule's 1 MiB exemption, a lie deflate cannot tell: the shared rule.
+        def transform(members):
+            return [
+                (name, data, zipfile.ZIP_DEFLATED if name == "config.json" else c)
+                for name, data, c in keep(members)
+            ]
+
+        message = r"member 'config\.json' declares 1000000 bytes from \d+ compressed bytes"
     else:
 
         def transform(members):
@@ -832,6 +841,8 @@ def _zip_bomb(w: Workspace, variant: str) -> Scenario:
     rezip(bad, transform)
     if variant == "declared-size":
         declare_size(bad, "model.weights.h5", 2**32 - 2)
+    if variant == "small-declared-size":
+        declare_size(bad, "config.json", 1_000_000)
     return Scenario(
         w.average([good, bad], "keras"), rf"checkpoint {named(bad)}: {message}", [bad], cheap=True
     )

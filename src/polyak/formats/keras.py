@@ -62,6 +62,7 @@ import numpy as np
 
 from polyak.errors import CheckpointError, OutputError, PolyakError
 from polyak.formats.base import CheckpointReader, ReaderBase, TensorInfo, dtype_name
+from polyak.formats.limits import inflation_refusal
 from polyak.formats.marks import MARK_KEY, MARK_VALUE, ZIP_COMMENT
 
 __all__ = [
@@ -538,6 +539,7 @@ class KerasArchiveReader(_KerasHdf5Reader):
                     "writes them: save the model again with model.save()."
                 )
         for member in infos:
+            # A stricter rule for .keras, whose large members are never compressed...
             if (
                 member.file_size > _RATIO_EXEMPT_BYTES
                 and member.file_size > MAX_COMPRESSION_RATIO * member.compress_size
@@ -547,6 +549,13 @@ class KerasArchiveReader(_KerasHdf5Reader):
                     f"{member.compress_size} to {member.file_size} bytes, more than "
                     f"{MAX_COMPRESSION_RATIO} times (a guard against zip bombs). Keras stores "
                     "its weights uncompressed: save the model again with model.save()."
+                )
+            # ...and below its exemption, the rule of every format (formats/limits.py).
+            lying = inflation_refusal(member.file_size, member.compress_size)
+            if lying is not None:
+                raise CheckpointError(
+                    f"checkpoint {self.path}: member '{member.filename}' {lying} (a zip bomb "
+                    "or a damaged archive). Save the model again with model.save()."
                 )
         duplicates = sorted(name for name, count in collections.Counter(names).items() if count > 1)
         if duplicates:
