@@ -36,6 +36,7 @@ import numpy as np
 
 from polyak.errors import DataError
 from polyak.formats.limits import inflation_refusal, shape_refusal
+from polyak.formats.npz import read_npy_header
 
 __all__ = [
     "Dataset",
@@ -129,14 +130,8 @@ def _check_declared_sizes(path: Path) -> None:
                         "corrupt or crafted. Save it again with numpy.savez."
                     )
                 with archive.open(member) as file:
-                    version = np.lib.format.read_magic(file)
-                    read_header = (
-                        np.lib.format.read_array_header_1_0
-                        if version == (1, 0)
-                        else np.lib.format.read_array_header_2_0
-                    )
-                    shape, _, dtype = read_header(file)
-                    held = member.file_size - file.tell()
+                    shape, dtype, header_size = read_npy_header(file)
+                held = member.file_size - header_size
                 refusal = shape_refusal(shape)
                 declared = math.prod(shape) * dtype.itemsize
                 if refusal is not None or declared > held:

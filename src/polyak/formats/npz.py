@@ -21,6 +21,7 @@ import zipfile
 import zlib
 from collections.abc import Iterable
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -30,7 +31,7 @@ from polyak.formats.limits import MAX_INFLATION as _MAX_INFLATION
 from polyak.formats.limits import shape_refusal
 from polyak.formats.marks import ZIP_COMMENT
 
-__all__ = ["NpzReader", "write_npz"]
+__all__ = ["NpzReader", "read_npy_header", "write_npz"]
 
 _SUFFIX = ".npy"
 # What reading a damaged member raises: zipfile's own errors, zlib's for corrupt deflate
@@ -47,6 +48,22 @@ _READ_ERRORS = (
     SyntaxError,
     tokenize.TokenError,
 )
+
+
+def read_npy_header(file: BinaryIO) -> tuple[tuple[int, ...], np.dtype, int]:
+    """The shape, dtype and header size of a ``.npy`` stream, reading its header only.
+
+    numpy's own header parser (``numpy.lib.format``): the array's bytes are not read, so
+    what a crafted header declares can be checked before anything is allocated.
+    """
+    version = np.lib.format.read_magic(file)
+    read_header = (
+        np.lib.format.read_array_header_1_0
+        if version == (1, 0)
+        else np.lib.format.read_array_header_2_0
+    )
+    shape, _, dtype = read_header(file)
+    return shape, dtype, file.tell()
 
 
 class NpzReader(ReaderBase):
@@ -97,14 +114,7 @@ class NpzReader(ReaderBase):
             )
         try:
             with self._zip.open(member) as file:
-                version = np.lib.format.read_magic(file)
-                read_header = (
-                    np.lib.format.read_array_header_1_0
-                    if version == (1, 0)
-                    else np.lib.format.read_array_header_2_0
-                )
-                shape, _, dtype = read_header(file)
-                header_size = file.tell()
+                shape, dtype, header_size = read_npy_header(file)
         except _READ_ERRORS as error:
             raise CheckpointError(f"{where}: not a valid .npy member ({error}).") from None
         if dtype.hasobject:
