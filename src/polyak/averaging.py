@@ -76,7 +76,7 @@ from polyak.formats.base import (
     numpy_dtype,
 )
 from polyak.formats.safetensors import parse_size
-from polyak.schemes import Scheme, normalize, parse_scheme
+from polyak.weights.schemes import Scheme, normalize, parse_scheme
 
 __all__ = [
     "INTEGER_POLICIES",

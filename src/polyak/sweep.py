@@ -56,11 +56,17 @@ from typing import Any
 
 import numpy as np
 
-from polyak.averaging import check_compatible, companions_of, open_members, write_output
-from polyak.discovery import Checkpoint, find_checkpoints
+from polyak.averaging import (
+    average_readers,
+    check_compatible,
+    companions_of,
+    open_members,
+    write_output,
+)
+from polyak.discovery import Checkpoint, find_checkpoints, order_key
 from polyak.distributed import ProcessGroup
 from polyak.distributed import current as current_group
-from polyak.errors import SchemeError
+from polyak.errors import IncompatibleCheckpointsError, SchemeError
 from polyak.files import check_output_path, is_directory_output
 from polyak.formats import format_for_output, format_of, open_checkpoint
 from polyak.formats.base import (
@@ -70,7 +76,10 @@ from polyak.formats.base import (
     is_floating,
     numpy_dtype,
 )
-from polyak.schemes import (
+from polyak.posthoc import find_profile_snapshots
+from polyak.significance import Comparison, compare, unknown
+from polyak.weights.profiles import posthoc_coefficients
+from polyak.weights.schemes import (
     Custom,
     Equal,
     Exponential,
@@ -78,9 +87,9 @@ from polyak.schemes import (
     Linear,
     Power,
     Scheme,
+    format_number,
     parse_schemes,
 )
-from polyak.significance import Comparison, compare, unknown
 
 __all__ = ["Candidate", "SingleResult", "SweepResult", "run_sweep", "sweep", "write_best"]
 
@@ -755,12 +764,6 @@ def _posthoc_candidates(
     snapshots combined and ``weights`` their coefficients, newest first (they sum to
     1; some may be negative).
     """
-    from polyak.averaging import average_readers
-    from polyak.discovery import order_key
-    from polyak.errors import IncompatibleCheckpointsError
-    from polyak.posthoc import find_profile_snapshots, posthoc_coefficients
-    from polyak.schemes import format_number
-
     snapshots = find_profile_snapshots(directory)
     snapshots.sort(key=lambda snapshot: (-snapshot.step, snapshot.sigma_rel))
     readers = open_members([order_key(s.path) for s in snapshots], None)

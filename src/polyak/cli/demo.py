@@ -6,11 +6,9 @@ from pathlib import Path
 
 import typer
 
-from polyak.cli.main import app
 from polyak.cli.output import console
 
 
-@app.command("demo")
 def demo_command(
     out: Path = typer.Option(
         Path("polyak-demo"), "--out", help="Directory for snapshots, report, plot and model."

@@ -8,7 +8,6 @@ import typer
 from rich.table import Table
 
 from polyak.averaging import check_compatible
-from polyak.cli.main import app
 from polyak.cli.output import console, human_bytes, path_size, print_json
 from polyak.discovery import find_checkpoints
 from polyak.errors import IncompatibleCheckpointsError
@@ -16,7 +15,6 @@ from polyak.formats import open_checkpoint
 from polyak.formats.base import is_floating
 
 
-@app.command("inspect")
 def inspect_command(
     paths: list[str] = typer.Argument(..., help="Checkpoint files, directories or globs."),
     last: int | None = typer.Option(None, "--last", "-n", help="Keep only the N newest."),

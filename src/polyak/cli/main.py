@@ -15,6 +15,7 @@ import warnings
 import typer
 
 from polyak import __version__
+from polyak.cli import average, demo, inspect, posthoc, sweep
 from polyak.cli.output import console
 from polyak.errors import PolyakError, PolyakNote
 
@@ -52,9 +53,16 @@ def root(
     STATE.verbose = verbose
 
 
-def _register() -> None:
-    # One module per subcommand; each adds its command to ``app``.
-    from polyak.cli import average, demo, inspect, posthoc, sweep  # noqa: F401
+#: The subcommands, in the order ``--help`` lists them: one module each, registered here.
+COMMANDS = {
+    "average": average.average_command,
+    "demo": demo.demo_command,
+    "inspect": inspect.inspect_command,
+    "posthoc": posthoc.posthoc_command,
+    "sweep": sweep.sweep_command,
+}
+for _name, _command in COMMANDS.items():
+    app.command(_name)(_command)
 
 
 def _join_torchrun_group() -> str:
@@ -78,7 +86,6 @@ def _join_torchrun_group() -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Run the command line; never returns (exits with the command's code)."""
-    _register()
     arguments = sys.argv[1:] if argv is None else argv
     STATE.verbose = "-v" in arguments or "--verbose" in arguments
     where = ""

@@ -10,20 +10,13 @@ from pathlib import Path
 
 import typer
 
-from polyak.cli.main import app
 from polyak.cli.output import console, error_console, print_json
 from polyak.errors import DataError
+from polyak.posthoc import parse_widths
 
 KERAS_FORMATS = ("keras", "keras-h5", "keras-weights")
 
 
-def _widths(text: str) -> list[float]:
-    from polyak.cli.posthoc import parse_widths
-
-    return parse_widths(text)
-
-
-@app.command("sweep")
 def sweep_command(
     paths: list[str] = typer.Argument(..., help="Checkpoint files, directories or globs."),
     data: Path | None = typer.Option(
@@ -150,7 +143,7 @@ def sweep_command(
         "higher_is_better": direction,
         "batch_size": batch_size,
         "recalibrate": calibration,
-        "posthoc": _widths(posthoc) if posthoc is not None else (),
+        "posthoc": parse_widths(posthoc) if posthoc is not None else (),
         "posthoc_directory": posthoc_dir,
         "progress": progress,
     }

@@ -59,7 +59,6 @@ from typing import Any
 from polyak.errors import OutputError, require
 from polyak.keras.saving import save_model_file
 from polyak.keras.steps import StepCounter, optimizer_steps
-from polyak.online import AveragingProgress, AveragingSchedule
 from polyak.posthoc import (
     DEFAULT_PROFILE_KEEP,
     PROFILES_DIRECTORY,
@@ -74,6 +73,7 @@ from polyak.snapshots import (
     is_whole_number,
     read_manifest,
 )
+from polyak.weights.schedule import AveragingProgress, AveragingSchedule
 
 keras = require("keras", "keras", "polyak.keras")
 ops = keras.ops

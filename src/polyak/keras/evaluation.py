@@ -35,8 +35,8 @@ from polyak.data import (
 from polyak.discovery import find_checkpoints
 from polyak.errors import DataError, require
 from polyak.keras.models import KerasWeightMap, resolve_model
-from polyak.schemes import Scheme, parse_schemes
 from polyak.sweep import SweepResult, run_sweep
+from polyak.weights.schemes import Scheme, parse_schemes
 
 keras = require("keras", "keras", "polyak.keras")
 

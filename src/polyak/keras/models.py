@@ -31,7 +31,7 @@ from polyak.formats.base import (
     TensorInfo,
     numpy_dtype,
 )
-from polyak.schemes import Scheme, parse_scheme
+from polyak.weights.schemes import Scheme, parse_scheme
 
 keras = require("keras", "keras", "polyak.keras")
 

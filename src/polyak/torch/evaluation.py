@@ -48,8 +48,8 @@ from polyak.data import (
 from polyak.discovery import find_checkpoints
 from polyak.errors import CheckpointError, DataError, require
 from polyak.formats.base import DTYPES, dtype_name
-from polyak.schemes import Scheme, parse_schemes
 from polyak.sweep import SweepResult, run_sweep
+from polyak.weights.schemes import Scheme, parse_schemes
 
 torch = require("torch", "torch", "polyak.torch")
 
