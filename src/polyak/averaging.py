@@ -38,12 +38,14 @@ streaming writers hand the chunks to a second thread that writes them to disk
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import shutil
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from threadpoolctl import ThreadpoolController
@@ -140,6 +142,10 @@ class AverageResult:
     notes: tuple[str, ...] = ()
     selection: str | None = None
     other_entries: str | None = None
+
+
+#: Any reader with ``close()``.
+Reader = TypeVar("Reader")
 
 
 def check_compatible(readers: Sequence[CheckpointReader]) -> list[tuple[str, TensorInfo]]:
@@ -453,16 +459,29 @@ def _weights_for(scheme: str | Scheme, members: list[Checkpoint]) -> tuple[Schem
     return parsed, parsed.weights(len(members), positions=[member.step for member in members])
 
 
-def open_members(members: list[Checkpoint], key: str | None) -> list[CheckpointReader]:
-    readers: list[CheckpointReader] = []
-    try:
-        for member in members:
-            readers.append(open_checkpoint(member.path, key=key))
-    except BaseException:
-        for reader in readers:
-            reader.close()
-        raise
+def open_members(members: Sequence[Checkpoint], key: str | None) -> list[CheckpointReader]:
+    """A reader for every member, or none: on a failure, those already open are closed.
+
+    Use it as ``with closing_all(open_members(members, key)) as readers:``.
+    """
+    with contextlib.ExitStack() as opened:
+        readers = [opened.enter_context(open_checkpoint(m.path, key=key)) for m in members]
+        opened.pop_all()  # all open: the caller's closing_all owns them now
     return readers
+
+
+@contextlib.contextmanager
+def closing_all(readers: list[Reader]) -> Iterator[list[Reader]]:
+    """Close every reader on leaving the block, whatever happens (each one, even when one fails).
+
+    Example:
+        >>> with closing_all(open_members(members, None)) as readers:  # doctest: +SKIP
+        ...     weights = dict(average_readers(readers, [0.5, 0.5]))
+    """
+    with contextlib.ExitStack() as stack:
+        for reader in readers:
+            stack.callback(reader.close)
+        yield readers
 
 
 def _shards_need_a_directory(out: Path, output_format: Format) -> OutputError:
@@ -594,48 +613,47 @@ def write_output_together(
                 error = failure
         group.check(error)
         return group.broadcast(files)
-    context = atomic_directory(out, companions, overwrite=overwrite)
-    if group.is_main:
-        try:
-            temporary = context.__enter__()
-        except BaseException as failure:
-            group.broadcast(("failed", str(failure)))
-            raise
-        group.broadcast(("ready", str(temporary)))
-    else:
-        state, value = group.broadcast(None)
-        if state == "failed":
-            raise DistributedError(f"process 0 of {group.size} failed: {value}")
-        temporary = Path(value)
-    error = None
-    names: list[str] = []
-    try:
-        names = output_format.write(
-            temporary,
-            tensors,
-            template,
-            max_shard_size=max_shard_size,
-            owned=group.owned,
-            write_index=group.is_main,
-        )
-        mine = [name for number, name in enumerate(names) if group.owned(number)]
-        _fsync_files(temporary / name for name in mine if (temporary / name).exists())
+    with contextlib.ExitStack() as written:
+        # Process 0 holds the temporary directory; leaving this block with an exception
+        # (any process's failure, raised by group.check) removes it, out left as it was.
         if group.is_main:
-            names += _copy_companions(companions, temporary)
-    except BaseException as failure:
-        error = failure
-    try:
+            try:
+                temporary = written.enter_context(
+                    atomic_directory(out, companions, overwrite=overwrite)
+                )
+            except BaseException as failure:
+                group.broadcast(("failed", str(failure)))
+                raise
+            group.broadcast(("ready", str(temporary)))
+        else:
+            state, value = group.broadcast(None)
+            if state == "failed":
+                raise DistributedError(f"process 0 of {group.size} failed: {value}")
+            temporary = Path(value)
+        error = None
+        names: list[str] = []
+        try:
+            names = output_format.write(
+                temporary,
+                tensors,
+                template,
+                max_shard_size=max_shard_size,
+                owned=group.owned,
+                write_index=group.is_main,
+            )
+            mine = [name for number, name in enumerate(names) if group.owned(number)]
+            _fsync_files(temporary / name for name in mine if (temporary / name).exists())
+            if group.is_main:
+                names += _copy_companions(companions, temporary)
+        except BaseException as failure:
+            error = failure
         group.check(error)
-    except BaseException as failure:
-        if group.is_main:
-            context.__exit__(type(failure), failure, failure.__traceback__)
-        raise
+        commit = written.pop_all()  # every process wrote its shards: commit, outside
     commit_error = None
-    if group.is_main:
-        try:
-            context.__exit__(None, None, None)
-        except BaseException as failure:
-            commit_error = failure
+    try:
+        commit.close()  # process 0: fsync and rename the directory into place
+    except BaseException as failure:
+        commit_error = failure
     group.check(commit_error)
     return [out / name for name in names]
 
@@ -679,15 +697,11 @@ def average(
         members, window_steps, tokens=window_tokens, tokens_per_step=tokens_per_step
     )
     _, weights = _weights_for(scheme, members)
-    readers = open_members(members, key)
-    try:
+    with closing_all(open_members(members, key)) as readers:
         tensors = average_readers(
             readers, weights, integers=integers, allow_nonfinite=allow_nonfinite
         )
         return {name: np.array(array, copy=True) for name, array in tensors}
-    finally:
-        for reader in readers:
-            reader.close()
 
 
 def average_to(
@@ -765,57 +779,55 @@ def average_to(
     """
     group = current_group() if group is None else group
     requested, out = out, Path(out)
-    readers: list[CheckpointReader] = []
-    try:
-        directory = is_directory_output(requested) or format == "dcp"
-        limit = None if max_shard_size is None else parse_size(max_shard_size)
-        if type(min_members) is not int or min_members < 1:
-            raise DiscoveryError(
-                f"min_members must be a whole number >= 1; received {min_members!r}."
+    with contextlib.ExitStack() as stack:
+        try:
+            directory = is_directory_output(requested) or format == "dcp"
+            limit = None if max_shard_size is None else parse_size(max_shard_size)
+            if type(min_members) is not int or min_members < 1:
+                raise DiscoveryError(
+                    f"min_members must be a whole number >= 1; received {min_members!r}."
+                )
+            members = find_checkpoints(paths, last=last)
+            members = within_window(
+                members, window_steps, tokens=window_tokens, tokens_per_step=tokens_per_step
             )
-        members = find_checkpoints(paths, last=last)
-        members = within_window(
-            members, window_steps, tokens=window_tokens, tokens_per_step=tokens_per_step
-        )
-        if len(members) < min_members:
-            raise DiscoveryError(
-                f"found {len(members)} checkpoint(s) ({_named(members)}), fewer than "
-                f"min_members={min_members} (CLI --min-members). Pass more checkpoints, or "
-                "a lower min_members."
+            if len(members) < min_members:
+                raise DiscoveryError(
+                    f"found {len(members)} checkpoint(s) ({_named(members)}), fewer than "
+                    f"min_members={min_members} (CLI --min-members). Pass more checkpoints, or "
+                    "a lower min_members."
+                )
+            parsed, weights = _weights_for(scheme, members)
+            input_format = format_of(members[0].path)
+            output_format = format_for_output(requested, input_format, format)
+            if limit is not None and output_format.name != "sharded-safetensors":
+                raise _shards_need_a_directory(out, output_format)
+            if limit is None and output_format.name == "sharded-safetensors":
+                limit = DCP_MAX_SHARD_SIZE if input_format.name == "dcp" else None
+            beside = companions_of(members[0])
+            companions = beside if output_format.name == "sharded-safetensors" else []
+            notes = _notes(members, beside, companions)
+            check_output_path(
+                out,
+                [member.path for member in members],
+                overwrite=overwrite,
+                directory=directory,
+                companions=companions,
             )
-        parsed, weights = _weights_for(scheme, members)
-        input_format = format_of(members[0].path)
-        output_format = format_for_output(requested, input_format, format)
-        if limit is not None and output_format.name != "sharded-safetensors":
-            raise _shards_need_a_directory(out, output_format)
-        if limit is None and output_format.name == "sharded-safetensors":
-            limit = DCP_MAX_SHARD_SIZE if input_format.name == "dcp" else None
-        beside = companions_of(members[0])
-        companions = beside if output_format.name == "sharded-safetensors" else []
-        notes = _notes(members, beside, companions)
-        check_output_path(
-            out,
-            [member.path for member in members],
-            overwrite=overwrite,
-            directory=directory,
-            companions=companions,
-        )
-        readers = open_members(members, key)
-        output_format.check_output(out, readers[0])
-        tensors = average_readers(
-            readers,
-            weights,
-            integers=integers,
-            allow_nonfinite=allow_nonfinite,
-            progress=progress,
-        )
-    except BaseException as error:
-        for reader in readers:
-            reader.close()
-        if group is not None:
-            group.check(error)  # every process learns of it, then this one raises it
-        raise
-    try:
+            readers = stack.enter_context(closing_all(open_members(members, key)))
+            output_format.check_output(out, readers[0])
+            tensors = average_readers(
+                readers,
+                weights,
+                integers=integers,
+                allow_nonfinite=allow_nonfinite,
+                progress=progress,
+            )
+        except BaseException as error:
+            stack.close()  # the readers first, then tell the other processes
+            if group is not None:
+                group.check(error)  # every process learns of it, then this one raises it
+            raise
         if group is not None:
             # No process writes before every process has checked the inputs and the
             # output (one that checked later would find the output already there).
@@ -851,9 +863,6 @@ def average_to(
                 **options,
             )
         selection = getattr(readers[0], "selection", None)
-    finally:
-        for reader in readers:
-            reader.close()
     floating = [info for _, info in tensors.infos if is_floating(info.dtype)]
     return AverageResult(
         members=members,

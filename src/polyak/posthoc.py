@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from polyak.averaging import average_readers, open_members, write_output
+from polyak.averaging import average_readers, closing_all, open_members, write_output
 from polyak.discovery import order_key
 from polyak.errors import DiscoveryError
 from polyak.files import check_output_path, is_directory_output
@@ -231,13 +231,9 @@ def reconstruct(
         ``({name: array}, PosthocResult)``.
     """
     snapshots, coefficients, time = _plan(directory, sigma_rel, time)
-    readers = open_members([order_key(s.path) for s in snapshots], None)
-    try:
+    with closing_all(open_members([order_key(s.path) for s in snapshots], None)) as readers:
         tensors = average_readers(readers, coefficients, signed=True)
         arrays = {name: np.array(array, copy=True) for name, array in tensors}
-    finally:
-        for reader in readers:
-            reader.close()
     return arrays, PosthocResult(float(sigma_rel), time, snapshots, coefficients)
 
 
@@ -264,11 +260,7 @@ def reconstruct_to(
         overwrite=overwrite,
         directory=is_directory_output(out_text),
     )
-    readers = open_members([order_key(s.path) for s in snapshots], None)
-    try:
+    with closing_all(open_members([order_key(s.path) for s in snapshots], None)) as readers:
         tensors = average_readers(readers, coefficients, signed=True)
         write_output(out, tensors, readers[0], output_format, overwrite=overwrite)
-    finally:
-        for reader in readers:
-            reader.close()
     return PosthocResult(float(sigma_rel), time, snapshots, coefficients, out)

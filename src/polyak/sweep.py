@@ -59,6 +59,7 @@ import numpy as np
 from polyak.averaging import (
     average_readers,
     check_compatible,
+    closing_all,
     companions_of,
     open_members,
     write_output,
@@ -766,8 +767,7 @@ def _posthoc_candidates(
     """
     snapshots = find_profile_snapshots(directory)
     snapshots.sort(key=lambda snapshot: (-snapshot.step, snapshot.sigma_rel))
-    readers = open_members([order_key(s.path) for s in snapshots], None)
-    try:
+    with closing_all(open_members([order_key(s.path) for s in snapshots], None)) as readers:
         profile_plan = check_compatible(readers)
         if dict(profile_plan) != dict(plan):
             raise IncompatibleCheckpointsError(
@@ -791,9 +791,6 @@ def _posthoc_candidates(
                 tuple(float(c) for c in coefficients),
             )
             yield head, tensors, number
-    finally:
-        for reader in readers:
-            reader.close()
 
 
 def _greedy_soup(
@@ -903,8 +900,7 @@ def sweep(
         if isinstance(schemes, str)
         else [s if isinstance(s, Scheme) else parse_schemes(s)[0] for s in schemes]
     )
-    readers = open_members(members, key)
-    try:
+    with closing_all(open_members(members, key)) as readers:
         return run_sweep(
             readers,
             members,
@@ -915,9 +911,6 @@ def sweep(
             posthoc=posthoc,
             posthoc_directory=posthoc_directory,
         )
-    finally:
-        for reader in readers:
-            reader.close()
 
 
 def write_best(

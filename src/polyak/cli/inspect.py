@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import typer
@@ -32,9 +33,9 @@ def inspect_command(
     members = find_checkpoints(paths, last=last)
     readers = []
     rows = []
-    try:
+    with contextlib.ExitStack() as stack:  # every reader closed, whatever happens
         for member in members:
-            reader = open_checkpoint(member.path, key=key)
+            reader = stack.enter_context(open_checkpoint(member.path, key=key))
             readers.append(reader)
             infos = [reader.info(name) for name in reader.names()]
             shard_files = getattr(reader, "shard_files", None)
@@ -68,9 +69,6 @@ def inspect_command(
             compatible, reason = True, None
         except IncompatibleCheckpointsError as error:
             compatible, reason = False, str(error)
-    finally:
-        for reader in readers:
-            reader.close()
     if as_json:
         print_json({"checkpoints": rows, "compatible": compatible, "reason": reason})
         return

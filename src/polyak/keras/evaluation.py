@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from polyak.averaging import open_members
+from polyak.averaging import closing_all, open_members
 from polyak.data import (
     Dataset,
     accuracy,
@@ -260,32 +260,30 @@ def sweep(
     target = resolve_model(model, members[0].path)
     # A model the caller gave gets its own weights back afterwards.
     original = target.get_weights() if target is model else None
-    readers = open_members(members, None)
     try:
-        evaluator = KerasEvaluator(
-            target,
-            KerasWeightMap(target, readers[0]),
-            test,
-            validation,
-            metric if evaluate is None else "accuracy",
-            batch_size,
-            evaluate=evaluate,
-            recalibrate=recalibrate,
-        )
-        name, direction = sweep_metric(evaluator, evaluate, metric, higher_is_better)
-        return run_sweep(
-            readers,
-            members,
-            parsed,
-            evaluator,
-            metric=name,
-            higher_is_better=direction,
-            progress=progress,
-            posthoc=posthoc,
-            posthoc_directory=posthoc_directory,
-        )
+        with closing_all(open_members(members, None)) as readers:
+            evaluator = KerasEvaluator(
+                target,
+                KerasWeightMap(target, readers[0]),
+                test,
+                validation,
+                metric if evaluate is None else "accuracy",
+                batch_size,
+                evaluate=evaluate,
+                recalibrate=recalibrate,
+            )
+            name, direction = sweep_metric(evaluator, evaluate, metric, higher_is_better)
+            return run_sweep(
+                readers,
+                members,
+                parsed,
+                evaluator,
+                metric=name,
+                higher_is_better=direction,
+                progress=progress,
+                posthoc=posthoc,
+                posthoc_directory=posthoc_directory,
+            )
     finally:
-        for reader in readers:
-            reader.close()
         if original is not None:
             target.set_weights(original)

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from polyak.averaging import open_members
+from polyak.averaging import closing_all, open_members
 from polyak.data import (
     Dataset,
     accuracy,
@@ -391,22 +391,20 @@ def sweep(
         recalibrate=recalibrate,
     )
     name, direction = sweep_metric(evaluator, evaluate, metric, higher_is_better)
-    readers = open_members(members, key)
     try:
-        return run_sweep(
-            readers,
-            members,
-            parsed,
-            evaluator,
-            metric=name,
-            higher_is_better=direction,
-            progress=progress,
-            posthoc=posthoc,
-            posthoc_directory=posthoc_directory,
-        )
+        with closing_all(open_members(members, key)) as readers:
+            return run_sweep(
+                readers,
+                members,
+                parsed,
+                evaluator,
+                metric=name,
+                higher_is_better=direction,
+                progress=progress,
+                posthoc=posthoc,
+                posthoc_directory=posthoc_directory,
+            )
     finally:
-        for reader in readers:
-            reader.close()
         if original is not None:
             module.load_state_dict(original)
             if device_before is not None:
