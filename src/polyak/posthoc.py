@@ -29,11 +29,12 @@ from pathlib import Path
 
 import numpy as np
 
-from polyak.averaging import average_readers, closing_all, open_members, write_output
 from polyak.discovery import order_key
+from polyak.engine import average_readers, closing_all, open_members
 from polyak.errors import DiscoveryError
 from polyak.files import check_output_path, is_directory_output
 from polyak.formats import format_for_output, format_of
+from polyak.output import write_output
 from polyak.snapshots import read_manifest, verify
 from polyak.weights.profiles import (
     MAX_SIGMA_REL,

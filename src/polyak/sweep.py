@@ -20,7 +20,7 @@ while the members stream by, newest first (member i = 1..N):
   (Algorithm 1 of "Model soups"). One candidate; it reads each member once more.
 
 Integer and bool tensors come from the newest member averaged, as in
-``polyak.averaging``. Memory: one float64 copy of the model per running sum (one for
+``polyak.engine``. Memory: one float64 copy of the model per running sum (one for
 equal, two for linear, one per alpha, one per custom scheme, one for the greedy soup)
 plus one candidate. With per-example outcomes, the sweep also holds those of every member
 and of the best candidate so far (one value per test example each).
@@ -56,17 +56,11 @@ from typing import Any
 
 import numpy as np
 
-from polyak.averaging import (
-    average_readers,
-    check_compatible,
-    closing_all,
-    companions_of,
-    open_members,
-    write_output,
-)
+from polyak.averaging import companions_of
 from polyak.discovery import Checkpoint, find_checkpoints, order_key
 from polyak.distributed import ProcessGroup
 from polyak.distributed import current as current_group
+from polyak.engine import average_readers, check_compatible, closing_all, open_members
 from polyak.errors import IncompatibleCheckpointsError, SchemeError
 from polyak.files import check_output_path, is_directory_output
 from polyak.formats import format_for_output, format_of, open_checkpoint
@@ -77,6 +71,7 @@ from polyak.formats.base import (
     is_floating,
     numpy_dtype,
 )
+from polyak.output import write_output
 from polyak.posthoc import find_profile_snapshots
 from polyak.significance import Comparison, compare, unknown
 from polyak.weights.profiles import posthoc_coefficients

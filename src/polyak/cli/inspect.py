@@ -8,9 +8,9 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from polyak.averaging import check_compatible
 from polyak.cli.output import console, human_bytes, path_size, print_json
 from polyak.discovery import find_checkpoints
+from polyak.engine import check_compatible
 from polyak.errors import IncompatibleCheckpointsError
 from polyak.formats import open_checkpoint
 from polyak.formats.base import is_floating

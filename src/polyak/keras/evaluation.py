@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 
-from polyak.averaging import closing_all, open_members
 from polyak.data import (
     Dataset,
     accuracy,
@@ -33,6 +32,7 @@ from polyak.data import (
     with_recalibrated,
 )
 from polyak.discovery import find_checkpoints
+from polyak.engine import closing_all, open_members
 from polyak.errors import DataError, require
 from polyak.keras.models import KerasWeightMap, resolve_model
 from polyak.sweep import SweepResult, run_sweep

@@ -32,7 +32,6 @@ from typing import Any
 
 import numpy as np
 
-from polyak.averaging import closing_all, open_members
 from polyak.data import (
     Dataset,
     accuracy,
@@ -46,6 +45,7 @@ from polyak.data import (
     with_recalibrated,
 )
 from polyak.discovery import find_checkpoints
+from polyak.engine import closing_all, open_members
 from polyak.errors import CheckpointError, DataError, require
 from polyak.formats.base import DTYPES, dtype_name
 from polyak.sweep import SweepResult, run_sweep
