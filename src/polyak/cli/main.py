@@ -61,8 +61,13 @@ COMMANDS = {
     "posthoc": posthoc.posthoc_command,
     "sweep": sweep.sweep_command,
 }
-for _name, _command in COMMANDS.items():
-    app.command(_name)(_command)
+
+
+def _register() -> None:
+    """Add the subcommands of :data:`COMMANDS` to ``app``, once."""
+    if not app.registered_commands:
+        for name, command in COMMANDS.items():
+            app.command(name)(command)
 
 
 def _join_torchrun_group() -> str:
@@ -86,6 +91,7 @@ def _join_torchrun_group() -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Run the command line; never returns (exits with the command's code)."""
+    _register()
     arguments = sys.argv[1:] if argv is None else argv
     STATE.verbose = "-v" in arguments or "--verbose" in arguments
     where = ""
