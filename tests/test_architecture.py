@@ -28,9 +28,8 @@ def module_names() -> dict[str, Path]:
     return names
 
 
-def import_graph() -> dict[str, set[str]]:
-    """Module -> the polyak modules it imports (a package counts as its ``__init__``)."""
-    modules = module_names()
+def imported_modules(source: str, name: str, is_package: bool, modules: set[str]) -> set[str]:
+    """The polyak modules that the code ``source`` of module ``name`` imports, anywhere in it."""
 
     def module_of(dotted: str) -> str | None:
         parts = dotted.split(".")
@@ -38,31 +37,37 @@ def import_graph() -> dict[str, set[str]]:
             parts.pop()
         return ".".join(parts) or None
 
-    graph: dict[str, set[str]] = {}
-    for name, path in modules.items():
-        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-        targets: set[str] = set()
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if isinstance(node, ast.Import):
-                targets.update(alias.name for alias in node.names)
-            elif isinstance(node, ast.ImportFrom):
-                if node.level:
-                    base = package.split(".")[: len(package.split(".")) - node.level + 1]
-                    source = ".".join(base + ([node.module] if node.module else []))
-                else:
-                    source = node.module or ""
-                for alias in node.names:
-                    # ``from polyak.cli import sweep`` imports the module polyak.cli.sweep.
-                    submodule = f"{source}.{alias.name}"
-                    targets.add(submodule if submodule in modules else source)
-        graph[name] = {
-            found
-            for target in targets
-            if target.split(".")[0] == "polyak"
-            and (found := module_of(target)) is not None
-            and found != name
-        }
-    return graph
+    package = name if is_package else name.rpartition(".")[0]
+    targets: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            targets.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                origin = ".".join(base + ([node.module] if node.module else []))
+            else:
+                origin = node.module or ""
+            for alias in node.names:
+                # ``from polyak.cli import sweep`` imports the module polyak.cli.sweep.
+                submodule = f"{origin}.{alias.name}"
+                targets.add(submodule if submodule in modules else origin)
+    return {
+        found
+        for target in targets
+        if target.split(".")[0] == "polyak"
+        and (found := module_of(target)) is not None
+        and found != name
+    }
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the polyak modules it imports (a package counts as its ``__init__``)."""
+    modules = module_names()
+    return {
+        name: imported_modules(path.read_text(), name, path.name == "__init__.py", set(modules))
+        for name, path in modules.items()
+    }
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -91,9 +96,31 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 
 def test_the_graph_sees_imports_inside_functions():
-    # The reader itself: a lazy import inside a function is an edge too.
-    graph = import_graph()
-    assert "polyak.errors" in graph["polyak.weights.schemes"]
+    # The reader itself: a lazy import inside a function is an edge too, and so are
+    # relative imports and submodules named in a from-import.
+    source = (
+        "import numpy\n"
+        "from polyak.errors import SchemeError\n"
+        "from . import engine\n"
+        "def later():\n"
+        "    from polyak.weights.schemes import parse_scheme\n"
+        "    import polyak.formats.safetensors\n"
+    )
+    modules = {
+        "polyak",
+        "polyak.errors",
+        "polyak.engine",
+        "polyak.weights",
+        "polyak.weights.schemes",
+        "polyak.formats",
+        "polyak.formats.safetensors",
+    }
+    assert imported_modules(source, "polyak.sweep", False, modules) == {
+        "polyak.errors",
+        "polyak.engine",
+        "polyak.weights.schemes",
+        "polyak.formats.safetensors",
+    }
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 
