@@ -34,6 +34,7 @@ from polyak.data import (
 from polyak.discovery import find_checkpoints
 from polyak.engine import closing_all, open_members
 from polyak.errors import DataError, require
+from polyak.keras.batchnorm import recalibrate_batchnorm
 from polyak.keras.models import KerasWeightMap, resolve_model
 from polyak.sweep import SweepResult, run_sweep
 from polyak.weights.schemes import Scheme, parse_schemes
@@ -139,8 +140,6 @@ class KerasEvaluator:
             return None
         if callable(recalibrate) and not isinstance(recalibrate, (Dataset, tuple)):
             return recalibrate
-        from polyak.keras.batchnorm import recalibrate_batchnorm
-
         data = as_dataset(recalibrate, "recalibration")
         return lambda model: recalibrate_batchnorm(model, data.x, batch_size=self.batch_size)
 

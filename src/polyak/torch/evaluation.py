@@ -49,6 +49,7 @@ from polyak.engine import closing_all, open_members
 from polyak.errors import CheckpointError, DataError, require
 from polyak.formats.base import DTYPES, dtype_name
 from polyak.sweep import SweepResult, run_sweep
+from polyak.torch.batchnorm import recalibrate_batchnorm
 from polyak.weights.schemes import Scheme, parse_schemes
 
 torch = require("torch", "torch", "polyak.torch")
@@ -209,8 +210,6 @@ class TorchEvaluator:
             return None
         if callable(recalibrate) and not isinstance(recalibrate, (Dataset, tuple)):
             return recalibrate
-        from polyak.torch.batchnorm import recalibrate_batchnorm
-
         data = as_dataset(recalibrate, "recalibration")
         return lambda module: recalibrate_batchnorm(module, self._batches(data.x))
 
