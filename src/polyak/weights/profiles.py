@@ -67,7 +67,10 @@ MAX_SIGMA_REL = float(np.sqrt(1 / 12))
 
 
 def sigma_rel_of(gamma: float) -> float:
-    """The relative standard deviation of the power profile with exponent ``gamma``."""
+    """The relative standard deviation of the power profile with exponent ``gamma``.
+
+    ``sigma_rel = sqrt((gamma + 1) / ((gamma + 2)^2 (gamma + 3)))``.
+    """
     gamma = float(gamma)
     return float(np.sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3))))
 
@@ -106,7 +109,11 @@ def power_beta(gamma: float, t: float, delta: float = 1.0) -> float:
 def profile_inner_product(
     t_a: np.ndarray | float, gamma_a: np.ndarray | float, t_b: np.ndarray | float, gamma_b
 ) -> np.ndarray:
-    """``<p_a, p_b>`` of power profiles at times ``t_a``, ``t_b`` (broadcast), in float64."""
+    """``<p_a, p_b>`` of power profiles at times ``t_a``, ``t_b`` (broadcast), in float64.
+
+    For ``t_a <= t_b``: ``(gamma_a + 1)(gamma_b + 1) (t_a / t_b)^gamma_b /
+    ((gamma_a + gamma_b + 1) t_b)``; symmetric otherwise.
+    """
     t_a, gamma_a, t_b, gamma_b = (
         np.asarray(v, dtype=np.float64) for v in (t_a, gamma_a, t_b, gamma_b)
     )
@@ -124,6 +131,10 @@ def posthoc_coefficients(
     target_time: float | None = None,
 ) -> np.ndarray:
     """Coefficients that combine EMA snapshots into the profile of ``target_sigma_rel``.
+
+    The least-squares fit of ``sum_i x_i p_i`` to the target profile: ``A x = b`` with
+    ``A_ij = <p_i, p_j>`` and ``b_i = <p_i, p_target>`` (:func:`profile_inner_product`),
+    then ``x`` scaled to sum to 1.
 
     Args:
         times: each snapshot's training time (its step), in any order.
@@ -178,7 +189,9 @@ def power_snapshot_weights(positions: Sequence[float], sigma_rel: float) -> np.n
         sigma_rel: the profile's width.
 
     Returns:
-        Weights newest first, summing to 1; see the module docstring for the formula.
+        Weights newest first, summing to 1: ``w_i ~ p_i^(g+1) - (p_i - d_i)^(g+1)``, with
+        ``g = gamma_of(sigma_rel)`` and ``d_i`` the spacing to the newer neighbour (the
+        newest: to the next older one).
     """
     positions = np.asarray(positions, dtype=np.float64)
     if positions.size == 0:
