@@ -42,7 +42,7 @@ Checks (exit status 1 on failure)
       every (scheme, n) and every single member. Keras' ``evaluate`` reports accuracy
       as a float32 mean (0.813 comes back as 0.8130000233...), so accuracies are
       compared as counts of correct test points, which must be equal.
-    - In an extra, untimed run with ``polyak.averaging.open_checkpoint`` wrapped to
+    - In an extra, untimed run with ``polyak.engine.open_checkpoint`` wrapped to
       count, each checkpoint is opened exactly once and each of its tensors read
       exactly once (10 .h5, 10 .keras, 40 .weights.h5 members).
 
@@ -74,7 +74,7 @@ choose_keras_backend()  # torch without TensorFlow, before Keras is imported
 
 import keras  # noqa: E402
 
-import polyak.averaging  # noqa: E402
+import polyak.engine  # noqa: E402
 from polyak.demo import classic_data, classic_model  # noqa: E402
 from polyak.keras import SnapshotCheckpoint  # noqa: E402
 from polyak.keras.evaluation import sweep as polyak_sweep  # noqa: E402
@@ -221,7 +221,7 @@ def largest_difference(reference: dict, other: dict) -> float:
 class ReadCounter:
     """Counts opens per checkpoint and reads per (checkpoint, tensor) inside polyak.
 
-    Wraps ``polyak.averaging.open_checkpoint``, through which ``open_members`` opens
+    Wraps ``polyak.engine.open_checkpoint``, through which ``open_members`` opens
     every member of a sweep, and the ``read`` method of each reader it returns.
     """
 
@@ -229,7 +229,7 @@ class ReadCounter:
         self.opens: Counter[str] = Counter()
         self.reads: Counter[tuple[str, str]] = Counter()
         self.names: dict[str, list[str]] = {}
-        self._original = polyak.averaging.open_checkpoint
+        self._original = polyak.engine.open_checkpoint
 
     def __enter__(self) -> ReadCounter:
         original = self._original
@@ -248,11 +248,11 @@ class ReadCounter:
             reader.read = counting_read
             return reader
 
-        polyak.averaging.open_checkpoint = counting_open
+        polyak.engine.open_checkpoint = counting_open
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        polyak.averaging.open_checkpoint = self._original
+        polyak.engine.open_checkpoint = self._original
 
     def problems(self, label: str, expected_files: int) -> list[str]:
         found = []
@@ -495,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
             f"Least-squares line: {fixed:.3f} s fixed + {per_member:.4f} s per member "
             f"(largest deviation of a min from the line: {residual:.1%}).",
             "",
-            "Checkpoint reads (untimed run with polyak.averaging.open_checkpoint wrapped):",
+            "Checkpoint reads (untimed run with polyak.engine.open_checkpoint wrapped):",
             "",
             *read_lines,
             "",

@@ -15,7 +15,7 @@ from polyak.averaging import AverageResult, average, average_to
 from polyak.discovery import Checkpoint, find_checkpoints
 from polyak.errors import PolyakError
 from polyak.formats import open_checkpoint
-from polyak.schemes import parse_scheme
+from polyak.weights.schemes import parse_scheme
 
 __version__ = "0.1.0"
 

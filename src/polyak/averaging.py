@@ -1,82 +1,43 @@
-"""The streaming averaging engine: one pass, tensor by tensor, buffers reused.
+"""The entry points :func:`average` and :func:`average_to`, over the engine and the writers.
 
-Numeric policy (tested in tests/test_averaging.py):
-
-- Floating tensors (float16, bfloat16, float32, float64) are averaged. Weights are
-  computed and normalized in float64. Since they sum to 1, the average is computed
-  relative to the newest member x_1::
-
-      mean = x_1 + sum_{i=2..n} w_i (x_i - x_1)
-
-  accumulating in float32 for 16- and 32-bit inputs and in float64 for float64
-  inputs, then rounded once, to nearest, back to the tensor's own dtype. Identical
-  members therefore give themselves back exactly, and before that final rounding the
-  result differs from the exact weighted mean by at most
-  ``(n + 2) * u * (|x_1| + sum_{i>=2} w_i |x_i - x_1|)``, with u = 2**-24 for a
-  float32 accumulator (2**-53 for float64): small where members are close, as the
-  last checkpoints of one run are.
-- Integer and bool tensors (BatchNorm ``num_batches_tracked``, step counters) are
-  never averaged: they are taken from the newest member. With
-  ``integers="require-equal"`` a difference between members is an error instead.
-- Members must agree on tensor names, shapes and dtypes; the differences are listed
-  otherwise, never papered over by averaging fewer members.
-- NaN or infinity in any member's floating tensor is refused, naming the file and
-  tensor, unless ``allow_nonfinite=True``.
-
-Memory and speed: averaged tensors are computed chunk by chunk while the writer
-consumes them (:class:`~polyak.formats.base.StreamedTensor`), so a streaming format
-(safetensors, and torch's zip format as :mod:`polyak.formats.torchzip` writes it)
-never holds a whole tensor: the engine's scratch is one cache-sized
-block (``BLOCK_BYTES``, about 4 MiB) allocated once and reused. Per chunk, the
-differences ``x_i - x_1`` are computed into the block straight from the members'
-memory maps, and one BLAS matrix-vector product weighs and sums them, so each input
-byte is read once. Formats that need whole tensors (npz, Keras, and ``torch.save``
-for a template only torch could load) collect each one as it is written. The
-streaming writers hand the chunks to a second thread that writes them to disk
-(:class:`~polyak.formats.background.BackgroundWriter`) while the next are computed.
+The public home of the averaging names too: the engine's (:mod:`polyak.engine`) and the
+output writers' (:mod:`polyak.output`) are re-exported here, as they always were.
 """
 
 from __future__ import annotations
 
-import functools
-import os
-import shutil
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import contextlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from threadpoolctl import ThreadpoolController
 
 from polyak.discovery import Checkpoint, find_checkpoints, within_window
-from polyak.distributed import DistributedError, ProcessGroup
+from polyak.distributed import ProcessGroup
 from polyak.distributed import current as current_group
+from polyak.engine import (
+    INTEGER_POLICIES,
+    average_readers,
+    check_compatible,
+    closing_all,
+    open_members,
+)
 from polyak.errors import (
     DiscoveryError,
-    IncompatibleCheckpointsError,
-    NonFiniteError,
-    OutputError,
-    PolyakError,
-    SchemeError,
 )
 from polyak.files import (
-    atomic_directory,
-    atomic_output,
     check_output_path,
     companion_files,
     is_directory_output,
 )
-from polyak.formats import Format, format_for_output, format_of, open_checkpoint
+from polyak.formats import format_for_output, format_of
 from polyak.formats.base import (
-    CheckpointReader,
-    PlannedTensors,
-    StreamedTensor,
-    TensorInfo,
     is_floating,
-    numpy_dtype,
 )
 from polyak.formats.safetensors import parse_size
-from polyak.schemes import Scheme, normalize, parse_scheme
+from polyak.output import _shards_need_a_directory, write_output, write_output_together
+from polyak.weights.schemes import Scheme, parse_scheme
 
 __all__ = [
     "INTEGER_POLICIES",
@@ -85,19 +46,13 @@ __all__ = [
     "average_readers",
     "average_to",
     "check_compatible",
+    "closing_all",
     "companions_of",
     "open_members",
     "write_output",
     "write_output_together",
 ]
 
-INTEGER_POLICIES = ("newest", "require-equal")
-# The scratch block of one chunk of every member: small enough to stay in cache.
-BLOCK_BYTES = 4 << 20
-# Elements per chunk, at most and at least (many members make the chunk short).
-CHUNK_ELEMENTS = 1 << 18
-MIN_CHUNK_ELEMENTS = 1 << 12
-_MAX_LISTED_DIFFERENCES = 5
 # Shards of a safetensors directory averaged from DCP inputs, whose one file per rank
 # says nothing about shards: Hugging Face's save_pretrained default.
 DCP_MAX_SHARD_SIZE = 5 * 10**9
@@ -142,502 +97,9 @@ class AverageResult:
     other_entries: str | None = None
 
 
-def check_compatible(readers: Sequence[CheckpointReader]) -> list[tuple[str, TensorInfo]]:
-    """Check that members hold the same tensors; return the newest member's plan.
-
-    Args:
-        readers: the members, newest first.
-
-    Returns:
-        ``(name, info)`` of every tensor, in the newest member's order.
-
-    Raises:
-        IncompatibleCheckpointsError: listing the first differences with file names.
-    """
-    newest = readers[0]
-    plan = [(name, newest.info(name)) for name in newest.names()]
-    expected = dict(plan)
-    differences: list[str] = []
-    for reader in readers[1:]:
-        names = reader.names()
-        present = set(names)  # once per member: a set per name made this quadratic
-        missing = [name for name in expected if name not in present]
-        extra = [name for name in names if name not in expected]
-        for name in missing:
-            # Named after the member that holds the tensor, as an extra tensor is.
-            differences.append(
-                f"{newest.path.name} has tensor {name} that {reader.path.name} lacks"
-            )
-        for name in extra:
-            differences.append(
-                f"{reader.path.name} has tensor {name} that {newest.path.name} lacks"
-            )
-        for name in names:
-            if name not in expected:
-                continue
-            info, reference = reader.info(name), expected[name]
-            if info.shape != reference.shape:
-                differences.append(
-                    f"{reader.path.name}: tensor {name} has shape {info.shape}; "
-                    f"{newest.path.name} has {reference.shape}"
-                )
-            elif info.dtype != reference.dtype:
-                differences.append(
-                    f"{reader.path.name}: tensor {name} has dtype {info.dtype}; "
-                    f"{newest.path.name} has {reference.dtype}"
-                )
-    if differences:
-        shown = "; ".join(differences[:_MAX_LISTED_DIFFERENCES])
-        more = len(differences) - _MAX_LISTED_DIFFERENCES
-        tail = f"; and {more} more difference(s)" if more > 0 else ""
-        raise IncompatibleCheckpointsError(
-            f"checkpoints cannot be averaged, they hold different tensors: {shown}{tail}."
-        )
-    if not plan:
-        raise IncompatibleCheckpointsError(f"checkpoint {newest.path}: holds no tensors.")
-    return plan
-
-
-@dataclass(frozen=True)
-class _Block:
-    """Cache-sized scratch rows of one accumulator dtype."""
-
-    differences: np.ndarray  # (members - 1, chunk): x_i - x_1 for i >= 2
-    base: np.ndarray  # (chunk,): x_1 converted to the accumulator dtype
-    summed: np.ndarray  # (chunk,): the weighted mean
-    chunk: int
-
-
-class _Scratch:
-    """Chunk buffers allocated once per average and reused for every tensor and chunk.
-
-    For ``n`` members: ``n - 1`` rows of member differences and two more rows per
-    accumulator dtype, about ``BLOCK_BYTES`` in all, plus one output row per tensor
-    dtype; whatever the model's size.
-    """
-
-    def __init__(self, members: int, plan: list[tuple[str, TensorInfo]]) -> None:
-        self.members = members
-        floating = [info for _, info in plan if is_floating(info.dtype)]
-        self.largest = max((info.size for info in floating), default=1)
-        self._blocks: dict[np.dtype, _Block] = {}
-        self._outputs: dict[str, np.ndarray] = {}
-
-    def block(self, dtype: np.dtype) -> _Block:
-        """The scratch rows of an accumulator dtype, made on first use."""
-        if dtype not in self._blocks:
-            rows = max(1, self.members - 1)
-            chunk = BLOCK_BYTES // dtype.itemsize // (rows + 2)
-            chunk = max(MIN_CHUNK_ELEMENTS, min(CHUNK_ELEMENTS, chunk, self.largest))
-            self._blocks[dtype] = _Block(
-                np.empty((rows, chunk), dtype),
-                np.empty(chunk, dtype),
-                np.empty(chunk, dtype),
-                chunk,
-            )
-        return self._blocks[dtype]
-
-    def output(self, dtype_name: str, chunk: int) -> np.ndarray:
-        """A reusable output row in a tensor's own dtype."""
-        if dtype_name not in self._outputs:
-            self._outputs[dtype_name] = np.empty(chunk, numpy_dtype(dtype_name))
-        return self._outputs[dtype_name]
-
-
-@functools.cache
-def _blas_controller() -> ThreadpoolController:
-    """threadpoolctl's view of the loaded BLAS libraries, inspected once."""
-    return ThreadpoolController()
-
-
-def _accumulator_dtype(dtype_name: str) -> np.dtype:
-    return np.dtype(np.float64 if dtype_name == "float64" else np.float32)
-
-
-def _average_floating(
-    name: str,
-    info: TensorInfo,
-    readers: Sequence[CheckpointReader],
-    weights: np.ndarray,
-    scratch: _Scratch,
-    allow_nonfinite: bool,
-) -> StreamedTensor:
-    """The weighted mean of one floating tensor, computed chunk by chunk as it is written.
-
-    Per chunk: the differences ``x_i - x_1`` of the other members go into a
-    cache-resident block, one matrix-vector product (BLAS gemv) weighs and sums them,
-    and ``x_1`` is added back. Each member's data is read once, from its memory map.
-    """
-    accumulate = _accumulator_dtype(info.dtype)
-    rest = np.ascontiguousarray(weights[1:], dtype=accumulate)
-    own_dtype = numpy_dtype(info.dtype) == accumulate
-
-    def chunks() -> Iterator[np.ndarray]:
-        sources = [_flat(reader, name) for reader in readers]
-        block = scratch.block(accumulate)
-        output = None if own_dtype else scratch.output(info.dtype, block.chunk)
-        for start in range(0, info.size, block.chunk):
-            stop = min(start + block.chunk, info.size)
-            length = stop - start
-            if own_dtype:
-                base = sources[0][start:stop]
-            else:
-                base = block.base[:length]
-                np.copyto(base, sources[0][start:stop], casting="unsafe")
-            summed = block.summed[:length]
-            # NaN and infinity are checked below (or allowed): numpy's warnings about
-            # them would only add lines to the one-line error on stderr.
-            with np.errstate(invalid="ignore", over="ignore"):
-                if len(sources) > 1:
-                    differences = block.differences[: len(sources) - 1, :length]
-                    for row, source in enumerate(sources[1:]):
-                        np.subtract(
-                            source[start:stop], base, out=differences[row], dtype=accumulate
-                        )
-                    np.matmul(rest, differences, out=summed)
-                    np.add(summed, base, out=summed)
-                else:
-                    np.copyto(summed, base)
-                # A sum of finite values is finite (unless it overflows, checked then
-                # element by element); NaN and infinity never cancel out of it.
-                finite = allow_nonfinite or np.isfinite(summed.sum())
-            if not finite and not np.isfinite(summed).all():
-                _refuse_nonfinite_inputs(name, readers, sources, start, stop)
-                # Finite inputs: a difference x_i - x_1 overflowed the accumulator
-                # (members near opposite float32 extremes). This chunk again as
-                # sum_i w_i x_i in float64, where no such sum of float32 values overflows.
-                exact = np.zeros(length, np.float64)
-                for weight, source in zip(weights, sources, strict=True):
-                    exact += float(weight) * source[start:stop].astype(np.float64)
-                with np.errstate(over="ignore"):
-                    np.copyto(summed, exact, casting="unsafe")
-                if not np.isfinite(summed).all():
-                    raise NonFiniteError(
-                        f"tensor {name}: the weighted average exceeds the range of "
-                        f"{info.dtype}; the weights (some negative?) extrapolate too far."
-                    )
-            if output is None:
-                yield summed
-            else:
-                np.copyto(output[:length], summed, casting="unsafe")
-                yield output[:length]
-
-    return StreamedTensor(info, chunks)
-
-
-def _flat(reader: CheckpointReader, name: str) -> np.ndarray:
-    """A tensor of a member as a flat array the engine slices chunk by chunk.
-
-    A reader with ``read_flat`` (DCP, whose tensors are stored in chunks) gives an
-    object whose slices ``[start:stop]`` are arrays assembled chunk by chunk, so no
-    whole tensor is assembled in memory; any other reader's tensor is reshaped.
-    """
-    read_flat = getattr(reader, "read_flat", None)
-    if read_flat is not None:
-        return read_flat(name)
-    return reader.read(name).reshape(-1)
-
-
-def _refuse_nonfinite_inputs(
-    name: str,
-    readers: Sequence[CheckpointReader],
-    sources: Sequence[np.ndarray],
-    start: int,
-    stop: int,
-) -> None:
-    """Refuse the first member whose chunk holds NaN or infinity (returns if none does)."""
-    for reader, source in zip(readers, sources, strict=True):
-        if not np.isfinite(source[start:stop].astype(np.float64)).all():
-            raise NonFiniteError(
-                f"checkpoint {reader.path}: tensor {name} holds NaN or infinite values. "
-                "Leave this checkpoint out, or pass --allow-nonfinite to average it anyway."
-            )
-
-
-def _carry_integer(name: str, readers: Sequence[CheckpointReader], integers: str) -> np.ndarray:
-    newest = readers[0].read(name)
-    if integers == "require-equal":
-        for reader in readers[1:]:
-            if not np.array_equal(reader.read(name), newest):
-                raise IncompatibleCheckpointsError(
-                    f"checkpoint {reader.path}: integer tensor {name} differs from the newest "
-                    f"member {readers[0].path.name}, and --integers require-equal forbids that. "
-                    "Use --integers newest to take the newest member's values."
-                )
-    return newest
-
-
-def average_readers(
-    readers: Sequence[CheckpointReader],
-    weights: Sequence[float] | np.ndarray,
-    *,
-    integers: str = "newest",
-    allow_nonfinite: bool = False,
-    progress: Callable[[int], None] | None = None,
-    signed: bool = False,
-) -> PlannedTensors:
-    """Average open checkpoints, lazily: iterate the result to compute it tensor by tensor.
-
-    Args:
-        readers: the members, newest first.
-        weights: one weight per member, newest first; normalized here.
-        signed: allow negative weights (post-hoc EMA coefficients); they are then
-            scaled to sum to 1, which must be clearly away from 0.
-        integers: ``"newest"`` (take integer and bool tensors from the newest member)
-            or ``"require-equal"`` (and refuse any difference between members).
-        allow_nonfinite: average NaN and infinity instead of refusing them.
-        progress: called with the number of input bytes processed after each tensor.
-
-    Returns:
-        The planned tensors; each array yielded is valid only until the next one is
-        requested (the buffers are reused): copy it to keep it.
-    """
-    if not readers:
-        raise IncompatibleCheckpointsError("no checkpoints to average.")
-    if integers not in INTEGER_POLICIES:
-        raise SchemeError(
-            f"integers policy must be one of {', '.join(INTEGER_POLICIES)}; received {integers!r}."
-        )
-    normalized = _signed_normalize(weights) if signed else normalize(weights, source="weights")
-    if len(normalized) != len(readers):
-        raise SchemeError(
-            f"weights: {len(normalized)} weights were given for {len(readers)} checkpoints."
-        )
-    plan = check_compatible(readers)
-
-    def generate() -> Iterator[tuple[str, np.ndarray]]:
-        scratch = _Scratch(len(readers), plan)
-        # Each product is small and cache-resident: BLAS threads only fight over the
-        # cores (measured 60x slower on 2 busy cores), so the engine runs BLAS on one.
-        with _blas_controller().limit(limits=1, user_api="blas"):
-            for name, info in plan:
-                if is_floating(info.dtype):
-                    array = _average_floating(
-                        name, info, readers, normalized, scratch, allow_nonfinite
-                    )
-                    done = info.nbytes * len(readers)
-                else:
-                    array = _carry_integer(name, readers, integers)
-                    done = info.nbytes
-                yield name, array
-                if progress is not None:
-                    progress(done)
-
-    return PlannedTensors(plan, generate(), aliases=_shared_aliases(readers))
-
-
-def _shared_aliases(readers: Sequence[CheckpointReader]) -> dict[str, str]:
-    """The tied tensors (name -> the earlier name it shares) that every member ties alike."""
-    found = [getattr(reader, "aliases", None) for reader in readers]
-    if not all(callable(aliases) for aliases in found):
-        return {}
-    shared = found[0]()
-    for aliases in found[1:]:
-        theirs = aliases()
-        shared = {name: first for name, first in shared.items() if theirs.get(name) == first}
-    return shared
-
-
-def _signed_normalize(weights: Sequence[float] | np.ndarray) -> np.ndarray:
-    values = np.asarray(weights, dtype=np.float64).reshape(-1)
-    if values.size == 0 or not np.all(np.isfinite(values)):
-        raise SchemeError(f"weights must be finite numbers; received {values.tolist()}.")
-    total = values.sum()
-    if not abs(total) > 1e-6 * np.abs(values).sum():
-        raise SchemeError(f"weights sum to {total}, too close to zero to be scaled to 1.")
-    return values / total
-
-
 def _weights_for(scheme: str | Scheme, members: list[Checkpoint]) -> tuple[Scheme, np.ndarray]:
     parsed = parse_scheme(scheme)
     return parsed, parsed.weights(len(members), positions=[member.step for member in members])
-
-
-def open_members(members: list[Checkpoint], key: str | None) -> list[CheckpointReader]:
-    readers: list[CheckpointReader] = []
-    try:
-        for member in members:
-            readers.append(open_checkpoint(member.path, key=key))
-    except BaseException:
-        for reader in readers:
-            reader.close()
-        raise
-    return readers
-
-
-def _shards_need_a_directory(out: Path, output_format: Format) -> OutputError:
-    return OutputError(
-        f"output {out}: --max-shard-size splits the output into safetensors shards in a "
-        f"directory, but {out.name} names a single {output_format.name} file. Give a "
-        f"directory instead, e.g. {out.parent / out.name.split('.')[0]}/"
-    )
-
-
-def write_output(
-    out: Path,
-    tensors: PlannedTensors,
-    template: CheckpointReader,
-    output_format: Format,
-    *,
-    max_shard_size: int | str | None = None,
-    companions: Sequence[Path] = (),
-    overwrite: bool = False,
-    **options: object,
-) -> list[Path]:
-    """Write tensors atomically to ``out`` in ``output_format``, copying ``template``'s container.
-
-    A ``sharded-safetensors`` output is a directory: its shards and index are written
-    into a temporary directory that is renamed to ``out`` once complete
-    (:func:`polyak.files.atomic_directory`). Every other format is one file, written
-    to a temporary file and renamed (:func:`polyak.files.atomic_output`).
-
-    Args:
-        out: the output file or directory.
-        tensors: the planned tensors, streamed once.
-        template: the member whose container (or shard layout) the output copies.
-        output_format: from :func:`polyak.formats.format_for_output`.
-        max_shard_size: for an output directory, the most bytes of tensor data per
-            shard (an int or a string such as ``"2GB"``); by default the template's
-            shard layout, or one shard.
-        companions: for an output directory, files copied into it beside the shards
-            (the newest member's ``config.json`` and tokenizer files).
-        **options: passed to the writer of a ``dcp`` directory (``keep_other``).
-        overwrite: replace an existing ``out``; without it, an ``out`` another writer
-            created meanwhile is kept and ``OutputError`` raised (create-if-absent).
-
-    Returns:
-        The files written: ``[out]``, or the shards, the index and the companions
-        inside ``out`` (or the files of a DCP directory).
-
-    Raises:
-        OutputError: ``max_shard_size`` for a single-file output, or a file-system
-            failure, naming ``out``; on any failure ``out`` is left as it was.
-    """
-    out = Path(out)
-    directory = output_format.name == "sharded-safetensors"
-    if max_shard_size is not None and not directory:
-        raise _shards_need_a_directory(out, output_format)
-    output_format.check_output(out, template)
-    try:
-        if directory:
-            with atomic_directory(out, companions, overwrite=overwrite) as temporary:
-                names = output_format.write(
-                    temporary, tensors, template, max_shard_size=max_shard_size
-                )
-                names += _copy_companions(companions, temporary)
-            return [out / name for name in names]
-        if output_format.name == "dcp":
-            with atomic_directory(out, overwrite=overwrite) as temporary:
-                names = output_format.write(temporary, tensors, template, **options)
-            return [out / name for name in names]
-        with atomic_output(out, overwrite=overwrite) as temporary:
-            output_format.write(temporary, tensors, template)
-        return [out]
-    except PolyakError:
-        raise
-    except OSError as error:
-        reason = error.strerror or str(error)
-        raise OutputError(f"output {out}: cannot be written ({reason}).") from None
-
-
-def _copy_companions(companions: Sequence[Path], directory: Path) -> list[str]:
-    """Copy the companion files into ``directory``; their names."""
-    for source in companions:
-        shutil.copyfile(source, directory / source.name)
-    return [source.name for source in companions]
-
-
-def _fsync_files(paths: Iterable[Path]) -> None:
-    for path in paths:
-        with open(path, "rb+") as file:
-            os.fsync(file.fileno())
-
-
-def write_output_together(
-    out: Path,
-    tensors: PlannedTensors,
-    template: CheckpointReader,
-    output_format: Format,
-    group: ProcessGroup,
-    *,
-    max_shard_size: int | str | None = None,
-    companions: Sequence[Path] = (),
-    overwrite: bool = False,
-    **options: object,
-) -> list[Path]:
-    """:func:`write_output` by every process of a torchrun group, each its share.
-
-    An output directory: every process plans the same shards; shard ``k`` is
-    averaged and written by process ``k mod P`` into one temporary directory that
-    process 0 creates beside ``out`` (on storage all of them see), then process 0
-    writes the index and, once every process has written and fsynced its shards,
-    renames the directory into place. The files are those one process would write,
-    bit for bit. A single-file output is written by process 0 alone. If any process
-    fails, every process raises and ``out`` is left as it was.
-    """
-    out = Path(out)
-    if output_format.name != "sharded-safetensors":
-        error = None
-        files: list[Path] = []
-        if group.is_main:
-            try:
-                files = write_output(
-                    out,
-                    tensors,
-                    template,
-                    output_format,
-                    companions=companions,
-                    overwrite=overwrite,
-                    **options,
-                )
-            except BaseException as failure:  # told to every process, then raised here
-                error = failure
-        group.check(error)
-        return group.broadcast(files)
-    context = atomic_directory(out, companions, overwrite=overwrite)
-    if group.is_main:
-        try:
-            temporary = context.__enter__()
-        except BaseException as failure:
-            group.broadcast(("failed", str(failure)))
-            raise
-        group.broadcast(("ready", str(temporary)))
-    else:
-        state, value = group.broadcast(None)
-        if state == "failed":
-            raise DistributedError(f"process 0 of {group.size} failed: {value}")
-        temporary = Path(value)
-    error = None
-    names: list[str] = []
-    try:
-        names = output_format.write(
-            temporary,
-            tensors,
-            template,
-            max_shard_size=max_shard_size,
-            owned=group.owned,
-            write_index=group.is_main,
-        )
-        mine = [name for number, name in enumerate(names) if group.owned(number)]
-        _fsync_files(temporary / name for name in mine if (temporary / name).exists())
-        if group.is_main:
-            names += _copy_companions(companions, temporary)
-    except BaseException as failure:
-        error = failure
-    try:
-        group.check(error)
-    except BaseException as failure:
-        if group.is_main:
-            context.__exit__(type(failure), failure, failure.__traceback__)
-        raise
-    commit_error = None
-    if group.is_main:
-        try:
-            context.__exit__(None, None, None)
-        except BaseException as failure:
-            commit_error = failure
-    group.check(commit_error)
-    return [out / name for name in names]
 
 
 def average(
@@ -679,15 +141,11 @@ def average(
         members, window_steps, tokens=window_tokens, tokens_per_step=tokens_per_step
     )
     _, weights = _weights_for(scheme, members)
-    readers = open_members(members, key)
-    try:
+    with closing_all(open_members(members, key)) as readers:
         tensors = average_readers(
             readers, weights, integers=integers, allow_nonfinite=allow_nonfinite
         )
         return {name: np.array(array, copy=True) for name, array in tensors}
-    finally:
-        for reader in readers:
-            reader.close()
 
 
 def average_to(
@@ -765,57 +223,55 @@ def average_to(
     """
     group = current_group() if group is None else group
     requested, out = out, Path(out)
-    readers: list[CheckpointReader] = []
-    try:
-        directory = is_directory_output(requested) or format == "dcp"
-        limit = None if max_shard_size is None else parse_size(max_shard_size)
-        if type(min_members) is not int or min_members < 1:
-            raise DiscoveryError(
-                f"min_members must be a whole number >= 1; received {min_members!r}."
+    with contextlib.ExitStack() as stack:
+        try:
+            directory = is_directory_output(requested) or format == "dcp"
+            limit = None if max_shard_size is None else parse_size(max_shard_size)
+            if type(min_members) is not int or min_members < 1:
+                raise DiscoveryError(
+                    f"min_members must be a whole number >= 1; received {min_members!r}."
+                )
+            members = find_checkpoints(paths, last=last)
+            members = within_window(
+                members, window_steps, tokens=window_tokens, tokens_per_step=tokens_per_step
             )
-        members = find_checkpoints(paths, last=last)
-        members = within_window(
-            members, window_steps, tokens=window_tokens, tokens_per_step=tokens_per_step
-        )
-        if len(members) < min_members:
-            raise DiscoveryError(
-                f"found {len(members)} checkpoint(s) ({_named(members)}), fewer than "
-                f"min_members={min_members} (CLI --min-members). Pass more checkpoints, or "
-                "a lower min_members."
+            if len(members) < min_members:
+                raise DiscoveryError(
+                    f"found {len(members)} checkpoint(s) ({_named(members)}), fewer than "
+                    f"min_members={min_members} (CLI --min-members). Pass more checkpoints, or "
+                    "a lower min_members."
+                )
+            parsed, weights = _weights_for(scheme, members)
+            input_format = format_of(members[0].path)
+            output_format = format_for_output(requested, input_format, format)
+            if limit is not None and output_format.name != "sharded-safetensors":
+                raise _shards_need_a_directory(out, output_format)
+            if limit is None and output_format.name == "sharded-safetensors":
+                limit = DCP_MAX_SHARD_SIZE if input_format.name == "dcp" else None
+            beside = companions_of(members[0])
+            companions = beside if output_format.name == "sharded-safetensors" else []
+            notes = _notes(members, beside, companions)
+            check_output_path(
+                out,
+                [member.path for member in members],
+                overwrite=overwrite,
+                directory=directory,
+                companions=companions,
             )
-        parsed, weights = _weights_for(scheme, members)
-        input_format = format_of(members[0].path)
-        output_format = format_for_output(requested, input_format, format)
-        if limit is not None and output_format.name != "sharded-safetensors":
-            raise _shards_need_a_directory(out, output_format)
-        if limit is None and output_format.name == "sharded-safetensors":
-            limit = DCP_MAX_SHARD_SIZE if input_format.name == "dcp" else None
-        beside = companions_of(members[0])
-        companions = beside if output_format.name == "sharded-safetensors" else []
-        notes = _notes(members, beside, companions)
-        check_output_path(
-            out,
-            [member.path for member in members],
-            overwrite=overwrite,
-            directory=directory,
-            companions=companions,
-        )
-        readers = open_members(members, key)
-        output_format.check_output(out, readers[0])
-        tensors = average_readers(
-            readers,
-            weights,
-            integers=integers,
-            allow_nonfinite=allow_nonfinite,
-            progress=progress,
-        )
-    except BaseException as error:
-        for reader in readers:
-            reader.close()
-        if group is not None:
-            group.check(error)  # every process learns of it, then this one raises it
-        raise
-    try:
+            readers = stack.enter_context(closing_all(open_members(members, key)))
+            output_format.check_output(out, readers[0])
+            tensors = average_readers(
+                readers,
+                weights,
+                integers=integers,
+                allow_nonfinite=allow_nonfinite,
+                progress=progress,
+            )
+        except BaseException as error:
+            stack.close()  # the readers first, then tell the other processes
+            if group is not None:
+                group.check(error)  # every process learns of it, then this one raises it
+            raise
         if group is not None:
             # No process writes before every process has checked the inputs and the
             # output (one that checked later would find the output already there).
@@ -851,9 +307,6 @@ def average_to(
                 **options,
             )
         selection = getattr(readers[0], "selection", None)
-    finally:
-        for reader in readers:
-            reader.close()
     floating = [info for _, info in tensors.infos if is_floating(info.dtype)]
     return AverageResult(
         members=members,

@@ -19,7 +19,9 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from typing import Any
 
 from polyak.errors import PolyakError, require
@@ -27,6 +29,7 @@ from polyak.errors import PolyakError, require
 __all__ = [
     "DistributedError",
     "ProcessGroup",
+    "checked_together",
     "current",
     "init_from_environment",
     "launched_by_torchrun",
@@ -85,6 +88,28 @@ def shut_down(*, clean: bool) -> None:
             distributed.barrier()
     finally:
         distributed.destroy_process_group()
+
+
+@contextlib.contextmanager
+def checked_together(group: ProcessGroup | None) -> Iterator[None]:
+    """Run a block of checks on every process of ``group``; go on only if all passed.
+
+    An error in the block on any process is told to every process, and each raises
+    it: the processes refuse together, none waits for another. Without a group (a
+    plain process) the block just runs.
+
+    Example:
+        >>> with checked_together(current()):  # doctest: +SKIP
+        ...     members = find_checkpoints(paths)
+    """
+    try:
+        yield
+    except BaseException as error:
+        if group is not None:
+            group.check(error)  # every process learns of it, then this one raises it
+        raise
+    if group is not None:
+        group.check(None)
 
 
 def current() -> ProcessGroup | None:

@@ -57,9 +57,9 @@ from pathlib import Path
 from typing import Any
 
 from polyak.errors import require
-from polyak.online import AveragingSchedule, check_buffer_policy
 from polyak.posthoc import DEFAULT_PROFILE_KEEP, check_profile_arguments
 from polyak.snapshots import Snapshot, SnapshotDirectory
+from polyak.weights.schedule import AveragingSchedule, check_buffer_policy
 
 
 def _import_lightning() -> Any:

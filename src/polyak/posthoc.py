@@ -1,38 +1,7 @@
-"""Power-function EMA profiles and post-hoc EMA reconstruction (Karras et al., 2024). numpy only.
+"""Post-hoc EMA on disk: the tracked power-profile directories, and reconstructions from them.
 
-Karras et al., "Analyzing and Improving the Training Dynamics of Diffusion Models"
-(2024), average the weights seen up to training time ``t`` with a power-function
-profile, the weight of time ``tau`` being
-
-    p_t(tau) = (gamma + 1) tau^gamma / t^(gamma + 1),   0 <= tau <= t,
-
-whose width relative to ``t`` is
-
-    sigma_rel = sqrt((gamma + 1) / ((gamma + 2)^2 (gamma + 3))).
-
-Tracked during training, one update per step of length ``delta``:
-
-    ema <- beta ema + (1 - beta) theta,   beta = (1 - delta / t)^(gamma + 1),
-
-which gives step ``tau`` (unit steps from 1 to T) exactly the weight
-``(tau^(gamma+1) - (tau-1)^(gamma+1)) / T^(gamma+1)``.
-
-Post-hoc reconstruction: snapshots of such EMAs, saved at times ``t_i`` with
-exponents ``gamma_i`` (two profiles in the paper), combine into the profile of any
-other ``sigma_rel`` at time ``t``: the coefficients ``x`` minimize the L2 distance
-between ``sum_i x_i p_{t_i, gamma_i}`` and ``p_{t, gamma}``, i.e. solve ``A x = b``
-with ``A_ij = <p_i, p_j>`` and ``b_i = <p_i, p_target>``, where for ``t_a <= t_b``
-
-    <p_a, p_b> = (gamma_a + 1)(gamma_b + 1) (t_a / t_b)^gamma_b / ((gamma_a + gamma_b + 1) t_b),
-
-then are scaled to sum to 1 (a profile has unit mass). Coefficients may be negative.
-
-Over plain snapshots (the ``power:SIGMA_REL`` scheme), snapshot ``i`` at position
-``p_i`` (its step, newest first) stands for the steps ``(p_i - d_i, p_i]``, ``d_i`` the
-spacing to its newer neighbour (the newest: to the next older one); its weight is the
-profile's mass there, ``p_i^(gamma+1) - (p_i - d_i)^(gamma+1)``, normalized over the
-snapshots: the profile restricted to the saved window. With a snapshot at every step
-from 1 this is exactly the tracked EMA.
+The formulas (Karras et al., 2024) live in :mod:`polyak.weights.profiles`; their names
+are re-exported here, as they always were.
 
 On disk: the snapshot helpers (``posthoc=(0.05, 0.10)``) keep each tracked profile in
 its own crash-safe snapshot directory, ``DIR/posthoc/sigma-0.05/``, whose manifest
@@ -55,13 +24,29 @@ Example:
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from polyak.errors import DiscoveryError, SchemeError
+from polyak.discovery import order_key
+from polyak.engine import average_readers, closing_all, open_members
+from polyak.errors import DiscoveryError
+from polyak.files import check_output_path, is_directory_output
+from polyak.formats import format_for_output, format_of
+from polyak.output import write_output
+from polyak.snapshots import read_manifest, verify
+from polyak.weights.profiles import (
+    MAX_SIGMA_REL,
+    gamma_of,
+    parse_widths,
+    posthoc_coefficients,
+    power_beta,
+    power_snapshot_weights,
+    profile_inner_product,
+    sigma_rel_of,
+)
+from polyak.weights.schemes import format_number
 
 __all__ = [
     "DEFAULT_PROFILE_KEEP",
@@ -72,6 +57,7 @@ __all__ = [
     "check_profile_arguments",
     "find_profile_snapshots",
     "gamma_of",
+    "parse_widths",
     "posthoc_coefficients",
     "power_beta",
     "power_snapshot_weights",
@@ -89,156 +75,9 @@ PROFILES_DIRECTORY = "posthoc"
 DEFAULT_PROFILE_KEEP = 1000
 _PROFILE_NAME = re.compile(r"^sigma-(\d+(?:\.\d+)?)$")
 
-# sigma_rel of gamma -> 0 (the flattest power profile, a uniform average from 0 to t).
-MAX_SIGMA_REL = float(np.sqrt(1 / 12))
-
-
-def sigma_rel_of(gamma: float) -> float:
-    """The relative standard deviation of the power profile with exponent ``gamma``."""
-    gamma = float(gamma)
-    return float(np.sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3))))
-
-
-def gamma_of(sigma_rel: float) -> float:
-    """The exponent of the power profile of width ``sigma_rel`` (0 < sigma_rel < 1/sqrt(12)).
-
-    The largest real root of ``g^3 + 7 g^2 + (16 - s^-2) g + (12 - s^-2) = 0``.
-
-    Raises:
-        SchemeError: ``sigma_rel`` is not a number in (0, 0.2887).
-    """
-    if not isinstance(sigma_rel, (int, float, np.floating)) or not (
-        0 < float(sigma_rel) < MAX_SIGMA_REL
-    ):
-        raise SchemeError(
-            f"sigma_rel must be a number in (0, {MAX_SIGMA_REL:.4f}) (a width relative to the "
-            f"training length; 0.05 to 0.2 are usual); received {sigma_rel!r}."
-        )
-    inverse = float(sigma_rel) ** -2
-    roots = np.roots([1.0, 7.0, 16.0 - inverse, 12.0 - inverse])
-    return float(roots.real[np.abs(roots.imag) < 1e-9].max())
-
-
-def power_beta(gamma: float, t: float, delta: float = 1.0) -> float:
-    """The decay of one tracking update at time ``t`` after a step of ``delta``.
-
-    ``beta = (1 - delta / t)^(gamma + 1)``; 0 at the first step (``t == delta``),
-    so the EMA starts from the weights themselves.
-    """
-    if not t > 0 or not 0 < delta <= t:
-        raise SchemeError(f"power EMA update: need 0 < delta <= t; received t={t}, delta={delta}.")
-    return float((1.0 - delta / t) ** (gamma + 1.0))
-
-
-def profile_inner_product(
-    t_a: np.ndarray | float, gamma_a: np.ndarray | float, t_b: np.ndarray | float, gamma_b
-) -> np.ndarray:
-    """``<p_a, p_b>`` of power profiles at times ``t_a``, ``t_b`` (broadcast), in float64."""
-    t_a, gamma_a, t_b, gamma_b = (
-        np.asarray(v, dtype=np.float64) for v in (t_a, gamma_a, t_b, gamma_b)
-    )
-    earlier = t_a <= t_b
-    ratio = np.where(earlier, t_a / t_b, t_b / t_a)
-    exponent = np.where(earlier, gamma_b, gamma_a)
-    later = np.maximum(t_a, t_b)
-    return (gamma_a + 1) * (gamma_b + 1) * ratio**exponent / ((gamma_a + gamma_b + 1) * later)
-
-
-def posthoc_coefficients(
-    times: Sequence[float],
-    sigma_rels: Sequence[float],
-    target_sigma_rel: float,
-    target_time: float | None = None,
-) -> np.ndarray:
-    """Coefficients that combine EMA snapshots into the profile of ``target_sigma_rel``.
-
-    Args:
-        times: each snapshot's training time (its step), in any order.
-        sigma_rels: the ``sigma_rel`` of the EMA each snapshot holds.
-        target_sigma_rel: the width of the profile to reconstruct.
-        target_time: when; by default the latest snapshot's time.
-
-    Returns:
-        One coefficient per snapshot, summing to 1 (some may be negative).
-
-    Raises:
-        SchemeError: no snapshots, times not positive, ``target_time`` outside the
-            snapshots' times (or not a finite number), or two snapshots of the same
-            profile at the same time (the system is singular).
-    """
-    times = np.asarray(times, dtype=np.float64)
-    if times.size == 0 or times.shape != np.shape(sigma_rels):
-        raise SchemeError(
-            f"post-hoc EMA: one time per snapshot profile is needed; received {times.size} "
-            f"times for {np.size(sigma_rels)} profiles."
-        )
-    if not np.all(np.isfinite(times)) or np.any(times <= 0):
-        raise SchemeError(f"post-hoc EMA: snapshot times must be > 0; received {times.tolist()}.")
-    gammas = np.array([gamma_of(s) for s in sigma_rels])
-    pairs = list(zip(times.tolist(), gammas.tolist(), strict=True))
-    if len(set(pairs)) != len(pairs):
-        raise SchemeError(
-            "post-hoc EMA: two snapshots hold the same profile at the same time; keep one."
-        )
-    first, last = float(times.min()), float(times.max())
-    target_time = last if target_time is None else float(target_time)
-    # Only reconstructions between the first and the last snapshot are interpolations;
-    # outside, the least-squares fit extrapolates silently (and 0, inf, nan fail in numpy).
-    if not first <= target_time <= last:
-        raise SchemeError(
-            f"post-hoc EMA: the time (CLI --time) must lie within the snapshots' steps, "
-            f"{first:g} to {last:g}; received {target_time:g}."
-        )
-    target_gamma = gamma_of(target_sigma_rel)
-    rows, columns = times[:, None], times[None, :]
-    a = profile_inner_product(rows, gammas[:, None], columns, gammas[None, :])
-    b = profile_inner_product(times, gammas, target_time, target_gamma)
-    coefficients = np.linalg.solve(a, b)
-    return coefficients / coefficients.sum()
-
-
-def power_snapshot_weights(positions: Sequence[float], sigma_rel: float) -> np.ndarray:
-    """Weights of plain snapshots under the power profile of ``sigma_rel`` (``power:`` scheme).
-
-    Args:
-        positions: the snapshots' steps, newest first, strictly decreasing, > 0.
-        sigma_rel: the profile's width.
-
-    Returns:
-        Weights newest first, summing to 1; see the module docstring for the formula.
-    """
-    positions = np.asarray(positions, dtype=np.float64)
-    if positions.size == 0:
-        raise SchemeError("power scheme: at least one checkpoint is needed.")
-    if not np.all(np.isfinite(positions)) or np.any(positions <= 0):
-        raise SchemeError(
-            "power scheme: every checkpoint needs a step > 0 in its name; received "
-            f"{positions.tolist()}."
-        )
-    if np.any(np.diff(positions) >= 0):
-        raise SchemeError(
-            "power scheme: checkpoints must be newest first with strictly decreasing steps; "
-            f"received {positions.tolist()}."
-        )
-    exponent = gamma_of(sigma_rel) + 1.0
-    if positions.size == 1:
-        return np.ones(1)
-    spacing = np.empty_like(positions)
-    spacing[1:] = positions[:-1] - positions[1:]
-    spacing[0] = positions[0] - positions[1]
-    lower = np.maximum(positions - spacing, 0.0)
-    # Scaled by the newest position: same ratios, no overflow for large steps.
-    mass = (positions / positions[0]) ** exponent - (lower / positions[0]) ** exponent
-    return mass / mass.sum()
-
-
-# ---------------------------------------------------------------- profiles on disk
-
 
 def profile_directory(directory: str | Path, sigma_rel: float) -> Path:
     """Where a snapshot directory keeps the EMA snapshots of one tracked profile."""
-    from polyak.schemes import format_number
-
     gamma_of(sigma_rel)
     return Path(directory) / PROFILES_DIRECTORY / f"sigma-{format_number(float(sigma_rel))}"
 
@@ -266,8 +105,6 @@ def check_profile_arguments(
         >>> check_profile_arguments([0.05, 0.1], 1000, None)
         (0.05, 0.1)
     """
-    from polyak.schemes import format_number
-
     if isinstance(posthoc, (str, bytes)) or not isinstance(posthoc, (tuple, list)):
         raise ValueError(
             "posthoc takes the widths (sigma_rel) of the EMA profiles to track, as a tuple or "
@@ -297,8 +134,6 @@ def profile_steps(directory: str | Path, sigma_rel: float) -> list[int | None]:
 
     Reads the manifest only (no checksums); :func:`find_profile_snapshots` verifies.
     """
-    from polyak.snapshots import read_manifest
-
     return [s.step for s in read_manifest(profile_directory(directory, sigma_rel)) or []]
 
 
@@ -325,8 +160,6 @@ def find_profile_snapshots(directory: str | Path) -> list[ProfileSnapshot]:
         DiscoveryError: no profiles, or a snapshot without a step.
         CheckpointError: a damaged manifest or snapshot.
     """
-    from polyak.snapshots import verify
-
     directory = Path(directory)
     base = directory / PROFILES_DIRECTORY if directory.name != PROFILES_DIRECTORY else directory
     profiles = sorted(
@@ -398,17 +231,10 @@ def reconstruct(
     Returns:
         ``({name: array}, PosthocResult)``.
     """
-    from polyak.averaging import average_readers, open_members
-    from polyak.discovery import order_key
-
     snapshots, coefficients, time = _plan(directory, sigma_rel, time)
-    readers = open_members([order_key(s.path) for s in snapshots], None)
-    try:
+    with closing_all(open_members([order_key(s.path) for s in snapshots], None)) as readers:
         tensors = average_readers(readers, coefficients, signed=True)
         arrays = {name: np.array(array, copy=True) for name, array in tensors}
-    finally:
-        for reader in readers:
-            reader.close()
     return arrays, PosthocResult(float(sigma_rel), time, snapshots, coefficients)
 
 
@@ -425,11 +251,6 @@ def reconstruct_to(
     The output's suffix picks its format, as for :func:`polyak.average_to`; by
     default (no suffix given) use the snapshots' own.
     """
-    from polyak.averaging import average_readers, open_members, write_output
-    from polyak.discovery import order_key
-    from polyak.files import check_output_path, is_directory_output
-    from polyak.formats import format_for_output, format_of
-
     snapshots, coefficients, time = _plan(directory, sigma_rel, time)
     out_text = out
     out = Path(out)
@@ -440,11 +261,7 @@ def reconstruct_to(
         overwrite=overwrite,
         directory=is_directory_output(out_text),
     )
-    readers = open_members([order_key(s.path) for s in snapshots], None)
-    try:
+    with closing_all(open_members([order_key(s.path) for s in snapshots], None)) as readers:
         tensors = average_readers(readers, coefficients, signed=True)
         write_output(out, tensors, readers[0], output_format, overwrite=overwrite)
-    finally:
-        for reader in readers:
-            reader.close()
     return PosthocResult(float(sigma_rel), time, snapshots, coefficients, out)

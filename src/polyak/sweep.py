@@ -20,7 +20,7 @@ while the members stream by, newest first (member i = 1..N):
   (Algorithm 1 of "Model soups"). One candidate; it reads each member once more.
 
 Integer and bool tensors come from the newest member averaged, as in
-``polyak.averaging``. Memory: one float64 copy of the model per running sum (one for
+``polyak.engine``. Memory: one float64 copy of the model per running sum (one for
 equal, two for linear, one per alpha, one per custom scheme, one for the greedy soup)
 plus one candidate. With per-example outcomes, the sweep also holds those of every member
 and of the best candidate so far (one value per test example each).
@@ -56,11 +56,12 @@ from typing import Any
 
 import numpy as np
 
-from polyak.averaging import check_compatible, companions_of, open_members, write_output
-from polyak.discovery import Checkpoint, find_checkpoints
+from polyak.averaging import companions_of
+from polyak.discovery import Checkpoint, find_checkpoints, order_key
 from polyak.distributed import ProcessGroup
 from polyak.distributed import current as current_group
-from polyak.errors import SchemeError
+from polyak.engine import average_readers, check_compatible, closing_all, open_members
+from polyak.errors import IncompatibleCheckpointsError, SchemeError
 from polyak.files import check_output_path, is_directory_output
 from polyak.formats import format_for_output, format_of, open_checkpoint
 from polyak.formats.base import (
@@ -70,7 +71,11 @@ from polyak.formats.base import (
     is_floating,
     numpy_dtype,
 )
-from polyak.schemes import (
+from polyak.output import write_output
+from polyak.posthoc import find_profile_snapshots
+from polyak.significance import Comparison, compare, unknown
+from polyak.weights.profiles import posthoc_coefficients
+from polyak.weights.schemes import (
     Custom,
     Equal,
     Exponential,
@@ -78,9 +83,9 @@ from polyak.schemes import (
     Linear,
     Power,
     Scheme,
+    format_number,
     parse_schemes,
 )
-from polyak.significance import Comparison, compare, unknown
 
 __all__ = ["Candidate", "SingleResult", "SweepResult", "run_sweep", "sweep", "write_best"]
 
@@ -755,16 +760,9 @@ def _posthoc_candidates(
     snapshots combined and ``weights`` their coefficients, newest first (they sum to
     1; some may be negative).
     """
-    from polyak.averaging import average_readers
-    from polyak.discovery import order_key
-    from polyak.errors import IncompatibleCheckpointsError
-    from polyak.posthoc import find_profile_snapshots, posthoc_coefficients
-    from polyak.schemes import format_number
-
     snapshots = find_profile_snapshots(directory)
     snapshots.sort(key=lambda snapshot: (-snapshot.step, snapshot.sigma_rel))
-    readers = open_members([order_key(s.path) for s in snapshots], None)
-    try:
+    with closing_all(open_members([order_key(s.path) for s in snapshots], None)) as readers:
         profile_plan = check_compatible(readers)
         if dict(profile_plan) != dict(plan):
             raise IncompatibleCheckpointsError(
@@ -788,9 +786,6 @@ def _posthoc_candidates(
                 tuple(float(c) for c in coefficients),
             )
             yield head, tensors, number
-    finally:
-        for reader in readers:
-            reader.close()
 
 
 def _greedy_soup(
@@ -900,8 +895,7 @@ def sweep(
         if isinstance(schemes, str)
         else [s if isinstance(s, Scheme) else parse_schemes(s)[0] for s in schemes]
     )
-    readers = open_members(members, key)
-    try:
+    with closing_all(open_members(members, key)) as readers:
         return run_sweep(
             readers,
             members,
@@ -912,9 +906,6 @@ def sweep(
             posthoc=posthoc,
             posthoc_directory=posthoc_directory,
         )
-    finally:
-        for reader in readers:
-            reader.close()
 
 
 def write_best(

@@ -9,7 +9,6 @@ import typer
 from rich.table import Table
 
 from polyak.averaging import INTEGER_POLICIES, average_to
-from polyak.cli.main import app
 from polyak.cli.output import (
     DelayedProgress,
     console,
@@ -23,7 +22,6 @@ from polyak.errors import SchemeError
 from polyak.formats.safetensors import parse_size
 
 
-@app.command("average")
 def average_command(
     paths: list[str] = typer.Argument(..., help="Checkpoint files, directories or globs."),
     out: str = typer.Option(

@@ -6,11 +6,12 @@ from pathlib import Path
 
 import typer
 
-from polyak.cli.main import app
 from polyak.cli.output import console
+from polyak.demo import SCHEMES, run_demo
+from polyak.errors import DataError
+from polyak.report import classic_lines, sweep_table
 
 
-@app.command("demo")
 def demo_command(
     out: Path = typer.Option(
         Path("polyak-demo"), "--out", help="Directory for snapshots, report, plot and model."
@@ -20,10 +21,6 @@ def demo_command(
 ) -> None:
     """Train the classic blobs model with Keras, snapshot its last 10 epochs, sweep
     equal, linear and exp:2 averages, choose on validation data, report on test."""
-    from polyak.demo import SCHEMES, run_demo
-    from polyak.errors import DataError
-    from polyak.report import classic_lines, sweep_table
-
     if epochs < 10:
         raise DataError(f"--epochs must be at least 10 (the demo keeps the last 10); got {epochs}.")
     result = run_demo(out, epochs=epochs, seed=seed, log=lambda line: console.print(line))

@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import typer
 from rich.table import Table
 
-from polyak.averaging import check_compatible
-from polyak.cli.main import app
 from polyak.cli.output import console, human_bytes, path_size, print_json
 from polyak.discovery import find_checkpoints
+from polyak.engine import check_compatible
 from polyak.errors import IncompatibleCheckpointsError
 from polyak.formats import open_checkpoint
 from polyak.formats.base import is_floating
 
 
-@app.command("inspect")
 def inspect_command(
     paths: list[str] = typer.Argument(..., help="Checkpoint files, directories or globs."),
     last: int | None = typer.Option(None, "--last", "-n", help="Keep only the N newest."),
@@ -34,9 +33,9 @@ def inspect_command(
     members = find_checkpoints(paths, last=last)
     readers = []
     rows = []
-    try:
+    with contextlib.ExitStack() as stack:  # every reader closed, whatever happens
         for member in members:
-            reader = open_checkpoint(member.path, key=key)
+            reader = stack.enter_context(open_checkpoint(member.path, key=key))
             readers.append(reader)
             infos = [reader.info(name) for name in reader.names()]
             shard_files = getattr(reader, "shard_files", None)
@@ -70,9 +69,6 @@ def inspect_command(
             compatible, reason = True, None
         except IncompatibleCheckpointsError as error:
             compatible, reason = False, str(error)
-    finally:
-        for reader in readers:
-            reader.close()
     if as_json:
         print_json({"checkpoints": rows, "compatible": compatible, "reason": reason})
         return

@@ -15,6 +15,7 @@ import warnings
 import typer
 
 from polyak import __version__
+from polyak.cli import average, demo, inspect, posthoc, sweep
 from polyak.cli.output import console, one_line, print_note
 from polyak.errors import PolyakError, PolyakNote
 
@@ -52,9 +53,21 @@ def root(
     STATE.verbose = verbose
 
 
+#: The subcommands, in the order ``--help`` lists them: one module each, registered here.
+COMMANDS = {
+    "average": average.average_command,
+    "demo": demo.demo_command,
+    "inspect": inspect.inspect_command,
+    "posthoc": posthoc.posthoc_command,
+    "sweep": sweep.sweep_command,
+}
+
+
 def _register() -> None:
-    # One module per subcommand; each adds its command to ``app``.
-    from polyak.cli import average, demo, inspect, posthoc, sweep  # noqa: F401
+    """Add the subcommands of :data:`COMMANDS` to ``app``, once."""
+    if not app.registered_commands:
+        for name, command in COMMANDS.items():
+            app.command(name)(command)
 
 
 def _join_torchrun_group() -> str:

@@ -11,30 +11,14 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from polyak.cli.main import app
 from polyak.cli.output import console, print_json
-from polyak.errors import OutputError, SchemeError
+from polyak.errors import OutputError
+from polyak.files import check_outputs, is_directory_output
+from polyak.formats import suffix_of
+from polyak.posthoc import find_profile_snapshots, parse_widths, reconstruct_to
+from polyak.weights.schemes import format_number
 
 
-def parse_widths(text: str) -> list[float]:
-    """``"0.05,0.1"`` -> ``[0.05, 0.1]``, refusing anything else in one line."""
-    widths = []
-    for part in text.split(","):
-        if not part.strip():
-            continue
-        try:
-            widths.append(float(part))
-        except ValueError:
-            raise SchemeError(
-                f"widths (sigma_rel) are numbers separated by commas, e.g. 0.05,0.1; "
-                f"received {text!r}."
-            ) from None
-    if not widths:
-        raise SchemeError("give at least one width (sigma_rel), e.g. 0.05,0.1.")
-    return widths
-
-
-@app.command("posthoc")
 def posthoc_command(
     directory: Path = typer.Argument(
         ..., help="A snapshot directory whose helper tracked EMA profiles (posthoc/sigma-*/)."
@@ -55,11 +39,6 @@ def posthoc_command(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Reconstruct the EMA of each width from the tracked profiles, by least squares."""
-    from polyak.files import check_outputs, is_directory_output
-    from polyak.formats import suffix_of
-    from polyak.posthoc import find_profile_snapshots, reconstruct_to
-    from polyak.schemes import format_number
-
     widths = parse_widths(sigma_rel)
     snapshots = find_profile_snapshots(directory)
     if out.exists() and not out.is_dir():

@@ -10,20 +10,19 @@ from pathlib import Path
 
 import typer
 
-from polyak.cli.main import app
 from polyak.cli.output import console, error_console, print_json
+from polyak.data import import_callable, load_dataset
+from polyak.discovery import find_checkpoints
+from polyak.distributed import checked_together
+from polyak.distributed import current as current_group
 from polyak.errors import DataError
-
-KERAS_FORMATS = ("keras", "keras-h5", "keras-weights")
-
-
-def _widths(text: str) -> list[float]:
-    from polyak.cli.posthoc import parse_widths
-
-    return parse_widths(text)
+from polyak.evaluation import framework_of, sweep_checkpoints
+from polyak.files import check_outputs, is_directory_output
+from polyak.posthoc import parse_widths
+from polyak.report import classic_lines, sweep_table, write_json, write_plot
+from polyak.sweep import write_best
 
 
-@app.command("sweep")
 def sweep_command(
     paths: list[str] = typer.Argument(..., help="Checkpoint files, directories or globs."),
     data: Path | None = typer.Option(
@@ -95,16 +94,8 @@ def sweep_command(
     reading each checkpoint once; print the classic lines, a table and the best, and
     whether its gain over the final model and the best single member is more than
     noise on the test set (95% bootstrap interval; McNemar's p for accuracy)."""
-    from polyak.data import import_callable, load_dataset
-    from polyak.discovery import find_checkpoints
-    from polyak.distributed import current as current_group
-    from polyak.files import check_outputs, is_directory_output
-    from polyak.formats import format_of
-    from polyak.report import classic_lines, sweep_table, write_json, write_plot
-    from polyak.sweep import write_best
-
     group = current_group()
-    try:
+    with checked_together(group):  # under torchrun, every process refuses together
         outputs = [(Path(p), False) for p in (json_path, plot_path) if p is not None]
         if out_model is not None:
             outputs.append((Path(out_model), is_directory_output(out_model)))
@@ -129,13 +120,7 @@ def sweep_command(
         # Every output against every input: a --json or --plot path naming a member
         # would replace the checkpoint with the report.
         check_outputs(outputs, [*read, *(m.path for m in members)], overwrite=overwrite)
-        keras_checkpoints = format_of(members[0].path).name in KERAS_FORMATS
-    except BaseException as error:
-        if group is not None:
-            group.check(error)  # every process refuses together, none waits for another
-        raise
-    if group is not None:
-        group.check(None)
+        keras_checkpoints = framework_of(members[0].path) == "keras"
     direction = False if minimize else None
 
     def progress(message: str) -> None:
@@ -150,21 +135,14 @@ def sweep_command(
         "higher_is_better": direction,
         "batch_size": batch_size,
         "recalibrate": calibration,
-        "posthoc": _widths(posthoc) if posthoc is not None else (),
+        "posthoc": parse_widths(posthoc) if posthoc is not None else (),
         "posthoc_directory": posthoc_dir,
         "progress": progress,
     }
     checkpoints = [member.path for member in members]
-    if keras_checkpoints:
-        if device is not None or key is not None:
-            raise DataError("--device and --key apply to PyTorch checkpoints, not Keras ones.")
-        from polyak.keras.evaluation import sweep
-
-        result = sweep(checkpoints, test, validation, **common)
-    else:
-        from polyak.torch.evaluation import sweep
-
-        result = sweep(checkpoints, test, validation, device=device, key=key, **common)
+    if keras_checkpoints and (device is not None or key is not None):
+        raise DataError("--device and --key apply to PyTorch checkpoints, not Keras ones.")
+    result = sweep_checkpoints(checkpoints, test, validation, device=device, key=key, **common)
     # Under torchrun every process has the same result; process 0 writes the files.
     if group is None or group.is_main:
         if out_model is not None:

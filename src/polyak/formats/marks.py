@@ -1,7 +1,7 @@
 """How polyak marks the files it writes, and recognizes them, so an average never
 becomes a member of the next average by accident.
 
-Every output of :func:`polyak.averaging.write_output` (``polyak average``, ``sweep
+Every output of :func:`polyak.output.write_output` (``polyak average``, ``sweep
 --out-model``, ``posthoc``) carries a mark in the place its format keeps metadata,
 where each framework's own loader ignores it:
 

@@ -3,6 +3,11 @@
 Importing this package chooses Keras' backend before Keras is imported, when the
 user has not (see :mod:`polyak.keras_backend`): torch when TensorFlow is absent.
 
+Its modules have the torch adapter's file names (``snapshots``, ``online``,
+``evaluation``, ``batchnorm``), so knowing one adapter means knowing the other; the
+class names follow each framework's habit (here ``SnapshotCheckpoint`` is a Keras
+callback, as ``ModelCheckpoint`` is, given to ``fit``).
+
 Example:
     >>> from polyak.keras import SnapshotCheckpoint
     >>> model.fit(x, y, epochs=500, callbacks=[SnapshotCheckpoint("run/")])  # doctest: +SKIP
@@ -17,7 +22,6 @@ from polyak.errors import require  # noqa: E402
 require("keras", "keras", "polyak.keras")
 
 from polyak.keras.batchnorm import batchnorm_layers, recalibrate_batchnorm  # noqa: E402
-from polyak.keras.callbacks import SnapshotCheckpoint  # noqa: E402
 from polyak.keras.evaluation import (  # noqa: E402
     Dataset,
     KerasEvaluator,
@@ -31,6 +35,7 @@ from polyak.keras.models import (  # noqa: E402
     resolve_model,
 )
 from polyak.keras.online import OnlineAverage  # noqa: E402
+from polyak.keras.snapshots import SnapshotCheckpoint  # noqa: E402
 
 __all__ = [
     "Dataset",

@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 
-from polyak.averaging import open_members
 from polyak.data import (
     Dataset,
     accuracy,
@@ -33,10 +32,12 @@ from polyak.data import (
     with_recalibrated,
 )
 from polyak.discovery import find_checkpoints
+from polyak.engine import closing_all, open_members
 from polyak.errors import DataError, require
+from polyak.keras.batchnorm import recalibrate_batchnorm
 from polyak.keras.models import KerasWeightMap, resolve_model
-from polyak.schemes import Scheme, parse_schemes
 from polyak.sweep import SweepResult, run_sweep
+from polyak.weights.schemes import Scheme, parse_schemes
 
 keras = require("keras", "keras", "polyak.keras")
 
@@ -139,8 +140,6 @@ class KerasEvaluator:
             return None
         if callable(recalibrate) and not isinstance(recalibrate, (Dataset, tuple)):
             return recalibrate
-        from polyak.keras.batchnorm import recalibrate_batchnorm
-
         data = as_dataset(recalibrate, "recalibration")
         return lambda model: recalibrate_batchnorm(model, data.x, batch_size=self.batch_size)
 
@@ -260,32 +259,30 @@ def sweep(
     target = resolve_model(model, members[0].path)
     # A model the caller gave gets its own weights back afterwards.
     original = target.get_weights() if target is model else None
-    readers = open_members(members, None)
     try:
-        evaluator = KerasEvaluator(
-            target,
-            KerasWeightMap(target, readers[0]),
-            test,
-            validation,
-            metric if evaluate is None else "accuracy",
-            batch_size,
-            evaluate=evaluate,
-            recalibrate=recalibrate,
-        )
-        name, direction = sweep_metric(evaluator, evaluate, metric, higher_is_better)
-        return run_sweep(
-            readers,
-            members,
-            parsed,
-            evaluator,
-            metric=name,
-            higher_is_better=direction,
-            progress=progress,
-            posthoc=posthoc,
-            posthoc_directory=posthoc_directory,
-        )
+        with closing_all(open_members(members, None)) as readers:
+            evaluator = KerasEvaluator(
+                target,
+                KerasWeightMap(target, readers[0]),
+                test,
+                validation,
+                metric if evaluate is None else "accuracy",
+                batch_size,
+                evaluate=evaluate,
+                recalibrate=recalibrate,
+            )
+            name, direction = sweep_metric(evaluator, evaluate, metric, higher_is_better)
+            return run_sweep(
+                readers,
+                members,
+                parsed,
+                evaluator,
+                metric=name,
+                higher_is_better=direction,
+                progress=progress,
+                posthoc=posthoc,
+                posthoc_directory=posthoc_directory,
+            )
     finally:
-        for reader in readers:
-            reader.close()
         if original is not None:
             target.set_weights(original)

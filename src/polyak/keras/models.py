@@ -31,7 +31,7 @@ from polyak.formats.base import (
     TensorInfo,
     numpy_dtype,
 )
-from polyak.schemes import Scheme, parse_scheme
+from polyak.weights.schemes import Scheme, parse_scheme
 
 keras = require("keras", "keras", "polyak.keras")
 
@@ -54,7 +54,7 @@ def average_models(models: Sequence[Any], weights: str | Scheme | Sequence[float
     """A new model whose weights are the weighted average of ``models``' weights.
 
     The in-memory form of the workflow, with the numeric policy of
-    ``polyak.averaging`` (float weights averaged, integer ones from the newest).
+    ``polyak.engine`` (float weights averaged, integer ones from the newest).
 
     Args:
         models: Keras models of one architecture, newest first.

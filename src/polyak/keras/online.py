@@ -67,7 +67,7 @@ from polyak.errors import OutputError, require
 from polyak.files import atomic_output
 from polyak.keras.saving import save_model_file
 from polyak.keras.steps import StepCounter, optimizer_steps
-from polyak.online import (
+from polyak.weights.schedule import (
     BUFFER_POLICIES,
     AveragingProgress,
     AveragingSchedule,

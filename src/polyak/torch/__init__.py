@@ -1,6 +1,8 @@
 """PyTorch adapter: snapshots, online averaging, the sweep's evaluator, BatchNorm recalibration.
 
-torch is imported only here and in ``polyak.formats.torch``, never by ``import polyak``.
+torch is imported by this package and ``polyak.lightning``, and only where a file or a run
+needs it by ``polyak.formats.torch`` (checkpoints only torch can read or write) and
+``polyak.distributed`` (under torchrun); never by ``import polyak``.
 
 Example:
     >>> from polyak.torch import SnapshotSaver

@@ -32,7 +32,6 @@ from typing import Any
 
 import numpy as np
 
-from polyak.averaging import open_members
 from polyak.data import (
     Dataset,
     accuracy,
@@ -46,10 +45,12 @@ from polyak.data import (
     with_recalibrated,
 )
 from polyak.discovery import find_checkpoints
+from polyak.engine import closing_all, open_members
 from polyak.errors import CheckpointError, DataError, require
 from polyak.formats.base import DTYPES, dtype_name
-from polyak.schemes import Scheme, parse_schemes
 from polyak.sweep import SweepResult, run_sweep
+from polyak.torch.batchnorm import recalibrate_batchnorm
+from polyak.weights.schemes import Scheme, parse_schemes
 
 torch = require("torch", "torch", "polyak.torch")
 
@@ -209,8 +210,6 @@ class TorchEvaluator:
             return None
         if callable(recalibrate) and not isinstance(recalibrate, (Dataset, tuple)):
             return recalibrate
-        from polyak.torch.batchnorm import recalibrate_batchnorm
-
         data = as_dataset(recalibrate, "recalibration")
         return lambda module: recalibrate_batchnorm(module, self._batches(data.x))
 
@@ -391,22 +390,20 @@ def sweep(
         recalibrate=recalibrate,
     )
     name, direction = sweep_metric(evaluator, evaluate, metric, higher_is_better)
-    readers = open_members(members, key)
     try:
-        return run_sweep(
-            readers,
-            members,
-            parsed,
-            evaluator,
-            metric=name,
-            higher_is_better=direction,
-            progress=progress,
-            posthoc=posthoc,
-            posthoc_directory=posthoc_directory,
-        )
+        with closing_all(open_members(members, key)) as readers:
+            return run_sweep(
+                readers,
+                members,
+                parsed,
+                evaluator,
+                metric=name,
+                higher_is_better=direction,
+                progress=progress,
+                posthoc=posthoc,
+                posthoc_directory=posthoc_directory,
+            )
     finally:
-        for reader in readers:
-            reader.close()
         if original is not None:
             module.load_state_dict(original)
             if device_before is not None:

@@ -75,7 +75,8 @@ from typing import Any
 
 from polyak.errors import OutputError, require
 from polyak.files import atomic_output
-from polyak.online import (
+from polyak.torch.saving import save_state_dict
+from polyak.weights.schedule import (
     BUFFER_POLICIES,
     AveragingProgress,
     AveragingSchedule,
@@ -434,8 +435,6 @@ class OnlineAverage:
             ValueError: an unknown suffix, or no update yet.
             OutputError: the file exists (without ``overwrite``) or cannot be written.
         """
-        from polyak.torch.snapshots import save_state_dict
-
         path = Path(path)
         format = EXPORT_FORMATS.get(path.suffix)
         if format is None:

@@ -1,0 +1,208 @@
+"""Writing an average's result atomically: one file, a shard directory, or a torchrun
+group's shards.
+
+Nothing is visible at the output's path until the whole output is written and fsynced
+(:func:`polyak.files.atomic_output`, :func:`polyak.files.atomic_directory`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from polyak.distributed import DistributedError, ProcessGroup
+from polyak.errors import (
+    OutputError,
+    PolyakError,
+)
+from polyak.files import (
+    atomic_directory,
+    atomic_output,
+)
+from polyak.formats import Format
+from polyak.formats.base import (
+    CheckpointReader,
+    PlannedTensors,
+)
+
+__all__ = [
+    "write_output",
+    "write_output_together",
+]
+
+
+def _shards_need_a_directory(out: Path, output_format: Format) -> OutputError:
+    return OutputError(
+        f"output {out}: --max-shard-size splits the output into safetensors shards in a "
+        f"directory, but {out.name} names a single {output_format.name} file. Give a "
+        f"directory instead, e.g. {out.parent / out.name.split('.')[0]}/"
+    )
+
+
+def write_output(
+    out: Path,
+    tensors: PlannedTensors,
+    template: CheckpointReader,
+    output_format: Format,
+    *,
+    max_shard_size: int | str | None = None,
+    companions: Sequence[Path] = (),
+    overwrite: bool = False,
+    **options: object,
+) -> list[Path]:
+    """Write tensors atomically to ``out`` in ``output_format``, copying ``template``'s container.
+
+    A ``sharded-safetensors`` output is a directory: its shards and index are written
+    into a temporary directory that is renamed to ``out`` once complete
+    (:func:`polyak.files.atomic_directory`). Every other format is one file, written
+    to a temporary file and renamed (:func:`polyak.files.atomic_output`).
+
+    Args:
+        out: the output file or directory.
+        tensors: the planned tensors, streamed once.
+        template: the member whose container (or shard layout) the output copies.
+        output_format: from :func:`polyak.formats.format_for_output`.
+        max_shard_size: for an output directory, the most bytes of tensor data per
+            shard (an int or a string such as ``"2GB"``); by default the template's
+            shard layout, or one shard.
+        companions: for an output directory, files copied into it beside the shards
+            (the newest member's ``config.json`` and tokenizer files).
+        **options: passed to the writer of a ``dcp`` directory (``keep_other``).
+        overwrite: replace an existing ``out``; without it, an ``out`` another writer
+            created meanwhile is kept and ``OutputError`` raised (create-if-absent).
+
+    Returns:
+        The files written: ``[out]``, or the shards, the index and the companions
+        inside ``out`` (or the files of a DCP directory).
+
+    Raises:
+        OutputError: ``max_shard_size`` for a single-file output, or a file-system
+            failure, naming ``out``; on any failure ``out`` is left as it was.
+    """
+    out = Path(out)
+    directory = output_format.name == "sharded-safetensors"
+    if max_shard_size is not None and not directory:
+        raise _shards_need_a_directory(out, output_format)
+    output_format.check_output(out, template)
+    try:
+        if directory:
+            with atomic_directory(out, companions, overwrite=overwrite) as temporary:
+                names = output_format.write(
+                    temporary, tensors, template, max_shard_size=max_shard_size
+                )
+                names += _copy_companions(companions, temporary)
+            return [out / name for name in names]
+        if output_format.name == "dcp":
+            with atomic_directory(out, overwrite=overwrite) as temporary:
+                names = output_format.write(temporary, tensors, template, **options)
+            return [out / name for name in names]
+        with atomic_output(out, overwrite=overwrite) as temporary:
+            output_format.write(temporary, tensors, template)
+        return [out]
+    except PolyakError:
+        raise
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise OutputError(f"output {out}: cannot be written ({reason}).") from None
+
+
+def _copy_companions(companions: Sequence[Path], directory: Path) -> list[str]:
+    """Copy the companion files into ``directory``; their names."""
+    for source in companions:
+        shutil.copyfile(source, directory / source.name)
+    return [source.name for source in companions]
+
+
+def _fsync_files(paths: Iterable[Path]) -> None:
+    for path in paths:
+        with open(path, "rb+") as file:
+            os.fsync(file.fileno())
+
+
+def write_output_together(
+    out: Path,
+    tensors: PlannedTensors,
+    template: CheckpointReader,
+    output_format: Format,
+    group: ProcessGroup,
+    *,
+    max_shard_size: int | str | None = None,
+    companions: Sequence[Path] = (),
+    overwrite: bool = False,
+    **options: object,
+) -> list[Path]:
+    """:func:`write_output` by every process of a torchrun group, each its share.
+
+    An output directory: every process plans the same shards; shard ``k`` is
+    averaged and written by process ``k mod P`` into one temporary directory that
+    process 0 creates beside ``out`` (on storage all of them see), then process 0
+    writes the index and, once every process has written and fsynced its shards,
+    renames the directory into place. The files are those one process would write,
+    bit for bit. A single-file output is written by process 0 alone. If any process
+    fails, every process raises and ``out`` is left as it was.
+    """
+    out = Path(out)
+    if output_format.name != "sharded-safetensors":
+        error = None
+        files: list[Path] = []
+        if group.is_main:
+            try:
+                files = write_output(
+                    out,
+                    tensors,
+                    template,
+                    output_format,
+                    companions=companions,
+                    overwrite=overwrite,
+                    **options,
+                )
+            except BaseException as failure:  # told to every process, then raised here
+                error = failure
+        group.check(error)
+        return group.broadcast(files)
+    with contextlib.ExitStack() as written:
+        # Process 0 holds the temporary directory; leaving this block with an exception
+        # (any process's failure, raised by group.check) removes it, out left as it was.
+        if group.is_main:
+            try:
+                temporary = written.enter_context(
+                    atomic_directory(out, companions, overwrite=overwrite)
+                )
+            except BaseException as failure:
+                group.broadcast(("failed", str(failure)))
+                raise
+            group.broadcast(("ready", str(temporary)))
+        else:
+            state, value = group.broadcast(None)
+            if state == "failed":
+                raise DistributedError(f"process 0 of {group.size} failed: {value}")
+            temporary = Path(value)
+        error = None
+        names: list[str] = []
+        try:
+            names = output_format.write(
+                temporary,
+                tensors,
+                template,
+                max_shard_size=max_shard_size,
+                owned=group.owned,
+                write_index=group.is_main,
+            )
+            mine = [name for number, name in enumerate(names) if group.owned(number)]
+            _fsync_files(temporary / name for name in mine if (temporary / name).exists())
+            if group.is_main:
+                names += _copy_companions(companions, temporary)
+        except BaseException as failure:
+            error = failure
+        group.check(error)
+        commit = written.pop_all()  # every process wrote its shards: commit, outside
+    commit_error = None
+    try:
+        commit.close()  # process 0: fsync and rename the directory into place
+    except BaseException as failure:
+        commit_error = failure
+    group.check(commit_error)
+    return [out / name for name in names]
