@@ -304,8 +304,8 @@ def _layout(path: Path) -> str:
     return "model directory" if path.is_dir() else format_of(path).name
 
 
-def _check_one_format(checkpoints: list[Checkpoint]) -> None:
-    """Refuse members of several formats: one run is snapshotted in one layout."""
+def _check_one_layout(checkpoints: list[Checkpoint]) -> None:
+    """Refuse members of several layouts: one run is snapshotted in one layout."""
     if len(checkpoints) < 2:
         return
     by_layout: dict[str, Checkpoint] = {}
@@ -378,7 +378,7 @@ def find_checkpoints(
                     "place among the others is unknown. Rename it (e.g. model_500.h5) or leave "
                     "it out."
                 )
-    _check_one_format(checkpoints)
+    _check_one_layout(checkpoints)
     checkpoints.sort(key=lambda c: c.key, reverse=True)
     for newer, older in itertools.pairwise(checkpoints):
         if newer.key == older.key:

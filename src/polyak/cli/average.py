@@ -184,7 +184,7 @@ def average_command(
             f"Copied {names} from {result.copied[0].parent} (the newest member); its training "
             "state (optimizer, scheduler, trainer state) was not copied."
         )
-    if result.format == "torch" and output is not None and output.suffix == ".ckpt":
+    if result.format == "torch" and output is not None and output.name.lower().endswith(".ckpt"):
         from polyak.formats.torch import LIGHTNING_ADVICE  # only for .ckpt outputs
 
         console.print(LIGHTNING_ADVICE)
