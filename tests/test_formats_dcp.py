@@ -105,6 +105,10 @@ for iteration in (100, 200):
 if dist.get_rank() == 0:
     with open(f"{root}/megatron/latest_checkpointed_iteration.txt", "w") as file:
         file.write("200")
+# Every process reaches this point before any leaves the group: one that left while
+# another still talked to it made gloo abort at exit ("terminate called without an
+# active exception"), as polyak.distributed.shut_down avoids for polyak's own runs.
+dist.barrier()
 dist.destroy_process_group()
 """
 
@@ -147,6 +151,10 @@ if dist.get_rank() == 0:
     with open(result, "w") as file:
         json.dump({"difference": difference, "loss": float(loss), "steps": steps,
                    "moved": moved}, file)
+# Every process reaches this point before any leaves the group: one that left while
+# another still talked to it made gloo abort at exit ("terminate called without an
+# active exception"), as polyak.distributed.shut_down avoids for polyak's own runs.
+dist.barrier()
 dist.destroy_process_group()
 """
 
