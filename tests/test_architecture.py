@@ -13,9 +13,11 @@ from pathlib import Path
 import polyak
 
 PACKAGE = Path(polyak.__file__).parent
-#: The weight math: numpy only, it may import nothing of polyak but its errors.
+#: The weight math: numpy only, it may import nothing of polyak but its errors and
+#: the shared argument checks, which stand on the errors alone.
 WEIGHT_MATH = "polyak.weights"
-WEIGHT_MATH_MAY_IMPORT = {"polyak.errors"}
+WEIGHT_MATH_MAY_IMPORT = {"polyak.errors", "polyak.checks"}
+GROUND_FLOOR = {"polyak.errors": set(), "polyak.checks": {"polyak.errors"}}
 
 
 def module_names() -> dict[str, Path]:
@@ -142,3 +144,9 @@ def test_the_weight_math_imports_nothing_above_it():
             and not (target == WEIGHT_MATH or target.startswith(WEIGHT_MATH + "."))
         }
         assert above == set(), f"{module} imports {sorted(above)} from above the weight math"
+
+
+def test_the_errors_and_the_argument_checks_stand_on_nothing_else():
+    graph = import_graph()
+    for module, allowed in GROUND_FLOOR.items():
+        assert graph[module] <= allowed, f"{module} imports {sorted(graph[module] - allowed)}"

@@ -13,6 +13,7 @@ the tensor, where there is one).
 from __future__ import annotations
 
 __all__ = [
+    "ArgumentError",
     "CheckpointError",
     "DataError",
     "DiscoveryError",
@@ -32,6 +33,18 @@ class PolyakError(Exception):
 
 class PolyakNote(UserWarning):
     """Something polyak did on its own that a user should know (the CLI prints one line)."""
+
+
+class ArgumentError(PolyakError, ValueError):
+    """An argument a caller passed breaks its rule (a count, a size, a choice).
+
+    ``parameter`` is the library's name for it (``"max_shard_size"``), so the command
+    line can say the rule again with its own flag (``--max-shard-size``).
+    """
+
+    def __init__(self, message: str, *, parameter: str | None = None) -> None:
+        super().__init__(message)
+        self.parameter = parameter
 
 
 class SchemeError(PolyakError, ValueError):
