@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from polyak.errors import SchemeError
+from polyak.errors import ArgumentError, SchemeError
 from polyak.online import (
     AveragingProgress,
     AveragingSchedule,
@@ -193,6 +193,17 @@ def test_the_mode_is_inferred_from_the_parameters():
 def test_bad_arguments_are_refused_with_the_rule(arguments, message):
     with pytest.raises(SchemeError, match=message):
         AveragingSchedule(**arguments)
+
+
+def test_a_bad_count_is_a_scheme_error_and_an_argument_error_naming_it():
+    with pytest.raises(ArgumentError) as caught:
+        AveragingSchedule(update_every=0)
+    assert isinstance(caught.value, SchemeError)
+    assert caught.value.parameter == "update_every"
+    # The shared rule reads numpy integers and 0-d arrays as whole numbers too.
+    schedule = AveragingSchedule(start_step=np.int64(4), update_every=np.array(2))
+    assert (schedule.start_step, schedule.update_every) == (4, 2)
+    assert type(schedule.start_step) is int and type(schedule.update_every) is int
 
 
 def test_schedule_errors_are_value_errors():

@@ -616,3 +616,30 @@ def test_schedule_stopped_early_only_in_the_default_mode() -> None:
 def test_schedule_refuses_bad_arguments(arguments, message) -> None:
     with pytest.raises(ValueError, match=message):
         SnapshotSchedule(**arguments)
+
+
+def test_counts_may_be_numpy_integers_and_are_kept_as_ints(tmp_path: Path) -> None:
+    # The shared rule of polyak.checks: anything operator.index reads, but a bool.
+    schedule = SnapshotSchedule(keep=np.int64(3), every_epochs=np.int32(2))
+    assert (schedule.keep, schedule.every_epochs) == (3, 2)
+    assert type(schedule.keep) is int and type(schedule.every_epochs) is int
+    snapshots = SnapshotDirectory(tmp_path, keep=np.int64(2))
+    snapshots.commit(writer(b"x"), "model_0001.bin", epoch=np.int64(1), step=np.uint16(5))
+    (entry,) = read_manifest(tmp_path)
+    assert (entry.epoch, entry.step) == (1, 5)
+    assert type(entry.epoch) is int and type(entry.step) is int
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"epoch": -1}, r"epoch must be a whole number from 0 to 9223372036854775807 or None"),
+        ({"step": 2**63}, r"step must be a whole number from 0 to 9223372036854775807 or None"),
+        ({"step": True}, r"step must be a whole number .*; received True"),
+    ],
+)
+def test_commit_refuses_counts_out_of_range(tmp_path: Path, arguments, message) -> None:
+    snapshots = SnapshotDirectory(tmp_path, keep=2)
+    with pytest.raises(ValueError, match=message):
+        snapshots.commit(writer(b"x"), "model_0001.bin", **arguments)
+    assert read_manifest(tmp_path) is None

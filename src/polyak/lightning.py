@@ -56,6 +56,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from polyak.checks import as_whole_number
 from polyak.errors import require
 from polyak.posthoc import DEFAULT_PROFILE_KEEP, check_profile_arguments
 from polyak.snapshots import Snapshot, SnapshotDirectory
@@ -84,7 +85,6 @@ torch = require("torch", "lightning", "polyak.lightning")
 from polyak.snapshots import (  # noqa: E402  (after the dependency check)
     SnapshotSchedule,
     check_snapshot_arguments,
-    is_whole_number,
 )
 from polyak.torch.online import OnlineAverage  # noqa: E402
 from polyak.torch.snapshots import (  # noqa: E402
@@ -244,7 +244,7 @@ class SnapshotCallback(pl.Callback):
                 "(polyak averages Lightning .ckpt files)."
             )
         epochs = trainer.max_epochs
-        if self.schedule.needs_epoch_count and (not is_whole_number(epochs) or epochs < 0):
+        if self.schedule.needs_epoch_count and as_whole_number(epochs) is None:
             raise ValueError(
                 "SnapshotCallback saves the last epochs of the run, so it needs the number of "
                 f"epochs; received trainer.max_epochs={epochs!r}. Pass Trainer(max_epochs=...), "

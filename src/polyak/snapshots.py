@@ -81,6 +81,7 @@ from typing import Any
 
 import numpy as np
 
+from polyak.checks import as_whole_number, whole_number
 from polyak.errors import CheckpointError, OutputError
 from polyak.files import _fsync_directory, atomic_output
 
@@ -158,7 +159,11 @@ class _Manifest:
 
 
 def is_whole_number(value: object) -> bool:
-    """An ``int`` that is not a ``bool``."""
+    """An ``int`` that is not a ``bool``, of any sign.
+
+    Kept for earlier callers; polyak's own checks use :mod:`polyak.checks`, which also
+    reads numpy integers and 0-d integer tensors as whole numbers.
+    """
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -172,8 +177,7 @@ def check_snapshot_arguments(
     """
     if not isinstance(directory, (str, os.PathLike)):
         raise ValueError(f"directory must be a path; received {directory!r}.")
-    if not is_whole_number(keep) or keep < 1:
-        raise ValueError(f"keep must be a whole number >= 1; received {keep!r}.")
+    whole_number(keep, "keep", minimum=1)
     formats = list(formats)
     if format not in formats:
         raise ValueError(
@@ -212,20 +216,14 @@ class SnapshotSchedule:
     every_steps: int | None = None
 
     def __post_init__(self) -> None:
-        if not is_whole_number(self.keep) or self.keep < 1:
-            raise ValueError(f"keep must be a whole number >= 1; received {self.keep!r}.")
+        object.__setattr__(self, "keep", whole_number(self.keep, "keep", minimum=1))
         if not isinstance(self.rolling, bool):
             raise ValueError(f"rolling must be True or False; received {self.rolling!r}.")
-        if not is_whole_number(self.every_epochs) or self.every_epochs < 1:
-            raise ValueError(
-                f"every_epochs must be a whole number >= 1; received {self.every_epochs!r}."
-            )
+        every_epochs = whole_number(self.every_epochs, "every_epochs", minimum=1)
+        every_steps = whole_number(self.every_steps, "every_steps", minimum=1, or_none=True)
+        object.__setattr__(self, "every_epochs", every_epochs)
+        object.__setattr__(self, "every_steps", every_steps)
         if self.every_steps is not None:
-            if not is_whole_number(self.every_steps) or self.every_steps < 1:
-                raise ValueError(
-                    "every_steps must be a whole number >= 1 or None; received "
-                    f"{self.every_steps!r}."
-                )
             if self.every_epochs != 1:
                 raise ValueError(
                     f"give every_steps or every_epochs, not both; received "
@@ -243,7 +241,8 @@ class SnapshotSchedule:
             return False
         if self.rolling:
             return (epoch + 1) % self.every_epochs == 0
-        if not is_whole_number(epochs) or epochs < 0:
+        epochs = as_whole_number(epochs)
+        if epochs is None:
             return False
         # Counted back from the final epoch, so that it is always saved.
         from_end = epochs - 1 - epoch
@@ -257,10 +256,11 @@ class SnapshotSchedule:
 
     def stopped_early(self, last_epoch: int | None, epochs: int | None) -> bool:
         """Whether a default-mode run ended before its final epoch (fewer snapshots)."""
+        epochs = as_whole_number(epochs)
         return (
             self.needs_epoch_count
             and last_epoch is not None
-            and is_whole_number(epochs)
+            and epochs is not None
             and last_epoch < epochs - 1
         )
 
@@ -286,9 +286,7 @@ _MAX_COUNT = 2**63
 
 
 def _optional_int(value: object) -> bool:
-    return value is None or (
-        isinstance(value, int) and not isinstance(value, bool) and 0 <= value < _MAX_COUNT
-    )
+    return value is None or as_whole_number(value, 0, _MAX_COUNT - 1) is not None
 
 
 def _entry(directory: Path, record: object, manifest: Path, where: str) -> Snapshot:
@@ -316,7 +314,7 @@ def _entry(directory: Path, record: object, manifest: Path, where: str) -> Snaps
     if not isinstance(sha256, str) or not _SHA256.match(sha256):
         raise bad("has no valid 'sha256' (64 lowercase hex digits)")
     size = record.get("bytes")
-    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+    if as_whole_number(size) is None:
         raise bad("has no valid 'bytes' (a whole number >= 0)")
     time = record.get("time", "")
     if not isinstance(time, str):
@@ -597,10 +595,8 @@ class SnapshotDirectory:
     """
 
     def __init__(self, directory: str | Path, keep: int) -> None:
-        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
-            raise ValueError(f"keep must be a whole number >= 1; received {keep!r}.")
+        self.keep = whole_number(keep, "keep", minimum=1)
         self.directory = Path(directory)
-        self.keep = keep
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
         except FileExistsError:
@@ -689,12 +685,8 @@ class SnapshotDirectory:
         problem = _check_file_name(file_name)
         if problem is not None:
             raise ValueError(f"snapshot file name {file_name!r} {problem}.")
-        for key, value in (("epoch", epoch), ("step", step)):
-            if not _optional_int(value):
-                raise ValueError(
-                    f"{key} must be a whole number from 0 to 2**63 - 1, or None; received "
-                    f"{value!r}."
-                )
+        epoch = whole_number(epoch, "epoch", maximum=_MAX_COUNT - 1, or_none=True)
+        step = whole_number(step, "step", maximum=_MAX_COUNT - 1, or_none=True)
         committed = self._recover()
         final = self.directory / file_name
         workspace = self.directory / (

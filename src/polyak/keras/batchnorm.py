@@ -60,6 +60,7 @@ from typing import Any
 
 import numpy as np
 
+from polyak.checks import as_whole_number
 from polyak.errors import DataError, require
 
 keras = require("keras", "keras", "polyak.keras")
@@ -177,23 +178,30 @@ def _model_inputs(data: Any, batch_size: int) -> Iterator[Any]:
     return (_model_input(batch, index) for index, batch in enumerate(data, start=1))
 
 
-def _check_arguments(model: Any, batch_size: Any, max_batches: Any) -> None:
+def _check_arguments(model: Any, batch_size: Any, max_batches: Any) -> tuple[int, int | None]:
+    """``batch_size`` and ``max_batches`` as ints, after checking all three arguments.
+
+    The counts follow :func:`polyak.checks.as_whole_number` (numpy integers too, not
+    bools); the message keeps Keras' "Received:" wording and says what each count means.
+    """
     if not isinstance(model, keras.layers.Layer):
         raise DataError(
             "recalibrate_batchnorm: model must be a Keras model or layer. Received: "
             f"{type(model).__name__}. For PyTorch modules use polyak.torch.batchnorm."
         )
+    counts = []
     for name, value, meaning in (
         ("batch_size", batch_size, "samples per batch when data is an array"),
         ("max_batches", max_batches, "the most batches to use, or None for all"),
     ):
-        if value is None and name == "max_batches":
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        number = as_whole_number(value, 1)
+        if number is None and not (value is None and name == "max_batches"):
             raise DataError(
                 f"recalibrate_batchnorm: {name} must be a positive integer ({meaning}). "
                 f"Received: {value!r}."
             )
+        counts.append(number)
+    return counts[0], counts[1]
 
 
 def _numpy(variable: Any) -> np.ndarray:
@@ -312,7 +320,7 @@ def recalibrate_batchnorm(
         >>> model = load_averaged_model("snapshots/", "equal", model=model)  # doctest: +SKIP
         >>> recalibrate_batchnorm(model, x_train, batch_size=64)  # doctest: +SKIP
     """
-    _check_arguments(model, batch_size, max_batches)
+    batch_size, max_batches = _check_arguments(model, batch_size, max_batches)
     layers = batchnorm_layers(model)
     if not layers:
         return model

@@ -56,6 +56,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from polyak.checks import as_whole_number
 from polyak.errors import OutputError, require
 from polyak.keras.saving import save_model_file
 from polyak.keras.steps import StepCounter, optimizer_steps
@@ -70,7 +71,6 @@ from polyak.snapshots import (
     SnapshotDirectory,
     SnapshotSchedule,
     check_snapshot_arguments,
-    is_whole_number,
     read_manifest,
 )
 from polyak.weights.schedule import AveragingProgress, AveragingSchedule
@@ -350,7 +350,7 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
 
     def on_train_begin(self, logs: Mapping[str, Any] | None = None) -> None:
         epochs = (self.params or {}).get("epochs")
-        if self.schedule.needs_epoch_count and not is_whole_number(epochs):
+        if self.schedule.needs_epoch_count and as_whole_number(epochs) is None:
             raise ValueError(
                 "SnapshotCheckpoint saves the last epochs of the run, so it needs the number "
                 f"of epochs fit() was given; received params epochs={epochs!r}. Pass "

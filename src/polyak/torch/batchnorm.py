@@ -43,6 +43,7 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from polyak.checks import as_whole_number
 from polyak.errors import DataError, require
 
 torch = require("torch", "torch", "polyak.torch")
@@ -116,7 +117,12 @@ def _call_model(model: torch.nn.Module, batch: Any, index: int, device: Any) -> 
         )
 
 
-def _check_arguments(model: Any, batches: Any, max_batches: Any) -> None:
+def _check_arguments(model: Any, batches: Any, max_batches: Any) -> int | None:
+    """``max_batches`` as an int or None, after checking all three arguments.
+
+    ``max_batches`` follows :func:`polyak.checks.as_whole_number` (numpy integers and
+    0-d integer tensors too, not bools), refused in the module's "Received:" wording.
+    """
     if not isinstance(model, torch.nn.Module):
         raise DataError(
             "recalibrate_batchnorm: model must be a torch.nn.Module. Received: "
@@ -133,13 +139,15 @@ def _check_arguments(model: Any, batches: Any, max_batches: Any) -> None:
             "recalibrate_batchnorm: batches must be an iterable of batches (a DataLoader, a "
             f"list of tensors). Received: {type(batches).__name__}."
         )
-    if max_batches is not None and (
-        isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1
-    ):
+    if max_batches is None:
+        return None
+    number = as_whole_number(max_batches, 1)
+    if number is None:
         raise DataError(
             "recalibrate_batchnorm: max_batches must be a positive integer or None (all "
             f"batches). Received: {max_batches!r}."
         )
+    return number
 
 
 def recalibrate_batchnorm(
@@ -193,7 +201,7 @@ def recalibrate_batchnorm(
         ... )
         >>> recalibrate_batchnorm(model, train_loader, max_batches=100)  # doctest: +SKIP
     """
-    _check_arguments(model, batches, max_batches)
+    max_batches = _check_arguments(model, batches, max_batches)
     layers = batchnorm_layers(model)
     if not layers:
         return model

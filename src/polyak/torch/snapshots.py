@@ -70,6 +70,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from polyak.checks import as_whole_number
 from polyak.errors import require
 from polyak.posthoc import (
     DEFAULT_PROFILE_KEEP,
@@ -357,9 +358,7 @@ class PosthocProfiles:
                     f"{schedule.describe()}; expected the power EMA of sigma_rel {key}."
                 )
         saved_step = state.get("saved_step")
-        if saved_step is not None and (
-            isinstance(saved_step, bool) or not isinstance(saved_step, int)
-        ):
+        if saved_step is not None and as_whole_number(saved_step) is None:
             raise ValueError(
                 f"the EMA profiles' state has a saved_step that is not a whole number or None; "
                 f"received {saved_step!r}."
@@ -488,8 +487,8 @@ class SnapshotSaver:
         """
         if not self.posthoc:
             return
-        number = whole_or_none(step, "step")
-        if number is None or number < 1:
+        number = as_whole_number(step, 1)
+        if number is None:
             raise ValueError(
                 f"step must be a whole number >= 1, the optimizer steps taken (1 after the "
                 f"first); received {step!r}."

@@ -59,14 +59,14 @@ from __future__ import annotations
 
 import itertools
 import math
-import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
-from polyak.errors import SchemeError
+from polyak.checks import whole_number
+from polyak.errors import ArgumentError, SchemeError
 from polyak.weights.profiles import gamma_of, power_beta
 
 __all__ = [
@@ -89,37 +89,27 @@ MODES = {
 BUFFER_POLICIES = ("average", "copy")
 
 
-def _as_whole(value: object, minimum: int) -> int | None:
-    """``value`` as an int >= ``minimum`` (numpy and 0-d integer tensors too), or None."""
-    if isinstance(value, bool):
-        return None
+def _scheme_whole(value: object, name: str, minimum: int) -> int:
+    """``value`` checked by :func:`polyak.checks.whole_number`, refused as a SchemeError.
+
+    A schedule's counts are part of its scheme: callers catch ``SchemeError`` for a bad
+    schedule (it is an ``ArgumentError`` too, with ``parameter`` set to ``name``).
+    """
     try:
-        number = operator.index(value)
-    except TypeError:
-        return None
-    return number if number >= minimum else None
-
-
-def _whole(value: object, what: str, minimum: int) -> int:
-    """``value`` as an int >= ``minimum`` (numpy and 0-d integer tensors too), or raise."""
-    number = _as_whole(value, minimum)
-    if number is None:
-        raise SchemeError(f"{what} must be a whole number >= {minimum}; received {value!r}.")
-    return number
+        return whole_number(value, name, minimum=minimum)
+    except ArgumentError as error:
+        raise SchemeError(str(error), parameter=name) from None
 
 
 def whole_or_none(value: object, what: str) -> int | None:
     """A step or epoch as an int >= 0 (numpy and 0-d integer tensors too), or None.
 
+    The rule of :func:`polyak.checks.whole_number` with ``minimum=0, or_none=True``.
+
     Raises:
-        ValueError: ``value`` is neither None nor a whole number >= 0.
+        ArgumentError: ``value`` is neither None nor a whole number >= 0 (a ValueError).
     """
-    if value is None:
-        return None
-    number = _as_whole(value, 0)
-    if number is None:
-        raise ValueError(f"{what} must be a whole number >= 0 or None; received {value!r}.")
-    return number
+    return whole_number(value, what, minimum=0, or_none=True)
 
 
 def check_buffer_policy(buffers: object, floating: str) -> None:
@@ -237,8 +227,10 @@ class AveragingSchedule:
             object.__setattr__(self, "gamma", gamma_of(self.sigma_rel))
             object.__setattr__(self, "sigma_rel", float(self.sigma_rel))
         object.__setattr__(self, "mode", mode)
-        object.__setattr__(self, "start_step", _whole(self.start_step, "start_step", 0))
-        object.__setattr__(self, "update_every", _whole(self.update_every, "update_every", 1))
+        start_step = _scheme_whole(self.start_step, "start_step", 0)
+        update_every = _scheme_whole(self.update_every, "update_every", 1)
+        object.__setattr__(self, "start_step", start_step)
+        object.__setattr__(self, "update_every", update_every)
 
     # ------------------------------------------------------------ the schedule
 
@@ -415,10 +407,7 @@ class AveragingProgress:
         Raises:
             ValueError: ``step`` is not a whole number >= 0 or is below the last step.
         """
-        try:
-            step = _whole(step, "step", 0)
-        except SchemeError as error:
-            raise ValueError(str(error)) from None
+        step = whole_number(step, "step")
         previous = self.last_step
         if previous is not None and step < previous:
             raise ValueError(
@@ -458,7 +447,7 @@ class AveragingProgress:
         last_step, last_update = values["last_step"], values["last_update_step"]
         return cls(
             AveragingSchedule.from_dict(values["schedule"]),
-            None if last_step is None else _whole(last_step, "last_step", 0),
-            _whole(values["updates"], "updates", 0),
-            None if last_update is None else _whole(last_update, "last_update_step", 0),
+            None if last_step is None else _scheme_whole(last_step, "last_step", 0),
+            _scheme_whole(values["updates"], "updates", 0),
+            None if last_update is None else _scheme_whole(last_update, "last_update_step", 0),
         )
