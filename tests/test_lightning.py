@@ -394,6 +394,25 @@ def test_bad_arguments_are_refused(tmp_path: Path, arguments: dict, message: str
     assert names(tmp_path) == []
 
 
+def test_the_callback_keeps_its_arguments_as_one_checked_options_record(tmp_path: Path) -> None:
+    from polyak.posthoc import DEFAULT_PROFILE_KEEP
+    from polyak.snapshots import SnapshotOptions
+    from polyak.torch.saving import SUFFIXES
+
+    callback = SnapshotCallback(str(tmp_path), keep=np.int64(4), rolling=True, posthoc=(0.1,))
+    assert callback.options == SnapshotOptions(
+        directory=tmp_path,
+        formats=SUFFIXES,
+        format="safetensors",
+        keep=4,
+        rolling=True,
+        posthoc=(0.1,),
+        posthoc_keep=DEFAULT_PROFILE_KEEP,
+    )
+    assert callback.schedule is callback.options.schedule
+    assert (callback.directory, callback.keep, callback.posthoc) == (tmp_path, 4, (0.1,))
+
+
 def run_python(script: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(script)],

@@ -58,8 +58,8 @@ from typing import Any
 
 from polyak.checks import as_whole_number
 from polyak.errors import require
-from polyak.posthoc import DEFAULT_PROFILE_KEEP, check_profile_arguments
-from polyak.snapshots import Snapshot, SnapshotDirectory
+from polyak.posthoc import DEFAULT_PROFILE_KEEP
+from polyak.snapshots import Snapshot, SnapshotDirectory, SnapshotOptions
 from polyak.weights.schedule import AveragingSchedule, check_buffer_policy
 
 
@@ -82,10 +82,6 @@ def _import_lightning() -> Any:
 pl = _import_lightning()
 torch = require("torch", "lightning", "polyak.lightning")
 
-from polyak.snapshots import (  # noqa: E402  (after the dependency check)
-    SnapshotSchedule,
-    check_snapshot_arguments,
-)
 from polyak.torch.online import OnlineAverage  # noqa: E402
 from polyak.torch.snapshots import (  # noqa: E402
     SUFFIXES,
@@ -193,26 +189,35 @@ class SnapshotCallback(pl.Callback):
         posthoc_every: int | None = None,
     ) -> None:
         super().__init__()
-        check_snapshot_arguments(directory, keep, format, SUFFIXES, prefix)
-        self.schedule = SnapshotSchedule(keep, rolling, every_epochs, every_steps)
-        widths = check_profile_arguments(posthoc, posthoc_keep, posthoc_every)
-        self.directory = Path(directory)
-        self.keep = keep
-        self.rolling = rolling
-        self.every_epochs = every_epochs
-        self.every_steps = every_steps
-        self.format = format
-        self.prefix = prefix
-        self.posthoc = widths
-        self.posthoc_keep = posthoc_keep
-        self.posthoc_every = posthoc_every
+        self.options = options = SnapshotOptions(
+            directory=directory,
+            formats=SUFFIXES,
+            format=format,
+            keep=keep,
+            prefix=prefix,
+            rolling=rolling,
+            every_epochs=every_epochs,
+            every_steps=every_steps,
+            posthoc=posthoc,
+            posthoc_keep=posthoc_keep,
+            posthoc_every=posthoc_every,
+        )
+        self.schedule = options.schedule
+        self.directory = options.directory
+        self.keep = options.keep
+        self.rolling = options.rolling
+        self.every_epochs = options.every_epochs
+        self.every_steps = options.every_steps
+        self.format = options.format
+        self.prefix = options.prefix
+        self.posthoc = options.posthoc
+        self.posthoc_keep = options.posthoc_keep
+        self.posthoc_every = options.posthoc_every
         self.saved: list[Snapshot] = []
         self._snapshots: SnapshotDirectory | None = None
         self._step = 0
         self._last_epoch: int | None = None
-        self._profiles = PosthocProfiles(
-            self.directory, widths, posthoc_keep, format, prefix, "SnapshotCallback"
-        )
+        self._profiles = PosthocProfiles.for_options(options, "SnapshotCallback")
         self._tracking = False
 
     @property

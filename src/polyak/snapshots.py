@@ -84,11 +84,14 @@ import numpy as np
 from polyak.checks import as_whole_number, whole_number
 from polyak.errors import CheckpointError, OutputError
 from polyak.files import _fsync_directory, atomic_output
+from polyak.weights.profiles import gamma_of
+from polyak.weights.schemes import format_number
 
 __all__ = [
     "MANIFEST_NAME",
     "Snapshot",
     "SnapshotDirectory",
+    "SnapshotOptions",
     "SnapshotSchedule",
     "check_snapshot_arguments",
     "is_whole_number",
@@ -263,6 +266,106 @@ class SnapshotSchedule:
             and epochs is not None
             and last_epoch < epochs - 1
         )
+
+
+def _check_widths(posthoc: object) -> tuple[float, ...]:
+    """The ``posthoc`` widths (``sigma_rel``) as floats, in the order given, once checked."""
+    if isinstance(posthoc, (str, bytes)) or not isinstance(posthoc, (tuple, list)):
+        raise ValueError(
+            "posthoc takes the widths (sigma_rel) of the EMA profiles to track, as a tuple or "
+            f"list such as (0.05, 0.10), or () for none; received {posthoc!r}."
+        )
+    widths = []
+    for width in posthoc:
+        gamma_of(width)  # a SchemeError (a ValueError) naming the allowed range
+        widths.append(float(width))
+    names = [format_number(width) for width in widths]
+    if len(set(names)) != len(names):
+        raise ValueError(f"posthoc widths must differ from each other; received {posthoc!r}.")
+    return tuple(widths)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SnapshotOptions:
+    """The arguments the three snapshot helpers share, checked once, in one record.
+
+    The Keras callback (``polyak.keras.SnapshotCheckpoint``), the torch helper
+    (``polyak.torch.SnapshotSaver``) and the Lightning callback
+    (``polyak.lightning.SnapshotCallback``) take these arguments under the same names
+    and build one record from them; each keeps its own signature and defaults. The
+    torch helper saves when it is told, so it leaves the epoch and step schedule at
+    its defaults.
+
+    Args:
+        directory: the snapshot directory, a path.
+        formats: the framework's file formats, each to its file suffix.
+        format: one of ``formats``.
+        keep: how many snapshots to keep, a whole number >= 1.
+        prefix: the start of each file name: not empty, no ``/`` or ``\\``, not
+            starting with ``.``.
+        rolling: keep the most recent epochs instead of the run's last ones.
+        every_epochs: save every this many epochs, a whole number >= 1.
+        every_steps: save every this many steps instead, a whole number >= 1, or None.
+        posthoc: the widths (``sigma_rel``) of the power-function EMA profiles to
+            track, a tuple or list (empty: none).
+        posthoc_keep: how many EMA snapshots each profile keeps, a whole number >= 1.
+        posthoc_every: commit the profiles every this many steps, or None.
+
+    Attributes:
+        schedule: the :class:`SnapshotSchedule` of ``keep``, ``rolling``,
+            ``every_epochs`` and ``every_steps``.
+        suffix: the file suffix of ``format``.
+
+    Raises:
+        ValueError: the first argument that breaks its rule, named with what was
+            received (an ``ArgumentError`` for a count, a ``SchemeError`` for a width).
+
+    Example:
+        >>> options = SnapshotOptions(
+        ...     directory="run/", formats={"npz": ".npz"}, format="npz", posthoc=[0.05],
+        ...     posthoc_keep=100,
+        ... )
+        >>> options.directory, options.suffix, options.posthoc, options.schedule.keep
+        (PosixPath('run'), '.npz', (0.05,), 10)
+    """
+
+    directory: Path
+    formats: Mapping[str, str] = field(compare=False, repr=False)
+    format: str
+    keep: int = 10
+    prefix: str = "model"
+    rolling: bool = False
+    every_epochs: int = 1
+    every_steps: int | None = None
+    posthoc: tuple[float, ...] = ()
+    posthoc_keep: int
+    posthoc_every: int | None = None
+    schedule: SnapshotSchedule = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        check_snapshot_arguments(self.directory, self.keep, self.format, self.formats, self.prefix)
+        schedule = SnapshotSchedule(self.keep, self.rolling, self.every_epochs, self.every_steps)
+        posthoc = _check_widths(self.posthoc)
+        values = {
+            "directory": Path(self.directory),
+            "formats": dict(self.formats),
+            "keep": schedule.keep,
+            "every_epochs": schedule.every_epochs,
+            "every_steps": schedule.every_steps,
+            "posthoc": posthoc,
+            "posthoc_keep": whole_number(self.posthoc_keep, "posthoc_keep", minimum=1),
+            "posthoc_every": whole_number(
+                self.posthoc_every, "posthoc_every", minimum=1, or_none=True
+            ),
+            "schedule": schedule,
+        }
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+
+    @property
+    def suffix(self) -> str:
+        """The file suffix of :attr:`format`."""
+        return self.formats[self.format]
 
 
 # ---------------------------------------------------------------- reading

@@ -60,19 +60,8 @@ from polyak.checks import as_whole_number
 from polyak.errors import OutputError, require
 from polyak.keras.saving import save_model_file
 from polyak.keras.steps import StepCounter, optimizer_steps
-from polyak.posthoc import (
-    DEFAULT_PROFILE_KEEP,
-    PROFILES_DIRECTORY,
-    check_profile_arguments,
-    profile_directory,
-)
-from polyak.snapshots import (
-    Snapshot,
-    SnapshotDirectory,
-    SnapshotSchedule,
-    check_snapshot_arguments,
-    read_manifest,
-)
+from polyak.posthoc import DEFAULT_PROFILE_KEEP, PROFILES_DIRECTORY, profile_directory
+from polyak.snapshots import Snapshot, SnapshotDirectory, SnapshotOptions, read_manifest
 from polyak.weights.schedule import AveragingProgress, AveragingSchedule
 
 keras = require("keras", "keras", "polyak.keras")
@@ -317,20 +306,33 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
         posthoc_every: int | None = None,
     ) -> None:
         super().__init__()
-        check_snapshot_arguments(directory, keep, format, _SUFFIXES, prefix)
-        self.schedule = SnapshotSchedule(keep, rolling, every_epochs, every_steps)
-        widths = check_profile_arguments(posthoc, posthoc_keep, posthoc_every)
-        self.posthoc = widths
-        self.posthoc_keep = posthoc_keep
-        self.posthoc_every = posthoc_every
-        self._profiles = _Profiles(Path(directory), widths, posthoc_keep, format, prefix)
-        self.directory = Path(directory)
-        self.keep = keep
-        self.rolling = rolling
-        self.every_epochs = every_epochs
-        self.every_steps = every_steps
-        self.format = format
-        self.prefix = prefix
+        self.options = options = SnapshotOptions(
+            directory=directory,
+            formats=_SUFFIXES,
+            format=format,
+            keep=keep,
+            prefix=prefix,
+            rolling=rolling,
+            every_epochs=every_epochs,
+            every_steps=every_steps,
+            posthoc=posthoc,
+            posthoc_keep=posthoc_keep,
+            posthoc_every=posthoc_every,
+        )
+        self.schedule = options.schedule
+        self.directory = options.directory
+        self.keep = options.keep
+        self.rolling = options.rolling
+        self.every_epochs = options.every_epochs
+        self.every_steps = options.every_steps
+        self.format = options.format
+        self.prefix = options.prefix
+        self.posthoc = options.posthoc
+        self.posthoc_keep = options.posthoc_keep
+        self.posthoc_every = options.posthoc_every
+        self._profiles = _Profiles(
+            options.directory, options.posthoc, options.posthoc_keep, options.format, options.prefix
+        )
         self.saved: list[Snapshot] = []
         self._snapshots: SnapshotDirectory | None = None
         self._epochs: int | None = None
@@ -341,7 +343,7 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
 
     @property
     def _suffix(self) -> str:
-        return _SUFFIXES[self.format]
+        return self.options.suffix
 
     def _starting_step(self) -> int:
         """Training steps already taken: the optimizer's count, else this callback's."""

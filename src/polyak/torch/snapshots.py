@@ -72,17 +72,8 @@ from typing import Any
 
 from polyak.checks import as_whole_number
 from polyak.errors import require
-from polyak.posthoc import (
-    DEFAULT_PROFILE_KEEP,
-    check_profile_arguments,
-    profile_directory,
-    profile_steps,
-)
-from polyak.snapshots import (
-    Snapshot,
-    SnapshotDirectory,
-    check_snapshot_arguments,
-)
+from polyak.posthoc import DEFAULT_PROFILE_KEEP, profile_directory, profile_steps
+from polyak.snapshots import Snapshot, SnapshotDirectory, SnapshotOptions
 from polyak.torch.online import OnlineAverage
 from polyak.torch.saving import (
     SUFFIXES,
@@ -189,6 +180,18 @@ class PosthocProfiles:
         self.saved_step: int | None = None
         self._directories: dict[float, SnapshotDirectory] = {}
         self._pending: dict[str, Any] | None = None
+
+    @classmethod
+    def for_options(cls, options: SnapshotOptions, owner: str) -> PosthocProfiles:
+        """The profiles a snapshot helper built from ``options`` tracks (none without posthoc)."""
+        return cls(
+            options.directory,
+            options.posthoc,
+            options.posthoc_keep,
+            options.format,
+            options.prefix,
+            owner,
+        )
 
     @property
     def last_step(self) -> int | None:
@@ -437,22 +440,29 @@ class SnapshotSaver:
         posthoc_keep: int = DEFAULT_PROFILE_KEEP,
         posthoc_every: int | None = None,
     ) -> None:
-        check_snapshot_arguments(directory, keep, format, SUFFIXES, prefix)
-        widths = check_profile_arguments(posthoc, posthoc_keep, posthoc_every)
-        self.directory = Path(directory)
-        self.keep = keep
-        self.format = format
-        self.prefix = prefix
-        self.posthoc = widths
-        self.posthoc_keep = posthoc_keep
-        self.posthoc_every = posthoc_every
-        suffix = re.escape(SUFFIXES[format])
+        # Saves come when the loop calls save(): the record's epoch schedule stays unused.
+        self.options = options = SnapshotOptions(
+            directory=directory,
+            formats=SUFFIXES,
+            format=format,
+            keep=keep,
+            prefix=prefix,
+            posthoc=posthoc,
+            posthoc_keep=posthoc_keep,
+            posthoc_every=posthoc_every,
+        )
+        self.directory = options.directory
+        self.keep = options.keep
+        self.format = options.format
+        self.prefix = options.prefix
+        self.posthoc = options.posthoc
+        self.posthoc_keep = options.posthoc_keep
+        self.posthoc_every = options.posthoc_every
+        suffix = re.escape(options.suffix)
         self._by_step = re.compile(rf"{re.escape(prefix)}_step\d+{suffix}")
         self._by_epoch = re.compile(rf"{re.escape(prefix)}_\d+{suffix}")
-        self._snapshots = SnapshotDirectory(self.directory, keep)
-        self._profiles = PosthocProfiles(
-            self.directory, widths, posthoc_keep, format, prefix, "SnapshotSaver"
-        )
+        self._snapshots = SnapshotDirectory(self.directory, self.keep)
+        self._profiles = PosthocProfiles.for_options(options, "SnapshotSaver")
 
     def snapshots(self) -> list[Snapshot]:
         """The committed snapshots, oldest first, as the manifest lists them."""
