@@ -516,3 +516,14 @@ def test_each_snapshot_callback_keeps_its_own_state_in_the_checkpoint(tmp_path: 
     profiles = states[tracking.state_key]["profiles"]
     assert sorted(profiles) == ["0.05", "0.1"]
     assert profiles["0.1"]["progress"]["last_step"] == 8
+
+
+def test_the_lightning_adapter_has_the_file_names_of_the_keras_and_torch_adapters() -> None:
+    import polyak.lightning.online
+    import polyak.lightning.snapshots
+
+    assert SnapshotCallback is polyak.lightning.snapshots.SnapshotCallback
+    assert polyak.lightning.OnlineAverageCallback is polyak.lightning.online.OnlineAverageCallback
+    package = Path(polyak.__file__).parent
+    for adapter in ("keras", "torch", "lightning"):
+        assert {"snapshots.py", "online.py"} <= {p.name for p in (package / adapter).iterdir()}
