@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -13,6 +15,8 @@ from polyak.errors import ArgumentError, SchemeError
 from polyak.online import (
     AveragingProgress,
     AveragingSchedule,
+    AveragingState,
+    advance,
     check_buffer_policy,
     whole_or_none,
 )
@@ -60,6 +64,90 @@ def test_progress_round_trips_through_its_dict():
     assert [restored.advance(s) for s in range(20, 24)] == [
         progress.advance(s) for s in range(20, 24)
     ]
+
+
+# ---------------------------------------------------------------- the pure advance
+
+schedules = st.one_of(
+    st.builds(lambda: AveragingSchedule("polyak")),
+    st.builds(lambda r: AveragingSchedule(decay=r), st.floats(0.5, 0.9999)),
+    st.builds(lambda h: AveragingSchedule(half_life=h), st.floats(0.5, 500.0)),
+    st.builds(lambda s: AveragingSchedule(sigma_rel=s), st.floats(0.01, 0.28)),
+).flatmap(
+    lambda schedule: st.builds(
+        lambda start, every: replace(schedule, start_step=start, update_every=every),
+        st.integers(0, 20),
+        st.integers(1, 7),
+    )
+)
+
+
+def closed_form_decay(schedule: AveragingSchedule, updates: int, step: int, elapsed: int):
+    """The decay of an update, from the formulas in the module docstring (float64)."""
+    if updates == 0:
+        return 0.0
+    if schedule.mode == "polyak":
+        return updates / (updates + 1)
+    if schedule.mode == "ema":
+        rate = schedule.decay if schedule.decay is not None else 0.5 ** (1 / schedule.half_life)
+        return rate**elapsed
+    gamma = gamma_of(schedule.sigma_rel)
+    return (1 - elapsed / (step - schedule.start_step)) ** (gamma + 1)
+
+
+@settings(max_examples=150, deadline=None)
+@given(schedules, st.lists(st.integers(0, 9), min_size=1, max_size=40))
+def test_advance_is_pure_and_follows_the_closed_forms(schedule, increments):
+    state, step = AveragingState(), 0
+    updates, last_update = 0, None
+    for increment in increments:
+        step += increment
+        before = replace(state)
+        new_state, decay = advance(schedule, state, step)
+        # Pure: the input is unchanged, and the same call gives the same answer.
+        assert state == before
+        assert advance(schedule, state, step) == (new_state, decay)
+        # An update exactly when an update step start + every * j (j >= 1) was crossed.
+        previous = step - 1 if state.last_step is None else state.last_step
+        crossed = [
+            s
+            for s in range(previous + 1, step + 1)
+            if s > schedule.start_step and (s - schedule.start_step) % schedule.update_every == 0
+        ]
+        if not crossed:
+            assert decay is None
+            assert new_state == AveragingState(step, updates, last_update)
+        else:
+            since = schedule.start_step if last_update is None else last_update
+            expected = closed_form_decay(schedule, updates, step, step - since)
+            assert decay == pytest.approx(expected, rel=1e-12, abs=1e-15)
+            updates, last_update = updates + 1, step
+            assert new_state == AveragingState(step, updates, step)
+        state = new_state
+
+
+def test_advance_refuses_a_decreasing_step_and_leaves_the_state_alone():
+    schedule = AveragingSchedule(half_life=10)
+    state, decay = advance(schedule, AveragingState(), 5)
+    assert (state, decay) == (AveragingState(5, 1, 5), 0.0)
+    with pytest.raises(ValueError, match="steps must not decrease; received step 4 after step 5"):
+        advance(schedule, state, 4)
+    with pytest.raises(ArgumentError, match=r"step must be a whole number >= 0; received -1"):
+        advance(schedule, state, -1)
+    assert state == AveragingState(5, 1, 5)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        state.updates = 2  # type: ignore[misc]
+
+
+def test_the_progress_object_advances_as_the_pure_function_does():
+    schedule = AveragingSchedule(sigma_rel=0.1, start_step=2, update_every=3)
+    progress, state = AveragingProgress(schedule), AveragingState()
+    for step in (1, 3, 5, 5, 9, 20):
+        state, decay = advance(schedule, state, step)
+        assert progress.advance(step) == decay
+        assert progress.state == state
+    assert AveragingProgress.of(schedule, state) == progress
+    assert AveragingProgress.from_dict(progress.to_dict()).state == state
 
 
 # ---------------------------------------------------------------- closed forms

@@ -13,6 +13,8 @@ from polyak.weights.schedule import (
     MODES,
     AveragingProgress,
     AveragingSchedule,
+    AveragingState,
+    advance,
     check_buffer_policy,
     whole_or_none,
 )
@@ -22,6 +24,8 @@ __all__ = [
     "MODES",
     "AveragingProgress",
     "AveragingSchedule",
+    "AveragingState",
+    "advance",
     "check_buffer_policy",
     "whole_or_none",
 ]

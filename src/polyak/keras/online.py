@@ -58,6 +58,7 @@ import json
 import os
 import warnings
 from collections.abc import Iterator, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,8 @@ from polyak.weights.schedule import (
     BUFFER_POLICIES,
     AveragingProgress,
     AveragingSchedule,
+    AveragingState,
+    advance,
     check_buffer_policy,
     whole_or_none,
 )
@@ -170,7 +173,8 @@ class OnlineAverage(keras.callbacks.Callback):
 
     def _reset(self) -> None:
         """Forget the average: no updates, steps from 0, the start not yet reached."""
-        self._progress = AveragingProgress(self._template)
+        self._schedule = self._template
+        self._state = AveragingState()
         self._started = self.start_epoch is None
         self._step = 0
         self._counter = StepCounter()
@@ -183,12 +187,12 @@ class OnlineAverage(keras.callbacks.Callback):
     @property
     def schedule(self) -> AveragingSchedule:
         """The averaging schedule (with ``start_epoch``: its step once that epoch began)."""
-        return self._progress.schedule
+        return self._schedule
 
     @property
     def updates(self) -> int:
         """The updates made so far (0: the average has not started)."""
-        return self._progress.updates
+        return self._state.updates
 
     @property
     def step(self) -> int:
@@ -266,8 +270,8 @@ class OnlineAverage(keras.callbacks.Callback):
             self.swap_out()
         self._ensure_bound(model, rebind=True)
         self._counter.start(model, self._step)
-        if self._started and self._progress.last_step is None:
-            self._progress.last_step = self._step
+        if self._started and self._state.last_step is None:
+            self._state = replace(self._state, last_step=self._step)
 
     def on_epoch_begin(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
         self._counter.new_epoch()
@@ -280,9 +284,8 @@ class OnlineAverage(keras.callbacks.Callback):
                     RuntimeWarning,
                     stacklevel=2,
                 )
-            self._progress = AveragingProgress(
-                self._template.starting_at(self._step), last_step=self._step
-            )
+            self._schedule = self._template.starting_at(self._step)
+            self._state = AveragingState(last_step=self._step)
             self._started = True
 
     def on_train_batch_end(self, batch: int, logs: Mapping[str, Any] | None = None) -> None:
@@ -291,7 +294,7 @@ class OnlineAverage(keras.callbacks.Callback):
         self._step = self._counter.after_batch(batch)
         if not self._started:
             return
-        decay = self._progress.advance(self._step)
+        self._state, decay = advance(self._schedule, self._state, self._step)
         if decay is not None:
             self._update(decay)
 
@@ -466,7 +469,7 @@ class OnlineAverage(keras.callbacks.Callback):
             "start_epoch": self.start_epoch,
             "started": self._started,
             "step": self._step,
-            "progress": self._progress.to_dict(),
+            "progress": AveragingProgress.of(self._schedule, self._state).to_dict(),
             "names": self._names,
         }
         arrays = {_RECORD: np.array(json.dumps(record))}
@@ -561,7 +564,7 @@ class OnlineAverage(keras.callbacks.Callback):
                         f"{tuple(variable.shape)}. Load it into the model it was saved with."
                     )
                 averages.append(ops.convert_to_tensor(array.astype(dtype)))
-        self._progress = progress
+        self._schedule, self._state = progress.schedule, progress.state
         self._started = bool(record["started"])
         self._step = int(record["step"])
         self._averages = averages

@@ -62,7 +62,7 @@ from polyak.keras.saving import save_model_file
 from polyak.keras.steps import StepCounter, optimizer_steps
 from polyak.posthoc import DEFAULT_PROFILE_KEEP, PROFILES_DIRECTORY, profile_directory
 from polyak.snapshots import Snapshot, SnapshotDirectory, SnapshotOptions, read_manifest
-from polyak.weights.schedule import AveragingProgress, AveragingSchedule
+from polyak.weights.schedule import AveragingSchedule, AveragingState, advance
 
 keras = require("keras", "keras", "polyak.keras")
 ops = keras.ops
@@ -100,14 +100,15 @@ class _Profiles:
         self.model: Any = None
         self.variables: list[Any] = []
         self.dtypes: list[str] = []
-        self.progress: dict[float, AveragingProgress] = {}
+        self.schedules = {width: AveragingSchedule(sigma_rel=width) for width in widths}
+        self.states: dict[float, AveragingState] = {}
         self.averages: dict[float, list[Any]] = {}
         self.saved_step: int | None = None
         self._directories: dict[float, SnapshotDirectory] = {}
 
     @property
     def last_step(self) -> int | None:
-        return next(iter(self.progress.values())).last_step if self.progress else None
+        return next(iter(self.states.values())).last_step if self.states else None
 
     def start(self, model: Any, step: int) -> None:
         """Go on in memory, resume from the profile snapshots at ``step``, or start afresh."""
@@ -143,10 +144,7 @@ class _Profiles:
         self.model, self.variables = model, variables
         self.dtypes = ["float64" if v.dtype == "float64" else "float32" for v in variables]
         self.averages, self.saved_step = {}, None
-        self.progress = {
-            width: AveragingProgress(AveragingSchedule(sigma_rel=width), last_step=step)
-            for width in self.widths
-        }
+        self.states = {width: AveragingState(last_step=step) for width in self.widths}
         if any(listed.values()):
             self._restore(found, step)
         elif step > 0:
@@ -176,12 +174,7 @@ class _Profiles:
                     for variable, dtype in zip(self.variables, self.dtypes, strict=True)
                 ]
                 # Only whether there was an update matters to the power schedule.
-                self.progress[width] = AveragingProgress(
-                    AveragingSchedule(sigma_rel=width),
-                    last_step=step,
-                    updates=1,
-                    last_update_step=step,
-                )
+                self.states[width] = AveragingState(step, updates=1, last_update_step=step)
         finally:
             for variable, value in zip(kept, backup, strict=True):
                 variable.assign(value)
@@ -190,8 +183,8 @@ class _Profiles:
     def update(self, step: int) -> None:
         """Update every profile for ``step``: ``a <- beta a + (1 - beta) theta``."""
         values = None
-        for width, progress in self.progress.items():
-            decay = progress.advance(step)
+        for width, state in self.states.items():
+            self.states[width], decay = advance(self.schedules[width], state, step)
             if decay is None:
                 continue
             if values is None:

@@ -80,6 +80,8 @@ from polyak.weights.schedule import (
     BUFFER_POLICIES,
     AveragingProgress,
     AveragingSchedule,
+    AveragingState,
+    advance,
     check_buffer_policy,
 )
 
@@ -188,7 +190,7 @@ class OnlineAverage:
         )
         self.model = model
         self.buffers = buffers
-        self._progress = AveragingProgress(self.schedule)
+        self._state = AveragingState()
         self._entries = self._find_entries()
         self._backup: list[torch.Tensor] | None = None
 
@@ -235,12 +237,12 @@ class OnlineAverage:
     @property
     def updates(self) -> int:
         """The updates made so far (0: the average has not started)."""
-        return self._progress.updates
+        return self._state.updates
 
     @property
     def last_step(self) -> int | None:
         """The last step :meth:`update` was given, or None."""
-        return self._progress.last_step
+        return self._state.last_step
 
     @property
     def is_swapped(self) -> bool:
@@ -284,7 +286,8 @@ class OnlineAverage:
                 "update() while the averaged weights are swapped in would average them into "
                 "themselves; update after the swapped() block (or swap_out()) ends."
             )
-        decay = self._progress.advance(self._progress.next_step() if step is None else step)
+        step = self._state.next_step() if step is None else step
+        self._state, decay = advance(self.schedule, self._state, step)
         if decay is None:
             return False
         for entry in self._entries:
@@ -471,7 +474,7 @@ class OnlineAverage:
             "format": STATE_FORMAT,
             "version": STATE_VERSION,
             "buffers": self.buffers,
-            "progress": self._progress.to_dict(),
+            "progress": AveragingProgress.of(self.schedule, self._state).to_dict(),
             "average": {name: entry.average for entry in self._entries for name in entry.names},
         }
 
@@ -542,4 +545,4 @@ class OnlineAverage:
                 )
         for entry in self._entries:
             entry.average.copy_(tensors[entry.names[0]])
-        self._progress = progress
+        self._state = progress.state

@@ -74,6 +74,8 @@ __all__ = [
     "MODES",
     "AveragingProgress",
     "AveragingSchedule",
+    "AveragingState",
+    "advance",
     "check_buffer_policy",
     "whole_or_none",
 ]
@@ -369,13 +371,99 @@ class AveragingSchedule:
         return replace(self, start_step=start_step)
 
 
+@dataclass(frozen=True)
+class AveragingState:
+    """Where a running average stands, as an immutable record: the steps seen, the updates made.
+
+    :func:`advance` takes one and returns the next; nothing changes it in place (the
+    shape optax gives its states). The framework averages keep the state beside their
+    tensors and save it with them (:meth:`AveragingProgress.to_dict`).
+
+    Attributes:
+        last_step: the last step :func:`advance` was given, or None.
+        updates: the updates made so far.
+        last_update_step: the step of the last update, or None.
+    """
+
+    last_step: int | None = None
+    updates: int = 0
+    last_update_step: int | None = None
+
+    def next_step(self) -> int:
+        """The step after the last one seen (1 when none was)."""
+        return 1 if self.last_step is None else self.last_step + 1
+
+
+def advance(
+    schedule: AveragingSchedule, state: AveragingState, step: int
+) -> tuple[AveragingState, float | None]:
+    """The state after training reached ``step``, and the decay to update with (None: no update).
+
+    A pure function: ``state`` is not changed, and the same arguments give the same
+    result. With ``p`` the state's last step (``step - 1`` when None), ``n`` its
+    updates and ``u`` its last update step (``start_step`` when None), ``step`` is an
+    update when an update step ``start_step + update_every * j`` (``j >= 1``) lies in
+    ``(p, step]``; then, with ``d = step - u``, the decay is
+    :meth:`AveragingSchedule.decay_at` ``(step, n, d)``:
+
+    - the first update (``n = 0``): ``0``, the average copies the weights;
+    - ``polyak``: ``n / (n + 1)``;
+    - ``ema``: ``r ** d``, ``r`` the decay per step;
+    - ``power``: ``(1 - d / t) ** (gamma + 1)``, ``t = step - start_step``;
+
+    and the new state has ``updates = n + 1`` and ``last_update_step = step``. The
+    average then moves as ``a <- decay * a + (1 - decay) * theta``. A step equal to the
+    last one (several batches per optimizer step) is no new step: no update.
+
+    Args:
+        schedule: the averaging schedule.
+        state: where the average stands.
+        step: the training steps completed now.
+
+    Returns:
+        ``(new_state, decay)``, ``decay`` None when ``step`` is not an update.
+
+    Raises:
+        ArgumentError: ``step`` is not a whole number >= 0 (a ValueError).
+        ValueError: ``step`` is below the state's last step.
+
+    Example:
+        >>> schedule = AveragingSchedule("polyak", update_every=2)
+        >>> state = AveragingState()
+        >>> for step in (1, 2, 3, 4):
+        ...     state, decay = advance(schedule, state, step)
+        ...     print(step, decay)
+        1 None
+        2 0.0
+        3 None
+        4 0.5
+        >>> state
+        AveragingState(last_step=4, updates=2, last_update_step=4)
+    """
+    step = whole_number(step, "step")
+    previous = state.last_step
+    if previous is not None and step < previous:
+        raise ValueError(
+            f"steps must not decrease; received step {step} after step {previous}. Pass "
+            "the global step count (optimizer steps taken), and after resuming load the "
+            "average's saved state before training on."
+        )
+    if not schedule.should_update(step, previous):
+        return replace(state, last_step=step), None
+    since = state.last_update_step
+    elapsed = step - (schedule.start_step if since is None else since)
+    decay = schedule.decay_at(step, state.updates, elapsed)
+    return AveragingState(step, state.updates + 1, step), decay
+
+
 @dataclass
 class AveragingProgress:
-    """Where a running average stands: the steps seen and the updates made.
+    """A schedule and its :class:`AveragingState` in one object that advances in place.
 
-    The adapters keep one beside their tensors, call :meth:`advance` after each
-    training step and save :meth:`to_dict` with the average, so that a resumed run
-    continues the same schedule.
+    A convenience over :func:`advance` for a caller that keeps one object (the
+    framework averages keep the schedule and the immutable state instead), and the
+    saved form of both: :meth:`to_dict` is what an average saves, :meth:`from_dict`
+    reads it back.
 
     Attributes:
         schedule: the averaging schedule.
@@ -394,36 +482,34 @@ class AveragingProgress:
     updates: int = 0
     last_update_step: int | None = None
 
+    @classmethod
+    def of(cls, schedule: AveragingSchedule, state: AveragingState) -> AveragingProgress:
+        """The progress of ``schedule`` standing at ``state``."""
+        return cls(schedule, state.last_step, state.updates, state.last_update_step)
+
+    @property
+    def state(self) -> AveragingState:
+        """Where the average stands, as the immutable record :func:`advance` takes."""
+        return AveragingState(self.last_step, self.updates, self.last_update_step)
+
     def next_step(self) -> int:
         """The step after the last one seen (1 when none was)."""
-        return 1 if self.last_step is None else self.last_step + 1
+        return self.state.next_step()
 
     def advance(self, step: int) -> float | None:
         """Record that training reached ``step``; the decay to update with, or None.
 
-        A step equal to the last one (several batches per optimizer step, as with
-        gradient accumulation) is not a new step: no update.
+        :func:`advance`, keeping the new state in this object.
 
         Raises:
             ValueError: ``step`` is not a whole number >= 0 or is below the last step.
         """
-        step = whole_number(step, "step")
-        previous = self.last_step
-        if previous is not None and step < previous:
-            raise ValueError(
-                f"steps must not decrease; received step {step} after step {previous}. Pass "
-                "the global step count (optimizer steps taken), and after resuming load the "
-                "average's saved state before training on."
-            )
-        self.last_step = step
-        if not self.schedule.should_update(step, previous):
-            return None
-        elapsed = step - (
-            self.last_update_step if self.last_update_step is not None else self.schedule.start_step
+        state, decay = advance(self.schedule, self.state, step)
+        self.last_step, self.updates, self.last_update_step = (
+            state.last_step,
+            state.updates,
+            state.last_update_step,
         )
-        decay = self.schedule.decay_at(step, self.updates, elapsed)
-        self.updates += 1
-        self.last_update_step = step
         return decay
 
     def to_dict(self) -> dict[str, Any]:
