@@ -16,6 +16,7 @@ from polyak.online import (
     AveragingProgress,
     AveragingSchedule,
     AveragingState,
+    SwappableAverage,
     advance,
     check_buffer_policy,
     whole_or_none,
@@ -346,3 +347,43 @@ def test_check_buffer_policy():
         r"taken from the raw model\); received 'mean'",
     ):
         check_buffer_policy("mean", "floating buffers")
+
+
+# ---------------------------------------------------------------- swapping, framework-free
+
+
+class ListAverage(SwappableAverage):
+    """The smallest average: the model is a list of floats, the average another list."""
+
+    def __init__(self, weights: list[float], average: list[float]) -> None:
+        self.weights, self.average = weights, average
+
+    def _swap_model(self, action: str) -> list[float]:
+        return self.weights
+
+    def _put_average_in(self) -> list[float]:
+        backup = list(self.weights)
+        self.weights[:] = self.average
+        return backup
+
+    def _put_raw_back(self, backup: list[float]) -> None:
+        self.weights[:] = backup
+
+
+def test_the_shared_swap_refuses_swapping_twice_and_restores_on_error():
+    average = ListAverage([1.0, 2.0], [0.5, 0.25])
+    average.swap_in()
+    assert average.is_swapped and average.weights == [0.5, 0.25]
+    with pytest.raises(RuntimeError, match="already swapped in; call swap_out\\(\\) first"):
+        average.swap_in()
+    average.swap_out()
+    assert not average.is_swapped and average.weights == [1.0, 2.0]
+    with pytest.raises(RuntimeError, match="not swapped in; swap_out\\(\\) follows swap_in"):
+        average.swap_out()
+    with pytest.raises(KeyError), average.swapped() as model:
+        assert model == [0.5, 0.25]
+        with average.swapped() as inner:  # nested: the outer block swaps back
+            assert inner is model
+        assert average.is_swapped
+        raise KeyError("evaluation failed")
+    assert not average.is_swapped and average.weights == [1.0, 2.0]

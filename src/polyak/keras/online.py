@@ -52,12 +52,11 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -68,6 +67,7 @@ from polyak.errors import OutputError, require
 from polyak.files import atomic_output
 from polyak.keras.saving import save_model_file
 from polyak.keras.steps import StepCounter, optimizer_steps
+from polyak.online import SwappableAverage
 from polyak.weights.schedule import (
     BUFFER_POLICIES,
     AveragingProgress,
@@ -99,8 +99,13 @@ def _listed(names: list[str]) -> str:
     return shown + (f" and {len(names) - _MAX_LISTED} more" if len(names) > _MAX_LISTED else "")
 
 
-class OnlineAverage(keras.callbacks.Callback):
+class OnlineAverage(SwappableAverage, keras.callbacks.Callback):
     """Keep a running average of the weights during ``fit``; evaluate with it swapped in.
+
+    Swapping it into the model by hand (:meth:`swap_in`, :meth:`swap_out`,
+    :meth:`swapped`, for ``predict`` or an evaluation of your own) follows
+    :class:`polyak.online.SwappableAverage`; ``fit``'s validation and
+    ``evaluate(..., callbacks=[average])`` swap by themselves.
 
     Args:
         mode: ``"polyak"`` (running mean, equal weights), ``"ema"`` or ``"power"``;
@@ -198,11 +203,6 @@ class OnlineAverage(keras.callbacks.Callback):
     def step(self) -> int:
         """The training steps counted so far."""
         return self._step
-
-    @property
-    def is_swapped(self) -> bool:
-        """Whether the averaged weights are in the model now."""
-        return self._backup is not None
 
     @property
     def averaged_names(self) -> list[str]:
@@ -337,19 +337,10 @@ class OnlineAverage(keras.callbacks.Callback):
                 )
         self._averages = averages
 
-    def swap_in(self) -> None:
-        """Put the averaged weights into the model, keeping a copy of the raw ones.
+    def _swap_model(self, action: str) -> Any:
+        return self._bound_model(action)
 
-        Before the first update the model is its own average and nothing changes.
-        Prefer :meth:`swapped`, which also swaps back on an error.
-
-        Raises:
-            RuntimeError: they are already swapped in.
-        """
-        if self.is_swapped:
-            raise RuntimeError(
-                "the averaged weights are already swapped in; call swap_out() first."
-            )
+    def _put_average_in(self) -> list[Any]:
         backup = []
         if self._averages:
             self.model  # noqa: B018  (JAX: sync the model's state first)
@@ -358,44 +349,12 @@ class OnlineAverage(keras.callbacks.Callback):
                 # A copy, never the average itself: on JAX, compiled steps donate (free)
                 # the buffers the variables hold, and the average must outlive them.
                 variable.assign(ops.copy(ops.cast(average, variable.dtype)))
-        self._backup = backup
+        return backup
 
-    def swap_out(self) -> None:
-        """Put the raw weights back into the model, exactly.
-
-        Raises:
-            RuntimeError: the averaged weights are not swapped in.
-        """
-        if self._backup is None:
-            raise RuntimeError(
-                "the averaged weights are not swapped in; swap_out() follows swap_in()."
-            )
+    def _put_raw_back(self, backup: list[Any]) -> None:
         # The backup is empty when swapped in before any update.
-        for variable, raw in zip(self._variables, self._backup, strict=False):
+        for variable, raw in zip(self._variables, backup, strict=False):
             variable.assign(raw)
-        self._backup = None
-
-    @contextlib.contextmanager
-    def swapped(self) -> Iterator[Any]:
-        """The model with the averaged weights in it, the raw ones back on exit (also on error).
-
-        For ``predict`` or an evaluation of your own; ``fit``'s validation and
-        ``evaluate(..., callbacks=[average])`` swap by themselves. Inside an enclosing
-        ``swapped()`` block, does nothing.
-
-        Example:
-            >>> with average.swapped() as model:  # doctest: +SKIP
-            ...     predictions = model.predict(x)
-        """
-        model = self._bound_model("swapped()")
-        if self.is_swapped:
-            yield model
-            return
-        self.swap_in()
-        try:
-            yield model
-        finally:
-            self.swap_out()
 
     # ------------------------------------------------------------ files
 

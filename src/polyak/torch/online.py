@@ -65,16 +65,16 @@ its ``state_dict()`` as the callback's state in the ``.ckpt``.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from polyak.errors import OutputError, require
 from polyak.files import atomic_output
+from polyak.online import SwappableAverage
 from polyak.torch.saving import save_state_dict
 from polyak.weights.schedule import (
     BUFFER_POLICIES,
@@ -124,8 +124,11 @@ class _Entry:
         return getattr(self.module, self.attribute)
 
 
-class OnlineAverage:
+class OnlineAverage(SwappableAverage):
     """A running average of a model's weights, updated in place during training.
+
+    Swapping it into the model (:meth:`swap_in`, :meth:`swap_out`, :meth:`swapped`)
+    follows :class:`polyak.online.SwappableAverage`.
 
     Args:
         model: the ``torch.nn.Module`` being trained.
@@ -192,7 +195,6 @@ class OnlineAverage:
         self.buffers = buffers
         self._state = AveragingState()
         self._entries = self._find_entries()
-        self._backup: list[torch.Tensor] | None = None
 
     def _find_entries(self) -> list[_Entry]:
         entries: dict[int, _Entry] = {}
@@ -243,11 +245,6 @@ class OnlineAverage:
     def last_step(self) -> int | None:
         """The last step :meth:`update` was given, or None."""
         return self._state.last_step
-
-    @property
-    def is_swapped(self) -> bool:
-        """Whether the averaged weights are in the model now."""
-        return self._backup is not None
 
     @property
     def averaged_names(self) -> list[str]:
@@ -315,63 +312,25 @@ class OnlineAverage:
 
     # ------------------------------------------------------------ swapping
 
+    def _swap_model(self, action: str) -> torch.nn.Module:
+        return self.model
+
     @torch.no_grad()
-    def swap_in(self) -> None:
-        """Put the averaged weights into the model, keeping a copy of the raw ones.
-
-        Each average is rounded to its tensor's dtype (to nearest). Before the first
-        update the model is its own average and nothing changes. Prefer
-        :meth:`swapped`, which also swaps back on an error.
-
-        Raises:
-            RuntimeError: they are already swapped in.
-        """
-        if self.is_swapped:
-            raise RuntimeError(
-                "the averaged weights are already swapped in; call swap_out() first."
-            )
+    def _put_average_in(self) -> list[torch.Tensor]:
+        # Each average rounded to its tensor's dtype (to nearest) by copy_.
         backup = []
         if self.updates:
             for entry in self._entries:
                 current = entry.current()
                 backup.append(current.detach().clone())
                 current.copy_(entry.average)
-        self._backup = backup
+        return backup
 
     @torch.no_grad()
-    def swap_out(self) -> None:
-        """Put the raw weights back into the model, bit for bit.
-
-        Raises:
-            RuntimeError: the averaged weights are not swapped in.
-        """
-        if self._backup is None:
-            raise RuntimeError(
-                "the averaged weights are not swapped in; swap_out() follows swap_in()."
-            )
+    def _put_raw_back(self, backup: list[torch.Tensor]) -> None:
         # The backup is empty when swapped in before any update.
-        for entry, raw in zip(self._entries, self._backup, strict=False):
+        for entry, raw in zip(self._entries, backup, strict=False):
             entry.current().copy_(raw)
-        self._backup = None
-
-    @contextlib.contextmanager
-    def swapped(self) -> Iterator[torch.nn.Module]:
-        """The model with the averaged weights in it, the raw ones back on exit (also on error).
-
-        Inside an enclosing ``swapped()`` block, does nothing (the outer block swaps back).
-
-        Example:
-            >>> with average.swapped() as averaged_model:  # doctest: +SKIP
-            ...     accuracy = evaluate(averaged_model.eval())
-        """
-        if self.is_swapped:
-            yield self.model
-            return
-        self.swap_in()
-        try:
-            yield self.model
-        finally:
-            self.swap_out()
 
     # ------------------------------------------------------------ the averaged model
 
