@@ -1,60 +1,9 @@
 """A directory of training snapshots that a crash cannot corrupt.
 
-The framework adapters (the Keras callback, the PyTorch saver and the Lightning
-callback) save every snapshot through :class:`SnapshotDirectory`. It keeps the
-newest ``keep`` snapshots and a manifest, ``polyak-manifest.json``, that lists each
-one, oldest first, with its epoch, step, training logs, size and SHA-256.
-``polyak.find_checkpoints`` reads a directory that holds a manifest as exactly the
-files it lists, so a file left over by a crash is never averaged.
+How a commit works, what it guarantees, the manifest's layout: :class:`SnapshotDirectory`.
 
-One commit, every file fsynced and every rename followed by an fsync of the
-directory:
-
-1. ``write(temporary)`` saves the snapshot to ``NAME`` inside a hidden temporary
-   directory beside its final name, ``.polyak-tmp-PID-RANDOM-NAME/NAME``; its size and
-   SHA-256 are taken. Whatever else the save function writes beside its file (the
-   safetensors library writes a ``.tmpXXXXXX`` file and renames it) stays in that
-   directory, which is polyak's to delete.
-2. The manifest is rewritten with the new entry under ``"pending"``; the listed
-   snapshots are unchanged.
-3. The temporary file is renamed to ``NAME``, and the temporary directory deleted.
-4. The manifest is rewritten listing the kept snapshots, the new one last, and the
-   names retention evicts under ``"evicting"``.
-5. The evicted files are deleted, then the manifest is rewritten without
-   ``"evicting"``.
-
-Guarantees, whenever the process dies: the manifest is always a complete one (it
-is replaced atomically); every file it lists is complete and matches its
-checksum; and it never lists fewer snapshots than before the interrupted commit,
-since nothing is removed before step 4 and step 4 adds the new snapshot. The one
-window that needs care is re-committing a name already listed (a resumed run):
-between steps 3 and 4 the file holds the new content, which matches the
-``"pending"`` entry rather than the listed one; :func:`verify` accepts it.
-
-Opening a directory (constructing :class:`SnapshotDirectory`, which every commit
-also does first) completes or undoes an interrupted commit:
-
-- a pending entry whose file is on disk with its size and checksum is adopted (its
-  rename happened), with the retention its commit would have applied: the oldest
-  snapshots beyond ``keep`` are evicted (as in steps 4 and 5), but never so many that
-  fewer are listed than before the commit; otherwise it is dropped;
-- files listed under ``"evicting"`` and not listed as snapshots are deleted;
-- temporary files and directories of processes that are no longer alive are deleted.
-
-No other file is ever deleted: files of the user's, or snapshots from before the
-manifest existed, stay where they are (and are ignored by ``find_checkpoints``).
-One process writes a directory at a time.
-
-Manifest::
-
-    {"format": "polyak-snapshots", "version": 1,
-     "snapshots": [{"file": "model_0499.weights.h5", "epoch": 499, "step": 1234,
-                    "logs": {"loss": 0.3}, "sha256": "…", "bytes": 123,
-                    "time": "2025-01-01T12:00:00.000Z"}]}
-
-Log values are stored as JSON numbers and strings only: numpy scalars and 0-d
-tensors become numbers, NaN and infinity the strings ``"nan"``, ``"inf"`` and
-``"-inf"``; anything else is dropped.
+The framework adapters commit every snapshot through it; :class:`SnapshotOptions`
+checks the arguments they share, and :class:`SnapshotSchedule` says when callbacks save.
 
 Example:
     >>> snapshots = SnapshotDirectory("run/", keep=10)  # doctest: +SKIP
@@ -676,8 +625,63 @@ class SnapshotDirectory:
     """Snapshots in one directory: committed atomically, the newest ``keep`` kept.
 
     Opening a directory creates it if needed and completes or undoes a commit a
-    crash interrupted (see the module docstring); it never deletes a file polyak
-    did not write.
+    crash interrupted; it never deletes a file polyak did not write.
+
+    The framework adapters (the Keras callback, the PyTorch saver and the Lightning
+    callback) save every snapshot through this class. It keeps the
+    newest ``keep`` snapshots and a manifest, ``polyak-manifest.json``, that lists each
+    one, oldest first, with its epoch, step, training logs, size and SHA-256.
+    ``polyak.find_checkpoints`` reads a directory that holds a manifest as exactly the
+    files it lists, so a file left over by a crash is never averaged.
+
+    One commit, every file fsynced and every rename followed by an fsync of the
+    directory:
+
+    1. ``write(temporary)`` saves the snapshot to ``NAME`` inside a hidden temporary
+       directory beside its final name, ``.polyak-tmp-PID-RANDOM-NAME/NAME``; its size and
+       SHA-256 are taken. Whatever else the save function writes beside its file (the
+       safetensors library writes a ``.tmpXXXXXX`` file and renames it) stays in that
+       directory, which is polyak's to delete.
+    2. The manifest is rewritten with the new entry under ``"pending"``; the listed
+       snapshots are unchanged.
+    3. The temporary file is renamed to ``NAME``, and the temporary directory deleted.
+    4. The manifest is rewritten listing the kept snapshots, the new one last, and the
+       names retention evicts under ``"evicting"``.
+    5. The evicted files are deleted, then the manifest is rewritten without
+       ``"evicting"``.
+
+    Guarantees, whenever the process dies: the manifest is always a complete one (it
+    is replaced atomically); every file it lists is complete and matches its
+    checksum; and it never lists fewer snapshots than before the interrupted commit,
+    since nothing is removed before step 4 and step 4 adds the new snapshot. The one
+    window that needs care is re-committing a name already listed (a resumed run):
+    between steps 3 and 4 the file holds the new content, which matches the
+    ``"pending"`` entry rather than the listed one; :func:`verify` accepts it.
+
+    Opening a directory (constructing :class:`SnapshotDirectory`, which every commit
+    also does first) completes or undoes an interrupted commit:
+
+    - a pending entry whose file is on disk with its size and checksum is adopted (its
+      rename happened), with the retention its commit would have applied: the oldest
+      snapshots beyond ``keep`` are evicted (as in steps 4 and 5), but never so many that
+      fewer are listed than before the commit; otherwise it is dropped;
+    - files listed under ``"evicting"`` and not listed as snapshots are deleted;
+    - temporary files and directories of processes that are no longer alive are deleted.
+
+    No other file is ever deleted: files of the user's, or snapshots from before the
+    manifest existed, stay where they are (and are ignored by ``find_checkpoints``).
+    One process writes a directory at a time.
+
+    Manifest::
+
+        {"format": "polyak-snapshots", "version": 1,
+         "snapshots": [{"file": "model_0499.weights.h5", "epoch": 499, "step": 1234,
+                        "logs": {"loss": 0.3}, "sha256": "…", "bytes": 123,
+                        "time": "2025-01-01T12:00:00.000Z"}]}
+
+    Log values are stored as JSON numbers and strings only: numpy scalars and 0-d
+    tensors become numbers, NaN and infinity the strings ``"nan"``, ``"inf"`` and
+    ``"-inf"``; anything else is dropped.
 
     Args:
         directory: where the snapshots and ``polyak-manifest.json`` live.

@@ -1,46 +1,6 @@
 """Recomputing BatchNormalization moving statistics after averaging (Keras 3).
 
-Averaging checkpoints averages the weights and, separately, each
-``BatchNormalization`` layer's ``moving_mean`` and ``moving_variance``; the averaged
-statistics are not those of the activations the averaged weights produce.
-:func:`recalibrate_batchnorm` measures them again with one pass over training data.
-
-How: Keras updates ``moving = momentum * moving + (1 - momentum) * batch_statistic``
-when a trainable layer is called with ``training=True``, reading ``self.momentum`` at
-each call (eagerly, on every backend: the model is called directly, not through a
-compiled train step). During the pass each layer's ``call`` is wrapped to count its
-calls in training mode and set ``momentum = (k - 1) / k`` before the k-th, which makes
-the moving statistic the running mean of the batch statistics. So over the K calls of
-the pass (K batches, or more for a layer called several times per forward), for each
-channel::
-
-    moving_mean     = (1 / K) * sum_k mean_k
-    moving_variance = (1 / K) * sum_k var_k,   var_k = sum_i (a_i - mean_k)^2 / n_k
-
-with ``a_i`` the n_k values entering the layer for that channel in batch k (every axis
-but the layer's ``axis``, masked positions left out). ``var_k`` is Keras' biased batch
-variance (divisor n_k), which is also what the layer normalizes with in training;
-PyTorch's running variance uses n_k - 1 instead. Each batch counts once whatever its
-size; arrays are therefore cut into batches of near-equal size (see ``batch_size``).
-Layers built with ``renorm=True`` track a moving standard deviation: for them
-``moving_stddev = (1 / K) * sum_k sqrt(var_k + epsilon)`` and ``moving_variance =
-max(moving_stddev**2 - epsilon, 0)``, as the layer itself defines them; their
-``renorm_mean`` and ``renorm_stddev`` are put back as they were after the pass.
-
-The first call (momentum 0) overwrites the old statistics, which amounts to a reset;
-the old values stay in place until then, so that layers the model calls in inference
-mode during the pass still normalize with their own statistics. Those layers, and any
-other that no batch reaches in training mode, keep their statistics, with a warning:
-for example a backbone that a subclassed model's ``call`` runs as ``self.base(x,
-training=False)``. (In a functional model, Keras 3 passes the outer ``training=True``
-to every layer, overriding a ``training=False`` given when the graph was built, in
-training as in this pass.)
-A ``BatchNormalization`` layer with ``trainable=False`` (or inside a frozen model)
-runs in inference mode in Keras even in training and is left alone, without warning.
-
-The pass calls ``model(x, training=True)``, so dropout is active as during training;
-afterwards the model is used as usual, ``training=False`` normalizing with the new
-statistics.
+How the pass works, its formulas and the layers it leaves alone: :func:`recalibrate_batchnorm`.
 
 Example:
     >>> model = keras.Sequential(
@@ -279,6 +239,48 @@ def recalibrate_batchnorm(
 ) -> Any:
     """Recompute the moving statistics of every BatchNormalization layer of ``model``.
 
+    Averaging checkpoints averages the weights and, separately, each
+    ``BatchNormalization`` layer's ``moving_mean`` and ``moving_variance``; the averaged
+    statistics are not those of the activations the averaged weights produce.
+    :func:`recalibrate_batchnorm` measures them again with one pass over training data.
+
+    How: Keras updates ``moving = momentum * moving + (1 - momentum) * batch_statistic``
+    when a trainable layer is called with ``training=True``, reading ``self.momentum`` at
+    each call (eagerly, on every backend: the model is called directly, not through a
+    compiled train step). During the pass each layer's ``call`` is wrapped to count its
+    calls in training mode and set ``momentum = (k - 1) / k`` before the k-th, which makes
+    the moving statistic the running mean of the batch statistics. So over the K calls of
+    the pass (K batches, or more for a layer called several times per forward), for each
+    channel::
+
+        moving_mean     = (1 / K) * sum_k mean_k
+        moving_variance = (1 / K) * sum_k var_k,   var_k = sum_i (a_i - mean_k)^2 / n_k
+
+    with ``a_i`` the n_k values entering the layer for that channel in batch k (every axis
+    but the layer's ``axis``, masked positions left out). ``var_k`` is Keras' biased batch
+    variance (divisor n_k), which is also what the layer normalizes with in training;
+    PyTorch's running variance uses n_k - 1 instead. Each batch counts once whatever its
+    size; arrays are therefore cut into batches of near-equal size (see ``batch_size``).
+    Layers built with ``renorm=True`` track a moving standard deviation: for them
+    ``moving_stddev = (1 / K) * sum_k sqrt(var_k + epsilon)`` and ``moving_variance =
+    max(moving_stddev**2 - epsilon, 0)``, as the layer itself defines them; their
+    ``renorm_mean`` and ``renorm_stddev`` are put back as they were after the pass.
+
+    The first call (momentum 0) overwrites the old statistics, which amounts to a reset;
+    the old values stay in place until then, so that layers the model calls in inference
+    mode during the pass still normalize with their own statistics. Those layers, and any
+    other that no batch reaches in training mode, keep their statistics, with a warning:
+    for example a backbone that a subclassed model's ``call`` runs as ``self.base(x,
+    training=False)``. (In a functional model, Keras 3 passes the outer ``training=True``
+    to every layer, overriding a ``training=False`` given when the graph was built, in
+    training as in this pass.)
+    A ``BatchNormalization`` layer with ``trainable=False`` (or inside a frozen model)
+    runs in inference mode in Keras even in training and is left alone, without warning.
+
+    The pass calls ``model(x, training=True)``, so dropout is active as during training;
+    afterwards the model is used as usual, ``training=False`` normalizing with the new
+    statistics.
+
     For each layer :func:`batchnorm_layers` lists, over its K calls in the pass (one
     per batch, unless the model calls it more than once)::
 
@@ -286,7 +288,7 @@ def recalibrate_batchnorm(
 
     with ``mean_k`` and ``var_k`` the per-channel mean and biased variance (divisor
     n_k) of the values entering the layer when ``model(x, training=True)`` runs on a
-    batch (see the module docstring for renorm layers). Each layer's ``momentum`` is put
+    batch (see above for renorm layers). Each layer's ``momentum`` is put
     back afterwards, also when the forward raises; then the statistics are also put
     back as they were. A layer that no batch reached in training mode (a sub-model
     that a subclassed model calls with ``training=False``, a branch not taken) keeps

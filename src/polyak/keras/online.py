@@ -1,46 +1,6 @@
 """``OnlineAverage``: a Keras 3 callback keeping a running average of the weights during ``fit``.
 
-The callback updates the average after training batches and swaps it into the model
-for every evaluation it is a callback of: the validation that ``fit`` runs after each
-epoch (Keras runs it through ``evaluate`` with the same callbacks, so ``val_*``
-metrics, and EarlyStopping or ModelCheckpoint monitoring them, see the averaged
-model), ``model.evaluate(..., callbacks=[average])`` and ``model.predict(...,
-callbacks=[average])``. The raw weights go back into the model when the evaluation
-or prediction ends: training always continues from them, and the model
-holds them when ``fit`` returns, so saving it and training on resumes the run. (Keras'
-``use_ema=True`` instead overwrites the weights with the average at the end of
-``fit``.) The schedules and their formulas are those of :mod:`polyak.online`.
-
-Steps are the optimizer's steps counted across epochs and ``fit`` calls, starting from
-its iteration count (as :class:`polyak.keras.SnapshotCheckpoint` counts them): training
-batches, or with ``gradient_accumulation_steps=k`` every ``k``-th batch, the one that
-changes the weights (see :mod:`polyak.keras.steps`); ``start_epoch=E`` starts
-averaging with Keras' 0-based epoch ``E``, i.e. after the steps taken before it.
-
-Numeric policy, as in :mod:`polyak.torch.online`:
-
-- trainable floating variables are averaged; non-trainable floating variables
-  (BatchNormalization's moving mean and variance) too by default
-  (``buffers="average"``, what ``polyak.average`` of snapshots does), or left to the
-  raw model with ``buffers="copy"`` (what Keras' ``use_ema`` does);
-- integer and bool variables, and anything not in ``model.weights`` (random seed
-  state, metrics, the optimizer), are never averaged: the averaged model uses the raw
-  model's;
-- the average is kept in float32 (float64 for float64 variables) whatever the
-  variables' dtype (``bfloat16``, ``float16``), and rounded to their dtype when
-  swapped in; swapping out restores the raw values exactly.
-
-It uses ``keras.ops`` and ``Variable.assign`` only, so it runs on every backend.
-(On JAX, reading the weights mid-epoch makes Keras sync its state to the variables:
-the callback does so on update steps only; ``update_every`` makes that rarer.)
-
-Saving and resuming: :meth:`OnlineAverage.save` writes the average and its counters
-to an ``.npz`` file (arrays ``average/I/NAME``, ``I`` the variable's index in
-``model.weights`` and ``NAME`` its name, and a JSON record ``__polyak_online__``);
-save the model as usual (it holds the raw weights). To resume, load the model,
-build the callback with the same arguments, :meth:`OnlineAverage.load` the file and
-``fit`` on. :meth:`OnlineAverage.export` writes the averaged model as a
-``.weights.h5`` or ``.keras`` file.
+Steps, the numeric policy, saving and resuming: :class:`OnlineAverage`.
 
 Example:
     >>> from polyak.keras import OnlineAverage
@@ -102,6 +62,48 @@ def _listed(names: list[str]) -> str:
 class OnlineAverage(SwappableAverage, keras.callbacks.Callback):
     """Keep a running average of the weights during ``fit``; evaluate with it swapped in.
 
+    The callback updates the average after training batches and swaps it into the model
+    for every evaluation it is a callback of: the validation that ``fit`` runs after each
+    epoch (Keras runs it through ``evaluate`` with the same callbacks, so ``val_*``
+    metrics, and EarlyStopping or ModelCheckpoint monitoring them, see the averaged
+    model), ``model.evaluate(..., callbacks=[average])`` and ``model.predict(...,
+    callbacks=[average])``. The raw weights go back into the model when the evaluation
+    or prediction ends: training always continues from them, and the model
+    holds them when ``fit`` returns, so saving it and training on resumes the run. (Keras'
+    ``use_ema=True`` instead overwrites the weights with the average at the end of
+    ``fit``.) The schedules and their formulas are those of :mod:`polyak.online`.
+
+    Steps are the optimizer's steps counted across epochs and ``fit`` calls, starting from
+    its iteration count (as :class:`polyak.keras.SnapshotCheckpoint` counts them): training
+    batches, or with ``gradient_accumulation_steps=k`` every ``k``-th batch, the one that
+    changes the weights (see :mod:`polyak.keras.steps`); ``start_epoch=E`` starts
+    averaging with Keras' 0-based epoch ``E``, i.e. after the steps taken before it.
+
+    Numeric policy, as in :mod:`polyak.torch.online`:
+
+    - trainable floating variables are averaged; non-trainable floating variables
+      (BatchNormalization's moving mean and variance) too by default
+      (``buffers="average"``, what ``polyak.average`` of snapshots does), or left to the
+      raw model with ``buffers="copy"`` (what Keras' ``use_ema`` does);
+    - integer and bool variables, and anything not in ``model.weights`` (random seed
+      state, metrics, the optimizer), are never averaged: the averaged model uses the raw
+      model's;
+    - the average is kept in float32 (float64 for float64 variables) whatever the
+      variables' dtype (``bfloat16``, ``float16``), and rounded to their dtype when
+      swapped in; swapping out restores the raw values exactly.
+
+    It uses ``keras.ops`` and ``Variable.assign`` only, so it runs on every backend.
+    (On JAX, reading the weights mid-epoch makes Keras sync its state to the variables:
+    the callback does so on update steps only; ``update_every`` makes that rarer.)
+
+    Saving and resuming: :meth:`OnlineAverage.save` writes the average and its counters
+    to an ``.npz`` file (arrays ``average/I/NAME``, ``I`` the variable's index in
+    ``model.weights`` and ``NAME`` its name, and a JSON record ``__polyak_online__``);
+    save the model as usual (it holds the raw weights). To resume, load the model,
+    build the callback with the same arguments, :meth:`OnlineAverage.load` the file and
+    ``fit`` on. :meth:`OnlineAverage.export` writes the averaged model as a
+    ``.weights.h5`` or ``.keras`` file.
+
     Swapping it into the model by hand (:meth:`swap_in`, :meth:`swap_out`,
     :meth:`swapped`, for ``predict`` or an evaluation of your own) follows
     :class:`polyak.online.SwappableAverage`; ``fit``'s validation and
@@ -110,7 +112,7 @@ class OnlineAverage(SwappableAverage, keras.callbacks.Callback):
     Args:
         mode: ``"polyak"`` (running mean, equal weights), ``"ema"`` or ``"power"``;
             by default inferred: ``decay``/``half_life`` -> ema, ``sigma_rel`` ->
-            power, none -> polyak. Formulas: :mod:`polyak.online`.
+            power, none -> polyak. Formulas: :class:`polyak.online.AveragingSchedule`.
         decay: ema: the decay per step (an update after ``d`` steps uses ``decay**d``).
         half_life: ema: the steps after which a weight counts half; the same time
             scale whatever ``update_every``.

@@ -1,45 +1,6 @@
 """``SnapshotCheckpoint``: save the weights of the last epochs for averaging afterwards.
 
-The callback has Keras serialize the model into memory (its ``.keras`` writer, given a
-``BytesIO``; for ``.weights.h5`` the archive's ``model.weights.h5``, the same file
-``model.save_weights`` writes) and writes the bytes itself, committing each file
-through :class:`polyak.snapshots.SnapshotDirectory`: atomically, with a manifest
-recording epoch, step, logs and checksum, and keeping the newest ``keep``. HDF5 never
-writes to the disk, so a full disk, a read-only folder or a quota is an ``OutputError``
-(an ``OSError``) the training script can catch, with every earlier snapshot intact;
-HDF5 crashed the process (SIGSEGV) when a write failed as it closed a file. The cost is
-the snapshot's bytes held in memory twice while saving. Only Keras' saving is used, so
-it works on every backend.
-
-File names carry the numbers polyak orders checkpoints by:
-
-| mode                        | file name                           |
-|-----------------------------|-------------------------------------|
-| epochs (default)            | ``{prefix}_{epoch:04d}.weights.h5`` |
-| ``format="keras"``          | ``{prefix}_{epoch:04d}.keras``      |
-| ``every_steps=N``           | ``{prefix}_step{step:08d}{suffix}`` |
-
-``epoch`` is Keras' 0-based epoch index, so 500 epochs with ``keep=10`` give
-``model_0490`` to ``model_0499``, the classic experiment's snapshots.
-
-Post-hoc EMA (``posthoc=(0.05, 0.10)``): the callback also keeps one power-function
-EMA per width (:mod:`polyak.posthoc`; float32, float64 for float64 weights, of every
-floating weight, BatchNormalization statistics included; integer variables stay the
-raw model's), updated after every optimizer step (every training batch; with
-``gradient_accumulation_steps=k``, every ``k``-th, see :mod:`polyak.keras.steps`) with
-the step count above as the profile's time, and commits the EMA of each width, as a
-file of the same ``format`` named ``{prefix}_step{step:08d}{suffix}``, into
-``DIR/posthoc/sigma-WIDTH/`` at every epoch end (or every ``posthoc_every`` steps
-instead) and with every raw snapshot, keeping the newest ``posthoc_keep``.
-``polyak posthoc DIR --sigma-rel ...`` then reconstructs the EMA of any width.
-
-Resuming: the profile snapshots are the profiles' state. When ``fit`` begins after
-``S`` steps (the optimizer's iteration count, as in a model loaded with its optimizer)
-the callback continues the profiles from their snapshots at step ``S``, exactly for
-float32 weights, so resume from a model saved at a step the profiles were saved at
-(an epoch end, by default). If the profiles hold snapshots but none at ``S``, or a new
-run (``S = 0``) finds snapshots, it refuses to mix runs; if they hold none at all, the
-profiles start at ``S`` with a warning.
+File names, post-hoc EMA profiles and resuming: :class:`SnapshotCheckpoint`.
 
 Example:
     >>> from polyak.keras import SnapshotCheckpoint
@@ -236,6 +197,47 @@ class _Profiles:
 class SnapshotCheckpoint(keras.callbacks.Callback):
     """Save snapshots of the model during ``fit`` into a crash-safe snapshot directory.
 
+    The callback has Keras serialize the model into memory (its ``.keras`` writer, given a
+    ``BytesIO``; for ``.weights.h5`` the archive's ``model.weights.h5``, the same file
+    ``model.save_weights`` writes) and writes the bytes itself, committing each file
+    through :class:`polyak.snapshots.SnapshotDirectory`: atomically, with a manifest
+    recording epoch, step, logs and checksum, and keeping the newest ``keep``. HDF5 never
+    writes to the disk, so a full disk, a read-only folder or a quota is an ``OutputError``
+    (an ``OSError``) the training script can catch, with every earlier snapshot intact;
+    HDF5 crashed the process (SIGSEGV) when a write failed as it closed a file. The cost is
+    the snapshot's bytes held in memory twice while saving. Only Keras' saving is used, so
+    it works on every backend.
+
+    File names carry the numbers polyak orders checkpoints by:
+
+    | mode                        | file name                           |
+    |-----------------------------|-------------------------------------|
+    | epochs (default)            | ``{prefix}_{epoch:04d}.weights.h5`` |
+    | ``format="keras"``          | ``{prefix}_{epoch:04d}.keras``      |
+    | ``every_steps=N``           | ``{prefix}_step{step:08d}{suffix}`` |
+
+    ``epoch`` is Keras' 0-based epoch index, so 500 epochs with ``keep=10`` give
+    ``model_0490`` to ``model_0499``, the classic experiment's snapshots.
+
+    Post-hoc EMA (``posthoc=(0.05, 0.10)``): the callback also keeps one power-function
+    EMA per width (:mod:`polyak.posthoc`; float32, float64 for float64 weights, of every
+    floating weight, BatchNormalization statistics included; integer variables stay the
+    raw model's), updated after every optimizer step (every training batch; with
+    ``gradient_accumulation_steps=k``, every ``k``-th, see :mod:`polyak.keras.steps`) with
+    the step count above as the profile's time, and commits the EMA of each width, as a
+    file of the same ``format`` named ``{prefix}_step{step:08d}{suffix}``, into
+    ``DIR/posthoc/sigma-WIDTH/`` at every epoch end (or every ``posthoc_every`` steps
+    instead) and with every raw snapshot, keeping the newest ``posthoc_keep``.
+    ``polyak posthoc DIR --sigma-rel ...`` then reconstructs the EMA of any width.
+
+    Resuming: the profile snapshots are the profiles' state. When ``fit`` begins after
+    ``S`` steps (the optimizer's iteration count, as in a model loaded with its optimizer)
+    the callback continues the profiles from their snapshots at step ``S``, exactly for
+    float32 weights, so resume from a model saved at a step the profiles were saved at
+    (an epoch end, by default). If the profiles hold snapshots but none at ``S``, or a new
+    run (``S = 0``) finds snapshots, it refuses to mix runs; if they hold none at all, the
+    profiles start at ``S`` with a warning.
+
     Two epoch modes:
 
     - ``rolling=False`` (default): save the last ``keep`` epochs of the run, every
@@ -262,7 +264,7 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
         prefix: the start of each file name.
         posthoc: the widths (``sigma_rel``) of the power-function EMA profiles to
             track for post-hoc EMA, e.g. ``(0.05, 0.10)``; ``()`` (default) tracks none,
-            at no cost. See the module docstring.
+            at no cost. See above.
         posthoc_keep: how many EMA snapshots each profile keeps (the newest).
         posthoc_every: commit the profiles every this many steps instead of at every
             epoch end (they are also committed with every raw snapshot).
@@ -275,7 +277,7 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
     Raises:
         ValueError: an argument is out of range, or ``fit`` gives no epoch count in
             the default mode; with ``posthoc``, when ``fit`` begins, profile snapshots
-            that this run cannot continue (see the module docstring).
+            that this run cannot continue (see above).
 
     Example:
         >>> checkpoint = SnapshotCheckpoint("run/", keep=10)  # doctest: +SKIP

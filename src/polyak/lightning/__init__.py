@@ -1,5 +1,7 @@
 """Lightning adapter: the snapshot callback and the online-average callback.
 
+Its file names are the Keras and torch adapters'; its class names are Lightning's habit.
+
 Its modules have the file names of the Keras and PyTorch adapters where the roles
 match: ``snapshots`` (:class:`SnapshotCallback`, the counterpart of
 ``polyak.keras.SnapshotCheckpoint`` and ``polyak.torch.SnapshotSaver``) and ``online``

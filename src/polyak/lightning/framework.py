@@ -1,7 +1,9 @@
 """Lightning itself for the Lightning adapter: its import, and what both callbacks ask of a Trainer.
 
-Imported first by every module of :mod:`polyak.lightning`, so that a missing Lightning
-or torch is one ``MissingDependencyError`` naming the ``lightning`` extra.
+Imported first by each module of the adapter: a missing Lightning names the extra to install.
+
+Every module of :mod:`polyak.lightning` imports it before torch's adapter, so that a
+missing Lightning or torch is one ``MissingDependencyError`` naming the ``lightning`` extra.
 
 Lightning is imported as ``lightning.pytorch``; where only the older
 ``pytorch_lightning`` package is installed, that is used instead.

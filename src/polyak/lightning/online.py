@@ -30,7 +30,7 @@ class OnlineAverageCallback(pl.Callback):
     """Keep a running average of the weights while training; validate and test with it.
 
     Wraps :class:`polyak.torch.OnlineAverage` (schedules and formulas:
-    :mod:`polyak.online`):
+    :class:`polyak.online.AveragingSchedule`):
 
     - built when ``fit`` starts (after ``configure_model`` and after a checkpoint's
       callback state was read), for the LightningModule;

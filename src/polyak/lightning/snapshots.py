@@ -1,17 +1,6 @@
 """``SnapshotCallback``: save the weights of a Lightning run's last epochs for averaging.
 
-The Lightning counterpart of ``polyak.keras.SnapshotCheckpoint`` (same modes, arguments).
-
-File names carry the numbers polyak orders checkpoints by:
-
-| mode                        | file name                               |
-|-----------------------------|-----------------------------------------|
-| epochs (default, rolling)   | ``{prefix}_{epoch:04d}.safetensors``    |
-| ``format="pt"``             | ``{prefix}_{epoch:04d}.pt``             |
-| ``every_steps=N``           | ``{prefix}_step{step:08d}{suffix}``     |
-
-``epoch`` is Lightning's 0-based ``trainer.current_epoch``, so ``max_epochs=500``
-with ``keep=10`` gives ``model_0490`` to ``model_0499``.
+The Lightning counterpart of ``polyak.keras.SnapshotCheckpoint``: the same modes and arguments.
 
 Example:
     >>> from polyak.lightning import SnapshotCallback
@@ -57,6 +46,17 @@ def _numbers(metrics: Any) -> dict[str, float | int]:
 
 class SnapshotCallback(pl.Callback):
     """Save snapshots of a LightningModule during ``fit`` into a crash-safe snapshot directory.
+
+    File names carry the numbers polyak orders checkpoints by:
+
+    | mode                        | file name                               |
+    |-----------------------------|-----------------------------------------|
+    | epochs (default, rolling)   | ``{prefix}_{epoch:04d}.safetensors``    |
+    | ``format="pt"``             | ``{prefix}_{epoch:04d}.pt``             |
+    | ``every_steps=N``           | ``{prefix}_step{step:08d}{suffix}``     |
+
+    ``epoch`` is Lightning's 0-based ``trainer.current_epoch``, so ``max_epochs=500``
+    with ``keep=10`` gives ``model_0490`` to ``model_0499``.
 
     Two epoch modes, as in the Keras callback:
 

@@ -1,31 +1,6 @@
 """Recomputing BatchNorm running statistics after averaging (PyTorch).
 
-Averaging checkpoints averages the weights and, separately, each BatchNorm layer's
-``running_mean`` and ``running_var``; the averaged statistics are not those of the
-activations the averaged weights produce. :func:`recalibrate_batchnorm` measures them
-again with one pass over training data, as SWA does (Izmailov et al., 2018).
-
-What results, for each BatchNorm layer that tracks running statistics, over the K
-batches of the pass (torch's cumulative average, ``momentum=None``)::
-
-    running_mean = (1 / K) * sum_k mean_k
-    running_var  = (1 / K) * sum_k var_k,   var_k = sum_i (a_i - mean_k)^2 / (n_k - 1)
-
-where ``a_i`` are the n_k activations entering the layer for one channel in batch k
-(n_k = batch size times the spatial positions), so ``var_k`` is torch's unbiased batch
-variance. Each batch counts once whatever its size: give batches of equal size (a
-``DataLoader`` with ``drop_last=True``) for a sample-weighted result. The pass runs in
-train mode, so each layer normalizes with its batch's statistics and dropout is active,
-as during training; ``num_batches_tracked`` ends as the number of calls the layer saw.
-In eval mode afterwards the layers normalize with these statistics.
-
-Why not ``torch.optim.swa_utils.update_bn``, which does the same pass: it takes only
-tensors or tuples (no dict batches, no custom forward, no limit on the number of
-batches); it restores ``model.train(was_training)``, which overwrites the training flag
-of submodules that differed from the root (frozen BatchNorm layers in eval mode); it
-restores neither momentum nor training flags when the forward raises; and it fails on
-a lazy BatchNorm layer that is not yet initialized. This module does the same pass
-with those handled, and leaves the statistics as they were when the pass fails.
+The formulas, and why not ``torch.optim.swa_utils.update_bn``: :func:`recalibrate_batchnorm`.
 
 Example:
     >>> import torch
@@ -158,6 +133,33 @@ def recalibrate_batchnorm(
     device: str | torch.device | None = None,
 ) -> torch.nn.Module:
     """Recompute the running statistics of every BatchNorm layer of ``model`` from data.
+
+    Averaging checkpoints averages the weights and, separately, each BatchNorm layer's
+    ``running_mean`` and ``running_var``; the averaged statistics are not those of the
+    activations the averaged weights produce. :func:`recalibrate_batchnorm` measures them
+    again with one pass over training data, as SWA does (Izmailov et al., 2018).
+
+    What results, for each BatchNorm layer that tracks running statistics, over the K
+    batches of the pass (torch's cumulative average, ``momentum=None``)::
+
+        running_mean = (1 / K) * sum_k mean_k
+        running_var  = (1 / K) * sum_k var_k,   var_k = sum_i (a_i - mean_k)^2 / (n_k - 1)
+
+    where ``a_i`` are the n_k activations entering the layer for one channel in batch k
+    (n_k = batch size times the spatial positions), so ``var_k`` is torch's unbiased batch
+    variance. Each batch counts once whatever its size: give batches of equal size (a
+    ``DataLoader`` with ``drop_last=True``) for a sample-weighted result. The pass runs in
+    train mode, so each layer normalizes with its batch's statistics and dropout is active,
+    as during training; ``num_batches_tracked`` ends as the number of calls the layer saw.
+    In eval mode afterwards the layers normalize with these statistics.
+
+    Why not ``torch.optim.swa_utils.update_bn``, which does the same pass: it takes only
+    tensors or tuples (no dict batches, no custom forward, no limit on the number of
+    batches); it restores ``model.train(was_training)``, which overwrites the training flag
+    of submodules that differed from the root (frozen BatchNorm layers in eval mode); it
+    restores neither momentum nor training flags when the forward raises; and it fails on
+    a lazy BatchNorm layer that is not yet initialized. This module does the same pass
+    with those handled, and leaves the statistics as they were when the pass fails.
 
     Resets the running statistics of each layer :func:`batchnorm_layers` lists and runs
     ``model`` on ``batches`` in train mode under ``torch.no_grad()`` with

@@ -1,45 +1,6 @@
 """``OnlineAverage``: a running average of a PyTorch model's weights, kept while it trains.
 
-Call :meth:`OnlineAverage.update` after each optimizer step; evaluate with the averaged
-weights inside :meth:`OnlineAverage.swapped`. The schedules (Polyak running mean,
-EMA by decay or half-life, power-function EMA) and their formulas are those of
-:mod:`polyak.online`: the average is ``a <- decay * a + (1 - decay) * theta`` at the
-update steps ``start_step + update_every * j``, the first update copying the weights.
-
-What is averaged, and how (the numeric policy):
-
-- Floating parameters, and floating buffers by default (``buffers="average"``):
-  BatchNorm's running mean and variance are averaged with the same weights as the
-  parameters, so the averaged model is, tensor for tensor, the weighted average of
-  the model's states at the update steps, which is what ``polyak.average`` computes
-  from snapshots (it averages every float tensor); timm's ``ModelEmaV3`` and torch's
-  ``AveragedModel(use_buffers=True)`` EMA recipe do the same. Neither these nor the
-  raw model's statistics are exact for averaged weights (the raw ones follow the last
-  few batches of the raw weights); :func:`polyak.torch.recalibrate_batchnorm`
-  recomputes them. ``buffers="copy"`` leaves floating buffers out: the averaged model
-  then uses the raw model's (``AveragedModel``'s default, and Keras' ``use_ema``).
-- Integer and bool buffers (``num_batches_tracked``) are never averaged: the averaged
-  model uses the raw model's. So do non-tensor and tensor extra state.
-- The average of each tensor lives on the tensor's device in float32 (float64 for
-  float64 tensors, complex64/complex128 for complex ones), whatever the model's dtype:
-  an fp16 or bf16 model's average moves by ``(1 - decay) * (theta - a)`` however small,
-  where a bf16 average with a decay of 0.9999 would round every update away. Updates
-  are in place (``lerp_``; ``sub_``, ``mul_``, ``add_`` for a lower-precision model),
-  with no allocation per step. Swapping in rounds the average to the model's dtype (to
-  nearest); swapping out restores the raw tensors bit for bit.
-- Tied weights (one parameter under two names) are averaged once.
-
-The model's tensors are looked up by name on every update, so moving the model to
-another device (``model.to``) after building the average is fine: the average
-follows at the next update.
-
-Saving and resuming: the model's ``state_dict()`` always holds the raw weights (never
-save while swapped in), and :meth:`OnlineAverage.state_dict` holds the average and
-its counters; save both, under explicit keys (:data:`STATE_KEY` for the average's),
-and after loading the model call :meth:`OnlineAverage.load_state_dict` on a new
-average built with the same arguments; training then continues exactly where it
-stopped. :meth:`OnlineAverage.export` writes the averaged model as a normal model
-file.
+Policy (what is averaged, in what precision) and resuming: :class:`OnlineAverage`.
 
 Example:
     >>> import torch
@@ -54,13 +15,6 @@ Example:
     >>> checkpoint = {"model": model.state_dict(), "average": average.state_dict()}
     >>> torch.save(checkpoint, "checkpoint.pt")  # doctest: +SKIP
     >>> average.export("averaged.safetensors")  # doctest: +SKIP
-
-``polyak.lightning.OnlineAverageCallback`` wraps it for Lightning: built when ``fit``
-starts (a state Lightning restored from a checkpoint before that is applied then),
-``update(trainer.global_step)`` in ``on_train_batch_end``, ``swap_in()``/``swap_out()``
-around validation, test and predict (with :meth:`OnlineAverage.raw_tensors` put into
-the module's ``state_dict()`` meanwhile, so that checkpoints hold the raw weights), and
-its ``state_dict()`` as the callback's state in the ``.ckpt``.
 """
 
 from __future__ import annotations
@@ -127,6 +81,55 @@ class _Entry:
 class OnlineAverage(SwappableAverage):
     """A running average of a model's weights, updated in place during training.
 
+    Call :meth:`update` after each optimizer step; evaluate with the averaged weights
+    inside :meth:`swapped`. The schedules (Polyak running mean, EMA by decay or
+    half-life, power-function EMA) and their formulas are those of
+    :class:`polyak.online.AveragingSchedule`: the average is
+    ``a <- decay * a + (1 - decay) * theta`` at the update steps
+    ``start_step + update_every * j``, the first update copying the weights.
+
+    What is averaged, and how (the numeric policy):
+
+    - Floating parameters, and floating buffers by default (``buffers="average"``):
+      BatchNorm's running mean and variance are averaged with the same weights as the
+      parameters, so the averaged model is, tensor for tensor, the weighted average of
+      the model's states at the update steps, which is what ``polyak.average`` computes
+      from snapshots (it averages every float tensor); timm's ``ModelEmaV3`` and torch's
+      ``AveragedModel(use_buffers=True)`` EMA recipe do the same. Neither these nor the
+      raw model's statistics are exact for averaged weights (the raw ones follow the last
+      few batches of the raw weights); :func:`polyak.torch.recalibrate_batchnorm`
+      recomputes them. ``buffers="copy"`` leaves floating buffers out: the averaged model
+      then uses the raw model's (``AveragedModel``'s default, and Keras' ``use_ema``).
+    - Integer and bool buffers (``num_batches_tracked``) are never averaged: the averaged
+      model uses the raw model's. So do non-tensor and tensor extra state.
+    - The average of each tensor lives on the tensor's device in float32 (float64 for
+      float64 tensors, complex64/complex128 for complex ones), whatever the model's dtype:
+      an fp16 or bf16 model's average moves by ``(1 - decay) * (theta - a)`` however small,
+      where a bf16 average with a decay of 0.9999 would round every update away. Updates
+      are in place (``lerp_``; ``sub_``, ``mul_``, ``add_`` for a lower-precision model),
+      with no allocation per step. Swapping in rounds the average to the model's dtype (to
+      nearest); swapping out restores the raw tensors bit for bit.
+    - Tied weights (one parameter under two names) are averaged once.
+
+    The model's tensors are looked up by name on every update, so moving the model to
+    another device (``model.to``) after building the average is fine: the average
+    follows at the next update.
+
+    Saving and resuming: the model's ``state_dict()`` always holds the raw weights (never
+    save while swapped in), and :meth:`OnlineAverage.state_dict` holds the average and
+    its counters; save both, under explicit keys (:data:`STATE_KEY` for the average's),
+    and after loading the model call :meth:`OnlineAverage.load_state_dict` on a new
+    average built with the same arguments; training then continues exactly where it
+    stopped. :meth:`OnlineAverage.export` writes the averaged model as a normal model
+    file.
+
+    ``polyak.lightning.OnlineAverageCallback`` wraps it for Lightning: built when ``fit``
+    starts (a state Lightning restored from a checkpoint before that is applied then),
+    ``update(trainer.global_step)`` in ``on_train_batch_end``, ``swap_in()``/``swap_out()``
+    around validation, test and predict (with :meth:`OnlineAverage.raw_tensors` put into
+    the module's ``state_dict()`` meanwhile, so that checkpoints hold the raw weights), and
+    its ``state_dict()`` as the callback's state in the ``.ckpt``.
+
     Swapping it into the model (:meth:`swap_in`, :meth:`swap_out`, :meth:`swapped`)
     follows :class:`polyak.online.SwappableAverage`.
 
@@ -134,7 +137,7 @@ class OnlineAverage(SwappableAverage):
         model: the ``torch.nn.Module`` being trained.
         mode: ``"polyak"`` (running mean, equal weights), ``"ema"`` or ``"power"``;
             by default inferred: ``decay``/``half_life`` -> ema, ``sigma_rel`` ->
-            power, none -> polyak. Formulas: :mod:`polyak.online`.
+            power, none -> polyak. Formulas: :class:`polyak.online.AveragingSchedule`.
         decay: ema: the decay per step (an update after ``d`` steps uses ``decay**d``).
         half_life: ema: the steps after which a weight counts half; the same time
             scale whatever ``update_every``.

@@ -1,54 +1,6 @@
 """``SnapshotSaver``: save a PyTorch model's state dict from a plain training loop.
 
-Each snapshot is committed through :class:`polyak.snapshots.SnapshotDirectory`:
-atomically, listed in ``polyak-manifest.json`` with its epoch, step, logs and SHA-256,
-the newest ``keep`` kept and an old one deleted only after a newer one is committed.
-``polyak.find_checkpoints`` then reads the directory as exactly the files listed.
-The Lightning callback (``polyak.lightning.SnapshotCallback``) saves the same way.
-
-File names carry the number polyak orders checkpoints by, the same scheme as the
-Keras callback's:
-
-| ``save(...)`` is given      | file name                                      |
-|-----------------------------|------------------------------------------------|
-| ``step`` (``epoch`` or not) | ``{prefix}_step{step:08d}.safetensors``        |
-| ``epoch`` only              | ``{prefix}_{epoch:04d}.safetensors``           |
-| ``format="pt"``             | the same names ending in ``.pt``               |
-
-A directory's snapshots are all named by step or all by epoch: a save that would
-mix the two (``model_step00001000`` beside ``model_0003``, ordered by 1000 and 3) is
-refused. Saving a name again (a resumed run) replaces that snapshot.
-
-What is written, so that the average loads with ``load_state_dict(strict=True)``:
-
-- every entry of ``model.state_dict()``, integer buffers (BatchNorm's
-  ``num_batches_tracked``) included, detached and moved to the CPU;
-- ``format="safetensors"`` (default): tensors made contiguous, and a tensor whose
-  memory another entry already uses (tied weights, such as an embedding shared with
-  the output layer) is written as a separate copy, since safetensors stores no
-  sharing; ``load_state_dict`` copies both names into the one shared parameter.
-  safetensors holds tensors only: a non-tensor entry (a module's ``_extra_state``
-  that is not a tensor) is refused, naming the entry, before anything is written;
-  use ``format="pt"`` for such models.
-- ``format="pt"``: ``torch.save`` of the state dict, its ``_metadata`` (module
-  versions) and non-tensor entries included. polyak reads ``.pt`` files with
-  ``torch.load(weights_only=True)`` only, so a non-tensor entry that such a load
-  would refuse (an arbitrary Python object) is refused when saving, not found out
-  when averaging.
-
-Post-hoc EMA (``posthoc=(0.05, 0.10)``): the saver also keeps one power-function EMA
-per width (``polyak.torch.OnlineAverage(mode="power", sigma_rel=...)``: float32,
-floating buffers averaged, integer buffers the raw model's), which
-:meth:`SnapshotSaver.track` updates after every optimizer step, and every
-:meth:`SnapshotSaver.save` (by step) also commits the EMA of each width, at the same
-step, into ``DIR/posthoc/sigma-0.05/`` (:func:`polyak.posthoc.profile_directory`),
-each a snapshot directory of its own keeping its newest ``posthoc_keep`` snapshots;
-with ``posthoc_every=N``, :meth:`SnapshotSaver.track` also commits them every ``N``
-steps. ``polyak posthoc DIR --sigma-rel 0.08`` then reconstructs the EMA of any width
-(formulas: :mod:`polyak.posthoc`). The profile snapshots hold the model's dtypes, so
-that the sweep can combine them with the raw snapshots. To resume, save
-:meth:`SnapshotSaver.state_dict` with your checkpoint and give it to
-:meth:`SnapshotSaver.load_state_dict` before the first ``track``.
+File names, what is written, post-hoc EMA profiles and resuming: :class:`SnapshotSaver`.
 
 Example:
     >>> from polyak.torch.snapshots import SnapshotSaver
@@ -382,13 +334,63 @@ def _width_key(width: float) -> str:
 class SnapshotSaver:
     """Save snapshots of a PyTorch model from a training loop into a snapshot directory.
 
+    Each snapshot is committed through :class:`polyak.snapshots.SnapshotDirectory`:
+    atomically, listed in ``polyak-manifest.json`` with its epoch, step, logs and SHA-256,
+    the newest ``keep`` kept and an old one deleted only after a newer one is committed.
+    ``polyak.find_checkpoints`` then reads the directory as exactly the files listed.
+    The Lightning callback (``polyak.lightning.SnapshotCallback``) saves the same way.
+
+    File names carry the number polyak orders checkpoints by, the same scheme as the
+    Keras callback's:
+
+    | ``save(...)`` is given      | file name                                      |
+    |-----------------------------|------------------------------------------------|
+    | ``step`` (``epoch`` or not) | ``{prefix}_step{step:08d}.safetensors``        |
+    | ``epoch`` only              | ``{prefix}_{epoch:04d}.safetensors``           |
+    | ``format="pt"``             | the same names ending in ``.pt``               |
+
+    A directory's snapshots are all named by step or all by epoch: a save that would
+    mix the two (``model_step00001000`` beside ``model_0003``, ordered by 1000 and 3) is
+    refused. Saving a name again (a resumed run) replaces that snapshot.
+
+    What is written, so that the average loads with ``load_state_dict(strict=True)``:
+
+    - every entry of ``model.state_dict()``, integer buffers (BatchNorm's
+      ``num_batches_tracked``) included, detached and moved to the CPU;
+    - ``format="safetensors"`` (default): tensors made contiguous, and a tensor whose
+      memory another entry already uses (tied weights, such as an embedding shared with
+      the output layer) is written as a separate copy, since safetensors stores no
+      sharing; ``load_state_dict`` copies both names into the one shared parameter.
+      safetensors holds tensors only: a non-tensor entry (a module's ``_extra_state``
+      that is not a tensor) is refused, naming the entry, before anything is written;
+      use ``format="pt"`` for such models.
+    - ``format="pt"``: ``torch.save`` of the state dict, its ``_metadata`` (module
+      versions) and non-tensor entries included. polyak reads ``.pt`` files with
+      ``torch.load(weights_only=True)`` only, so a non-tensor entry that such a load
+      would refuse (an arbitrary Python object) is refused when saving, not found out
+      when averaging.
+
+    Post-hoc EMA (``posthoc=(0.05, 0.10)``): the saver also keeps one power-function EMA
+    per width (``polyak.torch.OnlineAverage(mode="power", sigma_rel=...)``: float32,
+    floating buffers averaged, integer buffers the raw model's), which
+    :meth:`SnapshotSaver.track` updates after every optimizer step, and every
+    :meth:`SnapshotSaver.save` (by step) also commits the EMA of each width, at the same
+    step, into ``DIR/posthoc/sigma-0.05/`` (:func:`polyak.posthoc.profile_directory`),
+    each a snapshot directory of its own keeping its newest ``posthoc_keep`` snapshots;
+    with ``posthoc_every=N``, :meth:`SnapshotSaver.track` also commits them every ``N``
+    steps. ``polyak posthoc DIR --sigma-rel 0.08`` then reconstructs the EMA of any width
+    (formulas: :mod:`polyak.posthoc`). The profile snapshots hold the model's dtypes, so
+    that the sweep can combine them with the raw snapshots. To resume, save
+    :meth:`SnapshotSaver.state_dict` with your checkpoint and give it to
+    :meth:`SnapshotSaver.load_state_dict` before the first ``track``.
+
     Each :meth:`save` commits one file atomically and keeps the ``keep`` most recent
     (by order of saving); the manifest records epoch, step, logs and SHA-256.
-    File naming and what is written: see the module docstring. One saver writes a
+    File naming and what is written: see above. One saver writes a
     directory at a time.
 
     With ``posthoc=(0.05, 0.10)`` it also tracks those power-function EMA profiles for
-    post-hoc EMA (see the module docstring): call :meth:`track` after every optimizer
+    post-hoc EMA (see above): call :meth:`track` after every optimizer
     step; each :meth:`save` then needs a ``step`` and commits the profiles' EMAs at it
     too, into ``directory/posthoc/sigma-WIDTH/``.
 

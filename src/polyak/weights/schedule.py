@@ -1,48 +1,6 @@
 """Online averaging schedules: when to update a running average of weights, and by how much.
 
-numpy only; public as :mod:`polyak.online` too.
-
-The framework adapters (``polyak.torch.OnlineAverage``, ``polyak.keras.OnlineAverage``)
-keep, during training, one running average ``a`` of the weights ``theta`` and update it
-in place at chosen steps:
-
-    a <- decay * a + (1 - decay) * theta.
-
-This module decides which steps are update steps and the ``decay`` of each update; it
-knows no framework and holds no tensors.
-
-Steps. ``step`` counts the training (optimizer) steps completed: the weights after the
-first step are those of step 1. Averaging starts after ``start_step``; the update
-steps are ``start_step + update_every * j`` for ``j = 1, 2, ...``, so the weights of
-step ``start_step`` itself are not averaged, and with the defaults (0 and 1) every step
-from the first is. The first update copies the weights (decay 0 in every mode); until
-then the model is its own average.
-
-Modes, for the ``n``-th update (``n = 1, 2, ...``) at step ``s_n``, ``d_n = s_n - s_(n-1)``
-steps after the previous update:
-
-- ``polyak``: the running mean of the weights at the update steps, equal weights:
-  ``decay = (n - 1) / n``; after ``N`` updates every member weighs ``1 / N``.
-- ``ema``: an exponential moving average whose time scale is in steps, whatever
-  ``update_every``: ``decay = r ** d_n``, ``r`` the decay per step, given directly
-  (``decay=0.9999``) or as a half-life ``h`` in steps, ``r = 0.5 ** (1 / h)``, so
-  ``decay = 0.5 ** (d_n / h)`` (``0.5 ** (update_every / h)`` between regular updates).
-  The weights of a step weigh half as much ``h`` steps later, with ``update_every`` 1
-  or 10 alike: an update that stands for the ``k`` steps since the previous one gets
-  ``(1 - r ** k) r ** (T - s_n)`` at step ``T``, exactly the total weight that an
-  every-step EMA gives those ``k`` steps. (Averaging every ``k`` steps with the decay
-  of one step, as some tools do, stretches the time scale ``k`` times.)
-- ``power``: the power-function EMA of Karras et al. (2024) of relative width
-  ``sigma_rel``, exponent ``g = polyak.weights.profiles.gamma_of(sigma_rel)``:
-  ``decay = polyak.weights.profiles.power_beta(g, t, d_n) = (1 - d_n / t) ** (g + 1)`` with
-  ``t = s_n - start_step``. After ``T`` unit steps from ``start_step = 0`` the weights
-  of step ``tau`` weigh ``(tau ** (g + 1) - (tau - 1) ** (g + 1)) / T ** (g + 1)``: the
-  profile ``(g + 1) tau^g / T^(g + 1)`` integrated over each step, its width growing
-  with training (``sigma_rel * T``). Such EMAs, saved at a few steps, can be combined
-  into the EMA of any other width afterwards (``polyak posthoc``).
-
-Every mode thus holds a weighted average of the weights at the update steps, the
-weights summing to 1; :meth:`AveragingSchedule.weights` gives them.
+numpy only, public as :mod:`polyak.online` too; the steps and formulas: :class:`AveragingSchedule`.
 
 Example:
     >>> from polyak.online import AveragingSchedule
@@ -143,7 +101,47 @@ def _real(value: object) -> float | None:
 class AveragingSchedule:
     """When to update a running average of weights, and the decay of each update.
 
-    See the module docstring for the steps and the formulas of each mode.
+    The framework adapters (``polyak.torch.OnlineAverage``, ``polyak.keras.OnlineAverage``)
+    keep, during training, one running average ``a`` of the weights ``theta`` and update it
+    in place at chosen steps:
+
+        a <- decay * a + (1 - decay) * theta.
+
+    This module decides which steps are update steps and the ``decay`` of each update; it
+    knows no framework and holds no tensors.
+
+    Steps. ``step`` counts the training (optimizer) steps completed: the weights after the
+    first step are those of step 1. Averaging starts after ``start_step``; the update
+    steps are ``start_step + update_every * j`` for ``j = 1, 2, ...``, so the weights of
+    step ``start_step`` itself are not averaged, and with the defaults (0 and 1) every step
+    from the first is. The first update copies the weights (decay 0 in every mode); until
+    then the model is its own average.
+
+    Modes, for the ``n``-th update (``n = 1, 2, ...``) at step ``s_n``, ``d_n = s_n - s_(n-1)``
+    steps after the previous update:
+
+    - ``polyak``: the running mean of the weights at the update steps, equal weights:
+      ``decay = (n - 1) / n``; after ``N`` updates every member weighs ``1 / N``.
+    - ``ema``: an exponential moving average whose time scale is in steps, whatever
+      ``update_every``: ``decay = r ** d_n``, ``r`` the decay per step, given directly
+      (``decay=0.9999``) or as a half-life ``h`` in steps, ``r = 0.5 ** (1 / h)``, so
+      ``decay = 0.5 ** (d_n / h)`` (``0.5 ** (update_every / h)`` between regular updates).
+      The weights of a step weigh half as much ``h`` steps later, with ``update_every`` 1
+      or 10 alike: an update that stands for the ``k`` steps since the previous one gets
+      ``(1 - r ** k) r ** (T - s_n)`` at step ``T``, exactly the total weight that an
+      every-step EMA gives those ``k`` steps. (Averaging every ``k`` steps with the decay
+      of one step, as some tools do, stretches the time scale ``k`` times.)
+    - ``power``: the power-function EMA of Karras et al. (2024) of relative width
+      ``sigma_rel``, exponent ``g = polyak.weights.profiles.gamma_of(sigma_rel)``:
+      ``decay = polyak.weights.profiles.power_beta(g, t, d_n) = (1 - d_n / t) ** (g + 1)`` with
+      ``t = s_n - start_step``. After ``T`` unit steps from ``start_step = 0`` the weights
+      of step ``tau`` weigh ``(tau ** (g + 1) - (tau - 1) ** (g + 1)) / T ** (g + 1)``: the
+      profile ``(g + 1) tau^g / T^(g + 1)`` integrated over each step, its width growing
+      with training (``sigma_rel * T``). Such EMAs, saved at a few steps, can be combined
+      into the EMA of any other width afterwards (``polyak posthoc``).
+
+    Every mode thus holds a weighted average of the weights at the update steps, the
+    weights summing to 1; :meth:`AveragingSchedule.weights` gives them.
 
     Args:
         mode: ``"polyak"``, ``"ema"`` or ``"power"``; by default inferred from the
