@@ -71,7 +71,7 @@ class OnlineAverage(SwappableAverage, keras.callbacks.Callback):
     or prediction ends: training always continues from them, and the model
     holds them when ``fit`` returns, so saving it and training on resumes the run. (Keras'
     ``use_ema=True`` instead overwrites the weights with the average at the end of
-    ``fit``.) The schedules and their formulas are those of :mod:`polyak.online`.
+    ``fit``.) The schedules and their formulas: :class:`polyak.online.AveragingSchedule`.
 
     Steps are the optimizer's steps counted across epochs and ``fit`` calls, starting from
     its iteration count (as :class:`polyak.keras.SnapshotCheckpoint` counts them): training
@@ -79,7 +79,7 @@ class OnlineAverage(SwappableAverage, keras.callbacks.Callback):
     changes the weights (see :mod:`polyak.keras.steps`); ``start_epoch=E`` starts
     averaging with Keras' 0-based epoch ``E``, i.e. after the steps taken before it.
 
-    Numeric policy, as in :mod:`polyak.torch.online`:
+    Numeric policy, as in :class:`polyak.torch.OnlineAverage`:
 
     - trainable floating variables are averaged; non-trainable floating variables
       (BatchNormalization's moving mean and variance) too by default
