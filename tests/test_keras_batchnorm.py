@@ -408,6 +408,11 @@ def test_max_batches_reads_no_more_than_it_uses():
     recalibrate_batchnorm(model, data(64), batch_size=16, max_batches=2)
     assert_statistics(model.layers[1], *expected[0])
 
+    # The counts may be numpy integers (polyak.checks' rule).
+    model = mlp()
+    recalibrate_batchnorm(model, data(64), batch_size=np.int64(16), max_batches=np.int32(2))
+    assert_statistics(model.layers[1], *expected[0])
+
 
 # -- bad input ------------------------------------------------------------------------
 

@@ -261,6 +261,23 @@ def test_bad_arguments_are_refused(tmp_path: Path, arguments: dict, message: str
     assert names(tmp_path) == []
 
 
+def test_the_callback_keeps_its_arguments_as_one_checked_options_record(tmp_path: Path) -> None:
+    from polyak.posthoc import DEFAULT_PROFILE_KEEP
+    from polyak.snapshots import SnapshotOptions
+
+    callback = SnapshotCheckpoint(str(tmp_path), keep=np.int64(3), every_steps=5, format="keras")
+    assert callback.options == SnapshotOptions(
+        directory=tmp_path,
+        formats={"weights.h5": ".weights.h5", "keras": ".keras"},
+        format="keras",
+        keep=3,
+        every_steps=5,
+        posthoc_keep=DEFAULT_PROFILE_KEEP,
+    )
+    assert callback.schedule is callback.options.schedule
+    assert (callback.directory, callback.keep, callback.every_steps) == (tmp_path, 3, 5)
+
+
 def test_every_steps_counts_optimizer_steps_with_gradient_accumulation(tmp_path: Path) -> None:
     # Two batches a step: 64 samples in batches of 16 make 2 steps an epoch, 6 in 3 epochs;
     # steps 2, 4, 6 end on batches 4, 8, 12, where the weights change.

@@ -212,6 +212,15 @@ def test_swapped_restores_the_raw_weights_on_error_and_copy_leaves_statistics():
             raise KeyError("boom")
     for kept, before in zip(weights_of(model), raw, strict=True):
         np.testing.assert_array_equal(kept, before)
+    # Swapping by hand follows the protocol both framework averages share.
+    average.swap_in()
+    with pytest.raises(RuntimeError, match="already swapped in; call swap_out"):
+        average.swap_in()
+    average.swap_out()
+    with pytest.raises(RuntimeError, match="not swapped in; swap_out\\(\\) follows swap_in"):
+        average.swap_out()
+    for kept, before in zip(weights_of(model), raw, strict=True):
+        np.testing.assert_array_equal(kept, before)
 
 
 def test_bad_arguments_and_states_are_refused(tmp_path):

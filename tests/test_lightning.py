@@ -394,6 +394,25 @@ def test_bad_arguments_are_refused(tmp_path: Path, arguments: dict, message: str
     assert names(tmp_path) == []
 
 
+def test_the_callback_keeps_its_arguments_as_one_checked_options_record(tmp_path: Path) -> None:
+    from polyak.posthoc import DEFAULT_PROFILE_KEEP
+    from polyak.snapshots import SnapshotOptions
+    from polyak.torch.saving import SUFFIXES
+
+    callback = SnapshotCallback(str(tmp_path), keep=np.int64(4), rolling=True, posthoc=(0.1,))
+    assert callback.options == SnapshotOptions(
+        directory=tmp_path,
+        formats=SUFFIXES,
+        format="safetensors",
+        keep=4,
+        rolling=True,
+        posthoc=(0.1,),
+        posthoc_keep=DEFAULT_PROFILE_KEEP,
+    )
+    assert callback.schedule is callback.options.schedule
+    assert (callback.directory, callback.keep, callback.posthoc) == (tmp_path, 4, (0.1,))
+
+
 def run_python(script: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(script)],
@@ -497,3 +516,14 @@ def test_each_snapshot_callback_keeps_its_own_state_in_the_checkpoint(tmp_path: 
     profiles = states[tracking.state_key]["profiles"]
     assert sorted(profiles) == ["0.05", "0.1"]
     assert profiles["0.1"]["progress"]["last_step"] == 8
+
+
+def test_the_lightning_adapter_has_the_file_names_of_the_keras_and_torch_adapters() -> None:
+    import polyak.lightning.online
+    import polyak.lightning.snapshots
+
+    assert SnapshotCallback is polyak.lightning.snapshots.SnapshotCallback
+    assert polyak.lightning.OnlineAverageCallback is polyak.lightning.online.OnlineAverageCallback
+    package = Path(polyak.__file__).parent
+    for adapter in ("keras", "torch", "lightning"):
+        assert {"snapshots.py", "online.py"} <= {p.name for p in (package / adapter).iterdir()}

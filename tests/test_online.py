@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from polyak.errors import SchemeError
+from polyak.errors import ArgumentError, SchemeError
 from polyak.online import (
     AveragingProgress,
     AveragingSchedule,
+    AveragingState,
+    SwappableAverage,
+    advance,
     check_buffer_policy,
     whole_or_none,
 )
@@ -60,6 +65,90 @@ def test_progress_round_trips_through_its_dict():
     assert [restored.advance(s) for s in range(20, 24)] == [
         progress.advance(s) for s in range(20, 24)
     ]
+
+
+# ---------------------------------------------------------------- the pure advance
+
+schedules = st.one_of(
+    st.builds(lambda: AveragingSchedule("polyak")),
+    st.builds(lambda r: AveragingSchedule(decay=r), st.floats(0.5, 0.9999)),
+    st.builds(lambda h: AveragingSchedule(half_life=h), st.floats(0.5, 500.0)),
+    st.builds(lambda s: AveragingSchedule(sigma_rel=s), st.floats(0.01, 0.28)),
+).flatmap(
+    lambda schedule: st.builds(
+        lambda start, every: replace(schedule, start_step=start, update_every=every),
+        st.integers(0, 20),
+        st.integers(1, 7),
+    )
+)
+
+
+def closed_form_decay(schedule: AveragingSchedule, updates: int, step: int, elapsed: int):
+    """The decay of an update, from the formulas in the module docstring (float64)."""
+    if updates == 0:
+        return 0.0
+    if schedule.mode == "polyak":
+        return updates / (updates + 1)
+    if schedule.mode == "ema":
+        rate = schedule.decay if schedule.decay is not None else 0.5 ** (1 / schedule.half_life)
+        return rate**elapsed
+    gamma = gamma_of(schedule.sigma_rel)
+    return (1 - elapsed / (step - schedule.start_step)) ** (gamma + 1)
+
+
+@settings(max_examples=150, deadline=None)
+@given(schedules, st.lists(st.integers(0, 9), min_size=1, max_size=40))
+def test_advance_is_pure_and_follows_the_closed_forms(schedule, increments):
+    state, step = AveragingState(), 0
+    updates, last_update = 0, None
+    for increment in increments:
+        step += increment
+        before = replace(state)
+        new_state, decay = advance(schedule, state, step)
+        # Pure: the input is unchanged, and the same call gives the same answer.
+        assert state == before
+        assert advance(schedule, state, step) == (new_state, decay)
+        # An update exactly when an update step start + every * j (j >= 1) was crossed.
+        previous = step - 1 if state.last_step is None else state.last_step
+        crossed = [
+            s
+            for s in range(previous + 1, step + 1)
+            if s > schedule.start_step and (s - schedule.start_step) % schedule.update_every == 0
+        ]
+        if not crossed:
+            assert decay is None
+            assert new_state == AveragingState(step, updates, last_update)
+        else:
+            since = schedule.start_step if last_update is None else last_update
+            expected = closed_form_decay(schedule, updates, step, step - since)
+            assert decay == pytest.approx(expected, rel=1e-12, abs=1e-15)
+            updates, last_update = updates + 1, step
+            assert new_state == AveragingState(step, updates, step)
+        state = new_state
+
+
+def test_advance_refuses_a_decreasing_step_and_leaves_the_state_alone():
+    schedule = AveragingSchedule(half_life=10)
+    state, decay = advance(schedule, AveragingState(), 5)
+    assert (state, decay) == (AveragingState(5, 1, 5), 0.0)
+    with pytest.raises(ValueError, match="steps must not decrease; received step 4 after step 5"):
+        advance(schedule, state, 4)
+    with pytest.raises(ArgumentError, match=r"step must be a whole number >= 0; received -1"):
+        advance(schedule, state, -1)
+    assert state == AveragingState(5, 1, 5)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        state.updates = 2  # type: ignore[misc]
+
+
+def test_the_progress_object_advances_as_the_pure_function_does():
+    schedule = AveragingSchedule(sigma_rel=0.1, start_step=2, update_every=3)
+    progress, state = AveragingProgress(schedule), AveragingState()
+    for step in (1, 3, 5, 5, 9, 20):
+        state, decay = advance(schedule, state, step)
+        assert progress.advance(step) == decay
+        assert progress.state == state
+    assert AveragingProgress.of(schedule, state) == progress
+    assert AveragingProgress.from_dict(progress.to_dict()).state == state
 
 
 # ---------------------------------------------------------------- closed forms
@@ -195,6 +284,17 @@ def test_bad_arguments_are_refused_with_the_rule(arguments, message):
         AveragingSchedule(**arguments)
 
 
+def test_a_bad_count_is_a_scheme_error_and_an_argument_error_naming_it():
+    with pytest.raises(ArgumentError) as caught:
+        AveragingSchedule(update_every=0)
+    assert isinstance(caught.value, SchemeError)
+    assert caught.value.parameter == "update_every"
+    # The shared rule reads numpy integers and 0-d arrays as whole numbers too.
+    schedule = AveragingSchedule(start_step=np.int64(4), update_every=np.array(2))
+    assert (schedule.start_step, schedule.update_every) == (4, 2)
+    assert type(schedule.start_step) is int and type(schedule.update_every) is int
+
+
 def test_schedule_errors_are_value_errors():
     with pytest.raises(ValueError):
         AveragingSchedule(decay=2)
@@ -247,3 +347,43 @@ def test_check_buffer_policy():
         r"taken from the raw model\); received 'mean'",
     ):
         check_buffer_policy("mean", "floating buffers")
+
+
+# ---------------------------------------------------------------- swapping, framework-free
+
+
+class ListAverage(SwappableAverage):
+    """The smallest average: the model is a list of floats, the average another list."""
+
+    def __init__(self, weights: list[float], average: list[float]) -> None:
+        self.weights, self.average = weights, average
+
+    def _swap_model(self, action: str) -> list[float]:
+        return self.weights
+
+    def _put_average_in(self) -> list[float]:
+        backup = list(self.weights)
+        self.weights[:] = self.average
+        return backup
+
+    def _put_raw_back(self, backup: list[float]) -> None:
+        self.weights[:] = backup
+
+
+def test_the_shared_swap_refuses_swapping_twice_and_restores_on_error():
+    average = ListAverage([1.0, 2.0], [0.5, 0.25])
+    average.swap_in()
+    assert average.is_swapped and average.weights == [0.5, 0.25]
+    with pytest.raises(RuntimeError, match="already swapped in; call swap_out\\(\\) first"):
+        average.swap_in()
+    average.swap_out()
+    assert not average.is_swapped and average.weights == [1.0, 2.0]
+    with pytest.raises(RuntimeError, match="not swapped in; swap_out\\(\\) follows swap_in"):
+        average.swap_out()
+    with pytest.raises(KeyError), average.swapped() as model:
+        assert model == [0.5, 0.25]
+        with average.swapped() as inner:  # nested: the outer block swaps back
+            assert inner is model
+        assert average.is_swapped
+        raise KeyError("evaluation failed")
+    assert not average.is_swapped and average.weights == [1.0, 2.0]

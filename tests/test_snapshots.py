@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -15,11 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from polyak.errors import CheckpointError, OutputError
+from polyak.errors import ArgumentError, CheckpointError, OutputError, SchemeError
 from polyak.snapshots import (
     MANIFEST_NAME,
     Snapshot,
     SnapshotDirectory,
+    SnapshotOptions,
     SnapshotSchedule,
     read_manifest,
     verify,
@@ -616,3 +618,73 @@ def test_schedule_stopped_early_only_in_the_default_mode() -> None:
 def test_schedule_refuses_bad_arguments(arguments, message) -> None:
     with pytest.raises(ValueError, match=message):
         SnapshotSchedule(**arguments)
+
+
+def test_counts_may_be_numpy_integers_and_are_kept_as_ints(tmp_path: Path) -> None:
+    # The shared rule of polyak.checks: anything operator.index reads, but a bool.
+    schedule = SnapshotSchedule(keep=np.int64(3), every_epochs=np.int32(2))
+    assert (schedule.keep, schedule.every_epochs) == (3, 2)
+    assert type(schedule.keep) is int and type(schedule.every_epochs) is int
+    snapshots = SnapshotDirectory(tmp_path, keep=np.int64(2))
+    snapshots.commit(writer(b"x"), "model_0001.bin", epoch=np.int64(1), step=np.uint16(5))
+    (entry,) = read_manifest(tmp_path)
+    assert (entry.epoch, entry.step) == (1, 5)
+    assert type(entry.epoch) is int and type(entry.step) is int
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"epoch": -1}, r"epoch must be a whole number from 0 to 9223372036854775807 or None"),
+        ({"step": 2**63}, r"step must be a whole number from 0 to 9223372036854775807 or None"),
+        ({"step": True}, r"step must be a whole number .*; received True"),
+    ],
+)
+def test_commit_refuses_counts_out_of_range(tmp_path: Path, arguments, message) -> None:
+    snapshots = SnapshotDirectory(tmp_path, keep=2)
+    with pytest.raises(ValueError, match=message):
+        snapshots.commit(writer(b"x"), "model_0001.bin", **arguments)
+    assert read_manifest(tmp_path) is None
+
+
+def test_snapshot_options_hold_the_checked_arguments_as_plain_values() -> None:
+    options = SnapshotOptions(
+        directory="run",
+        formats={"npz": ".npz", "pt": ".pt"},
+        format="pt",
+        keep=np.int64(4),
+        every_steps=np.int32(50),
+        posthoc=[0.05, np.float64(0.1)],
+        posthoc_keep=np.int64(7),
+        posthoc_every=100,
+    )
+    assert options.directory == Path("run") and options.suffix == ".pt"
+    assert (options.keep, options.every_steps, options.posthoc_keep) == (4, 50, 7)
+    assert all(type(value) is int for value in (options.keep, options.every_steps))
+    assert options.posthoc == (0.05, 0.1) and type(options.posthoc[1]) is float
+    assert options.schedule == SnapshotSchedule(keep=4, every_steps=50)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.keep = 5  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("arguments", "error", "message"),
+    [
+        ({"directory": 3}, ValueError, r"directory must be a path; received 3"),
+        ({"keep": 0}, ArgumentError, r"keep must be a whole number >= 1; received 0"),
+        ({"format": "h5"}, ValueError, r"format must be one of 'npz'; received 'h5'"),
+        ({"prefix": "a/b"}, ValueError, r"prefix must be .*received 'a/b'"),
+        ({"rolling": "yes"}, ValueError, r"rolling must be True or False; received 'yes'"),
+        ({"every_epochs": 0}, ArgumentError, r"every_epochs must be a whole number >= 1"),
+        ({"every_steps": 2.0}, ArgumentError, r"every_steps must be .* or None; received 2\.0"),
+        ({"posthoc": 0.05}, ValueError, r"posthoc takes the widths .*received 0\.05"),
+        ({"posthoc": (0.05, 0.5)}, SchemeError, r"sigma_rel must be a number in \(0, 0\.2887\)"),
+        ({"posthoc": (0.1, 0.10)}, ValueError, r"posthoc widths must differ"),
+        ({"posthoc_keep": 0}, ArgumentError, r"posthoc_keep must be a whole number >= 1"),
+        ({"posthoc_every": True}, ArgumentError, r"posthoc_every must be .* or None; received"),
+    ],
+)
+def test_snapshot_options_refuse_each_bad_argument(arguments, error, message) -> None:
+    values = {"directory": "run", "formats": {"npz": ".npz"}, "format": "npz", "posthoc_keep": 1}
+    with pytest.raises(error, match=message):
+        SnapshotOptions(**{**values, **arguments})

@@ -338,6 +338,14 @@ def test_max_batches_reads_no_more_than_it_uses():
     assert int(model[1].num_batches_tracked) == 2
 
 
+def test_max_batches_may_be_a_numpy_integer_or_a_0d_tensor():
+    batches = batches_of([8, 8, 8, 8])
+    for count in (np.int64(2), torch.tensor(2)):
+        model = mlp()
+        recalibrate_batchnorm(model, iter(batches), max_batches=count)
+        assert int(model[1].num_batches_tracked) == 2
+
+
 # -- bad input ------------------------------------------------------------------------
 
 

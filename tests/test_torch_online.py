@@ -315,6 +315,10 @@ def test_misuse_of_swapping_is_refused():
     with pytest.raises(RuntimeError, match="would average them into themselves"):
         average.update(2)
     average.swap_out()
+    # The swap is the one both framework averages share (polyak.online).
+    from polyak.online import SwappableAverage
+
+    assert isinstance(average, SwappableAverage)
 
 
 def test_before_the_first_update_the_model_is_its_own_average():

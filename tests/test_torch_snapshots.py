@@ -438,6 +438,24 @@ def test_bad_arguments_are_refused(tmp_path: Path, arguments: dict, message: str
     assert names(tmp_path) == []
 
 
+def test_the_saver_keeps_its_arguments_as_one_checked_options_record(tmp_path: Path) -> None:
+    from polyak.posthoc import DEFAULT_PROFILE_KEEP
+    from polyak.snapshots import SnapshotOptions
+    from polyak.torch.saving import SUFFIXES
+
+    saver = SnapshotSaver(str(tmp_path), keep=np.int64(3), format="pt", posthoc=[0.05])
+    assert saver.options == SnapshotOptions(
+        directory=tmp_path,
+        formats=SUFFIXES,
+        format="pt",
+        keep=3,
+        posthoc=(0.05,),
+        posthoc_keep=DEFAULT_PROFILE_KEEP,
+    )
+    assert (saver.directory, saver.keep, saver.posthoc) == (tmp_path, 3, (0.05,))
+    assert type(saver.keep) is int
+
+
 @pytest.mark.parametrize(
     ("model", "arguments", "message"),
     [

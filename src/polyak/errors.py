@@ -47,8 +47,8 @@ class ArgumentError(PolyakError, ValueError):
         self.parameter = parameter
 
 
-class SchemeError(PolyakError, ValueError):
-    """A weighting scheme or its spec string is invalid."""
+class SchemeError(ArgumentError):
+    """A weighting scheme, an averaging schedule or its spec string is invalid."""
 
 
 class DiscoveryError(PolyakError, ValueError):

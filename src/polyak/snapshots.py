@@ -1,60 +1,9 @@
 """A directory of training snapshots that a crash cannot corrupt.
 
-The framework adapters (the Keras callback, the PyTorch saver and the Lightning
-callback) save every snapshot through :class:`SnapshotDirectory`. It keeps the
-newest ``keep`` snapshots and a manifest, ``polyak-manifest.json``, that lists each
-one, oldest first, with its epoch, step, training logs, size and SHA-256.
-``polyak.find_checkpoints`` reads a directory that holds a manifest as exactly the
-files it lists, so a file left over by a crash is never averaged.
+How a commit works, what it guarantees, the manifest's layout: :class:`SnapshotDirectory`.
 
-One commit, every file fsynced and every rename followed by an fsync of the
-directory:
-
-1. ``write(temporary)`` saves the snapshot to ``NAME`` inside a hidden temporary
-   directory beside its final name, ``.polyak-tmp-PID-RANDOM-NAME/NAME``; its size and
-   SHA-256 are taken. Whatever else the save function writes beside its file (the
-   safetensors library writes a ``.tmpXXXXXX`` file and renames it) stays in that
-   directory, which is polyak's to delete.
-2. The manifest is rewritten with the new entry under ``"pending"``; the listed
-   snapshots are unchanged.
-3. The temporary file is renamed to ``NAME``, and the temporary directory deleted.
-4. The manifest is rewritten listing the kept snapshots, the new one last, and the
-   names retention evicts under ``"evicting"``.
-5. The evicted files are deleted, then the manifest is rewritten without
-   ``"evicting"``.
-
-Guarantees, whenever the process dies: the manifest is always a complete one (it
-is replaced atomically); every file it lists is complete and matches its
-checksum; and it never lists fewer snapshots than before the interrupted commit,
-since nothing is removed before step 4 and step 4 adds the new snapshot. The one
-window that needs care is re-committing a name already listed (a resumed run):
-between steps 3 and 4 the file holds the new content, which matches the
-``"pending"`` entry rather than the listed one; :func:`verify` accepts it.
-
-Opening a directory (constructing :class:`SnapshotDirectory`, which every commit
-also does first) completes or undoes an interrupted commit:
-
-- a pending entry whose file is on disk with its size and checksum is adopted (its
-  rename happened), with the retention its commit would have applied: the oldest
-  snapshots beyond ``keep`` are evicted (as in steps 4 and 5), but never so many that
-  fewer are listed than before the commit; otherwise it is dropped;
-- files listed under ``"evicting"`` and not listed as snapshots are deleted;
-- temporary files and directories of processes that are no longer alive are deleted.
-
-No other file is ever deleted: files of the user's, or snapshots from before the
-manifest existed, stay where they are (and are ignored by ``find_checkpoints``).
-One process writes a directory at a time.
-
-Manifest::
-
-    {"format": "polyak-snapshots", "version": 1,
-     "snapshots": [{"file": "model_0499.weights.h5", "epoch": 499, "step": 1234,
-                    "logs": {"loss": 0.3}, "sha256": "…", "bytes": 123,
-                    "time": "2025-01-01T12:00:00.000Z"}]}
-
-Log values are stored as JSON numbers and strings only: numpy scalars and 0-d
-tensors become numbers, NaN and infinity the strings ``"nan"``, ``"inf"`` and
-``"-inf"``; anything else is dropped.
+The framework adapters commit every snapshot through it; :class:`SnapshotOptions`
+checks the arguments they share, and :class:`SnapshotSchedule` says when callbacks save.
 
 Example:
     >>> snapshots = SnapshotDirectory("run/", keep=10)  # doctest: +SKIP
@@ -81,13 +30,17 @@ from typing import Any
 
 import numpy as np
 
+from polyak.checks import as_whole_number, whole_number
 from polyak.errors import CheckpointError, OutputError
 from polyak.files import _fsync_directory, atomic_output
+from polyak.weights.profiles import gamma_of
+from polyak.weights.schemes import format_number
 
 __all__ = [
     "MANIFEST_NAME",
     "Snapshot",
     "SnapshotDirectory",
+    "SnapshotOptions",
     "SnapshotSchedule",
     "check_snapshot_arguments",
     "is_whole_number",
@@ -158,7 +111,11 @@ class _Manifest:
 
 
 def is_whole_number(value: object) -> bool:
-    """An ``int`` that is not a ``bool``."""
+    """An ``int`` that is not a ``bool``, of any sign.
+
+    Kept for earlier callers; polyak's own checks use :mod:`polyak.checks`, which also
+    reads numpy integers and 0-d integer tensors as whole numbers.
+    """
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -172,8 +129,7 @@ def check_snapshot_arguments(
     """
     if not isinstance(directory, (str, os.PathLike)):
         raise ValueError(f"directory must be a path; received {directory!r}.")
-    if not is_whole_number(keep) or keep < 1:
-        raise ValueError(f"keep must be a whole number >= 1; received {keep!r}.")
+    whole_number(keep, "keep", minimum=1)
     formats = list(formats)
     if format not in formats:
         raise ValueError(
@@ -212,20 +168,14 @@ class SnapshotSchedule:
     every_steps: int | None = None
 
     def __post_init__(self) -> None:
-        if not is_whole_number(self.keep) or self.keep < 1:
-            raise ValueError(f"keep must be a whole number >= 1; received {self.keep!r}.")
+        object.__setattr__(self, "keep", whole_number(self.keep, "keep", minimum=1))
         if not isinstance(self.rolling, bool):
             raise ValueError(f"rolling must be True or False; received {self.rolling!r}.")
-        if not is_whole_number(self.every_epochs) or self.every_epochs < 1:
-            raise ValueError(
-                f"every_epochs must be a whole number >= 1; received {self.every_epochs!r}."
-            )
+        every_epochs = whole_number(self.every_epochs, "every_epochs", minimum=1)
+        every_steps = whole_number(self.every_steps, "every_steps", minimum=1, or_none=True)
+        object.__setattr__(self, "every_epochs", every_epochs)
+        object.__setattr__(self, "every_steps", every_steps)
         if self.every_steps is not None:
-            if not is_whole_number(self.every_steps) or self.every_steps < 1:
-                raise ValueError(
-                    "every_steps must be a whole number >= 1 or None; received "
-                    f"{self.every_steps!r}."
-                )
             if self.every_epochs != 1:
                 raise ValueError(
                     f"give every_steps or every_epochs, not both; received "
@@ -243,7 +193,8 @@ class SnapshotSchedule:
             return False
         if self.rolling:
             return (epoch + 1) % self.every_epochs == 0
-        if not is_whole_number(epochs) or epochs < 0:
+        epochs = as_whole_number(epochs)
+        if epochs is None:
             return False
         # Counted back from the final epoch, so that it is always saved.
         from_end = epochs - 1 - epoch
@@ -257,12 +208,113 @@ class SnapshotSchedule:
 
     def stopped_early(self, last_epoch: int | None, epochs: int | None) -> bool:
         """Whether a default-mode run ended before its final epoch (fewer snapshots)."""
+        epochs = as_whole_number(epochs)
         return (
             self.needs_epoch_count
             and last_epoch is not None
-            and is_whole_number(epochs)
+            and epochs is not None
             and last_epoch < epochs - 1
         )
+
+
+def _check_widths(posthoc: object) -> tuple[float, ...]:
+    """The ``posthoc`` widths (``sigma_rel``) as floats, in the order given, once checked."""
+    if isinstance(posthoc, (str, bytes)) or not isinstance(posthoc, (tuple, list)):
+        raise ValueError(
+            "posthoc takes the widths (sigma_rel) of the EMA profiles to track, as a tuple or "
+            f"list such as (0.05, 0.10), or () for none; received {posthoc!r}."
+        )
+    widths = []
+    for width in posthoc:
+        gamma_of(width)  # a SchemeError (a ValueError) naming the allowed range
+        widths.append(float(width))
+    names = [format_number(width) for width in widths]
+    if len(set(names)) != len(names):
+        raise ValueError(f"posthoc widths must differ from each other; received {posthoc!r}.")
+    return tuple(widths)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SnapshotOptions:
+    """The arguments the three snapshot helpers share, checked once, in one record.
+
+    The Keras callback (``polyak.keras.SnapshotCheckpoint``), the torch helper
+    (``polyak.torch.SnapshotSaver``) and the Lightning callback
+    (``polyak.lightning.SnapshotCallback``) take these arguments under the same names
+    and build one record from them; each keeps its own signature and defaults. The
+    torch helper saves when it is told, so it leaves the epoch and step schedule at
+    its defaults.
+
+    Args:
+        directory: the snapshot directory, a path.
+        formats: the framework's file formats, each to its file suffix.
+        format: one of ``formats``.
+        keep: how many snapshots to keep, a whole number >= 1.
+        prefix: the start of each file name: not empty, no ``/`` or ``\\``, not
+            starting with ``.``.
+        rolling: keep the most recent epochs instead of the run's last ones.
+        every_epochs: save every this many epochs, a whole number >= 1.
+        every_steps: save every this many steps instead, a whole number >= 1, or None.
+        posthoc: the widths (``sigma_rel``) of the power-function EMA profiles to
+            track, a tuple or list (empty: none).
+        posthoc_keep: how many EMA snapshots each profile keeps, a whole number >= 1.
+        posthoc_every: commit the profiles every this many steps, or None.
+
+    Attributes:
+        schedule: the :class:`SnapshotSchedule` of ``keep``, ``rolling``,
+            ``every_epochs`` and ``every_steps``.
+        suffix: the file suffix of ``format``.
+
+    Raises:
+        ValueError: the first argument that breaks its rule, named with what was
+            received (an ``ArgumentError`` for a count, a ``SchemeError`` for a width).
+
+    Example:
+        >>> options = SnapshotOptions(
+        ...     directory="run/", formats={"npz": ".npz"}, format="npz", posthoc=[0.05],
+        ...     posthoc_keep=100,
+        ... )
+        >>> options.directory, options.suffix, options.posthoc, options.schedule.keep
+        (PosixPath('run'), '.npz', (0.05,), 10)
+    """
+
+    directory: Path
+    formats: Mapping[str, str] = field(compare=False, repr=False)
+    format: str
+    keep: int = 10
+    prefix: str = "model"
+    rolling: bool = False
+    every_epochs: int = 1
+    every_steps: int | None = None
+    posthoc: tuple[float, ...] = ()
+    posthoc_keep: int
+    posthoc_every: int | None = None
+    schedule: SnapshotSchedule = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        check_snapshot_arguments(self.directory, self.keep, self.format, self.formats, self.prefix)
+        schedule = SnapshotSchedule(self.keep, self.rolling, self.every_epochs, self.every_steps)
+        posthoc = _check_widths(self.posthoc)
+        values = {
+            "directory": Path(self.directory),
+            "formats": dict(self.formats),
+            "keep": schedule.keep,
+            "every_epochs": schedule.every_epochs,
+            "every_steps": schedule.every_steps,
+            "posthoc": posthoc,
+            "posthoc_keep": whole_number(self.posthoc_keep, "posthoc_keep", minimum=1),
+            "posthoc_every": whole_number(
+                self.posthoc_every, "posthoc_every", minimum=1, or_none=True
+            ),
+            "schedule": schedule,
+        }
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+
+    @property
+    def suffix(self) -> str:
+        """The file suffix of :attr:`format`."""
+        return self.formats[self.format]
 
 
 # ---------------------------------------------------------------- reading
@@ -286,9 +338,7 @@ _MAX_COUNT = 2**63
 
 
 def _optional_int(value: object) -> bool:
-    return value is None or (
-        isinstance(value, int) and not isinstance(value, bool) and 0 <= value < _MAX_COUNT
-    )
+    return value is None or as_whole_number(value, 0, _MAX_COUNT - 1) is not None
 
 
 def _entry(directory: Path, record: object, manifest: Path, where: str) -> Snapshot:
@@ -316,7 +366,7 @@ def _entry(directory: Path, record: object, manifest: Path, where: str) -> Snaps
     if not isinstance(sha256, str) or not _SHA256.match(sha256):
         raise bad("has no valid 'sha256' (64 lowercase hex digits)")
     size = record.get("bytes")
-    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+    if as_whole_number(size) is None:
         raise bad("has no valid 'bytes' (a whole number >= 0)")
     time = record.get("time", "")
     if not isinstance(time, str):
@@ -575,8 +625,63 @@ class SnapshotDirectory:
     """Snapshots in one directory: committed atomically, the newest ``keep`` kept.
 
     Opening a directory creates it if needed and completes or undoes a commit a
-    crash interrupted (see the module docstring); it never deletes a file polyak
-    did not write.
+    crash interrupted; it never deletes a file polyak did not write.
+
+    The framework adapters (the Keras callback, the PyTorch saver and the Lightning
+    callback) save every snapshot through this class. It keeps the
+    newest ``keep`` snapshots and a manifest, ``polyak-manifest.json``, that lists each
+    one, oldest first, with its epoch, step, training logs, size and SHA-256.
+    ``polyak.find_checkpoints`` reads a directory that holds a manifest as exactly the
+    files it lists, so a file left over by a crash is never averaged.
+
+    One commit, every file fsynced and every rename followed by an fsync of the
+    directory:
+
+    1. ``write(temporary)`` saves the snapshot to ``NAME`` inside a hidden temporary
+       directory beside its final name, ``.polyak-tmp-PID-RANDOM-NAME/NAME``; its size and
+       SHA-256 are taken. Whatever else the save function writes beside its file (the
+       safetensors library writes a ``.tmpXXXXXX`` file and renames it) stays in that
+       directory, which is polyak's to delete.
+    2. The manifest is rewritten with the new entry under ``"pending"``; the listed
+       snapshots are unchanged.
+    3. The temporary file is renamed to ``NAME``, and the temporary directory deleted.
+    4. The manifest is rewritten listing the kept snapshots, the new one last, and the
+       names retention evicts under ``"evicting"``.
+    5. The evicted files are deleted, then the manifest is rewritten without
+       ``"evicting"``.
+
+    Guarantees, whenever the process dies: the manifest is always a complete one (it
+    is replaced atomically); every file it lists is complete and matches its
+    checksum; and it never lists fewer snapshots than before the interrupted commit,
+    since nothing is removed before step 4 and step 4 adds the new snapshot. The one
+    window that needs care is re-committing a name already listed (a resumed run):
+    between steps 3 and 4 the file holds the new content, which matches the
+    ``"pending"`` entry rather than the listed one; :func:`verify` accepts it.
+
+    Opening a directory (constructing :class:`SnapshotDirectory`, which every commit
+    also does first) completes or undoes an interrupted commit:
+
+    - a pending entry whose file is on disk with its size and checksum is adopted (its
+      rename happened), with the retention its commit would have applied: the oldest
+      snapshots beyond ``keep`` are evicted (as in steps 4 and 5), but never so many that
+      fewer are listed than before the commit; otherwise it is dropped;
+    - files listed under ``"evicting"`` and not listed as snapshots are deleted;
+    - temporary files and directories of processes that are no longer alive are deleted.
+
+    No other file is ever deleted: files of the user's, or snapshots from before the
+    manifest existed, stay where they are (and are ignored by ``find_checkpoints``).
+    One process writes a directory at a time.
+
+    Manifest::
+
+        {"format": "polyak-snapshots", "version": 1,
+         "snapshots": [{"file": "model_0499.weights.h5", "epoch": 499, "step": 1234,
+                        "logs": {"loss": 0.3}, "sha256": "…", "bytes": 123,
+                        "time": "2025-01-01T12:00:00.000Z"}]}
+
+    Log values are stored as JSON numbers and strings only: numpy scalars and 0-d
+    tensors become numbers, NaN and infinity the strings ``"nan"``, ``"inf"`` and
+    ``"-inf"``; anything else is dropped.
 
     Args:
         directory: where the snapshots and ``polyak-manifest.json`` live.
@@ -597,10 +702,8 @@ class SnapshotDirectory:
     """
 
     def __init__(self, directory: str | Path, keep: int) -> None:
-        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
-            raise ValueError(f"keep must be a whole number >= 1; received {keep!r}.")
+        self.keep = whole_number(keep, "keep", minimum=1)
         self.directory = Path(directory)
-        self.keep = keep
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
         except FileExistsError:
@@ -689,12 +792,8 @@ class SnapshotDirectory:
         problem = _check_file_name(file_name)
         if problem is not None:
             raise ValueError(f"snapshot file name {file_name!r} {problem}.")
-        for key, value in (("epoch", epoch), ("step", step)):
-            if not _optional_int(value):
-                raise ValueError(
-                    f"{key} must be a whole number from 0 to 2**63 - 1, or None; received "
-                    f"{value!r}."
-                )
+        epoch = whole_number(epoch, "epoch", maximum=_MAX_COUNT - 1, or_none=True)
+        step = whole_number(step, "step", maximum=_MAX_COUNT - 1, or_none=True)
         committed = self._recover()
         final = self.directory / file_name
         workspace = self.directory / (

@@ -1,12 +1,12 @@
 """Keras 3 adapter: the snapshot callback, model helpers, the sweep, BatchNorm recalibration.
 
-Importing this package chooses Keras' backend before Keras is imported, when the
-user has not (see :mod:`polyak.keras_backend`): torch when TensorFlow is absent.
+Importing it picks Keras' backend if the user has not (torch without TensorFlow): see below.
 
 Its modules have the torch adapter's file names (``snapshots``, ``online``,
 ``evaluation``, ``batchnorm``), so knowing one adapter means knowing the other; the
 class names follow each framework's habit (here ``SnapshotCheckpoint`` is a Keras
-callback, as ``ModelCheckpoint`` is, given to ``fit``).
+callback, as ``ModelCheckpoint`` is, given to ``fit``). The backend is chosen before
+Keras is imported, by :func:`polyak.keras_backend.choose_keras_backend`.
 
 Example:
     >>> from polyak.keras import SnapshotCheckpoint

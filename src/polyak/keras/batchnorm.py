@@ -1,46 +1,6 @@
 """Recomputing BatchNormalization moving statistics after averaging (Keras 3).
 
-Averaging checkpoints averages the weights and, separately, each
-``BatchNormalization`` layer's ``moving_mean`` and ``moving_variance``; the averaged
-statistics are not those of the activations the averaged weights produce.
-:func:`recalibrate_batchnorm` measures them again with one pass over training data.
-
-How: Keras updates ``moving = momentum * moving + (1 - momentum) * batch_statistic``
-when a trainable layer is called with ``training=True``, reading ``self.momentum`` at
-each call (eagerly, on every backend: the model is called directly, not through a
-compiled train step). During the pass each layer's ``call`` is wrapped to count its
-calls in training mode and set ``momentum = (k - 1) / k`` before the k-th, which makes
-the moving statistic the running mean of the batch statistics. So over the K calls of
-the pass (K batches, or more for a layer called several times per forward), for each
-channel::
-
-    moving_mean     = (1 / K) * sum_k mean_k
-    moving_variance = (1 / K) * sum_k var_k,   var_k = sum_i (a_i - mean_k)^2 / n_k
-
-with ``a_i`` the n_k values entering the layer for that channel in batch k (every axis
-but the layer's ``axis``, masked positions left out). ``var_k`` is Keras' biased batch
-variance (divisor n_k), which is also what the layer normalizes with in training;
-PyTorch's running variance uses n_k - 1 instead. Each batch counts once whatever its
-size; arrays are therefore cut into batches of near-equal size (see ``batch_size``).
-Layers built with ``renorm=True`` track a moving standard deviation: for them
-``moving_stddev = (1 / K) * sum_k sqrt(var_k + epsilon)`` and ``moving_variance =
-max(moving_stddev**2 - epsilon, 0)``, as the layer itself defines them; their
-``renorm_mean`` and ``renorm_stddev`` are put back as they were after the pass.
-
-The first call (momentum 0) overwrites the old statistics, which amounts to a reset;
-the old values stay in place until then, so that layers the model calls in inference
-mode during the pass still normalize with their own statistics. Those layers, and any
-other that no batch reaches in training mode, keep their statistics, with a warning:
-for example a backbone that a subclassed model's ``call`` runs as ``self.base(x,
-training=False)``. (In a functional model, Keras 3 passes the outer ``training=True``
-to every layer, overriding a ``training=False`` given when the graph was built, in
-training as in this pass.)
-A ``BatchNormalization`` layer with ``trainable=False`` (or inside a frozen model)
-runs in inference mode in Keras even in training and is left alone, without warning.
-
-The pass calls ``model(x, training=True)``, so dropout is active as during training;
-afterwards the model is used as usual, ``training=False`` normalizing with the new
-statistics.
+How the pass works, its formulas and the layers it leaves alone: :func:`recalibrate_batchnorm`.
 
 Example:
     >>> model = keras.Sequential(
@@ -60,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from polyak.checks import as_whole_number
 from polyak.errors import DataError, require
 
 keras = require("keras", "keras", "polyak.keras")
@@ -177,23 +138,30 @@ def _model_inputs(data: Any, batch_size: int) -> Iterator[Any]:
     return (_model_input(batch, index) for index, batch in enumerate(data, start=1))
 
 
-def _check_arguments(model: Any, batch_size: Any, max_batches: Any) -> None:
+def _check_arguments(model: Any, batch_size: Any, max_batches: Any) -> tuple[int, int | None]:
+    """``batch_size`` and ``max_batches`` as ints, after checking all three arguments.
+
+    The counts follow :func:`polyak.checks.as_whole_number` (numpy integers too, not
+    bools); the message keeps Keras' "Received:" wording and says what each count means.
+    """
     if not isinstance(model, keras.layers.Layer):
         raise DataError(
             "recalibrate_batchnorm: model must be a Keras model or layer. Received: "
             f"{type(model).__name__}. For PyTorch modules use polyak.torch.batchnorm."
         )
+    counts = []
     for name, value, meaning in (
         ("batch_size", batch_size, "samples per batch when data is an array"),
         ("max_batches", max_batches, "the most batches to use, or None for all"),
     ):
-        if value is None and name == "max_batches":
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        number = as_whole_number(value, 1)
+        if number is None and not (value is None and name == "max_batches"):
             raise DataError(
                 f"recalibrate_batchnorm: {name} must be a positive integer ({meaning}). "
                 f"Received: {value!r}."
             )
+        counts.append(number)
+    return counts[0], counts[1]
 
 
 def _numpy(variable: Any) -> np.ndarray:
@@ -271,6 +239,48 @@ def recalibrate_batchnorm(
 ) -> Any:
     """Recompute the moving statistics of every BatchNormalization layer of ``model``.
 
+    Averaging checkpoints averages the weights and, separately, each
+    ``BatchNormalization`` layer's ``moving_mean`` and ``moving_variance``; the averaged
+    statistics are not those of the activations the averaged weights produce.
+    :func:`recalibrate_batchnorm` measures them again with one pass over training data.
+
+    How: Keras updates ``moving = momentum * moving + (1 - momentum) * batch_statistic``
+    when a trainable layer is called with ``training=True``, reading ``self.momentum`` at
+    each call (eagerly, on every backend: the model is called directly, not through a
+    compiled train step). During the pass each layer's ``call`` is wrapped to count its
+    calls in training mode and set ``momentum = (k - 1) / k`` before the k-th, which makes
+    the moving statistic the running mean of the batch statistics. So over the K calls of
+    the pass (K batches, or more for a layer called several times per forward), for each
+    channel::
+
+        moving_mean     = (1 / K) * sum_k mean_k
+        moving_variance = (1 / K) * sum_k var_k,   var_k = sum_i (a_i - mean_k)^2 / n_k
+
+    with ``a_i`` the n_k values entering the layer for that channel in batch k (every axis
+    but the layer's ``axis``, masked positions left out). ``var_k`` is Keras' biased batch
+    variance (divisor n_k), which is also what the layer normalizes with in training;
+    PyTorch's running variance uses n_k - 1 instead. Each batch counts once whatever its
+    size; arrays are therefore cut into batches of near-equal size (see ``batch_size``).
+    Layers built with ``renorm=True`` track a moving standard deviation: for them
+    ``moving_stddev = (1 / K) * sum_k sqrt(var_k + epsilon)`` and ``moving_variance =
+    max(moving_stddev**2 - epsilon, 0)``, as the layer itself defines them; their
+    ``renorm_mean`` and ``renorm_stddev`` are put back as they were after the pass.
+
+    The first call (momentum 0) overwrites the old statistics, which amounts to a reset;
+    the old values stay in place until then, so that layers the model calls in inference
+    mode during the pass still normalize with their own statistics. Those layers, and any
+    other that no batch reaches in training mode, keep their statistics, with a warning:
+    for example a backbone that a subclassed model's ``call`` runs as ``self.base(x,
+    training=False)``. (In a functional model, Keras 3 passes the outer ``training=True``
+    to every layer, overriding a ``training=False`` given when the graph was built, in
+    training as in this pass.)
+    A ``BatchNormalization`` layer with ``trainable=False`` (or inside a frozen model)
+    runs in inference mode in Keras even in training and is left alone, without warning.
+
+    The pass calls ``model(x, training=True)``, so dropout is active as during training;
+    afterwards the model is used as usual, ``training=False`` normalizing with the new
+    statistics.
+
     For each layer :func:`batchnorm_layers` lists, over its K calls in the pass (one
     per batch, unless the model calls it more than once)::
 
@@ -278,7 +288,7 @@ def recalibrate_batchnorm(
 
     with ``mean_k`` and ``var_k`` the per-channel mean and biased variance (divisor
     n_k) of the values entering the layer when ``model(x, training=True)`` runs on a
-    batch (see the module docstring for renorm layers). Each layer's ``momentum`` is put
+    batch (see above for renorm layers). Each layer's ``momentum`` is put
     back afterwards, also when the forward raises; then the statistics are also put
     back as they were. A layer that no batch reached in training mode (a sub-model
     that a subclassed model calls with ``training=False``, a branch not taken) keeps
@@ -312,7 +322,7 @@ def recalibrate_batchnorm(
         >>> model = load_averaged_model("snapshots/", "equal", model=model)  # doctest: +SKIP
         >>> recalibrate_batchnorm(model, x_train, batch_size=64)  # doctest: +SKIP
     """
-    _check_arguments(model, batch_size, max_batches)
+    batch_size, max_batches = _check_arguments(model, batch_size, max_batches)
     layers = batchnorm_layers(model)
     if not layers:
         return model

@@ -1,14 +1,6 @@
 """Evaluating Keras checkpoints: data, metrics, and the sweep over one reused model.
 
-One model object serves every candidate of a sweep: its variables are assigned
-from the candidate's tensors through a :class:`~polyak.keras.models.KerasWeightMap`,
-then the model predicts in batches with ``model(x, training=False)``. No clone, no
-compile, no ``fit``/``evaluate`` machinery per candidate.
-
-Metrics: ``accuracy`` (argmax for several classes, threshold 0.5 for one output;
-``y`` as class indices or one-hot), ``loss`` (the model's compiled loss, else
-categorical or sparse categorical cross-entropy from the shape of ``y``; lower is
-better), a callable ``metric(y_true, y_pred) -> float``, or ``"module:function"``.
+One reused model, and the metrics it is scored with: :class:`KerasEvaluator`.
 """
 
 from __future__ import annotations
@@ -87,6 +79,16 @@ def _is_cross_entropy(model: Any) -> bool:
 
 class KerasEvaluator:
     """``evaluate(tensors)`` on one reused Keras model: data and a metric, or a function.
+
+    One model object serves every candidate of a sweep: its variables are assigned
+    from the candidate's tensors through a :class:`~polyak.keras.models.KerasWeightMap`,
+    then the model predicts in batches with ``model(x, training=False)``. No clone, no
+    compile, no ``fit``/``evaluate`` machinery per candidate.
+
+    Metrics: ``accuracy`` (argmax for several classes, threshold 0.5 for one output;
+    ``y`` as class indices or one-hot), ``loss`` (the model's compiled loss, else
+    categorical or sparse categorical cross-entropy from the shape of ``y``; lower is
+    better), a callable ``metric(y_true, y_pred) -> float``, or ``"module:function"``.
 
     Args:
         model: a built Keras model.

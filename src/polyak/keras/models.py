@@ -1,12 +1,6 @@
 """Keras models and polyak's tensors: averaging models, loading averages, weight maps.
 
-A checkpoint names its tensors by their place in the file (``layers/dense/vars/0``,
-``model_weights/dense/sequential/dense/kernel``); a model holds variables. A
-:class:`KerasWeightMap` links the two once, through Keras' own ``load_weights``: it
-writes probe files of the checkpoint's format whose tensors carry their own index as
-values, loads them into the model, and reads back which variable received which
-tensor. Every later candidate is then assigned variable by variable, without files,
-clones or compiles.
+How a checkpoint's tensor names meet a model's variables: :class:`KerasWeightMap`.
 """
 
 from __future__ import annotations
@@ -143,6 +137,14 @@ def _marker(info: TensorInfo, index: int | None, power: int) -> np.ndarray:
 
 class KerasWeightMap:
     """Which model variable each tensor of a Keras checkpoint loads into.
+
+    A checkpoint names its tensors by their place in the file (``layers/dense/vars/0``,
+    ``model_weights/dense/sequential/dense/kernel``); a model holds variables. A
+    :class:`KerasWeightMap` links the two once, through Keras' own ``load_weights``: it
+    writes probe files of the checkpoint's format whose tensors carry their own index as
+    values, loads them into the model, and reads back which variable received which
+    tensor. Every later candidate is then assigned variable by variable, without files,
+    clones or compiles.
 
     Args:
         model: the model (built: it must have its variables).

@@ -1,46 +1,6 @@
 """``OnlineAverage``: a Keras 3 callback keeping a running average of the weights during ``fit``.
 
-The callback updates the average after training batches and swaps it into the model
-for every evaluation it is a callback of: the validation that ``fit`` runs after each
-epoch (Keras runs it through ``evaluate`` with the same callbacks, so ``val_*``
-metrics, and EarlyStopping or ModelCheckpoint monitoring them, see the averaged
-model), ``model.evaluate(..., callbacks=[average])`` and ``model.predict(...,
-callbacks=[average])``. The raw weights go back into the model when the evaluation
-or prediction ends: training always continues from them, and the model
-holds them when ``fit`` returns, so saving it and training on resumes the run. (Keras'
-``use_ema=True`` instead overwrites the weights with the average at the end of
-``fit``.) The schedules and their formulas are those of :mod:`polyak.online`.
-
-Steps are the optimizer's steps counted across epochs and ``fit`` calls, starting from
-its iteration count (as :class:`polyak.keras.SnapshotCheckpoint` counts them): training
-batches, or with ``gradient_accumulation_steps=k`` every ``k``-th batch, the one that
-changes the weights (see :mod:`polyak.keras.steps`); ``start_epoch=E`` starts
-averaging with Keras' 0-based epoch ``E``, i.e. after the steps taken before it.
-
-Numeric policy, as in :mod:`polyak.torch.online`:
-
-- trainable floating variables are averaged; non-trainable floating variables
-  (BatchNormalization's moving mean and variance) too by default
-  (``buffers="average"``, what ``polyak.average`` of snapshots does), or left to the
-  raw model with ``buffers="copy"`` (what Keras' ``use_ema`` does);
-- integer and bool variables, and anything not in ``model.weights`` (random seed
-  state, metrics, the optimizer), are never averaged: the averaged model uses the raw
-  model's;
-- the average is kept in float32 (float64 for float64 variables) whatever the
-  variables' dtype (``bfloat16``, ``float16``), and rounded to their dtype when
-  swapped in; swapping out restores the raw values exactly.
-
-It uses ``keras.ops`` and ``Variable.assign`` only, so it runs on every backend.
-(On JAX, reading the weights mid-epoch makes Keras sync its state to the variables:
-the callback does so on update steps only; ``update_every`` makes that rarer.)
-
-Saving and resuming: :meth:`OnlineAverage.save` writes the average and its counters
-to an ``.npz`` file (arrays ``average/I/NAME``, ``I`` the variable's index in
-``model.weights`` and ``NAME`` its name, and a JSON record ``__polyak_online__``);
-save the model as usual (it holds the raw weights). To resume, load the model,
-build the callback with the same arguments, :meth:`OnlineAverage.load` the file and
-``fit`` on. :meth:`OnlineAverage.export` writes the averaged model as a
-``.weights.h5`` or ``.keras`` file.
+Steps, the numeric policy, saving and resuming: :class:`OnlineAverage`.
 
 Example:
     >>> from polyak.keras import OnlineAverage
@@ -52,12 +12,12 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -67,10 +27,13 @@ from polyak.errors import OutputError, require
 from polyak.files import atomic_output
 from polyak.keras.saving import save_model_file
 from polyak.keras.steps import StepCounter, optimizer_steps
+from polyak.online import SwappableAverage
 from polyak.weights.schedule import (
     BUFFER_POLICIES,
     AveragingProgress,
     AveragingSchedule,
+    AveragingState,
+    advance,
     check_buffer_policy,
     whole_or_none,
 )
@@ -96,13 +59,60 @@ def _listed(names: list[str]) -> str:
     return shown + (f" and {len(names) - _MAX_LISTED} more" if len(names) > _MAX_LISTED else "")
 
 
-class OnlineAverage(keras.callbacks.Callback):
+class OnlineAverage(SwappableAverage, keras.callbacks.Callback):
     """Keep a running average of the weights during ``fit``; evaluate with it swapped in.
+
+    The callback updates the average after training batches and swaps it into the model
+    for every evaluation it is a callback of: the validation that ``fit`` runs after each
+    epoch (Keras runs it through ``evaluate`` with the same callbacks, so ``val_*``
+    metrics, and EarlyStopping or ModelCheckpoint monitoring them, see the averaged
+    model), ``model.evaluate(..., callbacks=[average])`` and ``model.predict(...,
+    callbacks=[average])``. The raw weights go back into the model when the evaluation
+    or prediction ends: training always continues from them, and the model
+    holds them when ``fit`` returns, so saving it and training on resumes the run. (Keras'
+    ``use_ema=True`` instead overwrites the weights with the average at the end of
+    ``fit``.) The schedules and their formulas: :class:`polyak.online.AveragingSchedule`.
+
+    Steps are the optimizer's steps counted across epochs and ``fit`` calls, starting from
+    its iteration count (as :class:`polyak.keras.SnapshotCheckpoint` counts them): training
+    batches, or with ``gradient_accumulation_steps=k`` every ``k``-th batch, the one that
+    changes the weights (see :mod:`polyak.keras.steps`); ``start_epoch=E`` starts
+    averaging with Keras' 0-based epoch ``E``, i.e. after the steps taken before it.
+
+    Numeric policy, as in :class:`polyak.torch.OnlineAverage`:
+
+    - trainable floating variables are averaged; non-trainable floating variables
+      (BatchNormalization's moving mean and variance) too by default
+      (``buffers="average"``, what ``polyak.average`` of snapshots does), or left to the
+      raw model with ``buffers="copy"`` (what Keras' ``use_ema`` does);
+    - integer and bool variables, and anything not in ``model.weights`` (random seed
+      state, metrics, the optimizer), are never averaged: the averaged model uses the raw
+      model's;
+    - the average is kept in float32 (float64 for float64 variables) whatever the
+      variables' dtype (``bfloat16``, ``float16``), and rounded to their dtype when
+      swapped in; swapping out restores the raw values exactly.
+
+    It uses ``keras.ops`` and ``Variable.assign`` only, so it runs on every backend.
+    (On JAX, reading the weights mid-epoch makes Keras sync its state to the variables:
+    the callback does so on update steps only; ``update_every`` makes that rarer.)
+
+    Saving and resuming: :meth:`OnlineAverage.save` writes the average and its counters
+    to an ``.npz`` file (arrays ``average/I/NAME``, ``I`` the variable's index in
+    ``model.weights`` and ``NAME`` its name, and a JSON record ``__polyak_online__``);
+    save the model as usual (it holds the raw weights). To resume, load the model,
+    build the callback with the same arguments, :meth:`OnlineAverage.load` the file and
+    ``fit`` on. :meth:`OnlineAverage.export` writes the averaged model as a
+    ``.weights.h5`` or ``.keras`` file.
+
+    Swapping it into the model by hand (:meth:`swap_in`, :meth:`swap_out`,
+    :meth:`swapped`, for ``predict`` or an evaluation of your own) follows
+    :class:`polyak.online.SwappableAverage`; ``fit``'s validation and
+    ``evaluate(..., callbacks=[average])`` swap by themselves.
 
     Args:
         mode: ``"polyak"`` (running mean, equal weights), ``"ema"`` or ``"power"``;
             by default inferred: ``decay``/``half_life`` -> ema, ``sigma_rel`` ->
-            power, none -> polyak. Formulas: :mod:`polyak.online`.
+            power, none -> polyak. Formulas: :class:`polyak.online.AveragingSchedule`.
         decay: ema: the decay per step (an update after ``d`` steps uses ``decay**d``).
         half_life: ema: the steps after which a weight counts half; the same time
             scale whatever ``update_every``.
@@ -170,7 +180,8 @@ class OnlineAverage(keras.callbacks.Callback):
 
     def _reset(self) -> None:
         """Forget the average: no updates, steps from 0, the start not yet reached."""
-        self._progress = AveragingProgress(self._template)
+        self._schedule = self._template
+        self._state = AveragingState()
         self._started = self.start_epoch is None
         self._step = 0
         self._counter = StepCounter()
@@ -183,22 +194,17 @@ class OnlineAverage(keras.callbacks.Callback):
     @property
     def schedule(self) -> AveragingSchedule:
         """The averaging schedule (with ``start_epoch``: its step once that epoch began)."""
-        return self._progress.schedule
+        return self._schedule
 
     @property
     def updates(self) -> int:
         """The updates made so far (0: the average has not started)."""
-        return self._progress.updates
+        return self._state.updates
 
     @property
     def step(self) -> int:
         """The training steps counted so far."""
         return self._step
-
-    @property
-    def is_swapped(self) -> bool:
-        """Whether the averaged weights are in the model now."""
-        return self._backup is not None
 
     @property
     def averaged_names(self) -> list[str]:
@@ -266,8 +272,8 @@ class OnlineAverage(keras.callbacks.Callback):
             self.swap_out()
         self._ensure_bound(model, rebind=True)
         self._counter.start(model, self._step)
-        if self._started and self._progress.last_step is None:
-            self._progress.last_step = self._step
+        if self._started and self._state.last_step is None:
+            self._state = replace(self._state, last_step=self._step)
 
     def on_epoch_begin(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
         self._counter.new_epoch()
@@ -280,9 +286,8 @@ class OnlineAverage(keras.callbacks.Callback):
                     RuntimeWarning,
                     stacklevel=2,
                 )
-            self._progress = AveragingProgress(
-                self._template.starting_at(self._step), last_step=self._step
-            )
+            self._schedule = self._template.starting_at(self._step)
+            self._state = AveragingState(last_step=self._step)
             self._started = True
 
     def on_train_batch_end(self, batch: int, logs: Mapping[str, Any] | None = None) -> None:
@@ -291,7 +296,7 @@ class OnlineAverage(keras.callbacks.Callback):
         self._step = self._counter.after_batch(batch)
         if not self._started:
             return
-        decay = self._progress.advance(self._step)
+        self._state, decay = advance(self._schedule, self._state, self._step)
         if decay is not None:
             self._update(decay)
 
@@ -334,19 +339,10 @@ class OnlineAverage(keras.callbacks.Callback):
                 )
         self._averages = averages
 
-    def swap_in(self) -> None:
-        """Put the averaged weights into the model, keeping a copy of the raw ones.
+    def _swap_model(self, action: str) -> Any:
+        return self._bound_model(action)
 
-        Before the first update the model is its own average and nothing changes.
-        Prefer :meth:`swapped`, which also swaps back on an error.
-
-        Raises:
-            RuntimeError: they are already swapped in.
-        """
-        if self.is_swapped:
-            raise RuntimeError(
-                "the averaged weights are already swapped in; call swap_out() first."
-            )
+    def _put_average_in(self) -> list[Any]:
         backup = []
         if self._averages:
             self.model  # noqa: B018  (JAX: sync the model's state first)
@@ -355,44 +351,12 @@ class OnlineAverage(keras.callbacks.Callback):
                 # A copy, never the average itself: on JAX, compiled steps donate (free)
                 # the buffers the variables hold, and the average must outlive them.
                 variable.assign(ops.copy(ops.cast(average, variable.dtype)))
-        self._backup = backup
+        return backup
 
-    def swap_out(self) -> None:
-        """Put the raw weights back into the model, exactly.
-
-        Raises:
-            RuntimeError: the averaged weights are not swapped in.
-        """
-        if self._backup is None:
-            raise RuntimeError(
-                "the averaged weights are not swapped in; swap_out() follows swap_in()."
-            )
+    def _put_raw_back(self, backup: list[Any]) -> None:
         # The backup is empty when swapped in before any update.
-        for variable, raw in zip(self._variables, self._backup, strict=False):
+        for variable, raw in zip(self._variables, backup, strict=False):
             variable.assign(raw)
-        self._backup = None
-
-    @contextlib.contextmanager
-    def swapped(self) -> Iterator[Any]:
-        """The model with the averaged weights in it, the raw ones back on exit (also on error).
-
-        For ``predict`` or an evaluation of your own; ``fit``'s validation and
-        ``evaluate(..., callbacks=[average])`` swap by themselves. Inside an enclosing
-        ``swapped()`` block, does nothing.
-
-        Example:
-            >>> with average.swapped() as model:  # doctest: +SKIP
-            ...     predictions = model.predict(x)
-        """
-        model = self._bound_model("swapped()")
-        if self.is_swapped:
-            yield model
-            return
-        self.swap_in()
-        try:
-            yield model
-        finally:
-            self.swap_out()
 
     # ------------------------------------------------------------ files
 
@@ -466,7 +430,7 @@ class OnlineAverage(keras.callbacks.Callback):
             "start_epoch": self.start_epoch,
             "started": self._started,
             "step": self._step,
-            "progress": self._progress.to_dict(),
+            "progress": AveragingProgress.of(self._schedule, self._state).to_dict(),
             "names": self._names,
         }
         arrays = {_RECORD: np.array(json.dumps(record))}
@@ -561,7 +525,7 @@ class OnlineAverage(keras.callbacks.Callback):
                         f"{tuple(variable.shape)}. Load it into the model it was saved with."
                     )
                 averages.append(ops.convert_to_tensor(array.astype(dtype)))
-        self._progress = progress
+        self._schedule, self._state = progress.schedule, progress.state
         self._started = bool(record["started"])
         self._step = int(record["step"])
         self._averages = averages

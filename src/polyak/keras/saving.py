@@ -1,12 +1,6 @@
 """Saving a Keras model to a file with HDF5 writing only into memory.
 
-Keras' ``.keras`` writer accepts a file object: the model is serialized into a
-``BytesIO`` and polyak writes the bytes with Python's own I/O. For ``.weights.h5`` the
-archive's ``model.weights.h5`` is the file ``model.save_weights`` writes, streamed out.
-Why: when a write fails (a full disk, a quota, a file size limit) as HDF5 closes a file
-on disk, HDF5 crashes the process (SIGSEGV) and the training run is lost; a Python
-write raises ``OSError`` instead. The cost is the file's bytes held in memory twice
-while saving (see the README's Safety section for measurements).
+Why (HDF5 crashes on a failed write), and the cost: :func:`save_model_file`.
 """
 
 from __future__ import annotations
@@ -24,6 +18,14 @@ _WEIGHTS_MEMBER = "model.weights.h5"  # the weights inside a .keras archive
 
 def save_model_file(model: Any, path: str | Path, format: str) -> None:
     """Save ``model`` to ``path`` as ``format`` (``"keras"`` or ``"weights.h5"``).
+
+    Keras' ``.keras`` writer accepts a file object: the model is serialized into a
+    ``BytesIO`` and polyak writes the bytes with Python's own I/O. For ``.weights.h5`` the
+    archive's ``model.weights.h5`` is the file ``model.save_weights`` writes, streamed out.
+    Why: when a write fails (a full disk, a quota, a file size limit) as HDF5 closes a file
+    on disk, HDF5 crashes the process (SIGSEGV) and the training run is lost; a Python
+    write raises ``OSError`` instead. The cost is the file's bytes held in memory twice
+    while saving (see the README's Safety section for measurements).
 
     ``path`` needs no particular suffix (Keras never sees it).
 

@@ -1,45 +1,6 @@
 """``SnapshotCheckpoint``: save the weights of the last epochs for averaging afterwards.
 
-The callback has Keras serialize the model into memory (its ``.keras`` writer, given a
-``BytesIO``; for ``.weights.h5`` the archive's ``model.weights.h5``, the same file
-``model.save_weights`` writes) and writes the bytes itself, committing each file
-through :class:`polyak.snapshots.SnapshotDirectory`: atomically, with a manifest
-recording epoch, step, logs and checksum, and keeping the newest ``keep``. HDF5 never
-writes to the disk, so a full disk, a read-only folder or a quota is an ``OutputError``
-(an ``OSError``) the training script can catch, with every earlier snapshot intact;
-HDF5 crashed the process (SIGSEGV) when a write failed as it closed a file. The cost is
-the snapshot's bytes held in memory twice while saving. Only Keras' saving is used, so
-it works on every backend.
-
-File names carry the numbers polyak orders checkpoints by:
-
-| mode                        | file name                           |
-|-----------------------------|-------------------------------------|
-| epochs (default)            | ``{prefix}_{epoch:04d}.weights.h5`` |
-| ``format="keras"``          | ``{prefix}_{epoch:04d}.keras``      |
-| ``every_steps=N``           | ``{prefix}_step{step:08d}{suffix}`` |
-
-``epoch`` is Keras' 0-based epoch index, so 500 epochs with ``keep=10`` give
-``model_0490`` to ``model_0499``, the classic experiment's snapshots.
-
-Post-hoc EMA (``posthoc=(0.05, 0.10)``): the callback also keeps one power-function
-EMA per width (:mod:`polyak.posthoc`; float32, float64 for float64 weights, of every
-floating weight, BatchNormalization statistics included; integer variables stay the
-raw model's), updated after every optimizer step (every training batch; with
-``gradient_accumulation_steps=k``, every ``k``-th, see :mod:`polyak.keras.steps`) with
-the step count above as the profile's time, and commits the EMA of each width, as a
-file of the same ``format`` named ``{prefix}_step{step:08d}{suffix}``, into
-``DIR/posthoc/sigma-WIDTH/`` at every epoch end (or every ``posthoc_every`` steps
-instead) and with every raw snapshot, keeping the newest ``posthoc_keep``.
-``polyak posthoc DIR --sigma-rel ...`` then reconstructs the EMA of any width.
-
-Resuming: the profile snapshots are the profiles' state. When ``fit`` begins after
-``S`` steps (the optimizer's iteration count, as in a model loaded with its optimizer)
-the callback continues the profiles from their snapshots at step ``S``, exactly for
-float32 weights, so resume from a model saved at a step the profiles were saved at
-(an epoch end, by default). If the profiles hold snapshots but none at ``S``, or a new
-run (``S = 0``) finds snapshots, it refuses to mix runs; if they hold none at all, the
-profiles start at ``S`` with a warning.
+File names, post-hoc EMA profiles and resuming: :class:`SnapshotCheckpoint`.
 
 Example:
     >>> from polyak.keras import SnapshotCheckpoint
@@ -56,24 +17,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from polyak.checks import as_whole_number
 from polyak.errors import OutputError, require
 from polyak.keras.saving import save_model_file
 from polyak.keras.steps import StepCounter, optimizer_steps
-from polyak.posthoc import (
-    DEFAULT_PROFILE_KEEP,
-    PROFILES_DIRECTORY,
-    check_profile_arguments,
-    profile_directory,
-)
-from polyak.snapshots import (
-    Snapshot,
-    SnapshotDirectory,
-    SnapshotSchedule,
-    check_snapshot_arguments,
-    is_whole_number,
-    read_manifest,
-)
-from polyak.weights.schedule import AveragingProgress, AveragingSchedule
+from polyak.posthoc import DEFAULT_PROFILE_KEEP, PROFILES_DIRECTORY, profile_directory
+from polyak.snapshots import Snapshot, SnapshotDirectory, SnapshotOptions, read_manifest
+from polyak.weights.schedule import AveragingSchedule, AveragingState, advance
 
 keras = require("keras", "keras", "polyak.keras")
 ops = keras.ops
@@ -111,14 +61,15 @@ class _Profiles:
         self.model: Any = None
         self.variables: list[Any] = []
         self.dtypes: list[str] = []
-        self.progress: dict[float, AveragingProgress] = {}
+        self.schedules = {width: AveragingSchedule(sigma_rel=width) for width in widths}
+        self.states: dict[float, AveragingState] = {}
         self.averages: dict[float, list[Any]] = {}
         self.saved_step: int | None = None
         self._directories: dict[float, SnapshotDirectory] = {}
 
     @property
     def last_step(self) -> int | None:
-        return next(iter(self.progress.values())).last_step if self.progress else None
+        return next(iter(self.states.values())).last_step if self.states else None
 
     def start(self, model: Any, step: int) -> None:
         """Go on in memory, resume from the profile snapshots at ``step``, or start afresh."""
@@ -154,10 +105,7 @@ class _Profiles:
         self.model, self.variables = model, variables
         self.dtypes = ["float64" if v.dtype == "float64" else "float32" for v in variables]
         self.averages, self.saved_step = {}, None
-        self.progress = {
-            width: AveragingProgress(AveragingSchedule(sigma_rel=width), last_step=step)
-            for width in self.widths
-        }
+        self.states = {width: AveragingState(last_step=step) for width in self.widths}
         if any(listed.values()):
             self._restore(found, step)
         elif step > 0:
@@ -187,12 +135,7 @@ class _Profiles:
                     for variable, dtype in zip(self.variables, self.dtypes, strict=True)
                 ]
                 # Only whether there was an update matters to the power schedule.
-                self.progress[width] = AveragingProgress(
-                    AveragingSchedule(sigma_rel=width),
-                    last_step=step,
-                    updates=1,
-                    last_update_step=step,
-                )
+                self.states[width] = AveragingState(step, updates=1, last_update_step=step)
         finally:
             for variable, value in zip(kept, backup, strict=True):
                 variable.assign(value)
@@ -201,8 +144,8 @@ class _Profiles:
     def update(self, step: int) -> None:
         """Update every profile for ``step``: ``a <- beta a + (1 - beta) theta``."""
         values = None
-        for width, progress in self.progress.items():
-            decay = progress.advance(step)
+        for width, state in self.states.items():
+            self.states[width], decay = advance(self.schedules[width], state, step)
             if decay is None:
                 continue
             if values is None:
@@ -254,6 +197,47 @@ class _Profiles:
 class SnapshotCheckpoint(keras.callbacks.Callback):
     """Save snapshots of the model during ``fit`` into a crash-safe snapshot directory.
 
+    The callback has Keras serialize the model into memory (its ``.keras`` writer, given a
+    ``BytesIO``; for ``.weights.h5`` the archive's ``model.weights.h5``, the same file
+    ``model.save_weights`` writes) and writes the bytes itself, committing each file
+    through :class:`polyak.snapshots.SnapshotDirectory`: atomically, with a manifest
+    recording epoch, step, logs and checksum, and keeping the newest ``keep``. HDF5 never
+    writes to the disk, so a full disk, a read-only folder or a quota is an ``OutputError``
+    (an ``OSError``) the training script can catch, with every earlier snapshot intact;
+    HDF5 crashed the process (SIGSEGV) when a write failed as it closed a file. The cost is
+    the snapshot's bytes held in memory twice while saving. Only Keras' saving is used, so
+    it works on every backend.
+
+    File names carry the numbers polyak orders checkpoints by:
+
+    | mode                        | file name                           |
+    |-----------------------------|-------------------------------------|
+    | epochs (default)            | ``{prefix}_{epoch:04d}.weights.h5`` |
+    | ``format="keras"``          | ``{prefix}_{epoch:04d}.keras``      |
+    | ``every_steps=N``           | ``{prefix}_step{step:08d}{suffix}`` |
+
+    ``epoch`` is Keras' 0-based epoch index, so 500 epochs with ``keep=10`` give
+    ``model_0490`` to ``model_0499``, the classic experiment's snapshots.
+
+    Post-hoc EMA (``posthoc=(0.05, 0.10)``): the callback also keeps one power-function
+    EMA per width (:mod:`polyak.posthoc`; float32, float64 for float64 weights, of every
+    floating weight, BatchNormalization statistics included; integer variables stay the
+    raw model's), updated after every optimizer step (every training batch; with
+    ``gradient_accumulation_steps=k``, every ``k``-th, see :mod:`polyak.keras.steps`) with
+    the step count above as the profile's time, and commits the EMA of each width, as a
+    file of the same ``format`` named ``{prefix}_step{step:08d}{suffix}``, into
+    ``DIR/posthoc/sigma-WIDTH/`` at every epoch end (or every ``posthoc_every`` steps
+    instead) and with every raw snapshot, keeping the newest ``posthoc_keep``.
+    ``polyak posthoc DIR --sigma-rel ...`` then reconstructs the EMA of any width.
+
+    Resuming: the profile snapshots are the profiles' state. When ``fit`` begins after
+    ``S`` steps (the optimizer's iteration count, as in a model loaded with its optimizer)
+    the callback continues the profiles from their snapshots at step ``S``, exactly for
+    float32 weights, so resume from a model saved at a step the profiles were saved at
+    (an epoch end, by default). If the profiles hold snapshots but none at ``S``, or a new
+    run (``S = 0``) finds snapshots, it refuses to mix runs; if they hold none at all, the
+    profiles start at ``S`` with a warning.
+
     Two epoch modes:
 
     - ``rolling=False`` (default): save the last ``keep`` epochs of the run, every
@@ -280,7 +264,7 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
         prefix: the start of each file name.
         posthoc: the widths (``sigma_rel``) of the power-function EMA profiles to
             track for post-hoc EMA, e.g. ``(0.05, 0.10)``; ``()`` (default) tracks none,
-            at no cost. See the module docstring.
+            at no cost. See above.
         posthoc_keep: how many EMA snapshots each profile keeps (the newest).
         posthoc_every: commit the profiles every this many steps instead of at every
             epoch end (they are also committed with every raw snapshot).
@@ -293,7 +277,7 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
     Raises:
         ValueError: an argument is out of range, or ``fit`` gives no epoch count in
             the default mode; with ``posthoc``, when ``fit`` begins, profile snapshots
-            that this run cannot continue (see the module docstring).
+            that this run cannot continue (see above).
 
     Example:
         >>> checkpoint = SnapshotCheckpoint("run/", keep=10)  # doctest: +SKIP
@@ -317,20 +301,33 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
         posthoc_every: int | None = None,
     ) -> None:
         super().__init__()
-        check_snapshot_arguments(directory, keep, format, _SUFFIXES, prefix)
-        self.schedule = SnapshotSchedule(keep, rolling, every_epochs, every_steps)
-        widths = check_profile_arguments(posthoc, posthoc_keep, posthoc_every)
-        self.posthoc = widths
-        self.posthoc_keep = posthoc_keep
-        self.posthoc_every = posthoc_every
-        self._profiles = _Profiles(Path(directory), widths, posthoc_keep, format, prefix)
-        self.directory = Path(directory)
-        self.keep = keep
-        self.rolling = rolling
-        self.every_epochs = every_epochs
-        self.every_steps = every_steps
-        self.format = format
-        self.prefix = prefix
+        self.options = options = SnapshotOptions(
+            directory=directory,
+            formats=_SUFFIXES,
+            format=format,
+            keep=keep,
+            prefix=prefix,
+            rolling=rolling,
+            every_epochs=every_epochs,
+            every_steps=every_steps,
+            posthoc=posthoc,
+            posthoc_keep=posthoc_keep,
+            posthoc_every=posthoc_every,
+        )
+        self.schedule = options.schedule
+        self.directory = options.directory
+        self.keep = options.keep
+        self.rolling = options.rolling
+        self.every_epochs = options.every_epochs
+        self.every_steps = options.every_steps
+        self.format = options.format
+        self.prefix = options.prefix
+        self.posthoc = options.posthoc
+        self.posthoc_keep = options.posthoc_keep
+        self.posthoc_every = options.posthoc_every
+        self._profiles = _Profiles(
+            options.directory, options.posthoc, options.posthoc_keep, options.format, options.prefix
+        )
         self.saved: list[Snapshot] = []
         self._snapshots: SnapshotDirectory | None = None
         self._epochs: int | None = None
@@ -341,7 +338,7 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
 
     @property
     def _suffix(self) -> str:
-        return _SUFFIXES[self.format]
+        return self.options.suffix
 
     def _starting_step(self) -> int:
         """Training steps already taken: the optimizer's count, else this callback's."""
@@ -350,7 +347,7 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
 
     def on_train_begin(self, logs: Mapping[str, Any] | None = None) -> None:
         epochs = (self.params or {}).get("epochs")
-        if self.schedule.needs_epoch_count and not is_whole_number(epochs):
+        if self.schedule.needs_epoch_count and as_whole_number(epochs) is None:
             raise ValueError(
                 "SnapshotCheckpoint saves the last epochs of the run, so it needs the number "
                 f"of epochs fit() was given; received params epochs={epochs!r}. Pass "

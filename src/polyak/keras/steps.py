@@ -1,12 +1,6 @@
 """Counting optimizer steps in Keras callbacks, which see training batches.
 
-The callbacks count steps as the optimizer does (``optimizer.iterations``), so that
-their counts and the optimizer's agree on resuming. Without gradient accumulation a
-step is a training batch. With ``gradient_accumulation_steps=k`` the optimizer changes
-the weights on every ``k``-th batch only, and ``iterations`` counts those updates:
-batches ``1 .. k`` are step 0 until the ``k``-th, which makes step 1, and so on. (Keras'
-own ``use_ema`` updates its average after every batch instead: it averages unchanged
-weights ``k`` times, its momentum applying ``k`` times per optimizer step.)
+How gradient accumulation is counted: :class:`StepCounter`.
 """
 
 from __future__ import annotations
@@ -57,6 +51,14 @@ def _batches_taken(model: Any, step: int, accumulation: int) -> int:
 
 class StepCounter:
     """Optimizer steps from the batch indices Keras passes to ``on_train_batch_end``.
+
+    The callbacks count steps as the optimizer does (``optimizer.iterations``), so that
+    their counts and the optimizer's agree on resuming. Without gradient accumulation a
+    step is a training batch. With ``gradient_accumulation_steps=k`` the optimizer changes
+    the weights on every ``k``-th batch only, and ``iterations`` counts those updates:
+    batches ``1 .. k`` are step 0 until the ``k``-th, which makes step 1, and so on. (Keras'
+    own ``use_ema`` updates its average after every batch instead: it averages unchanged
+    weights ``k`` times, its momentum applying ``k`` times per optimizer step.)
 
     Call :meth:`start` in ``on_train_begin`` (with the steps taken so far), :meth:`new_epoch`
     in ``on_epoch_begin`` and :meth:`after_batch` in ``on_train_batch_end``. A model

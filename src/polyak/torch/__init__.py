@@ -1,8 +1,12 @@
 """PyTorch adapter: snapshots, online averaging, the sweep's evaluator, BatchNorm recalibration.
 
+Its modules have the Keras and Lightning adapters' file names (``snapshots``, ``online``).
+
 torch is imported by this package and ``polyak.lightning``, and only where a file or a run
 needs it by ``polyak.formats.torch`` (checkpoints only torch can read or write) and
-``polyak.distributed`` (under torchrun); never by ``import polyak``.
+``polyak.distributed`` (under torchrun); never by ``import polyak``. The helpers here are
+plain objects a training loop calls (``SnapshotSaver.save``, ``OnlineAverage.update``),
+where Keras and Lightning take callbacks: see :mod:`polyak.lightning` for the names.
 
 Example:
     >>> from polyak.torch import SnapshotSaver

@@ -1,31 +1,6 @@
 """Recomputing BatchNorm running statistics after averaging (PyTorch).
 
-Averaging checkpoints averages the weights and, separately, each BatchNorm layer's
-``running_mean`` and ``running_var``; the averaged statistics are not those of the
-activations the averaged weights produce. :func:`recalibrate_batchnorm` measures them
-again with one pass over training data, as SWA does (Izmailov et al., 2018).
-
-What results, for each BatchNorm layer that tracks running statistics, over the K
-batches of the pass (torch's cumulative average, ``momentum=None``)::
-
-    running_mean = (1 / K) * sum_k mean_k
-    running_var  = (1 / K) * sum_k var_k,   var_k = sum_i (a_i - mean_k)^2 / (n_k - 1)
-
-where ``a_i`` are the n_k activations entering the layer for one channel in batch k
-(n_k = batch size times the spatial positions), so ``var_k`` is torch's unbiased batch
-variance. Each batch counts once whatever its size: give batches of equal size (a
-``DataLoader`` with ``drop_last=True``) for a sample-weighted result. The pass runs in
-train mode, so each layer normalizes with its batch's statistics and dropout is active,
-as during training; ``num_batches_tracked`` ends as the number of calls the layer saw.
-In eval mode afterwards the layers normalize with these statistics.
-
-Why not ``torch.optim.swa_utils.update_bn``, which does the same pass: it takes only
-tensors or tuples (no dict batches, no custom forward, no limit on the number of
-batches); it restores ``model.train(was_training)``, which overwrites the training flag
-of submodules that differed from the root (frozen BatchNorm layers in eval mode); it
-restores neither momentum nor training flags when the forward raises; and it fails on
-a lazy BatchNorm layer that is not yet initialized. This module does the same pass
-with those handled, and leaves the statistics as they were when the pass fails.
+The formulas, and why not ``torch.optim.swa_utils.update_bn``: :func:`recalibrate_batchnorm`.
 
 Example:
     >>> import torch
@@ -43,6 +18,7 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from polyak.checks import as_whole_number
 from polyak.errors import DataError, require
 
 torch = require("torch", "torch", "polyak.torch")
@@ -116,7 +92,12 @@ def _call_model(model: torch.nn.Module, batch: Any, index: int, device: Any) -> 
         )
 
 
-def _check_arguments(model: Any, batches: Any, max_batches: Any) -> None:
+def _check_arguments(model: Any, batches: Any, max_batches: Any) -> int | None:
+    """``max_batches`` as an int or None, after checking all three arguments.
+
+    ``max_batches`` follows :func:`polyak.checks.as_whole_number` (numpy integers and
+    0-d integer tensors too, not bools), refused in the module's "Received:" wording.
+    """
     if not isinstance(model, torch.nn.Module):
         raise DataError(
             "recalibrate_batchnorm: model must be a torch.nn.Module. Received: "
@@ -133,13 +114,15 @@ def _check_arguments(model: Any, batches: Any, max_batches: Any) -> None:
             "recalibrate_batchnorm: batches must be an iterable of batches (a DataLoader, a "
             f"list of tensors). Received: {type(batches).__name__}."
         )
-    if max_batches is not None and (
-        isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1
-    ):
+    if max_batches is None:
+        return None
+    number = as_whole_number(max_batches, 1)
+    if number is None:
         raise DataError(
             "recalibrate_batchnorm: max_batches must be a positive integer or None (all "
             f"batches). Received: {max_batches!r}."
         )
+    return number
 
 
 def recalibrate_batchnorm(
@@ -150,6 +133,33 @@ def recalibrate_batchnorm(
     device: str | torch.device | None = None,
 ) -> torch.nn.Module:
     """Recompute the running statistics of every BatchNorm layer of ``model`` from data.
+
+    Averaging checkpoints averages the weights and, separately, each BatchNorm layer's
+    ``running_mean`` and ``running_var``; the averaged statistics are not those of the
+    activations the averaged weights produce. :func:`recalibrate_batchnorm` measures them
+    again with one pass over training data, as SWA does (Izmailov et al., 2018).
+
+    What results, for each BatchNorm layer that tracks running statistics, over the K
+    batches of the pass (torch's cumulative average, ``momentum=None``)::
+
+        running_mean = (1 / K) * sum_k mean_k
+        running_var  = (1 / K) * sum_k var_k,   var_k = sum_i (a_i - mean_k)^2 / (n_k - 1)
+
+    where ``a_i`` are the n_k activations entering the layer for one channel in batch k
+    (n_k = batch size times the spatial positions), so ``var_k`` is torch's unbiased batch
+    variance. Each batch counts once whatever its size: give batches of equal size (a
+    ``DataLoader`` with ``drop_last=True``) for a sample-weighted result. The pass runs in
+    train mode, so each layer normalizes with its batch's statistics and dropout is active,
+    as during training; ``num_batches_tracked`` ends as the number of calls the layer saw.
+    In eval mode afterwards the layers normalize with these statistics.
+
+    Why not ``torch.optim.swa_utils.update_bn``, which does the same pass: it takes only
+    tensors or tuples (no dict batches, no custom forward, no limit on the number of
+    batches); it restores ``model.train(was_training)``, which overwrites the training flag
+    of submodules that differed from the root (frozen BatchNorm layers in eval mode); it
+    restores neither momentum nor training flags when the forward raises; and it fails on
+    a lazy BatchNorm layer that is not yet initialized. This module does the same pass
+    with those handled, and leaves the statistics as they were when the pass fails.
 
     Resets the running statistics of each layer :func:`batchnorm_layers` lists and runs
     ``model`` on ``batches`` in train mode under ``torch.no_grad()`` with
@@ -193,7 +203,7 @@ def recalibrate_batchnorm(
         ... )
         >>> recalibrate_batchnorm(model, train_loader, max_batches=100)  # doctest: +SKIP
     """
-    _check_arguments(model, batches, max_batches)
+    max_batches = _check_arguments(model, batches, max_batches)
     layers = batchnorm_layers(model)
     if not layers:
         return model

@@ -1,26 +1,6 @@
 """Evaluating PyTorch checkpoints: one reused module, data or a user function, a sweep.
 
-One ``nn.Module`` serves every candidate of a sweep: each candidate's tensors are
-loaded with ``load_state_dict`` (every parameter and buffer must be given: missing
-or unexpected names are an error, except ``_extra_state`` entries, which are not
-tensors), then the module is scored. No module is built per candidate.
-
-Scoring, either:
-
-- on data (``x``, ``y`` from ``.npz`` or memory): the module in eval mode predicts
-  ``module(x_batch)`` under ``torch.no_grad()``; ``accuracy`` takes the argmax of the
-  outputs (logits or probabilities alike); ``loss`` is the cross-entropy of the
-  outputs taken as logits (``y`` as class indices or one-hot; binary cross-entropy
-  for one output); lower is better. Floating ``x`` is cast to the module's
-  floating dtype;
-- or with the user's ``evaluate(module)``, returning a float or
-  ``{"test": ..., "validation": ...}``.
-
-BatchNorm recalibration (``recalibrate``): each candidate is also scored after
-:func:`polyak.torch.batchnorm.recalibrate_batchnorm` on the given data (its ``x`` in
-batches) or after the user's ``recalibrate(module)``; the sweep reports both numbers.
-
-The module runs on ``device``: by default CUDA when torch sees a GPU, else the CPU.
+One reused module, how candidates are scored and recalibrated: :class:`TorchEvaluator`.
 """
 
 from __future__ import annotations
@@ -155,6 +135,28 @@ def module_tensors(module: Any, names: Sequence[str], like: Mapping[str, np.ndar
 
 class TorchEvaluator:
     """``evaluate(tensors)`` on one reused ``nn.Module``: data and a metric, or a function.
+
+    One ``nn.Module`` serves every candidate of a sweep: each candidate's tensors are
+    loaded with ``load_state_dict`` (every parameter and buffer must be given: missing
+    or unexpected names are an error, except ``_extra_state`` entries, which are not
+    tensors), then the module is scored. No module is built per candidate.
+
+    Scoring, either:
+
+    - on data (``x``, ``y`` from ``.npz`` or memory): the module in eval mode predicts
+      ``module(x_batch)`` under ``torch.no_grad()``; ``accuracy`` takes the argmax of the
+      outputs (logits or probabilities alike); ``loss`` is the cross-entropy of the
+      outputs taken as logits (``y`` as class indices or one-hot; binary cross-entropy
+      for one output); lower is better. Floating ``x`` is cast to the module's
+      floating dtype;
+    - or with the user's ``evaluate(module)``, returning a float or
+      ``{"test": ..., "validation": ...}``.
+
+    BatchNorm recalibration (``recalibrate``): each candidate is also scored after
+    :func:`polyak.torch.batchnorm.recalibrate_batchnorm` on the given data (its ``x`` in
+    batches) or after the user's ``recalibrate(module)``; the sweep reports both numbers.
+
+    The module runs on ``device``: by default CUDA when torch sees a GPU, else the CPU.
 
     Args:
         module: the model, moved to ``device`` once.

@@ -1,45 +1,6 @@
 """``OnlineAverage``: a running average of a PyTorch model's weights, kept while it trains.
 
-Call :meth:`OnlineAverage.update` after each optimizer step; evaluate with the averaged
-weights inside :meth:`OnlineAverage.swapped`. The schedules (Polyak running mean,
-EMA by decay or half-life, power-function EMA) and their formulas are those of
-:mod:`polyak.online`: the average is ``a <- decay * a + (1 - decay) * theta`` at the
-update steps ``start_step + update_every * j``, the first update copying the weights.
-
-What is averaged, and how (the numeric policy):
-
-- Floating parameters, and floating buffers by default (``buffers="average"``):
-  BatchNorm's running mean and variance are averaged with the same weights as the
-  parameters, so the averaged model is, tensor for tensor, the weighted average of
-  the model's states at the update steps, which is what ``polyak.average`` computes
-  from snapshots (it averages every float tensor); timm's ``ModelEmaV3`` and torch's
-  ``AveragedModel(use_buffers=True)`` EMA recipe do the same. Neither these nor the
-  raw model's statistics are exact for averaged weights (the raw ones follow the last
-  few batches of the raw weights); :func:`polyak.torch.recalibrate_batchnorm`
-  recomputes them. ``buffers="copy"`` leaves floating buffers out: the averaged model
-  then uses the raw model's (``AveragedModel``'s default, and Keras' ``use_ema``).
-- Integer and bool buffers (``num_batches_tracked``) are never averaged: the averaged
-  model uses the raw model's. So do non-tensor and tensor extra state.
-- The average of each tensor lives on the tensor's device in float32 (float64 for
-  float64 tensors, complex64/complex128 for complex ones), whatever the model's dtype:
-  an fp16 or bf16 model's average moves by ``(1 - decay) * (theta - a)`` however small,
-  where a bf16 average with a decay of 0.9999 would round every update away. Updates
-  are in place (``lerp_``; ``sub_``, ``mul_``, ``add_`` for a lower-precision model),
-  with no allocation per step. Swapping in rounds the average to the model's dtype (to
-  nearest); swapping out restores the raw tensors bit for bit.
-- Tied weights (one parameter under two names) are averaged once.
-
-The model's tensors are looked up by name on every update, so moving the model to
-another device (``model.to``) after building the average is fine: the average
-follows at the next update.
-
-Saving and resuming: the model's ``state_dict()`` always holds the raw weights (never
-save while swapped in), and :meth:`OnlineAverage.state_dict` holds the average and
-its counters; save both, under explicit keys (:data:`STATE_KEY` for the average's),
-and after loading the model call :meth:`OnlineAverage.load_state_dict` on a new
-average built with the same arguments; training then continues exactly where it
-stopped. :meth:`OnlineAverage.export` writes the averaged model as a normal model
-file.
+Policy (what is averaged, in what precision) and resuming: :class:`OnlineAverage`.
 
 Example:
     >>> import torch
@@ -54,32 +15,27 @@ Example:
     >>> checkpoint = {"model": model.state_dict(), "average": average.state_dict()}
     >>> torch.save(checkpoint, "checkpoint.pt")  # doctest: +SKIP
     >>> average.export("averaged.safetensors")  # doctest: +SKIP
-
-``polyak.lightning.OnlineAverageCallback`` wraps it for Lightning: built when ``fit``
-starts (a state Lightning restored from a checkpoint before that is applied then),
-``update(trainer.global_step)`` in ``on_train_batch_end``, ``swap_in()``/``swap_out()``
-around validation, test and predict (with :meth:`OnlineAverage.raw_tensors` put into
-the module's ``state_dict()`` meanwhile, so that checkpoints hold the raw weights), and
-its ``state_dict()`` as the callback's state in the ``.ckpt``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from polyak.errors import OutputError, require
 from polyak.files import atomic_output
+from polyak.online import SwappableAverage
 from polyak.torch.saving import save_state_dict
 from polyak.weights.schedule import (
     BUFFER_POLICIES,
     AveragingProgress,
     AveragingSchedule,
+    AveragingState,
+    advance,
     check_buffer_policy,
 )
 
@@ -122,14 +78,66 @@ class _Entry:
         return getattr(self.module, self.attribute)
 
 
-class OnlineAverage:
+class OnlineAverage(SwappableAverage):
     """A running average of a model's weights, updated in place during training.
+
+    Call :meth:`update` after each optimizer step; evaluate with the averaged weights
+    inside :meth:`swapped`. The schedules (Polyak running mean, EMA by decay or
+    half-life, power-function EMA) and their formulas are those of
+    :class:`polyak.online.AveragingSchedule`: the average is
+    ``a <- decay * a + (1 - decay) * theta`` at the update steps
+    ``start_step + update_every * j``, the first update copying the weights.
+
+    What is averaged, and how (the numeric policy):
+
+    - Floating parameters, and floating buffers by default (``buffers="average"``):
+      BatchNorm's running mean and variance are averaged with the same weights as the
+      parameters, so the averaged model is, tensor for tensor, the weighted average of
+      the model's states at the update steps, which is what ``polyak.average`` computes
+      from snapshots (it averages every float tensor); timm's ``ModelEmaV3`` and torch's
+      ``AveragedModel(use_buffers=True)`` EMA recipe do the same. Neither these nor the
+      raw model's statistics are exact for averaged weights (the raw ones follow the last
+      few batches of the raw weights); :func:`polyak.torch.recalibrate_batchnorm`
+      recomputes them. ``buffers="copy"`` leaves floating buffers out: the averaged model
+      then uses the raw model's (``AveragedModel``'s default, and Keras' ``use_ema``).
+    - Integer and bool buffers (``num_batches_tracked``) are never averaged: the averaged
+      model uses the raw model's. So do non-tensor and tensor extra state.
+    - The average of each tensor lives on the tensor's device in float32 (float64 for
+      float64 tensors, complex64/complex128 for complex ones), whatever the model's dtype:
+      an fp16 or bf16 model's average moves by ``(1 - decay) * (theta - a)`` however small,
+      where a bf16 average with a decay of 0.9999 would round every update away. Updates
+      are in place (``lerp_``; ``sub_``, ``mul_``, ``add_`` for a lower-precision model),
+      with no allocation per step. Swapping in rounds the average to the model's dtype (to
+      nearest); swapping out restores the raw tensors bit for bit.
+    - Tied weights (one parameter under two names) are averaged once.
+
+    The model's tensors are looked up by name on every update, so moving the model to
+    another device (``model.to``) after building the average is fine: the average
+    follows at the next update.
+
+    Saving and resuming: the model's ``state_dict()`` always holds the raw weights (never
+    save while swapped in), and :meth:`OnlineAverage.state_dict` holds the average and
+    its counters; save both, under explicit keys (:data:`STATE_KEY` for the average's),
+    and after loading the model call :meth:`OnlineAverage.load_state_dict` on a new
+    average built with the same arguments; training then continues exactly where it
+    stopped. :meth:`OnlineAverage.export` writes the averaged model as a normal model
+    file.
+
+    ``polyak.lightning.OnlineAverageCallback`` wraps it for Lightning: built when ``fit``
+    starts (a state Lightning restored from a checkpoint before that is applied then),
+    ``update(trainer.global_step)`` in ``on_train_batch_end``, ``swap_in()``/``swap_out()``
+    around validation, test and predict (with :meth:`OnlineAverage.raw_tensors` put into
+    the module's ``state_dict()`` meanwhile, so that checkpoints hold the raw weights), and
+    its ``state_dict()`` as the callback's state in the ``.ckpt``.
+
+    Swapping it into the model (:meth:`swap_in`, :meth:`swap_out`, :meth:`swapped`)
+    follows :class:`polyak.online.SwappableAverage`.
 
     Args:
         model: the ``torch.nn.Module`` being trained.
         mode: ``"polyak"`` (running mean, equal weights), ``"ema"`` or ``"power"``;
             by default inferred: ``decay``/``half_life`` -> ema, ``sigma_rel`` ->
-            power, none -> polyak. Formulas: :mod:`polyak.online`.
+            power, none -> polyak. Formulas: :class:`polyak.online.AveragingSchedule`.
         decay: ema: the decay per step (an update after ``d`` steps uses ``decay**d``).
         half_life: ema: the steps after which a weight counts half; the same time
             scale whatever ``update_every``.
@@ -188,9 +196,8 @@ class OnlineAverage:
         )
         self.model = model
         self.buffers = buffers
-        self._progress = AveragingProgress(self.schedule)
+        self._state = AveragingState()
         self._entries = self._find_entries()
-        self._backup: list[torch.Tensor] | None = None
 
     def _find_entries(self) -> list[_Entry]:
         entries: dict[int, _Entry] = {}
@@ -235,17 +242,12 @@ class OnlineAverage:
     @property
     def updates(self) -> int:
         """The updates made so far (0: the average has not started)."""
-        return self._progress.updates
+        return self._state.updates
 
     @property
     def last_step(self) -> int | None:
         """The last step :meth:`update` was given, or None."""
-        return self._progress.last_step
-
-    @property
-    def is_swapped(self) -> bool:
-        """Whether the averaged weights are in the model now."""
-        return self._backup is not None
+        return self._state.last_step
 
     @property
     def averaged_names(self) -> list[str]:
@@ -284,7 +286,8 @@ class OnlineAverage:
                 "update() while the averaged weights are swapped in would average them into "
                 "themselves; update after the swapped() block (or swap_out()) ends."
             )
-        decay = self._progress.advance(self._progress.next_step() if step is None else step)
+        step = self._state.next_step() if step is None else step
+        self._state, decay = advance(self.schedule, self._state, step)
         if decay is None:
             return False
         for entry in self._entries:
@@ -312,63 +315,25 @@ class OnlineAverage:
 
     # ------------------------------------------------------------ swapping
 
+    def _swap_model(self, action: str) -> torch.nn.Module:
+        return self.model
+
     @torch.no_grad()
-    def swap_in(self) -> None:
-        """Put the averaged weights into the model, keeping a copy of the raw ones.
-
-        Each average is rounded to its tensor's dtype (to nearest). Before the first
-        update the model is its own average and nothing changes. Prefer
-        :meth:`swapped`, which also swaps back on an error.
-
-        Raises:
-            RuntimeError: they are already swapped in.
-        """
-        if self.is_swapped:
-            raise RuntimeError(
-                "the averaged weights are already swapped in; call swap_out() first."
-            )
+    def _put_average_in(self) -> list[torch.Tensor]:
+        # Each average rounded to its tensor's dtype (to nearest) by copy_.
         backup = []
         if self.updates:
             for entry in self._entries:
                 current = entry.current()
                 backup.append(current.detach().clone())
                 current.copy_(entry.average)
-        self._backup = backup
+        return backup
 
     @torch.no_grad()
-    def swap_out(self) -> None:
-        """Put the raw weights back into the model, bit for bit.
-
-        Raises:
-            RuntimeError: the averaged weights are not swapped in.
-        """
-        if self._backup is None:
-            raise RuntimeError(
-                "the averaged weights are not swapped in; swap_out() follows swap_in()."
-            )
+    def _put_raw_back(self, backup: list[torch.Tensor]) -> None:
         # The backup is empty when swapped in before any update.
-        for entry, raw in zip(self._entries, self._backup, strict=False):
+        for entry, raw in zip(self._entries, backup, strict=False):
             entry.current().copy_(raw)
-        self._backup = None
-
-    @contextlib.contextmanager
-    def swapped(self) -> Iterator[torch.nn.Module]:
-        """The model with the averaged weights in it, the raw ones back on exit (also on error).
-
-        Inside an enclosing ``swapped()`` block, does nothing (the outer block swaps back).
-
-        Example:
-            >>> with average.swapped() as averaged_model:  # doctest: +SKIP
-            ...     accuracy = evaluate(averaged_model.eval())
-        """
-        if self.is_swapped:
-            yield self.model
-            return
-        self.swap_in()
-        try:
-            yield self.model
-        finally:
-            self.swap_out()
 
     # ------------------------------------------------------------ the averaged model
 
@@ -471,7 +436,7 @@ class OnlineAverage:
             "format": STATE_FORMAT,
             "version": STATE_VERSION,
             "buffers": self.buffers,
-            "progress": self._progress.to_dict(),
+            "progress": AveragingProgress.of(self.schedule, self._state).to_dict(),
             "average": {name: entry.average for entry in self._entries for name in entry.names},
         }
 
@@ -542,4 +507,4 @@ class OnlineAverage:
                 )
         for entry in self._entries:
             entry.average.copy_(tensors[entry.names[0]])
-        self._progress = progress
+        self._state = progress.state

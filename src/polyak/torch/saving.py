@@ -1,7 +1,7 @@
 """Writing a PyTorch state dict to one file (safetensors or ``torch.save``), checked first.
 
 What a snapshot, an online average's export and a post-hoc profile are written with;
-the rules for non-tensor entries are those of :mod:`polyak.torch.snapshots`.
+the rules for non-tensor entries are those of :class:`polyak.torch.SnapshotSaver`.
 """
 
 from __future__ import annotations
@@ -124,7 +124,8 @@ def check_state_dict(
     Raises:
         ValueError: ``model`` is neither a module nor a mapping, a key is not a string,
             there are no tensors, a tensor is sparse, or a non-tensor entry cannot be
-            saved in ``format`` (see the module docstring); the message names the entry.
+            saved in ``format`` (see :class:`polyak.torch.SnapshotSaver`); the message
+            names the entry.
 
     Example:
         >>> check_state_dict(torch.nn.Linear(2, 3))

@@ -1,54 +1,6 @@
 """``SnapshotSaver``: save a PyTorch model's state dict from a plain training loop.
 
-Each snapshot is committed through :class:`polyak.snapshots.SnapshotDirectory`:
-atomically, listed in ``polyak-manifest.json`` with its epoch, step, logs and SHA-256,
-the newest ``keep`` kept and an old one deleted only after a newer one is committed.
-``polyak.find_checkpoints`` then reads the directory as exactly the files listed.
-The Lightning callback (``polyak.lightning.SnapshotCallback``) saves the same way.
-
-File names carry the number polyak orders checkpoints by, the same scheme as the
-Keras callback's:
-
-| ``save(...)`` is given      | file name                                      |
-|-----------------------------|------------------------------------------------|
-| ``step`` (``epoch`` or not) | ``{prefix}_step{step:08d}.safetensors``        |
-| ``epoch`` only              | ``{prefix}_{epoch:04d}.safetensors``           |
-| ``format="pt"``             | the same names ending in ``.pt``               |
-
-A directory's snapshots are all named by step or all by epoch: a save that would
-mix the two (``model_step00001000`` beside ``model_0003``, ordered by 1000 and 3) is
-refused. Saving a name again (a resumed run) replaces that snapshot.
-
-What is written, so that the average loads with ``load_state_dict(strict=True)``:
-
-- every entry of ``model.state_dict()``, integer buffers (BatchNorm's
-  ``num_batches_tracked``) included, detached and moved to the CPU;
-- ``format="safetensors"`` (default): tensors made contiguous, and a tensor whose
-  memory another entry already uses (tied weights, such as an embedding shared with
-  the output layer) is written as a separate copy, since safetensors stores no
-  sharing; ``load_state_dict`` copies both names into the one shared parameter.
-  safetensors holds tensors only: a non-tensor entry (a module's ``_extra_state``
-  that is not a tensor) is refused, naming the entry, before anything is written;
-  use ``format="pt"`` for such models.
-- ``format="pt"``: ``torch.save`` of the state dict, its ``_metadata`` (module
-  versions) and non-tensor entries included. polyak reads ``.pt`` files with
-  ``torch.load(weights_only=True)`` only, so a non-tensor entry that such a load
-  would refuse (an arbitrary Python object) is refused when saving, not found out
-  when averaging.
-
-Post-hoc EMA (``posthoc=(0.05, 0.10)``): the saver also keeps one power-function EMA
-per width (``polyak.torch.OnlineAverage(mode="power", sigma_rel=...)``: float32,
-floating buffers averaged, integer buffers the raw model's), which
-:meth:`SnapshotSaver.track` updates after every optimizer step, and every
-:meth:`SnapshotSaver.save` (by step) also commits the EMA of each width, at the same
-step, into ``DIR/posthoc/sigma-0.05/`` (:func:`polyak.posthoc.profile_directory`),
-each a snapshot directory of its own keeping its newest ``posthoc_keep`` snapshots;
-with ``posthoc_every=N``, :meth:`SnapshotSaver.track` also commits them every ``N``
-steps. ``polyak posthoc DIR --sigma-rel 0.08`` then reconstructs the EMA of any width
-(formulas: :mod:`polyak.posthoc`). The profile snapshots hold the model's dtypes, so
-that the sweep can combine them with the raw snapshots. To resume, save
-:meth:`SnapshotSaver.state_dict` with your checkpoint and give it to
-:meth:`SnapshotSaver.load_state_dict` before the first ``track``.
+File names, what is written, post-hoc EMA profiles and resuming: :class:`SnapshotSaver`.
 
 Example:
     >>> from polyak.torch.snapshots import SnapshotSaver
@@ -70,18 +22,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from polyak.checks import as_whole_number
 from polyak.errors import require
-from polyak.posthoc import (
-    DEFAULT_PROFILE_KEEP,
-    check_profile_arguments,
-    profile_directory,
-    profile_steps,
-)
-from polyak.snapshots import (
-    Snapshot,
-    SnapshotDirectory,
-    check_snapshot_arguments,
-)
+from polyak.posthoc import DEFAULT_PROFILE_KEEP, profile_directory, profile_steps
+from polyak.snapshots import Snapshot, SnapshotDirectory, SnapshotOptions
 from polyak.torch.online import OnlineAverage
 from polyak.torch.saving import (
     SUFFIXES,
@@ -188,6 +132,18 @@ class PosthocProfiles:
         self.saved_step: int | None = None
         self._directories: dict[float, SnapshotDirectory] = {}
         self._pending: dict[str, Any] | None = None
+
+    @classmethod
+    def for_options(cls, options: SnapshotOptions, owner: str) -> PosthocProfiles:
+        """The profiles a snapshot helper built from ``options`` tracks (none without posthoc)."""
+        return cls(
+            options.directory,
+            options.posthoc,
+            options.posthoc_keep,
+            options.format,
+            options.prefix,
+            owner,
+        )
 
     @property
     def last_step(self) -> int | None:
@@ -357,9 +313,7 @@ class PosthocProfiles:
                     f"{schedule.describe()}; expected the power EMA of sigma_rel {key}."
                 )
         saved_step = state.get("saved_step")
-        if saved_step is not None and (
-            isinstance(saved_step, bool) or not isinstance(saved_step, int)
-        ):
+        if saved_step is not None and as_whole_number(saved_step) is None:
             raise ValueError(
                 f"the EMA profiles' state has a saved_step that is not a whole number or None; "
                 f"received {saved_step!r}."
@@ -380,13 +334,63 @@ def _width_key(width: float) -> str:
 class SnapshotSaver:
     """Save snapshots of a PyTorch model from a training loop into a snapshot directory.
 
+    Each snapshot is committed through :class:`polyak.snapshots.SnapshotDirectory`:
+    atomically, listed in ``polyak-manifest.json`` with its epoch, step, logs and SHA-256,
+    the newest ``keep`` kept and an old one deleted only after a newer one is committed.
+    ``polyak.find_checkpoints`` then reads the directory as exactly the files listed.
+    The Lightning callback (``polyak.lightning.SnapshotCallback``) saves the same way.
+
+    File names carry the number polyak orders checkpoints by, the same scheme as the
+    Keras callback's:
+
+    | ``save(...)`` is given      | file name                                      |
+    |-----------------------------|------------------------------------------------|
+    | ``step`` (``epoch`` or not) | ``{prefix}_step{step:08d}.safetensors``        |
+    | ``epoch`` only              | ``{prefix}_{epoch:04d}.safetensors``           |
+    | ``format="pt"``             | the same names ending in ``.pt``               |
+
+    A directory's snapshots are all named by step or all by epoch: a save that would
+    mix the two (``model_step00001000`` beside ``model_0003``, ordered by 1000 and 3) is
+    refused. Saving a name again (a resumed run) replaces that snapshot.
+
+    What is written, so that the average loads with ``load_state_dict(strict=True)``:
+
+    - every entry of ``model.state_dict()``, integer buffers (BatchNorm's
+      ``num_batches_tracked``) included, detached and moved to the CPU;
+    - ``format="safetensors"`` (default): tensors made contiguous, and a tensor whose
+      memory another entry already uses (tied weights, such as an embedding shared with
+      the output layer) is written as a separate copy, since safetensors stores no
+      sharing; ``load_state_dict`` copies both names into the one shared parameter.
+      safetensors holds tensors only: a non-tensor entry (a module's ``_extra_state``
+      that is not a tensor) is refused, naming the entry, before anything is written;
+      use ``format="pt"`` for such models.
+    - ``format="pt"``: ``torch.save`` of the state dict, its ``_metadata`` (module
+      versions) and non-tensor entries included. polyak reads ``.pt`` files with
+      ``torch.load(weights_only=True)`` only, so a non-tensor entry that such a load
+      would refuse (an arbitrary Python object) is refused when saving, not found out
+      when averaging.
+
+    Post-hoc EMA (``posthoc=(0.05, 0.10)``): the saver also keeps one power-function EMA
+    per width (``polyak.torch.OnlineAverage(mode="power", sigma_rel=...)``: float32,
+    floating buffers averaged, integer buffers the raw model's), which
+    :meth:`SnapshotSaver.track` updates after every optimizer step, and every
+    :meth:`SnapshotSaver.save` (by step) also commits the EMA of each width, at the same
+    step, into ``DIR/posthoc/sigma-0.05/`` (:func:`polyak.posthoc.profile_directory`),
+    each a snapshot directory of its own keeping its newest ``posthoc_keep`` snapshots;
+    with ``posthoc_every=N``, :meth:`SnapshotSaver.track` also commits them every ``N``
+    steps. ``polyak posthoc DIR --sigma-rel 0.08`` then reconstructs the EMA of any width
+    (formulas: :mod:`polyak.posthoc`). The profile snapshots hold the model's dtypes, so
+    that the sweep can combine them with the raw snapshots. To resume, save
+    :meth:`SnapshotSaver.state_dict` with your checkpoint and give it to
+    :meth:`SnapshotSaver.load_state_dict` before the first ``track``.
+
     Each :meth:`save` commits one file atomically and keeps the ``keep`` most recent
     (by order of saving); the manifest records epoch, step, logs and SHA-256.
-    File naming and what is written: see the module docstring. One saver writes a
+    File naming and what is written: see above. One saver writes a
     directory at a time.
 
     With ``posthoc=(0.05, 0.10)`` it also tracks those power-function EMA profiles for
-    post-hoc EMA (see the module docstring): call :meth:`track` after every optimizer
+    post-hoc EMA (see above): call :meth:`track` after every optimizer
     step; each :meth:`save` then needs a ``step`` and commits the profiles' EMAs at it
     too, into ``directory/posthoc/sigma-WIDTH/``.
 
@@ -438,22 +442,29 @@ class SnapshotSaver:
         posthoc_keep: int = DEFAULT_PROFILE_KEEP,
         posthoc_every: int | None = None,
     ) -> None:
-        check_snapshot_arguments(directory, keep, format, SUFFIXES, prefix)
-        widths = check_profile_arguments(posthoc, posthoc_keep, posthoc_every)
-        self.directory = Path(directory)
-        self.keep = keep
-        self.format = format
-        self.prefix = prefix
-        self.posthoc = widths
-        self.posthoc_keep = posthoc_keep
-        self.posthoc_every = posthoc_every
-        suffix = re.escape(SUFFIXES[format])
+        # Saves come when the loop calls save(): the record's epoch schedule stays unused.
+        self.options = options = SnapshotOptions(
+            directory=directory,
+            formats=SUFFIXES,
+            format=format,
+            keep=keep,
+            prefix=prefix,
+            posthoc=posthoc,
+            posthoc_keep=posthoc_keep,
+            posthoc_every=posthoc_every,
+        )
+        self.directory = options.directory
+        self.keep = options.keep
+        self.format = options.format
+        self.prefix = options.prefix
+        self.posthoc = options.posthoc
+        self.posthoc_keep = options.posthoc_keep
+        self.posthoc_every = options.posthoc_every
+        suffix = re.escape(options.suffix)
         self._by_step = re.compile(rf"{re.escape(prefix)}_step\d+{suffix}")
         self._by_epoch = re.compile(rf"{re.escape(prefix)}_\d+{suffix}")
-        self._snapshots = SnapshotDirectory(self.directory, keep)
-        self._profiles = PosthocProfiles(
-            self.directory, widths, posthoc_keep, format, prefix, "SnapshotSaver"
-        )
+        self._snapshots = SnapshotDirectory(self.directory, self.keep)
+        self._profiles = PosthocProfiles.for_options(options, "SnapshotSaver")
 
     def snapshots(self) -> list[Snapshot]:
         """The committed snapshots, oldest first, as the manifest lists them."""
@@ -488,8 +499,8 @@ class SnapshotSaver:
         """
         if not self.posthoc:
             return
-        number = whole_or_none(step, "step")
-        if number is None or number < 1:
+        number = as_whole_number(step, 1)
+        if number is None:
             raise ValueError(
                 f"step must be a whole number >= 1, the optimizer steps taken (1 after the "
                 f"first); received {step!r}."

@@ -1,48 +1,6 @@
 """Online averaging schedules: when to update a running average of weights, and by how much.
 
-numpy only; public as :mod:`polyak.online` too.
-
-The framework adapters (``polyak.torch.OnlineAverage``, ``polyak.keras.OnlineAverage``)
-keep, during training, one running average ``a`` of the weights ``theta`` and update it
-in place at chosen steps:
-
-    a <- decay * a + (1 - decay) * theta.
-
-This module decides which steps are update steps and the ``decay`` of each update; it
-knows no framework and holds no tensors.
-
-Steps. ``step`` counts the training (optimizer) steps completed: the weights after the
-first step are those of step 1. Averaging starts after ``start_step``; the update
-steps are ``start_step + update_every * j`` for ``j = 1, 2, ...``, so the weights of
-step ``start_step`` itself are not averaged, and with the defaults (0 and 1) every step
-from the first is. The first update copies the weights (decay 0 in every mode); until
-then the model is its own average.
-
-Modes, for the ``n``-th update (``n = 1, 2, ...``) at step ``s_n``, ``d_n = s_n - s_(n-1)``
-steps after the previous update:
-
-- ``polyak``: the running mean of the weights at the update steps, equal weights:
-  ``decay = (n - 1) / n``; after ``N`` updates every member weighs ``1 / N``.
-- ``ema``: an exponential moving average whose time scale is in steps, whatever
-  ``update_every``: ``decay = r ** d_n``, ``r`` the decay per step, given directly
-  (``decay=0.9999``) or as a half-life ``h`` in steps, ``r = 0.5 ** (1 / h)``, so
-  ``decay = 0.5 ** (d_n / h)`` (``0.5 ** (update_every / h)`` between regular updates).
-  The weights of a step weigh half as much ``h`` steps later, with ``update_every`` 1
-  or 10 alike: an update that stands for the ``k`` steps since the previous one gets
-  ``(1 - r ** k) r ** (T - s_n)`` at step ``T``, exactly the total weight that an
-  every-step EMA gives those ``k`` steps. (Averaging every ``k`` steps with the decay
-  of one step, as some tools do, stretches the time scale ``k`` times.)
-- ``power``: the power-function EMA of Karras et al. (2024) of relative width
-  ``sigma_rel``, exponent ``g = polyak.weights.profiles.gamma_of(sigma_rel)``:
-  ``decay = polyak.weights.profiles.power_beta(g, t, d_n) = (1 - d_n / t) ** (g + 1)`` with
-  ``t = s_n - start_step``. After ``T`` unit steps from ``start_step = 0`` the weights
-  of step ``tau`` weigh ``(tau ** (g + 1) - (tau - 1) ** (g + 1)) / T ** (g + 1)``: the
-  profile ``(g + 1) tau^g / T^(g + 1)`` integrated over each step, its width growing
-  with training (``sigma_rel * T``). Such EMAs, saved at a few steps, can be combined
-  into the EMA of any other width afterwards (``polyak posthoc``).
-
-Every mode thus holds a weighted average of the weights at the update steps, the
-weights summing to 1; :meth:`AveragingSchedule.weights` gives them.
+numpy only, public as :mod:`polyak.online` too; the steps and formulas: :class:`AveragingSchedule`.
 
 Example:
     >>> from polyak.online import AveragingSchedule
@@ -59,14 +17,14 @@ from __future__ import annotations
 
 import itertools
 import math
-import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
-from polyak.errors import SchemeError
+from polyak.checks import whole_number
+from polyak.errors import ArgumentError, SchemeError
 from polyak.weights.profiles import gamma_of, power_beta
 
 __all__ = [
@@ -74,6 +32,8 @@ __all__ = [
     "MODES",
     "AveragingProgress",
     "AveragingSchedule",
+    "AveragingState",
+    "advance",
     "check_buffer_policy",
     "whole_or_none",
 ]
@@ -89,37 +49,27 @@ MODES = {
 BUFFER_POLICIES = ("average", "copy")
 
 
-def _as_whole(value: object, minimum: int) -> int | None:
-    """``value`` as an int >= ``minimum`` (numpy and 0-d integer tensors too), or None."""
-    if isinstance(value, bool):
-        return None
+def _scheme_whole(value: object, name: str, minimum: int) -> int:
+    """``value`` checked by :func:`polyak.checks.whole_number`, refused as a SchemeError.
+
+    A schedule's counts are part of its scheme: callers catch ``SchemeError`` for a bad
+    schedule (it is an ``ArgumentError`` too, with ``parameter`` set to ``name``).
+    """
     try:
-        number = operator.index(value)
-    except TypeError:
-        return None
-    return number if number >= minimum else None
-
-
-def _whole(value: object, what: str, minimum: int) -> int:
-    """``value`` as an int >= ``minimum`` (numpy and 0-d integer tensors too), or raise."""
-    number = _as_whole(value, minimum)
-    if number is None:
-        raise SchemeError(f"{what} must be a whole number >= {minimum}; received {value!r}.")
-    return number
+        return whole_number(value, name, minimum=minimum)
+    except ArgumentError as error:
+        raise SchemeError(str(error), parameter=name) from None
 
 
 def whole_or_none(value: object, what: str) -> int | None:
     """A step or epoch as an int >= 0 (numpy and 0-d integer tensors too), or None.
 
+    The rule of :func:`polyak.checks.whole_number` with ``minimum=0, or_none=True``.
+
     Raises:
-        ValueError: ``value`` is neither None nor a whole number >= 0.
+        ArgumentError: ``value`` is neither None nor a whole number >= 0 (a ValueError).
     """
-    if value is None:
-        return None
-    number = _as_whole(value, 0)
-    if number is None:
-        raise ValueError(f"{what} must be a whole number >= 0 or None; received {value!r}.")
-    return number
+    return whole_number(value, what, minimum=0, or_none=True)
 
 
 def check_buffer_policy(buffers: object, floating: str) -> None:
@@ -151,7 +101,47 @@ def _real(value: object) -> float | None:
 class AveragingSchedule:
     """When to update a running average of weights, and the decay of each update.
 
-    See the module docstring for the steps and the formulas of each mode.
+    The framework adapters (``polyak.torch.OnlineAverage``, ``polyak.keras.OnlineAverage``)
+    keep, during training, one running average ``a`` of the weights ``theta`` and update it
+    in place at chosen steps:
+
+        a <- decay * a + (1 - decay) * theta.
+
+    This module decides which steps are update steps and the ``decay`` of each update; it
+    knows no framework and holds no tensors.
+
+    Steps. ``step`` counts the training (optimizer) steps completed: the weights after the
+    first step are those of step 1. Averaging starts after ``start_step``; the update
+    steps are ``start_step + update_every * j`` for ``j = 1, 2, ...``, so the weights of
+    step ``start_step`` itself are not averaged, and with the defaults (0 and 1) every step
+    from the first is. The first update copies the weights (decay 0 in every mode); until
+    then the model is its own average.
+
+    Modes, for the ``n``-th update (``n = 1, 2, ...``) at step ``s_n``, ``d_n = s_n - s_(n-1)``
+    steps after the previous update:
+
+    - ``polyak``: the running mean of the weights at the update steps, equal weights:
+      ``decay = (n - 1) / n``; after ``N`` updates every member weighs ``1 / N``.
+    - ``ema``: an exponential moving average whose time scale is in steps, whatever
+      ``update_every``: ``decay = r ** d_n``, ``r`` the decay per step, given directly
+      (``decay=0.9999``) or as a half-life ``h`` in steps, ``r = 0.5 ** (1 / h)``, so
+      ``decay = 0.5 ** (d_n / h)`` (``0.5 ** (update_every / h)`` between regular updates).
+      The weights of a step weigh half as much ``h`` steps later, with ``update_every`` 1
+      or 10 alike: an update that stands for the ``k`` steps since the previous one gets
+      ``(1 - r ** k) r ** (T - s_n)`` at step ``T``, exactly the total weight that an
+      every-step EMA gives those ``k`` steps. (Averaging every ``k`` steps with the decay
+      of one step, as some tools do, stretches the time scale ``k`` times.)
+    - ``power``: the power-function EMA of Karras et al. (2024) of relative width
+      ``sigma_rel``, exponent ``g = polyak.weights.profiles.gamma_of(sigma_rel)``:
+      ``decay = polyak.weights.profiles.power_beta(g, t, d_n) = (1 - d_n / t) ** (g + 1)`` with
+      ``t = s_n - start_step``. After ``T`` unit steps from ``start_step = 0`` the weights
+      of step ``tau`` weigh ``(tau ** (g + 1) - (tau - 1) ** (g + 1)) / T ** (g + 1)``: the
+      profile ``(g + 1) tau^g / T^(g + 1)`` integrated over each step, its width growing
+      with training (``sigma_rel * T``). Such EMAs, saved at a few steps, can be combined
+      into the EMA of any other width afterwards (``polyak posthoc``).
+
+    Every mode thus holds a weighted average of the weights at the update steps, the
+    weights summing to 1; :meth:`AveragingSchedule.weights` gives them.
 
     Args:
         mode: ``"polyak"``, ``"ema"`` or ``"power"``; by default inferred from the
@@ -237,8 +227,10 @@ class AveragingSchedule:
             object.__setattr__(self, "gamma", gamma_of(self.sigma_rel))
             object.__setattr__(self, "sigma_rel", float(self.sigma_rel))
         object.__setattr__(self, "mode", mode)
-        object.__setattr__(self, "start_step", _whole(self.start_step, "start_step", 0))
-        object.__setattr__(self, "update_every", _whole(self.update_every, "update_every", 1))
+        start_step = _scheme_whole(self.start_step, "start_step", 0)
+        update_every = _scheme_whole(self.update_every, "update_every", 1)
+        object.__setattr__(self, "start_step", start_step)
+        object.__setattr__(self, "update_every", update_every)
 
     # ------------------------------------------------------------ the schedule
 
@@ -377,13 +369,99 @@ class AveragingSchedule:
         return replace(self, start_step=start_step)
 
 
+@dataclass(frozen=True)
+class AveragingState:
+    """Where a running average stands, as an immutable record: the steps seen, the updates made.
+
+    :func:`advance` takes one and returns the next; nothing changes it in place (the
+    shape optax gives its states). The framework averages keep the state beside their
+    tensors and save it with them (:meth:`AveragingProgress.to_dict`).
+
+    Attributes:
+        last_step: the last step :func:`advance` was given, or None.
+        updates: the updates made so far.
+        last_update_step: the step of the last update, or None.
+    """
+
+    last_step: int | None = None
+    updates: int = 0
+    last_update_step: int | None = None
+
+    def next_step(self) -> int:
+        """The step after the last one seen (1 when none was)."""
+        return 1 if self.last_step is None else self.last_step + 1
+
+
+def advance(
+    schedule: AveragingSchedule, state: AveragingState, step: int
+) -> tuple[AveragingState, float | None]:
+    """The state after training reached ``step``, and the decay to update with (None: no update).
+
+    A pure function: ``state`` is not changed, and the same arguments give the same
+    result. With ``p`` the state's last step (``step - 1`` when None), ``n`` its
+    updates and ``u`` its last update step (``start_step`` when None), ``step`` is an
+    update when an update step ``start_step + update_every * j`` (``j >= 1``) lies in
+    ``(p, step]``; then, with ``d = step - u``, the decay is
+    :meth:`AveragingSchedule.decay_at` ``(step, n, d)``:
+
+    - the first update (``n = 0``): ``0``, the average copies the weights;
+    - ``polyak``: ``n / (n + 1)``;
+    - ``ema``: ``r ** d``, ``r`` the decay per step;
+    - ``power``: ``(1 - d / t) ** (gamma + 1)``, ``t = step - start_step``;
+
+    and the new state has ``updates = n + 1`` and ``last_update_step = step``. The
+    average then moves as ``a <- decay * a + (1 - decay) * theta``. A step equal to the
+    last one (several batches per optimizer step) is no new step: no update.
+
+    Args:
+        schedule: the averaging schedule.
+        state: where the average stands.
+        step: the training steps completed now.
+
+    Returns:
+        ``(new_state, decay)``, ``decay`` None when ``step`` is not an update.
+
+    Raises:
+        ArgumentError: ``step`` is not a whole number >= 0 (a ValueError).
+        ValueError: ``step`` is below the state's last step.
+
+    Example:
+        >>> schedule = AveragingSchedule("polyak", update_every=2)
+        >>> state = AveragingState()
+        >>> for step in (1, 2, 3, 4):
+        ...     state, decay = advance(schedule, state, step)
+        ...     print(step, decay)
+        1 None
+        2 0.0
+        3 None
+        4 0.5
+        >>> state
+        AveragingState(last_step=4, updates=2, last_update_step=4)
+    """
+    step = whole_number(step, "step")
+    previous = state.last_step
+    if previous is not None and step < previous:
+        raise ValueError(
+            f"steps must not decrease; received step {step} after step {previous}. Pass "
+            "the global step count (optimizer steps taken), and after resuming load the "
+            "average's saved state before training on."
+        )
+    if not schedule.should_update(step, previous):
+        return replace(state, last_step=step), None
+    since = state.last_update_step
+    elapsed = step - (schedule.start_step if since is None else since)
+    decay = schedule.decay_at(step, state.updates, elapsed)
+    return AveragingState(step, state.updates + 1, step), decay
+
+
 @dataclass
 class AveragingProgress:
-    """Where a running average stands: the steps seen and the updates made.
+    """A schedule and its :class:`AveragingState` in one object that advances in place.
 
-    The adapters keep one beside their tensors, call :meth:`advance` after each
-    training step and save :meth:`to_dict` with the average, so that a resumed run
-    continues the same schedule.
+    A convenience over :func:`advance` for a caller that keeps one object (the
+    framework averages keep the schedule and the immutable state instead), and the
+    saved form of both: :meth:`to_dict` is what an average saves, :meth:`from_dict`
+    reads it back.
 
     Attributes:
         schedule: the averaging schedule.
@@ -402,39 +480,34 @@ class AveragingProgress:
     updates: int = 0
     last_update_step: int | None = None
 
+    @classmethod
+    def of(cls, schedule: AveragingSchedule, state: AveragingState) -> AveragingProgress:
+        """The progress of ``schedule`` standing at ``state``."""
+        return cls(schedule, state.last_step, state.updates, state.last_update_step)
+
+    @property
+    def state(self) -> AveragingState:
+        """Where the average stands, as the immutable record :func:`advance` takes."""
+        return AveragingState(self.last_step, self.updates, self.last_update_step)
+
     def next_step(self) -> int:
         """The step after the last one seen (1 when none was)."""
-        return 1 if self.last_step is None else self.last_step + 1
+        return self.state.next_step()
 
     def advance(self, step: int) -> float | None:
         """Record that training reached ``step``; the decay to update with, or None.
 
-        A step equal to the last one (several batches per optimizer step, as with
-        gradient accumulation) is not a new step: no update.
+        :func:`advance`, keeping the new state in this object.
 
         Raises:
             ValueError: ``step`` is not a whole number >= 0 or is below the last step.
         """
-        try:
-            step = _whole(step, "step", 0)
-        except SchemeError as error:
-            raise ValueError(str(error)) from None
-        previous = self.last_step
-        if previous is not None and step < previous:
-            raise ValueError(
-                f"steps must not decrease; received step {step} after step {previous}. Pass "
-                "the global step count (optimizer steps taken), and after resuming load the "
-                "average's saved state before training on."
-            )
-        self.last_step = step
-        if not self.schedule.should_update(step, previous):
-            return None
-        elapsed = step - (
-            self.last_update_step if self.last_update_step is not None else self.schedule.start_step
+        state, decay = advance(self.schedule, self.state, step)
+        self.last_step, self.updates, self.last_update_step = (
+            state.last_step,
+            state.updates,
+            state.last_update_step,
         )
-        decay = self.schedule.decay_at(step, self.updates, elapsed)
-        self.updates += 1
-        self.last_update_step = step
         return decay
 
     def to_dict(self) -> dict[str, Any]:
@@ -458,7 +531,7 @@ class AveragingProgress:
         last_step, last_update = values["last_step"], values["last_update_step"]
         return cls(
             AveragingSchedule.from_dict(values["schedule"]),
-            None if last_step is None else _whole(last_step, "last_step", 0),
-            _whole(values["updates"], "updates", 0),
-            None if last_update is None else _whole(last_update, "last_update_step", 0),
+            None if last_step is None else _scheme_whole(last_step, "last_step", 0),
+            _scheme_whole(values["updates"], "updates", 0),
+            None if last_update is None else _scheme_whole(last_update, "last_update_step", 0),
         )
