@@ -18,6 +18,7 @@ from safetensors.numpy import load_file, save_file
 import polyak
 from polyak.averaging import average_readers, check_compatible
 from polyak.errors import (
+    ArgumentError,
     IncompatibleCheckpointsError,
     NonFiniteError,
     OutputError,
@@ -482,17 +483,26 @@ def test_max_shard_size_splits_any_input(tmp_path):
     assert [p.name for p in result.files] == ["model.safetensors"]
 
 
+@pytest.mark.parametrize("min_members", [0, 1.5, True])
+def test_min_members_must_be_a_whole_number(tmp_path, min_members):
+    write_members(tmp_path, [{"w": np.ones(2, np.float32)}] * 2)
+    with pytest.raises(ArgumentError, match=r"^min_members must be a whole number >= 1; ") as e:
+        polyak.average_to(tmp_path / "ck_*", tmp_path / "avg.npz", min_members=min_members)
+    assert e.value.parameter == "min_members"
+    assert not (tmp_path / "avg.npz").exists()
+
+
 def test_max_shard_size_refused_for_a_file_output(tmp_path):
     write_members(tmp_path, [{"w": np.ones(2, np.float32)}] * 2)
     out = tmp_path / "avg.safetensors"
     with pytest.raises(
-        OutputError,
-        match=rf"output {re.escape(str(out))}: --max-shard-size splits the output into "
+        ArgumentError,
+        match=rf"output {re.escape(str(out))}: max_shard_size splits the output into "
         r"safetensors shards in a directory, but avg\.safetensors names a single safetensors "
         rf"file\. Give a directory instead, e\.g\. {re.escape(str(tmp_path / 'avg'))}/",
     ):
         polyak.average_to(tmp_path / "ck_*", out, max_shard_size="1MB")
-    with pytest.raises(OutputError, match="max_shard_size must be a size above 0"):
+    with pytest.raises(ArgumentError, match="max_shard_size must be a size above 0"):
         polyak.average_to(tmp_path / "ck_*", tmp_path / "averaged", max_shard_size="lots")
     assert not out.exists() and not (tmp_path / "averaged").exists()
 

@@ -111,6 +111,7 @@ def test_average_json(run_dir, tmp_path, capsys):
         (["-s", "exp:-1"], "alpha must be a finite number > 0"),
         (["-s", "bogus"], "unknown scheme 'bogus'"),
         (["--last", "0"], "last must be a whole number >= 1"),
+        (["--min-members", "0"], "error: --min-members must be a whole number >= 1; received 0."),
         (["--integers", "mean"], "--integers must be one of newest, require-equal"),
     ],
 )

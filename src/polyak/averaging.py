@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from polyak.checks import parse_size, whole_number
 from polyak.discovery import Checkpoint, find_checkpoints, within_window
 from polyak.distributed import ProcessGroup
 from polyak.distributed import current as current_group
@@ -35,8 +36,7 @@ from polyak.formats import format_for_output, format_of
 from polyak.formats.base import (
     is_floating,
 )
-from polyak.formats.safetensors import parse_size
-from polyak.output import _shards_need_a_directory, write_output, write_output_together
+from polyak.output import shards_need_a_directory, write_output, write_output_together
 from polyak.weights.schemes import Scheme, parse_scheme
 
 __all__ = [
@@ -227,10 +227,7 @@ def average_to(
         try:
             directory = is_directory_output(requested) or format == "dcp"
             limit = None if max_shard_size is None else parse_size(max_shard_size)
-            if type(min_members) is not int or min_members < 1:
-                raise DiscoveryError(
-                    f"min_members must be a whole number >= 1; received {min_members!r}."
-                )
+            min_members = whole_number(min_members, "min_members", minimum=1)
             members = find_checkpoints(paths, last=last)
             members = within_window(
                 members, window_steps, tokens=window_tokens, tokens_per_step=tokens_per_step
@@ -245,7 +242,7 @@ def average_to(
             input_format = format_of(members[0].path)
             output_format = format_for_output(requested, input_format, format)
             if limit is not None and output_format.name != "sharded-safetensors":
-                raise _shards_need_a_directory(out, output_format)
+                raise shards_need_a_directory(out, output_format)
             if limit is None and output_format.name == "sharded-safetensors":
                 limit = DCP_MAX_SHARD_SIZE if input_format.name == "dcp" else None
             beside = companions_of(members[0])

@@ -46,6 +46,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from polyak.checks import whole_number
 from polyak.errors import CheckpointError, DiscoveryError, PolyakNote
 from polyak.formats import directory_model_file, format_from_name, format_of
 from polyak.formats.marks import is_polyak_output
@@ -336,8 +337,9 @@ def find_checkpoints(
 
     Raises:
         DiscoveryError: nothing found, a name without a number among several, two
-            checkpoints with the same numbers, a file a snapshot manifest lists is
-            missing, or ``last`` < 1.
+            checkpoints with the same numbers, or a file a snapshot manifest lists is
+            missing.
+        ArgumentError: ``last`` is not a whole number >= 1.
         CheckpointError: a snapshot directory's manifest is damaged.
 
     Example:
@@ -346,8 +348,8 @@ def find_checkpoints(
     """
     if isinstance(paths, (str, Path)):
         paths = [paths]
-    if last is not None and (not isinstance(last, int) or last < 1):
-        raise DiscoveryError(f"last must be a whole number >= 1; received {last!r}.")
+    if last is not None:
+        last = whole_number(last, "last", minimum=1)
     unique: dict[Path, Path] = {}
     for entry in paths:
         for path in _expand(entry):

@@ -14,10 +14,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from polyak.distributed import DistributedError, ProcessGroup
-from polyak.errors import (
-    OutputError,
-    PolyakError,
-)
+from polyak.errors import ArgumentError, OutputError, PolyakError
 from polyak.files import (
     atomic_directory,
     atomic_output,
@@ -34,11 +31,13 @@ __all__ = [
 ]
 
 
-def _shards_need_a_directory(out: Path, output_format: Format) -> OutputError:
-    return OutputError(
-        f"output {out}: --max-shard-size splits the output into safetensors shards in a "
+def shards_need_a_directory(out: Path, output_format: Format) -> ArgumentError:
+    """The refusal of ``max_shard_size`` for an output that is one file."""
+    return ArgumentError(
+        f"output {out}: max_shard_size splits the output into safetensors shards in a "
         f"directory, but {out.name} names a single {output_format.name} file. Give a "
-        f"directory instead, e.g. {out.parent / out.name.split('.')[0]}/"
+        f"directory instead, e.g. {out.parent / out.name.split('.')[0]}/",
+        parameter="max_shard_size",
     )
 
 
@@ -79,13 +78,14 @@ def write_output(
         inside ``out`` (or the files of a DCP directory).
 
     Raises:
-        OutputError: ``max_shard_size`` for a single-file output, or a file-system
-            failure, naming ``out``; on any failure ``out`` is left as it was.
+        ArgumentError: ``max_shard_size`` for a single-file output.
+        OutputError: a file-system failure, naming ``out``; on any failure ``out`` is
+            left as it was.
     """
     out = Path(out)
     directory = output_format.name == "sharded-safetensors"
     if max_shard_size is not None and not directory:
-        raise _shards_need_a_directory(out, output_format)
+        raise shards_need_a_directory(out, output_format)
     output_format.check_output(out, template)
     try:
         if directory:

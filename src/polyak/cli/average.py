@@ -19,7 +19,6 @@ from polyak.cli.output import (
 )
 from polyak.discovery import Checkpoint
 from polyak.errors import SchemeError
-from polyak.formats.safetensors import parse_size
 
 
 def average_command(
@@ -106,9 +105,6 @@ def average_command(
         raise SchemeError(
             f"--integers must be one of {', '.join(INTEGER_POLICIES)}; received {integers!r}."
         )
-    shard_limit = (
-        None if max_shard_size is None else parse_size(max_shard_size, source="--max-shard-size")
-    )
     progress = DelayedProgress("averaging")
 
     def on_start(members: list[Checkpoint], weights: np.ndarray, total: int) -> None:
@@ -131,7 +127,7 @@ def average_command(
             integers=integers,
             allow_nonfinite=allow_nonfinite,
             key=key,
-            max_shard_size=shard_limit,
+            max_shard_size=max_shard_size,
             min_members=min_members,
             progress=progress.advance,
             on_start=on_start,

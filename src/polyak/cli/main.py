@@ -7,17 +7,21 @@ process group (``polyak.distributed``) and only process 0 prints results.
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 import sys
 import traceback
 import warnings
+from collections.abc import Callable
+from inspect import signature
 
 import typer
 
 from polyak import __version__
 from polyak.cli import average, demo, inspect, posthoc, sweep
 from polyak.cli.output import console, one_line, print_note
-from polyak.errors import PolyakError, PolyakNote
+from polyak.errors import ArgumentError, PolyakError, PolyakNote
 
 app = typer.Typer(
     name="polyak",
@@ -67,7 +71,56 @@ def _register() -> None:
     """Add the subcommands of :data:`COMMANDS` to ``app``, once."""
     if not app.registered_commands:
         for name, command in COMMANDS.items():
-            app.command(name)(command)
+            app.command(name)(speaking_flags(command))
+
+
+def flags_of(command: Callable[..., None]) -> dict[str, str]:
+    """The long flag of each option of a subcommand, by its parameter's name.
+
+    The subcommands name their parameters as the library names the ones they feed
+    (``max_shard_size`` -> ``--max-shard-size``, ``last`` -> ``--last``).
+    """
+    flags = {}
+    for name, parameter in signature(command).parameters.items():
+        if isinstance(parameter.default, typer.models.OptionInfo):
+            long = [flag for flag in parameter.default.param_decls if flag.startswith("--")]
+            if long:
+                flags[name] = long[0]
+    return flags
+
+
+def in_flags(message: str, parameter: str, flag: str) -> str:
+    """A library message about ``parameter`` said with the command line's ``flag``.
+
+    Example:
+        >>> in_flags("last must be a whole number >= 1; received 0.", "last", "--last")
+        '--last must be a whole number >= 1; received 0.'
+    """
+    message = re.sub(rf"(?<![\w-]){re.escape(parameter)}(?!\w)", flag, message)
+    # An option left out is None already; a command line cannot pass None.
+    return message.replace(" or None;", ";")
+
+
+def speaking_flags(command: Callable[..., None]) -> Callable[..., None]:
+    """``command``, whose ``ArgumentError`` names its flags instead of the library's parameters.
+
+    The library's message names its parameter (``max_shard_size must be a size...``),
+    which is right for a Python caller; a command line user typed ``--max-shard-size``.
+    """
+    flags = flags_of(command)
+
+    @functools.wraps(command)
+    def run(*args: object, **kwargs: object) -> None:
+        try:
+            command(*args, **kwargs)
+        except ArgumentError as error:
+            flag = flags.get(error.parameter or "")
+            if flag is None:
+                raise
+            message = in_flags(str(error), error.parameter, flag)
+            raise ArgumentError(message, parameter=error.parameter) from error
+
+    return run
 
 
 def _join_torchrun_group() -> str:

@@ -49,6 +49,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from polyak.checks import whole_number
 from polyak.errors import SchemeError
 from polyak.weights.profiles import gamma_of, power_snapshot_weights
 
@@ -120,8 +121,7 @@ class Scheme:
             positions: the members' steps, newest first; only schemes with
                 ``uses_positions`` (``power``) need them, the others ignore them.
         """
-        if not isinstance(n, (int, np.integer)) or n < 1:
-            raise SchemeError(f"scheme {self.spec}: the number of members must be >= 1; got {n}.")
+        n = whole_number(n, "n", minimum=1)
         return normalize(self.raw_weights(int(n)), source=f"scheme {self.spec}")
 
     def __str__(self) -> str:
@@ -226,8 +226,7 @@ class Power(Scheme):
         return f"power:{format_number(self.sigma_rel)}"
 
     def weights(self, n: int, positions: Sequence[float] | None = None) -> np.ndarray:
-        if not isinstance(n, (int, np.integer)) or n < 1:
-            raise SchemeError(f"scheme {self.spec}: the number of members must be >= 1; got {n}.")
+        n = whole_number(n, "n", minimum=1)
         if positions is None or any(p is None for p in positions):
             raise SchemeError(
                 f"scheme {self.spec}: weighs members by their steps, but a checkpoint's name "
