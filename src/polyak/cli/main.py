@@ -89,14 +89,18 @@ def flags_of(command: Callable[..., None]) -> dict[str, str]:
     return flags
 
 
-def in_flags(message: str, parameter: str, flag: str) -> str:
-    """A library message about ``parameter`` said with the command line's ``flag``.
+def in_flags(message: str, flags: dict[str, str]) -> str:
+    """A library message about some parameters said with the command line's flags for them.
+
+    A name inside a path (``runs/last/``) is left alone.
 
     Example:
-        >>> in_flags("last must be a whole number >= 1; received 0.", "last", "--last")
+        >>> in_flags("last must be a whole number >= 1; received 0.", {"last": "--last"})
         '--last must be a whole number >= 1; received 0.'
     """
-    message = re.sub(rf"(?<![\w-]){re.escape(parameter)}(?!\w)", flag, message)
+    for parameter, flag in flags.items():
+        name = re.escape(parameter)
+        message = re.sub(rf"(?<![\w/\\.-]){name}(?![\w/\\])", flag, message)
     # An option left out is None already; a command line cannot pass None.
     return message.replace(" or None;", ";")
 
@@ -114,11 +118,13 @@ def speaking_flags(command: Callable[..., None]) -> Callable[..., None]:
         try:
             command(*args, **kwargs)
         except ArgumentError as error:
-            flag = flags.get(error.parameter or "")
-            if flag is None:
+            named = {name: flags[name] for name in error.parameters if name in flags}
+            if not named:
                 raise
-            message = in_flags(str(error), error.parameter, flag)
-            raise ArgumentError(message, parameter=error.parameter) from error
+            message = in_flags(str(error), named)
+            raise ArgumentError(
+                message, parameter=error.parameter, others=error.parameters[1:]
+            ) from error
 
     return run
 
