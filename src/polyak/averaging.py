@@ -29,14 +29,19 @@ from polyak.errors import (
 )
 from polyak.files import (
     check_output_path,
-    companion_files,
     is_directory_output,
 )
 from polyak.formats import format_for_output, format_of
 from polyak.formats.base import (
     is_floating,
 )
-from polyak.output import shards_need_a_directory, write_output, write_output_together
+from polyak.output import (
+    companions_of,
+    companions_to_copy,
+    shards_need_a_directory,
+    write_output,
+    write_output_together,
+)
 from polyak.weights.schemes import Scheme, parse_scheme
 
 __all__ = [
@@ -246,7 +251,7 @@ def average_to(
             if limit is None and output_format.name == "sharded-safetensors":
                 limit = DCP_MAX_SHARD_SIZE if input_format.name == "dcp" else None
             beside = companions_of(members[0])
-            companions = beside if output_format.name == "sharded-safetensors" else []
+            companions = companions_to_copy(members[0], output_format)
             notes = _notes(members, beside, companions)
             check_output_path(
                 out,
@@ -322,16 +327,6 @@ def average_to(
             None if output_format.name != "dcp" else ("kept" if keep_other else "dropped")
         ),
     )
-
-
-def companions_of(newest: Checkpoint) -> list[Path]:
-    """The model files a directory output copies from the newest member, if it is a
-    Hugging Face model directory (see :func:`polyak.files.companion_files`); none from
-    a DCP directory, whose ``.json`` files (Megatron's ``metadata.json``) describe the
-    distributed save, not the model."""
-    if not newest.path.is_dir() or format_of(newest.path).name == "dcp":
-        return []
-    return companion_files(newest.path)
 
 
 def _named(members: list[Checkpoint]) -> str:

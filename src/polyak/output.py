@@ -13,19 +13,19 @@ import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from polyak.discovery import Checkpoint
 from polyak.distributed import DistributedError, ProcessGroup
 from polyak.errors import ArgumentError, OutputError, PolyakError
-from polyak.files import (
-    atomic_directory,
-    atomic_output,
-)
-from polyak.formats import Format
+from polyak.files import atomic_directory, atomic_output, companion_files
+from polyak.formats import Format, format_of
 from polyak.formats.base import (
     CheckpointReader,
     PlannedTensors,
 )
 
 __all__ = [
+    "companions_of",
+    "companions_to_copy",
     "write_output",
     "write_output_together",
 ]
@@ -39,6 +39,23 @@ def shards_need_a_directory(out: Path, output_format: Format) -> ArgumentError:
         f"directory instead, e.g. {out.parent / out.name.split('.')[0]}/",
         parameter="max_shard_size",
     )
+
+
+def companions_of(newest: Checkpoint) -> list[Path]:
+    """The model files a directory output copies from the newest member, if it is a
+    Hugging Face model directory (see :func:`polyak.files.companion_files`); none from
+    a DCP directory, whose ``.json`` files (Megatron's ``metadata.json``) describe the
+    distributed save, not the model."""
+    if not newest.path.is_dir() or format_of(newest.path).name == "dcp":
+        return []
+    return companion_files(newest.path)
+
+
+def companions_to_copy(newest: Checkpoint, output_format: Format) -> list[Path]:
+    """The files :func:`write_output` copies beside the weights: the newest member's
+    companions (:func:`companions_of`) for a safetensors directory output, the one output
+    that can carry them; none for any other."""
+    return companions_of(newest) if output_format.name == "sharded-safetensors" else []
 
 
 def write_output(

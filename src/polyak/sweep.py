@@ -56,7 +56,6 @@ from typing import Any
 
 import numpy as np
 
-from polyak.averaging import companions_of
 from polyak.discovery import Checkpoint, find_checkpoints, order_key
 from polyak.distributed import ProcessGroup
 from polyak.distributed import current as current_group
@@ -71,7 +70,7 @@ from polyak.formats.base import (
     is_floating,
     numpy_dtype,
 )
-from polyak.output import write_output
+from polyak.output import companions_to_copy, write_output
 from polyak.posthoc import find_profile_snapshots
 from polyak.significance import Comparison, compare, unknown
 from polyak.weights.profiles import posthoc_coefficients
@@ -940,7 +939,7 @@ def write_best(
     output_format = format_for_output(out, format_of(members[0].path))
     out = Path(out)
     # A model directory output gets the newest member's config and tokenizer files.
-    companions = companions_of(members[0]) if output_format.name == "sharded-safetensors" else []
+    companions = companions_to_copy(members[0], output_format)
     check_output_path(
         out,
         [member.path for member in members],
