@@ -47,7 +47,7 @@ def reference_mean(members_newest_first: list[np.ndarray], weights: np.ndarray) 
 
 
 def error_bound(members_newest_first: list[np.ndarray], weights: np.ndarray, dtype) -> np.ndarray:
-    """The bound of the module docstring plus the final rounding to the tensor's dtype."""
+    """The bound of average_readers' docstring plus the final rounding to the dtype."""
     n = len(members_newest_first)
     unit = 2.0**-24
     newest = members_newest_first[0].astype(np.float64)

@@ -127,7 +127,8 @@ def average(
         scheme: a scheme or its spec: ``"equal"``, ``"linear"``, ``"exp:2"``,
             ``"custom:0.5,0.3,0.2"`` (weights newest first).
         last: average only the ``last`` newest checkpoints.
-        integers: ``"newest"`` or ``"require-equal"``; see the module's numeric policy.
+        integers: ``"newest"`` or ``"require-equal"``; see the numeric policy of
+            :func:`polyak.engine.average_readers`.
         allow_nonfinite: average NaN and infinity instead of refusing them.
         key: for PyTorch checkpoint dicts, the key holding the weights; for DCP
             directories, the subtree to average.

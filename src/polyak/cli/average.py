@@ -1,6 +1,8 @@
-"""``polyak average``: average checkpoints into one file of the same (or a chosen) format,
-or into a safetensors checkpoint directory (``-o averaged/``), sharded like the inputs or
-at ``--max-shard-size``."""
+"""``polyak average``: average checkpoints into one file of the same (or a chosen) format.
+
+Or into a safetensors checkpoint directory (``-o averaged/``), sharded like the inputs or
+at ``--max-shard-size``.
+"""
 
 from __future__ import annotations
 
