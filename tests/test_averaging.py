@@ -378,7 +378,7 @@ def test_average_to_refuses_existing_output_and_leaves_it(tmp_path):
     write_members(tmp_path, [{"w": np.ones(2, np.float32)}] * 2)
     out = tmp_path / "avg.safetensors"
     out.write_bytes(b"previous")
-    with pytest.raises(OutputError, match="already exists. Pass --overwrite"):
+    with pytest.raises(OutputError, match="already exists. Pass overwrite=True"):
         polyak.average_to(tmp_path / "ck_*.safetensors", out)
     assert out.read_bytes() == b"previous"
     polyak.average_to(tmp_path / "ck_*.safetensors", out, overwrite=True)

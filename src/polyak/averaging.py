@@ -241,8 +241,7 @@ def average_to(
             if len(members) < min_members:
                 raise DiscoveryError(
                     f"found {len(members)} checkpoint(s) ({_named(members)}), fewer than "
-                    f"min_members={min_members} (CLI --min-members). Pass more checkpoints, or "
-                    "a lower min_members."
+                    f"min_members={min_members}; pass more checkpoints, or lower it."
                 )
             parsed, weights = _weights_for(scheme, members)
             input_format = format_of(members[0].path)
@@ -343,8 +342,8 @@ def _notes(
     if len(members) == 1:
         notes.append(
             f"only one checkpoint was found ({members[0].path}), so the output holds its "
-            "weights unchanged; pass more checkpoints to average them (min_members, CLI "
-            "--min-members, makes this an error)."
+            "weights unchanged; pass more checkpoints to average them (min_members=2 "
+            "makes this an error)."
         )
     if beside and not companions:
         names = ", ".join(path.name for path in beside)

@@ -270,8 +270,7 @@ def _refuse_nonfinite_inputs(
         if not np.isfinite(source[start:stop].astype(np.float64)).all():
             raise NonFiniteError(
                 f"checkpoint {reader.path}: tensor {name} holds NaN or infinite values. "
-                "Leave this checkpoint out, or pass allow_nonfinite=True (CLI "
-                "--allow-nonfinite) to average it anyway."
+                "Leave this checkpoint out, or pass allow_nonfinite=True to average it anyway."
             )
 
 
@@ -283,8 +282,7 @@ def _carry_integer(name: str, readers: Sequence[CheckpointReader], integers: str
                 raise IncompatibleCheckpointsError(
                     f"checkpoint {reader.path}: integer tensor {name} differs from the newest "
                     f"member {readers[0].path.name}, and integers='require-equal' forbids "
-                    "that. Pass integers='newest' (CLI --integers newest) to take the newest "
-                    "member's values."
+                    "that. Pass integers='newest' to take the newest member's values."
                 )
     return newest
 

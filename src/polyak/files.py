@@ -180,7 +180,7 @@ def check_output_path(
         _check_output_directory(out, inputs, overwrite=overwrite, companions=companions)
         return
     if out.exists() and not overwrite:
-        raise OutputError(f"output {out}: already exists. Pass --overwrite to replace it.")
+        raise OutputError(f"output {out}: already exists. Pass overwrite=True to replace it.")
     if out.is_dir():
         raise OutputError(f"output {out}: is a directory; give a file name.")
     if not out.parent.is_dir():
@@ -237,12 +237,12 @@ def _check_output_directory(
         )
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
-            raise OutputError(f"output {out}: already exists. Pass --overwrite to replace it.")
+            raise OutputError(f"output {out}: already exists. Pass overwrite=True to replace it.")
         foreign = _foreign_entries(out, companions)
         if foreign:
             raise OutputError(
                 f"output {out}: holds {_listed(foreign)}, which polyak did not write; "
-                "--overwrite replaces the whole directory, so polyak refuses to. Choose "
+                "overwrite=True replaces the whole directory, so polyak refuses to. Choose "
                 "a new directory, or move those files away."
             )
     if not out.parent.is_dir():
@@ -381,7 +381,7 @@ def _commit_file(temporary: Path, out: Path, *, overwrite: bool) -> None:
 def _created_meanwhile(out: Path) -> OutputError:
     return OutputError(
         f"output {out}: was created by another writer while polyak wrote its own; polyak "
-        "kept that one and discarded its own. Pass --overwrite to replace it."
+        "kept that one and discarded its own. Pass overwrite=True to replace it."
     )
 
 

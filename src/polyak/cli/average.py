@@ -14,7 +14,9 @@ from polyak.averaging import INTEGER_POLICIES, average_to
 from polyak.cli.output import (
     DelayedProgress,
     console,
+    flags_of,
     human_bytes,
+    in_flags,
     path_size,
     print_json,
     print_note,
@@ -139,8 +141,9 @@ def average_command(
             window_tokens=window_tokens,
             tokens_per_step=tokens_per_step,
         )
+    flags = flags_of(average_command)
     for note in result.notes:
-        print_note(note)
+        print_note(in_flags(note, flags))
     if as_json:
         print_json(
             {

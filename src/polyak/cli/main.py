@@ -9,19 +9,17 @@ from __future__ import annotations
 
 import functools
 import os
-import re
 import sys
 import traceback
 import warnings
 from collections.abc import Callable
-from inspect import signature
 
 import typer
 
 from polyak import __version__
 from polyak.cli import average, demo, inspect, posthoc, sweep
-from polyak.cli.output import console, one_line, print_note
-from polyak.errors import ArgumentError, PolyakError, PolyakNote
+from polyak.cli.output import console, flags_of, in_flags, one_line, print_note
+from polyak.errors import PolyakError, PolyakNote
 
 app = typer.Typer(
     name="polyak",
@@ -74,42 +72,12 @@ def _register() -> None:
             app.command(name)(speaking_flags(command))
 
 
-def flags_of(command: Callable[..., None]) -> dict[str, str]:
-    """The long flag of each option of a subcommand, by its parameter's name.
-
-    The subcommands name their parameters as the library names the ones they feed
-    (``max_shard_size`` -> ``--max-shard-size``, ``last`` -> ``--last``).
-    """
-    flags = {}
-    for name, parameter in signature(command).parameters.items():
-        if isinstance(parameter.default, typer.models.OptionInfo):
-            long = [flag for flag in parameter.default.param_decls if flag.startswith("--")]
-            if long:
-                flags[name] = long[0]
-    return flags
-
-
-def in_flags(message: str, flags: dict[str, str]) -> str:
-    """A library message about some parameters said with the command line's flags for them.
-
-    A name inside a path (``runs/last/``) is left alone.
-
-    Example:
-        >>> in_flags("last must be a whole number >= 1; received 0.", {"last": "--last"})
-        '--last must be a whole number >= 1; received 0.'
-    """
-    for parameter, flag in flags.items():
-        name = re.escape(parameter)
-        message = re.sub(rf"(?<![\w/\\.-]){name}(?![\w/\\])", flag, message)
-    # An option left out is None already; a command line cannot pass None.
-    return message.replace(" or None;", ";")
-
-
 def speaking_flags(command: Callable[..., None]) -> Callable[..., None]:
-    """``command``, whose ``ArgumentError`` names its flags instead of the library's parameters.
+    """``command``, whose errors name its flags where the library named its parameters.
 
-    The library's message names its parameter (``max_shard_size must be a size...``),
-    which is right for a Python caller; a command line user typed ``--max-shard-size``.
+    The library's messages name its parameters (``max_shard_size must be a size...``,
+    ``Pass overwrite=True``), which is right for a Python caller; a command line user
+    typed ``--max-shard-size`` and would type ``--overwrite`` (:func:`in_flags`).
     """
     flags = flags_of(command)
 
@@ -117,14 +85,11 @@ def speaking_flags(command: Callable[..., None]) -> Callable[..., None]:
     def run(*args: object, **kwargs: object) -> None:
         try:
             command(*args, **kwargs)
-        except ArgumentError as error:
-            named = {name: flags[name] for name in error.parameters if name in flags}
-            if not named:
-                raise
-            message = in_flags(str(error), named)
-            raise ArgumentError(
-                message, parameter=error.parameter, others=error.parameters[1:]
-            ) from error
+        except PolyakError as error:
+            message = in_flags(str(error), flags, getattr(error, "parameters", ()))
+            if message != str(error):
+                error.args = (message,)  # the same error, said for the command line
+            raise
 
     return run
 

@@ -294,7 +294,7 @@ class Greedy(Scheme):
         raise SchemeError(
             "scheme greedy: a greedy soup's members come from evaluating them on "
             "validation data, so it has no weights of its own. Use it in a sweep: "
-            "polyak sweep ... --schemes greedy."
+            "polyak.sweep.sweep(..., schemes='greedy'), or polyak sweep --schemes greedy."
         )
 
 
@@ -342,7 +342,7 @@ def parse_scheme(spec: str | Scheme) -> Scheme:
         if "," in argument:
             raise SchemeError(
                 f"scheme '{spec}': one alpha per exponential scheme; for a grid of decay "
-                "rates use a list of schemes, e.g. --schemes exp:0.5,1,2."
+                "rates use a list of schemes, e.g. schemes='exp:0.5,1,2'."
             )
         return Exponential(_number(argument, spec))
     if name == "power":
@@ -351,7 +351,7 @@ def parse_scheme(spec: str | Scheme) -> Scheme:
         if "," in argument:
             raise SchemeError(
                 f"scheme '{spec}': one width per power scheme; for a grid use a list of "
-                "schemes, e.g. --schemes power:0.05,0.1,0.2."
+                "schemes, e.g. schemes='power:0.05,0.1,0.2'."
             )
         return Power(_number(argument, spec))
     if name == "wsm":
