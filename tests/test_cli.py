@@ -530,7 +530,8 @@ def test_control_characters_in_a_note_are_escaped(tmp_path, capsys):
         ("the last member", (), "the last member"),
         ("output runs/last/min_members.npz: last", ("last",),
          "output runs/last/min_members.npz: --last"),
-        ("Pass one as key=... (CLI --key).", (), "Pass one as key=... (CLI --key)."),
+        ("checkpoint a.pt: key='ema' was given; pass key=NAME.", (),
+         "checkpoint a.pt: --key ema was given; pass --key NAME."),
     ],
 )  # fmt: skip
 def test_library_messages_are_said_with_the_commands_flags(message, named, said):

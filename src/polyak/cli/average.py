@@ -77,7 +77,7 @@ def average_command(
         help="PyTorch checkpoint dicts: the key holding the weights. DCP directories: the "
         "subtree to average (default: model, or the top-level model entries), e.g. optimizer.",
     ),
-    output_format: str | None = typer.Option(
+    format: str | None = typer.Option(  # the library's name, so errors say --format
         None,
         "--format",
         help="dcp: write OUT as a torch.distributed.checkpoint directory (DCP inputs only), "
@@ -135,7 +135,7 @@ def average_command(
             min_members=min_members,
             progress=progress.advance,
             on_start=on_start,
-            format=output_format,
+            format=format,
             keep_other=not drop_optimizer,
             window_steps=window_steps,
             window_tokens=window_tokens,

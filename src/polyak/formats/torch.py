@@ -332,25 +332,24 @@ class TorchReader(ReaderBase):
             if not isinstance(obj, Mapping):
                 raise CheckpointError(
                     f"checkpoint {self.path}: key={key!r} was given, but the file holds a "
-                    f"{what}, not a dict. Leave out key (CLI --key)."
+                    f"{what}, not a dict; read it without a key."
                 )
             if _is_plain_state_dict(obj) and key not in obj:
                 raise CheckpointError(
                     f"checkpoint {self.path}: key={key!r} was given, but the file is a plain "
-                    f"state dict of {_count_tensors(obj)} tensors. Leave out key (CLI --key)."
+                    f"state dict of {_count_tensors(obj)} tensors; read it without a key."
                 )
             if key not in obj:
                 raise CheckpointError(
                     f"checkpoint {self.path}: has no entry {key!r}; its top-level keys are "
-                    f"{_list_keys(obj)}. Pass one of them as key=... (CLI --key)."
+                    f"{_list_keys(obj)}. Pass one of them as key=NAME."
                 )
             value = obj[key]
             if not isinstance(value, Mapping) or _count_tensors(value) == 0:
                 raise CheckpointError(
                     f"checkpoint {self.path}: entry {key!r} holds a value of type "
-                    f"{type(value).__name__} without tensors, not a state dict. Pass the key of "
-                    "the entry that holds "
-                    f"the weights (CLI --key); the top-level keys are {_list_keys(obj)}."
+                    f"{type(value).__name__} without tensors, not a state dict. Pass key=NAME, "
+                    f"the entry that holds the weights; the top-level keys are {_list_keys(obj)}."
                 )
             return key, value
         if _is_plain_state_dict(obj):
@@ -368,7 +367,7 @@ class TorchReader(ReaderBase):
         raise CheckpointError(
             f"checkpoint {self.path}: found no weights. The file is a dict with top-level keys "
             f"{_list_keys(obj)}, none of which is a state dict polyak looks for ({expected}). "
-            "Pass the key of the entry that holds the weights as key=... (CLI --key)."
+            "Pass key=NAME, the entry that holds the weights."
         )
 
     def _tensor(self, name: str) -> Any:
