@@ -154,7 +154,7 @@ def posthoc_coefficients(
     # outside, the least-squares fit extrapolates silently (and 0, inf, nan fail in numpy).
     if not first <= target_time <= last:
         raise SchemeError(
-            f"post-hoc EMA: the time (CLI --time) must lie within the snapshots' steps, "
+            f"post-hoc EMA: the time to reconstruct at must lie within the snapshots' steps, "
             f"{first:g} to {last:g}; received {target_time:g}."
         )
     target_gamma = gamma_of(target_sigma_rel)
