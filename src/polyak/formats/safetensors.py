@@ -16,17 +16,7 @@ Sharded checkpoints (Hugging Face): ``model.safetensors.index.json`` holds
 ``{"metadata": {...}, "weight_map": {tensor name: shard file name}}`` with the shards
 in the same directory.
 
-Writing a checkpoint directory (``write_sharded_safetensors``) follows the layout of
-``huggingface_hub.save_torch_state_dict`` and ``transformers``' ``save_pretrained``:
-shards ``model-00001-of-0000K.safetensors`` ... ``model-0000K-of-0000K.safetensors``
-(five digits) and ``model.safetensors.index.json`` holding
-``{"metadata": {"total_size": bytes of tensor data}, "weight_map": {name: shard}}``
-(with a sharded template, its index's other metadata kept and ``total_parameters``
-recounted), or one ``model.safetensors`` and no index when there is a single shard. Every shard
-keeps the template's ``__metadata__`` (``{"format": "pt"}`` in files from
-transformers). Which tensors go in which shard is decided from the planned names,
-shapes and dtypes before any data is computed (:func:`plan_shards`), so the shards
-are streamed one after the other, one tensor at a time.
+Writing a checkpoint directory in Hugging Face's layout: :func:`write_sharded_safetensors`.
 """
 
 from __future__ import annotations
@@ -530,6 +520,18 @@ def write_sharded_safetensors(
     write_index: bool = True,
 ) -> list[str]:
     """Write tensors as a safetensors checkpoint directory, shard after shard, streamed.
+
+    The directory follows the layout of ``huggingface_hub.save_torch_state_dict`` and
+    ``transformers``' ``save_pretrained``: shards ``model-00001-of-0000K.safetensors`` ...
+    ``model-0000K-of-0000K.safetensors`` (five digits) and ``model.safetensors.index.json``
+    holding ``{"metadata": {"total_size": bytes of tensor data}, "weight_map": {name:
+    shard}}`` (with a sharded template, its index's other metadata kept and
+    ``total_parameters`` recounted), or one ``model.safetensors`` and no index when there
+    is a single shard. Every shard keeps the template's ``__metadata__``
+    (``{"format": "pt"}`` in files from transformers). Which tensors go in which shard
+    is decided from the planned names, shapes and dtypes before any data is computed
+    (:func:`plan_shards`), so the shards are streamed one after the other, one tensor at
+    a time.
 
     Shards: with ``max_shard_size``, at most that many bytes of tensor data each (see
     :func:`plan_shards`); otherwise, when the template is a sharded checkpoint, the
