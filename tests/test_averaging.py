@@ -18,6 +18,7 @@ from safetensors.numpy import load_file, save_file
 import polyak
 from polyak.averaging import average_readers, check_compatible
 from polyak.errors import (
+    ArgumentError,
     IncompatibleCheckpointsError,
     NonFiniteError,
     OutputError,
@@ -46,7 +47,7 @@ def reference_mean(members_newest_first: list[np.ndarray], weights: np.ndarray) 
 
 
 def error_bound(members_newest_first: list[np.ndarray], weights: np.ndarray, dtype) -> np.ndarray:
-    """The bound of the module docstring plus the final rounding to the tensor's dtype."""
+    """The bound of average_readers' docstring plus the final rounding to the dtype."""
     n = len(members_newest_first)
     unit = 2.0**-24
     newest = members_newest_first[0].astype(np.float64)
@@ -377,7 +378,7 @@ def test_average_to_refuses_existing_output_and_leaves_it(tmp_path):
     write_members(tmp_path, [{"w": np.ones(2, np.float32)}] * 2)
     out = tmp_path / "avg.safetensors"
     out.write_bytes(b"previous")
-    with pytest.raises(OutputError, match="already exists. Pass --overwrite"):
+    with pytest.raises(OutputError, match="already exists. Pass overwrite=True"):
         polyak.average_to(tmp_path / "ck_*.safetensors", out)
     assert out.read_bytes() == b"previous"
     polyak.average_to(tmp_path / "ck_*.safetensors", out, overwrite=True)
@@ -482,17 +483,26 @@ def test_max_shard_size_splits_any_input(tmp_path):
     assert [p.name for p in result.files] == ["model.safetensors"]
 
 
+@pytest.mark.parametrize("min_members", [0, 1.5, True])
+def test_min_members_must_be_a_whole_number(tmp_path, min_members):
+    write_members(tmp_path, [{"w": np.ones(2, np.float32)}] * 2)
+    with pytest.raises(ArgumentError, match=r"^min_members must be a whole number >= 1; ") as e:
+        polyak.average_to(tmp_path / "ck_*", tmp_path / "avg.npz", min_members=min_members)
+    assert e.value.parameter == "min_members"
+    assert not (tmp_path / "avg.npz").exists()
+
+
 def test_max_shard_size_refused_for_a_file_output(tmp_path):
     write_members(tmp_path, [{"w": np.ones(2, np.float32)}] * 2)
     out = tmp_path / "avg.safetensors"
     with pytest.raises(
-        OutputError,
-        match=rf"output {re.escape(str(out))}: --max-shard-size splits the output into "
+        ArgumentError,
+        match=rf"output {re.escape(str(out))}: max_shard_size splits the output into "
         r"safetensors shards in a directory, but avg\.safetensors names a single safetensors "
         rf"file\. Give a directory instead, e\.g\. {re.escape(str(tmp_path / 'avg'))}/",
     ):
         polyak.average_to(tmp_path / "ck_*", out, max_shard_size="1MB")
-    with pytest.raises(OutputError, match="max_shard_size must be a size above 0"):
+    with pytest.raises(ArgumentError, match="max_shard_size must be a size above 0"):
         polyak.average_to(tmp_path / "ck_*", tmp_path / "averaged", max_shard_size="lots")
     assert not out.exists() and not (tmp_path / "averaged").exists()
 

@@ -111,6 +111,7 @@ def test_average_json(run_dir, tmp_path, capsys):
         (["-s", "exp:-1"], "alpha must be a finite number > 0"),
         (["-s", "bogus"], "unknown scheme 'bogus'"),
         (["--last", "0"], "last must be a whole number >= 1"),
+        (["--min-members", "0"], "error: --min-members must be a whole number >= 1; received 0."),
         (["--integers", "mean"], "--integers must be one of newest, require-equal"),
     ],
 )
@@ -513,3 +514,41 @@ def test_control_characters_in_a_note_are_escaped(tmp_path, capsys):
     assert code == 0
     assert err.count("\n") == 1 and err.startswith("polyak: note: only one checkpoint"), err
     assert "run\\npolyak: done" in err
+
+
+@pytest.mark.parametrize(
+    ("message", "named", "said"),
+    [
+        ("Pass overwrite=True to replace it.", (), "Pass --overwrite to replace it."),
+        ("integers='require-equal' forbids that", (), "--integers require-equal forbids that"),
+        ("fewer than min_members=2; or lower it.", (), "fewer than --min-members 2; or lower it."),
+        ("widths (sigma_rel) are numbers", (), "widths (sigma_rel) are numbers"),
+        ("last must be a whole number >= 1 or None; received 0.", ("last",),
+         "--last must be a whole number >= 1; received 0."),
+        # A plain word is not a flag unless the error is about that parameter, and a
+        # name inside a path never is.
+        ("the last member", (), "the last member"),
+        ("output runs/last/min_members.npz: last", ("last",),
+         "output runs/last/min_members.npz: --last"),
+        ("checkpoint a.pt: key='ema' was given; pass key=NAME.", (),
+         "checkpoint a.pt: --key ema was given; pass --key NAME."),
+    ],
+)  # fmt: skip
+def test_library_messages_are_said_with_the_commands_flags(message, named, said):
+    from polyak.cli.average import average_command
+    from polyak.cli.output import flags_of, in_flags
+
+    flags = {**flags_of(average_command), "key": "--key"}
+    assert in_flags(message, flags, named) == said
+
+
+def test_a_refusal_names_the_flag_that_lifts_it(tmp_path, capsys):
+    for number in (1, 2):
+        save_file(
+            {"steps": np.array([number], np.int64)}, str(tmp_path / f"ck_{number}.safetensors")
+        )
+    out = tmp_path / "avg.safetensors"
+    arguments = ["average", str(tmp_path), "-o", str(out), "--integers", "require-equal"]
+    code, _, err = run(arguments, capsys)
+    assert code == 2 and not out.exists()
+    assert "and --integers require-equal forbids that. Pass --integers newest to take" in err

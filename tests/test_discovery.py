@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from polyak.discovery import Checkpoint, find_checkpoints, order_key, within_window
-from polyak.errors import DiscoveryError
+from polyak.errors import ArgumentError, DiscoveryError
 
 
 def touch(directory: Path, *names: str) -> list[Path]:
@@ -362,13 +362,13 @@ def test_shards_matched_by_a_glob(tmp_path: Path) -> None:
 @pytest.mark.parametrize("last", [0, -1])
 def test_last_must_be_positive(tmp_path: Path, last: int) -> None:
     touch(tmp_path, "model_1.pt")
-    with pytest.raises(DiscoveryError, match=rf"last must be a whole number >= 1; received {last}"):
+    with pytest.raises(ArgumentError, match=rf"last must be a whole number >= 1; received {last}"):
         find_checkpoints(tmp_path, last=last)
 
 
 def test_last_must_be_an_integer(tmp_path: Path) -> None:
     touch(tmp_path, "model_1.pt")
-    with pytest.raises(DiscoveryError, match="last must be a whole number >= 1; received 2.5"):
+    with pytest.raises(ArgumentError, match="last must be a whole number >= 1; received 2.5"):
         find_checkpoints(tmp_path, last=2.5)  # type: ignore[arg-type]
 
 

@@ -248,7 +248,7 @@ def test_existing_output_without_overwrite(tmp_path: Path) -> None:
     out.write_bytes(b"previous")
     with pytest.raises(
         OutputError,
-        match=rf"output {re.escape(str(out))}: already exists\. Pass --overwrite to replace it",
+        match=rf"output {re.escape(str(out))}: already exists\. Pass overwrite=True to replace it",
     ):
         check_output_path(out, [source], overwrite=False)
     check_output_path(out, [source], overwrite=True)
@@ -320,7 +320,7 @@ def test_existing_output_directory_needs_overwrite(tmp_path: Path) -> None:
     out = checkpoint_directory(tmp_path / "averaged")
     with pytest.raises(
         OutputError,
-        match=rf"output {re.escape(str(out))}: already exists\. Pass --overwrite to replace it",
+        match=rf"output {re.escape(str(out))}: already exists\. Pass overwrite=True to replace it",
     ):
         check_output_path(out, [source], overwrite=False)
     check_output_path(out, [source], overwrite=True)
@@ -341,7 +341,7 @@ def test_output_directory_with_other_files_is_never_replaced(tmp_path: Path, for
     with pytest.raises(
         OutputError,
         match=rf"output {re.escape(str(out))}: holds {re.escape(foreign)}, which polyak did not "
-        "write; --overwrite replaces the whole directory, so polyak refuses to",
+        "write; overwrite=True replaces the whole directory, so polyak refuses to",
     ):
         check_output_path(out, [source], overwrite=True)
 
@@ -513,7 +513,7 @@ def test_atomic_directory_cleans_stale_leftovers_of_dead_processes(tmp_path: Pat
 
 def test_a_file_another_writer_committed_meanwhile_is_kept(tmp_path: Path) -> None:
     out = tmp_path / "avg.safetensors"
-    with pytest.raises(OutputError, match=r"created by another writer.*--overwrite"):
+    with pytest.raises(OutputError, match=r"created by another writer.*overwrite=True"):
         with atomic_output(out) as temporary:
             temporary.write_bytes(b"mine")
             out.write_bytes(b"theirs")  # the other run finished first

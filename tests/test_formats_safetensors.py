@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from polyak.errors import CheckpointError, OutputError
+from polyak.errors import ArgumentError, CheckpointError, OutputError
 from polyak.formats import (
     FORMATS,
     format_for_output,
@@ -756,11 +756,11 @@ def test_parse_size(text, expected) -> None:
 )
 def test_parse_size_refuses_what_is_not_a_size(text) -> None:
     with pytest.raises(
-        OutputError,
-        match=rf"--max-shard-size must be a size above 0 such as 500MB, 2GB, 1\.5GiB or a whole "
+        ArgumentError,
+        match=rf"max_shard_size must be a size above 0 such as 500MB, 2GB, 1\.5GiB or a whole "
         rf"number of bytes; received {re.escape(repr(text))}\.",
     ):
-        parse_size(text, source="--max-shard-size")
+        parse_size(text)
 
 
 def infos_of(sizes: list[int]) -> list[tuple[str, TensorInfo]]:

@@ -217,7 +217,7 @@ def test_one_member_is_said_and_min_members_refuses_it(gpt2_run, tmp_path, capsy
         capsys,
     )
     assert code == 2
-    assert "fewer than min_members=2 (CLI --min-members)" in err
+    assert "fewer than --min-members 2; pass more checkpoints, or lower it." in err
 
     report, err = average_json(
         [str(gpt2_run / "checkpoint-*"), "-o", str(tmp_path / "three.safetensors")], capsys

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from polyak.errors import SchemeError
+from polyak.errors import ArgumentError, SchemeError
 from polyak.schemes import (
     SCHEMES,
     Custom,
@@ -405,14 +405,12 @@ def test_single_exp_with_several_alphas_suggests_a_list() -> None:
 
 @pytest.mark.parametrize("n", [0, -1])
 def test_weights_of_no_members_refused(n: int) -> None:
-    with pytest.raises(
-        SchemeError, match=rf"scheme linear: the number of members must be >= 1; got {n}"
-    ):
+    with pytest.raises(ArgumentError, match=rf"^n must be a whole number >= 1; received {n}"):
         Linear().weights(n)
 
 
 def test_weights_of_non_integer_count_refused() -> None:
-    with pytest.raises(SchemeError, match="must be >= 1; got 2.0"):
+    with pytest.raises(ArgumentError, match="must be a whole number >= 1; received 2.0"):
         Equal().weights(2.0)  # type: ignore[arg-type]
 
 

@@ -425,7 +425,7 @@ def test_write_best_refuses_an_existing_file_and_a_member(run_dir, tmp_path):
     result = sweep(run_dir, Recorder(), schemes="equal")
     existing = tmp_path / "best.safetensors"
     existing.write_bytes(b"keep me")
-    with pytest.raises(OutputError, match=r"already exists.*--overwrite"):
+    with pytest.raises(OutputError, match=r"already exists.*overwrite=True"):
         write_best(result, existing)
     assert existing.read_bytes() == b"keep me"
     member = run_dir / f"ckpt_{NEWEST_FIRST[0]}.safetensors"

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from polyak.checks import parse_size, whole_number
 from polyak.discovery import Checkpoint, find_checkpoints, within_window
 from polyak.distributed import ProcessGroup
 from polyak.distributed import current as current_group
@@ -28,15 +29,19 @@ from polyak.errors import (
 )
 from polyak.files import (
     check_output_path,
-    companion_files,
     is_directory_output,
 )
 from polyak.formats import format_for_output, format_of
 from polyak.formats.base import (
     is_floating,
 )
-from polyak.formats.safetensors import parse_size
-from polyak.output import _shards_need_a_directory, write_output, write_output_together
+from polyak.output import (
+    companions_of,
+    companions_to_copy,
+    shards_need_a_directory,
+    write_output,
+    write_output_together,
+)
 from polyak.weights.schemes import Scheme, parse_scheme
 
 __all__ = [
@@ -122,7 +127,8 @@ def average(
         scheme: a scheme or its spec: ``"equal"``, ``"linear"``, ``"exp:2"``,
             ``"custom:0.5,0.3,0.2"`` (weights newest first).
         last: average only the ``last`` newest checkpoints.
-        integers: ``"newest"`` or ``"require-equal"``; see the module's numeric policy.
+        integers: ``"newest"`` or ``"require-equal"``; see the numeric policy of
+            :func:`polyak.engine.average_readers`.
         allow_nonfinite: average NaN and infinity instead of refusing them.
         key: for PyTorch checkpoint dicts, the key holding the weights; for DCP
             directories, the subtree to average.
@@ -227,10 +233,7 @@ def average_to(
         try:
             directory = is_directory_output(requested) or format == "dcp"
             limit = None if max_shard_size is None else parse_size(max_shard_size)
-            if type(min_members) is not int or min_members < 1:
-                raise DiscoveryError(
-                    f"min_members must be a whole number >= 1; received {min_members!r}."
-                )
+            min_members = whole_number(min_members, "min_members", minimum=1)
             members = find_checkpoints(paths, last=last)
             members = within_window(
                 members, window_steps, tokens=window_tokens, tokens_per_step=tokens_per_step
@@ -238,18 +241,17 @@ def average_to(
             if len(members) < min_members:
                 raise DiscoveryError(
                     f"found {len(members)} checkpoint(s) ({_named(members)}), fewer than "
-                    f"min_members={min_members} (CLI --min-members). Pass more checkpoints, or "
-                    "a lower min_members."
+                    f"min_members={min_members}; pass more checkpoints, or lower it."
                 )
             parsed, weights = _weights_for(scheme, members)
             input_format = format_of(members[0].path)
             output_format = format_for_output(requested, input_format, format)
             if limit is not None and output_format.name != "sharded-safetensors":
-                raise _shards_need_a_directory(out, output_format)
+                raise shards_need_a_directory(out, output_format)
             if limit is None and output_format.name == "sharded-safetensors":
                 limit = DCP_MAX_SHARD_SIZE if input_format.name == "dcp" else None
             beside = companions_of(members[0])
-            companions = beside if output_format.name == "sharded-safetensors" else []
+            companions = companions_to_copy(members[0], output_format)
             notes = _notes(members, beside, companions)
             check_output_path(
                 out,
@@ -327,16 +329,6 @@ def average_to(
     )
 
 
-def companions_of(newest: Checkpoint) -> list[Path]:
-    """The model files a directory output copies from the newest member, if it is a
-    Hugging Face model directory (see :func:`polyak.files.companion_files`); none from
-    a DCP directory, whose ``.json`` files (Megatron's ``metadata.json``) describe the
-    distributed save, not the model."""
-    if not newest.path.is_dir() or format_of(newest.path).name == "dcp":
-        return []
-    return companion_files(newest.path)
-
-
 def _named(members: list[Checkpoint]) -> str:
     shown = ", ".join(str(member.path) for member in members[:3])
     return shown + (f" and {len(members) - 3} more" if len(members) > 3 else "")
@@ -350,8 +342,8 @@ def _notes(
     if len(members) == 1:
         notes.append(
             f"only one checkpoint was found ({members[0].path}), so the output holds its "
-            "weights unchanged; pass more checkpoints to average them (min_members, CLI "
-            "--min-members, makes this an error)."
+            "weights unchanged; pass more checkpoints to average them (min_members=2 "
+            "makes this an error)."
         )
     if beside and not companions:
         names = ", ".join(path.name for path in beside)

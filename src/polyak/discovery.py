@@ -7,31 +7,7 @@ name counts, left to right, so ``epoch=3-step=1200.ckpt`` sorts as (3, 1200) and
 ambiguity polyak refuses to guess about, and so is a name with no number at all
 when there is more than one checkpoint.
 
-What counts as a checkpoint:
-- a file with a known suffix (see ``polyak.formats``);
-- a directory holding a model file (``checkpoint-500/model.safetensors``, a sharded
-  ``model.safetensors.index.json``, ``pytorch_model.bin``); the other files beside it
-  (optimizer, scheduler) are ignored;
-- a ``torch.distributed.checkpoint`` directory, one holding a ``.metadata`` (torchtitan's
-  ``step-N/``, Megatron's ``iter_XXXXXXX/``, Lightning's sharded ``epoch=E-step=S.ckpt/``),
-  or a Hugging Face ``checkpoint-N/`` holding one as ``pytorch_model_fsdp_0/`` (accelerate
-  FSDP). torch writes ``.metadata`` last, so a step still being saved is not found yet;
-- inside a directory given on the command line: every such file and directory.
-  Copies of another snapshot are not steps of their own, so directory scans and
-  globs skip them: Lightning's ``last.ckpt``, timm's ``last.pth.tar`` and
-  ``model_best.pth.tar``, fairseq's ``checkpoint_last.pt`` and
-  ``checkpoint_best.pt``. Name one alone to use it; named among others (a glob the
-  shell expanded), it is refused with a message that says what it is a copy of.
-- a directory that is a checkpoint itself and also holds checkpoint subdirectories
-  (``trainer.save_model(out)`` beside ``out/checkpoint-N/``) is ambiguous and refused,
-  with the command for each reading.
-- inside a snapshot directory, one holding a ``polyak-manifest.json`` written by
-  ``polyak.snapshots``: exactly the files the manifest lists, not a scan, so files
-  a crash left behind are ignored. A listed file that is missing is an error.
-
-All members must have one layout (snapshots of one run): files of one format, or model
-directories. ``.keras`` files and ``.weights.h5`` files of the same run are not mixed,
-since they would count a step twice or order members out of step.
+What counts as a checkpoint, and which members go together: :func:`find_checkpoints`.
 """
 
 from __future__ import annotations
@@ -46,6 +22,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from polyak.checks import whole_number
 from polyak.errors import CheckpointError, DiscoveryError, PolyakNote
 from polyak.formats import directory_model_file, format_from_name, format_of
 from polyak.formats.marks import is_polyak_output
@@ -327,6 +304,32 @@ def find_checkpoints(
 ) -> list[Checkpoint]:
     """Find checkpoints in files, globs and directories, ordered newest first.
 
+    What counts as a checkpoint:
+    - a file with a known suffix (see ``polyak.formats``);
+    - a directory holding a model file (``checkpoint-500/model.safetensors``, a sharded
+      ``model.safetensors.index.json``, ``pytorch_model.bin``); the other files beside it
+      (optimizer, scheduler) are ignored;
+    - a ``torch.distributed.checkpoint`` directory, one holding a ``.metadata`` (torchtitan's
+      ``step-N/``, Megatron's ``iter_XXXXXXX/``, Lightning's sharded ``epoch=E-step=S.ckpt/``),
+      or a Hugging Face ``checkpoint-N/`` holding one as ``pytorch_model_fsdp_0/`` (accelerate
+      FSDP). torch writes ``.metadata`` last, so a step still being saved is not found yet;
+    - inside a directory given on the command line: every such file and directory.
+      Copies of another snapshot are not steps of their own, so directory scans and
+      globs skip them: Lightning's ``last.ckpt``, timm's ``last.pth.tar`` and
+      ``model_best.pth.tar``, fairseq's ``checkpoint_last.pt`` and
+      ``checkpoint_best.pt``. Name one alone to use it; named among others (a glob the
+      shell expanded), it is refused with a message that says what it is a copy of.
+    - a directory that is a checkpoint itself and also holds checkpoint subdirectories
+      (``trainer.save_model(out)`` beside ``out/checkpoint-N/``) is ambiguous and refused,
+      with the command for each reading.
+    - inside a snapshot directory, one holding a ``polyak-manifest.json`` written by
+      ``polyak.snapshots``: exactly the files the manifest lists, not a scan, so files
+      a crash left behind are ignored. A listed file that is missing is an error.
+
+    All members must have one layout (snapshots of one run): files of one format, or model
+    directories. ``.keras`` files and ``.weights.h5`` files of the same run are not mixed,
+    since they would count a step twice or order members out of step.
+
     Args:
         paths: files, directories, or glob patterns such as ``"run/model_*.h5"``.
         last: keep only the ``last`` newest checkpoints.
@@ -336,8 +339,9 @@ def find_checkpoints(
 
     Raises:
         DiscoveryError: nothing found, a name without a number among several, two
-            checkpoints with the same numbers, a file a snapshot manifest lists is
-            missing, or ``last`` < 1.
+            checkpoints with the same numbers, or a file a snapshot manifest lists is
+            missing.
+        ArgumentError: ``last`` is not a whole number >= 1.
         CheckpointError: a snapshot directory's manifest is damaged.
 
     Example:
@@ -346,8 +350,8 @@ def find_checkpoints(
     """
     if isinstance(paths, (str, Path)):
         paths = [paths]
-    if last is not None and (not isinstance(last, int) or last < 1):
-        raise DiscoveryError(f"last must be a whole number >= 1; received {last!r}.")
+    if last is not None:
+        last = whole_number(last, "last", minimum=1)
     unique: dict[Path, Path] = {}
     for entry in paths:
         for path in _expand(entry):

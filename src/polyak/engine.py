@@ -2,40 +2,7 @@
 
 It takes open readers and weights and yields the averaged tensors; it writes nothing.
 
-Numeric policy (tested in tests/test_averaging.py):
-
-- Floating tensors (float16, bfloat16, float32, float64) are averaged. Weights are
-  computed and normalized in float64. Since they sum to 1, the average is computed
-  relative to the newest member x_1::
-
-      mean = x_1 + sum_{i=2..n} w_i (x_i - x_1)
-
-  accumulating in float32 for 16- and 32-bit inputs and in float64 for float64
-  inputs, then rounded once, to nearest, back to the tensor's own dtype. Identical
-  members therefore give themselves back exactly, and before that final rounding the
-  result differs from the exact weighted mean by at most
-  ``(n + 2) * u * (|x_1| + sum_{i>=2} w_i |x_i - x_1|)``, with u = 2**-24 for a
-  float32 accumulator (2**-53 for float64): small where members are close, as the
-  last checkpoints of one run are.
-- Integer and bool tensors (BatchNorm ``num_batches_tracked``, step counters) are
-  never averaged: they are taken from the newest member. With
-  ``integers="require-equal"`` a difference between members is an error instead.
-- Members must agree on tensor names, shapes and dtypes; the differences are listed
-  otherwise, never papered over by averaging fewer members.
-- NaN or infinity in any member's floating tensor is refused, naming the file and
-  tensor, unless ``allow_nonfinite=True``.
-
-Memory and speed: averaged tensors are computed chunk by chunk while the writer
-consumes them (:class:`~polyak.formats.base.StreamedTensor`), so a streaming format
-(safetensors, and torch's zip format as :mod:`polyak.formats.torchzip` writes it)
-never holds a whole tensor: the engine's scratch is one cache-sized
-block (``BLOCK_BYTES``, about 4 MiB) allocated once and reused. Per chunk, the
-differences ``x_i - x_1`` are computed into the block straight from the members'
-memory maps, and one BLAS matrix-vector product weighs and sums them, so each input
-byte is read once. Formats that need whole tensors (npz, Keras, and ``torch.save``
-for a template only torch could load) collect each one as it is written. The
-streaming writers hand the chunks to a second thread that writes them to disk
-(:class:`~polyak.formats.background.BackgroundWriter`) while the next are computed.
+Its numeric policy, memory and speed are in :func:`average_readers`.
 """
 
 from __future__ import annotations
@@ -303,7 +270,7 @@ def _refuse_nonfinite_inputs(
         if not np.isfinite(source[start:stop].astype(np.float64)).all():
             raise NonFiniteError(
                 f"checkpoint {reader.path}: tensor {name} holds NaN or infinite values. "
-                "Leave this checkpoint out, or pass --allow-nonfinite to average it anyway."
+                "Leave this checkpoint out, or pass allow_nonfinite=True to average it anyway."
             )
 
 
@@ -314,8 +281,8 @@ def _carry_integer(name: str, readers: Sequence[CheckpointReader], integers: str
             if not np.array_equal(reader.read(name), newest):
                 raise IncompatibleCheckpointsError(
                     f"checkpoint {reader.path}: integer tensor {name} differs from the newest "
-                    f"member {readers[0].path.name}, and --integers require-equal forbids that. "
-                    "Use --integers newest to take the newest member's values."
+                    f"member {readers[0].path.name}, and integers='require-equal' forbids "
+                    "that. Pass integers='newest' to take the newest member's values."
                 )
     return newest
 
@@ -330,6 +297,41 @@ def average_readers(
     signed: bool = False,
 ) -> PlannedTensors:
     """Average open checkpoints, lazily: iterate the result to compute it tensor by tensor.
+
+    Numeric policy (tested in tests/test_averaging.py):
+
+    - Floating tensors (float16, bfloat16, float32, float64) are averaged. Weights are
+      computed and normalized in float64. Since they sum to 1, the average is computed
+      relative to the newest member x_1::
+
+          mean = x_1 + sum_{i=2..n} w_i (x_i - x_1)
+
+      accumulating in float32 for 16- and 32-bit inputs and in float64 for float64
+      inputs, then rounded once, to nearest, back to the tensor's own dtype. Identical
+      members therefore give themselves back exactly, and before that final rounding the
+      result differs from the exact weighted mean by at most
+      ``(n + 2) * u * (|x_1| + sum_{i>=2} w_i |x_i - x_1|)``, with u = 2**-24 for a
+      float32 accumulator (2**-53 for float64): small where members are close, as the
+      last checkpoints of one run are.
+    - Integer and bool tensors (BatchNorm ``num_batches_tracked``, step counters) are
+      never averaged: they are taken from the newest member. With
+      ``integers="require-equal"`` a difference between members is an error instead.
+    - Members must agree on tensor names, shapes and dtypes; the differences are listed
+      otherwise, never papered over by averaging fewer members.
+    - NaN or infinity in any member's floating tensor is refused, naming the file and
+      tensor, unless ``allow_nonfinite=True``.
+
+    Memory and speed: averaged tensors are computed chunk by chunk while the writer
+    consumes them (:class:`~polyak.formats.base.StreamedTensor`), so a streaming format
+    (safetensors, and torch's zip format as :mod:`polyak.formats.torchzip` writes it)
+    never holds a whole tensor: the engine's scratch is one cache-sized
+    block (``BLOCK_BYTES``, about 4 MiB) allocated once and reused. Per chunk, the
+    differences ``x_i - x_1`` are computed into the block straight from the members'
+    memory maps, and one BLAS matrix-vector product weighs and sums them, so each input
+    byte is read once. Formats that need whole tensors (npz, Keras, and ``torch.save``
+    for a template only torch could load) collect each one as it is written. The
+    streaming writers hand the chunks to a second thread that writes them to disk
+    (:class:`~polyak.formats.background.BackgroundWriter`) while the next are computed.
 
     Args:
         readers: the members, newest first.

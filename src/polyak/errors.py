@@ -39,12 +39,16 @@ class ArgumentError(PolyakError, ValueError):
     """An argument a caller passed breaks its rule (a count, a size, a choice).
 
     ``parameter`` is the library's name for it (``"max_shard_size"``), so the command
-    line can say the rule again with its own flag (``--max-shard-size``).
+    line can say the rule again with its own flag (``--max-shard-size``); ``parameters``
+    is it and the ``others`` the message names too (two options that do not go together).
     """
 
-    def __init__(self, message: str, *, parameter: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, parameter: str | None = None, others: tuple[str, ...] = ()
+    ) -> None:
         super().__init__(message)
         self.parameter = parameter
+        self.parameters = (*(() if parameter is None else (parameter,)), *others)
 
 
 class SchemeError(ArgumentError):

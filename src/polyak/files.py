@@ -7,19 +7,7 @@ or the previous one under that name, never a partial one. Temporary files are na
 write to the same output.
 
 An output directory (a safetensors checkpoint directory: shards and their index) is
-written the same way as a whole: every file goes into a temporary directory
-``.NAME.polyak-tmp-PID-RANDOM/`` beside the target, each file and the directory are
-fsynced, and the directory is renamed to ``NAME``. Replacing an existing output
-directory (``--overwrite``) takes two renames, since POSIX cannot swap two
-directories in one: the old one is renamed aside to ``.NAME.polyak-old-PID-RANDOM``,
-the new one renamed in, then the old one deleted. If the second rename fails, the
-old directory is renamed back. A process killed between the two renames leaves no
-``NAME`` at all, never a partial one, with the old output kept under its
-``.polyak-old-`` name; the next write to ``NAME`` deletes such a leftover once a new
-``NAME`` exists (at its start, or at its end once it has renamed its own in). polyak
-only ever replaces a directory that holds nothing but a safetensors checkpoint
-(``model.safetensors``, ``model-00001-of-0000K.safetensors`` shards,
-``model.safetensors.index.json``); any other file in it is refused, never deleted.
+written the same way as a whole, see :func:`atomic_directory`.
 
 Which outputs are directories: a path that ends with ``/`` or has no suffix at all
 (``averaged/``, ``averaged``), see :func:`is_directory_output`.
@@ -192,7 +180,7 @@ def check_output_path(
         _check_output_directory(out, inputs, overwrite=overwrite, companions=companions)
         return
     if out.exists() and not overwrite:
-        raise OutputError(f"output {out}: already exists. Pass --overwrite to replace it.")
+        raise OutputError(f"output {out}: already exists. Pass overwrite=True to replace it.")
     if out.is_dir():
         raise OutputError(f"output {out}: is a directory; give a file name.")
     if not out.parent.is_dir():
@@ -249,12 +237,12 @@ def _check_output_directory(
         )
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
-            raise OutputError(f"output {out}: already exists. Pass --overwrite to replace it.")
+            raise OutputError(f"output {out}: already exists. Pass overwrite=True to replace it.")
         foreign = _foreign_entries(out, companions)
         if foreign:
             raise OutputError(
                 f"output {out}: holds {_listed(foreign)}, which polyak did not write; "
-                "--overwrite replaces the whole directory, so polyak refuses to. Choose "
+                "overwrite=True replaces the whole directory, so polyak refuses to. Choose "
                 "a new directory, or move those files away."
             )
     if not out.parent.is_dir():
@@ -393,7 +381,7 @@ def _commit_file(temporary: Path, out: Path, *, overwrite: bool) -> None:
 def _created_meanwhile(out: Path) -> OutputError:
     return OutputError(
         f"output {out}: was created by another writer while polyak wrote its own; polyak "
-        "kept that one and discarded its own. Pass --overwrite to replace it."
+        "kept that one and discarded its own. Pass overwrite=True to replace it."
     )
 
 
@@ -472,9 +460,24 @@ def atomic_directory(
 ) -> Iterator[Path]:
     """Yield an empty temporary directory beside ``out``; on success rename it to ``out``.
 
+    An output directory (a safetensors checkpoint directory: shards and their index) is
+    written the same way as a whole: every file goes into a temporary directory
+    ``.NAME.polyak-tmp-PID-RANDOM/`` beside the target, each file and the directory are
+    fsynced, and the directory is renamed to ``NAME``. Replacing an existing output
+    directory (``overwrite``) takes two renames, since POSIX cannot swap two
+    directories in one: the old one is renamed aside to ``.NAME.polyak-old-PID-RANDOM``,
+    the new one renamed in, then the old one deleted. If the second rename fails, the
+    old directory is renamed back. A process killed between the two renames leaves no
+    ``NAME`` at all, never a partial one, with the old output kept under its
+    ``.polyak-old-`` name; the next write to ``NAME`` deletes such a leftover once a new
+    ``NAME`` exists (at its start, or at its end once it has renamed its own in). polyak
+    only ever replaces a directory that holds nothing but a safetensors checkpoint
+    (``model.safetensors``, ``model-00001-of-0000K.safetensors`` shards,
+    ``model.safetensors.index.json``); any other file in it is refused, never deleted.
+
     Every file in the temporary directory and the directory itself are fsynced before
     the rename. With ``overwrite``, an existing non-empty ``out`` is renamed aside,
-    replaced, then deleted (see the module docstring); it must hold only a safetensors
+    replaced, then deleted (above); it must hold only a safetensors
     checkpoint's files and byte-for-byte copies of ``companions``, checked again here.
     Without ``overwrite`` the rename is create-if-absent: an ``out`` that holds anything
     (another writer's output created meanwhile) is kept and ``OutputError`` raised. On

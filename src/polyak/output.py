@@ -13,33 +13,49 @@ import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from polyak.discovery import Checkpoint
 from polyak.distributed import DistributedError, ProcessGroup
-from polyak.errors import (
-    OutputError,
-    PolyakError,
-)
-from polyak.files import (
-    atomic_directory,
-    atomic_output,
-)
-from polyak.formats import Format
+from polyak.errors import ArgumentError, OutputError, PolyakError
+from polyak.files import atomic_directory, atomic_output, companion_files
+from polyak.formats import Format, format_of
 from polyak.formats.base import (
     CheckpointReader,
     PlannedTensors,
 )
 
 __all__ = [
+    "companions_of",
+    "companions_to_copy",
     "write_output",
     "write_output_together",
 ]
 
 
-def _shards_need_a_directory(out: Path, output_format: Format) -> OutputError:
-    return OutputError(
-        f"output {out}: --max-shard-size splits the output into safetensors shards in a "
+def shards_need_a_directory(out: Path, output_format: Format) -> ArgumentError:
+    """The refusal of ``max_shard_size`` for an output that is one file."""
+    return ArgumentError(
+        f"output {out}: max_shard_size splits the output into safetensors shards in a "
         f"directory, but {out.name} names a single {output_format.name} file. Give a "
-        f"directory instead, e.g. {out.parent / out.name.split('.')[0]}/"
+        f"directory instead, e.g. {out.parent / out.name.split('.')[0]}/",
+        parameter="max_shard_size",
     )
+
+
+def companions_of(newest: Checkpoint) -> list[Path]:
+    """The model files a directory output copies from the newest member, if it is a
+    Hugging Face model directory (see :func:`polyak.files.companion_files`); none from
+    a DCP directory, whose ``.json`` files (Megatron's ``metadata.json``) describe the
+    distributed save, not the model."""
+    if not newest.path.is_dir() or format_of(newest.path).name == "dcp":
+        return []
+    return companion_files(newest.path)
+
+
+def companions_to_copy(newest: Checkpoint, output_format: Format) -> list[Path]:
+    """The files :func:`write_output` copies beside the weights: the newest member's
+    companions (:func:`companions_of`) for a safetensors directory output, the one output
+    that can carry them; none for any other."""
+    return companions_of(newest) if output_format.name == "sharded-safetensors" else []
 
 
 def write_output(
@@ -79,13 +95,14 @@ def write_output(
         inside ``out`` (or the files of a DCP directory).
 
     Raises:
-        OutputError: ``max_shard_size`` for a single-file output, or a file-system
-            failure, naming ``out``; on any failure ``out`` is left as it was.
+        ArgumentError: ``max_shard_size`` for a single-file output.
+        OutputError: a file-system failure, naming ``out``; on any failure ``out`` is
+            left as it was.
     """
     out = Path(out)
     directory = output_format.name == "sharded-safetensors"
     if max_shard_size is not None and not directory:
-        raise _shards_need_a_directory(out, output_format)
+        raise shards_need_a_directory(out, output_format)
     output_format.check_output(out, template)
     try:
         if directory:

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from polyak.checks import whole_number
 from polyak.discovery import order_key
 from polyak.engine import average_readers, closing_all, open_members
 from polyak.errors import DiscoveryError
@@ -117,15 +118,8 @@ def check_profile_arguments(
     names = [format_number(width) for width in widths]
     if len(set(names)) != len(names):
         raise ValueError(f"posthoc widths must differ from each other; received {posthoc!r}.")
-    for name, value, minimum in (
-        ("posthoc_keep", posthoc_keep, 1),
-        ("posthoc_every", posthoc_every, 1),
-    ):
-        if value is None and name == "posthoc_every":
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            what = f"a whole number >= {minimum}" + (" or None" if name == "posthoc_every" else "")
-            raise ValueError(f"{name} must be {what}; received {value!r}.")
+    whole_number(posthoc_keep, "posthoc_keep", minimum=1)
+    whole_number(posthoc_every, "posthoc_every", minimum=1, or_none=True)
     return tuple(widths)
 
 

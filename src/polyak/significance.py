@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from polyak.checks import whole_number
 from polyak.errors import SchemeError
 
 __all__ = [
@@ -97,11 +98,9 @@ def paired_bootstrap(
         ``(low, high)``.
     """
     a, b = _paired(a, b)
-    if resamples < 1 or not 0 < confidence < 1:
-        raise SchemeError(
-            f"bootstrap: resamples must be >= 1 and confidence in (0, 1); received "
-            f"{resamples} and {confidence}."
-        )
+    resamples = whole_number(resamples, "resamples", minimum=1)
+    if not 0 < confidence < 1:
+        raise SchemeError(f"bootstrap: confidence must be in (0, 1); received {confidence}.")
     differences = a.astype(np.float64) - b.astype(np.float64)
     count = len(differences)
     rng = np.random.default_rng(seed)

@@ -1,50 +1,7 @@
 """The sweep: every single member and every average of the n newest, evaluated.
 
-For N members (newest first) and a set of schemes, the sweep evaluates
-
-- every single member, and
-- for every scheme and every n = 1..N, the average of the n newest members,
-
-reading each checkpoint once. All candidates come from running sums kept in float64
-while the members stream by, newest first (member i = 1..N):
-
-- equal:        S_n = sum_{i<=n} x_i,                        mean = S_n / n
-- linear:       weights n+1-i, so sum = (n+1) S_n - T_n with T_n = sum_{i<=n} i x_i,
-                mean = ((n+1) S_n - T_n) / (n (n+1) / 2)
-- exp(alpha):   E_n = sum_{i<=n} exp(-(i-1)/alpha) x_i,     mean = E_n / sum of the weights
-- power(sigma_rel): the same with each member's power-profile mass (``polyak.posthoc``)
-- custom (k weights): C = sum_{i<=k} c_i x_i, a candidate at n = k only.
-- greedy soup (``greedy``, Wortsman et al., 2022): after the pass, members sorted by
-  their own score (validation if there is one), best first; each joins the soup, a
-  uniform average, if the soup's score with it is at least as good as without
-  (Algorithm 1 of "Model soups"). One candidate; it reads each member once more.
-
-Integer and bool tensors come from the newest member averaged, as in
-``polyak.engine``. Memory: one float64 copy of the model per running sum (one for
-equal, two for linear, one per alpha, one per custom scheme, one for the greedy soup)
-plus one candidate. With per-example outcomes, the sweep also holds those of every member
-and of the best candidate so far (one value per test example each).
-
-Selection is honest: with a validation evaluator the best candidate is chosen on
-validation and its test score reported; with test data only, the report says the
-choice was made on test. A tie goes to the candidate with fewer members, then to the
-scheme listed first; a NaN score never wins.
-
-The evaluator is one plain callable over numpy arrays keyed by tensor name:
-``evaluate(tensors)`` returns a float (a test score only) or a mapping
-``{"test": float, "validation": float}``, optionally with ``"recalibrated":
-{"test": ..., "validation": ...}``, the scores after BatchNorm recalibration; then
-both variants of every candidate compete and the report shows both numbers.
-Beside the scores it may give ``"outcomes"`` (also inside ``"recalibrated"``): a
-1-D array with each test example's outcome, the same examples in the same order
-every call: bool for correct or not, or numbers such as each example's loss (their
-mean the test score). The sweep keeps them for the selected candidate, the final
-model (the newest member) and the best single member, and
-:meth:`SweepResult.comparisons` reports the differences with their uncertainty
-(:mod:`polyak.significance`); without outcomes the uncertainty is unknown.
-``polyak.keras`` and ``polyak.torch`` build evaluators for their models. It is called
-once per candidate, so a framework adapter loads each candidate's weights into its
-model once.
+Reading each checkpoint once, from running sums; the candidates' formulas, the memory
+they take, the selection rule and the evaluator's protocol are in :func:`run_sweep`.
 """
 
 from __future__ import annotations
@@ -56,7 +13,6 @@ from typing import Any
 
 import numpy as np
 
-from polyak.averaging import companions_of
 from polyak.discovery import Checkpoint, find_checkpoints, order_key
 from polyak.distributed import ProcessGroup
 from polyak.distributed import current as current_group
@@ -71,7 +27,7 @@ from polyak.formats.base import (
     is_floating,
     numpy_dtype,
 )
-from polyak.output import write_output
+from polyak.output import companions_to_copy, write_output
 from polyak.posthoc import find_profile_snapshots
 from polyak.significance import Comparison, compare, unknown
 from polyak.weights.profiles import posthoc_coefficients
@@ -534,6 +490,52 @@ def run_sweep(
 ) -> SweepResult:
     """Sweep over open checkpoints; see :func:`sweep`.
 
+    For N members (newest first) and a set of schemes, the sweep evaluates
+
+    - every single member, and
+    - for every scheme and every n = 1..N, the average of the n newest members,
+
+    reading each checkpoint once. All candidates come from running sums kept in float64
+    while the members stream by, newest first (member i = 1..N):
+
+    - equal:        S_n = sum_{i<=n} x_i,                        mean = S_n / n
+    - linear:       weights n+1-i, so sum = (n+1) S_n - T_n with T_n = sum_{i<=n} i x_i,
+                    mean = ((n+1) S_n - T_n) / (n (n+1) / 2)
+    - exp(alpha):   E_n = sum_{i<=n} exp(-(i-1)/alpha) x_i,     mean = E_n / sum of the weights
+    - power(sigma_rel): the same with each member's power-profile mass (``polyak.posthoc``)
+    - custom (k weights): C = sum_{i<=k} c_i x_i, a candidate at n = k only.
+    - greedy soup (``greedy``, Wortsman et al., 2022): after the pass, members sorted by
+      their own score (validation if there is one), best first; each joins the soup, a
+      uniform average, if the soup's score with it is at least as good as without
+      (Algorithm 1 of "Model soups"). One candidate; it reads each member once more.
+
+    Integer and bool tensors come from the newest member averaged, as in
+    ``polyak.engine``. Memory: one float64 copy of the model per running sum (one for
+    equal, two for linear, one per alpha, one per custom scheme, one for the greedy soup)
+    plus one candidate. With per-example outcomes, the sweep also holds those of every member
+    and of the best candidate so far (one value per test example each).
+
+    Selection is honest: with a validation evaluator the best candidate is chosen on
+    validation and its test score reported; with test data only, the report says the
+    choice was made on test. A tie goes to the candidate with fewer members, then to the
+    scheme listed first; a NaN score never wins.
+
+    The evaluator is one plain callable over numpy arrays keyed by tensor name:
+    ``evaluate(tensors)`` returns a float (a test score only) or a mapping
+    ``{"test": float, "validation": float}``, optionally with ``"recalibrated":
+    {"test": ..., "validation": ...}``, the scores after BatchNorm recalibration; then
+    both variants of every candidate compete and the report shows both numbers.
+    Beside the scores it may give ``"outcomes"`` (also inside ``"recalibrated"``): a
+    1-D array with each test example's outcome, the same examples in the same order
+    every call: bool for correct or not, or numbers such as each example's loss (their
+    mean the test score). The sweep keeps them for the selected candidate, the final
+    model (the newest member) and the best single member, and
+    :meth:`SweepResult.comparisons` reports the differences with their uncertainty
+    (:mod:`polyak.significance`); without outcomes the uncertainty is unknown.
+    ``polyak.keras`` and ``polyak.torch`` build evaluators for their models. It is called
+    once per candidate, so a framework adapter loads each candidate's weights into its
+    model once.
+
     ``posthoc`` widths add post-hoc EMA candidates (``posthoc:SIGMA_REL``) reconstructed
     from the EMA profiles tracked in ``posthoc_directory`` (by default the newest
     member's directory; see :mod:`polyak.posthoc`).
@@ -940,7 +942,7 @@ def write_best(
     output_format = format_for_output(out, format_of(members[0].path))
     out = Path(out)
     # A model directory output gets the newest member's config and tokenizer files.
-    companions = companions_of(members[0]) if output_format.name == "sharded-safetensors" else []
+    companions = companions_to_copy(members[0], output_format)
     check_output_path(
         out,
         [member.path for member in members],

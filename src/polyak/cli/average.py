@@ -1,6 +1,8 @@
-"""``polyak average``: average checkpoints into one file of the same (or a chosen) format,
-or into a safetensors checkpoint directory (``-o averaged/``), sharded like the inputs or
-at ``--max-shard-size``."""
+"""``polyak average``: average checkpoints into one file of the same (or a chosen) format.
+
+Or into a safetensors checkpoint directory (``-o averaged/``), sharded like the inputs or
+at ``--max-shard-size``.
+"""
 
 from __future__ import annotations
 
@@ -12,14 +14,15 @@ from polyak.averaging import INTEGER_POLICIES, average_to
 from polyak.cli.output import (
     DelayedProgress,
     console,
+    flags_of,
     human_bytes,
+    in_flags,
     path_size,
     print_json,
     print_note,
 )
 from polyak.discovery import Checkpoint
 from polyak.errors import SchemeError
-from polyak.formats.safetensors import parse_size
 
 
 def average_command(
@@ -74,7 +77,7 @@ def average_command(
         help="PyTorch checkpoint dicts: the key holding the weights. DCP directories: the "
         "subtree to average (default: model, or the top-level model entries), e.g. optimizer.",
     ),
-    output_format: str | None = typer.Option(
+    format: str | None = typer.Option(  # the library's name, so errors say --format
         None,
         "--format",
         help="dcp: write OUT as a torch.distributed.checkpoint directory (DCP inputs only), "
@@ -106,9 +109,6 @@ def average_command(
         raise SchemeError(
             f"--integers must be one of {', '.join(INTEGER_POLICIES)}; received {integers!r}."
         )
-    shard_limit = (
-        None if max_shard_size is None else parse_size(max_shard_size, source="--max-shard-size")
-    )
     progress = DelayedProgress("averaging")
 
     def on_start(members: list[Checkpoint], weights: np.ndarray, total: int) -> None:
@@ -131,18 +131,19 @@ def average_command(
             integers=integers,
             allow_nonfinite=allow_nonfinite,
             key=key,
-            max_shard_size=shard_limit,
+            max_shard_size=max_shard_size,
             min_members=min_members,
             progress=progress.advance,
             on_start=on_start,
-            format=output_format,
+            format=format,
             keep_other=not drop_optimizer,
             window_steps=window_steps,
             window_tokens=window_tokens,
             tokens_per_step=tokens_per_step,
         )
+    flags = flags_of(average_command)
     for note in result.notes:
-        print_note(note)
+        print_note(in_flags(note, flags))
     if as_json:
         print_json(
             {

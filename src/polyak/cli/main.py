@@ -7,16 +7,18 @@ process group (``polyak.distributed``) and only process 0 prints results.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import traceback
 import warnings
+from collections.abc import Callable
 
 import typer
 
 from polyak import __version__
 from polyak.cli import average, demo, inspect, posthoc, sweep
-from polyak.cli.output import console, one_line, print_note
+from polyak.cli.output import console, flags_of, in_flags, one_line, print_note
 from polyak.errors import PolyakError, PolyakNote
 
 app = typer.Typer(
@@ -67,7 +69,29 @@ def _register() -> None:
     """Add the subcommands of :data:`COMMANDS` to ``app``, once."""
     if not app.registered_commands:
         for name, command in COMMANDS.items():
-            app.command(name)(command)
+            app.command(name)(speaking_flags(command))
+
+
+def speaking_flags(command: Callable[..., None]) -> Callable[..., None]:
+    """``command``, whose errors name its flags where the library named its parameters.
+
+    The library's messages name its parameters (``max_shard_size must be a size...``,
+    ``Pass overwrite=True``), which is right for a Python caller; a command line user
+    typed ``--max-shard-size`` and would type ``--overwrite`` (:func:`in_flags`).
+    """
+    flags = flags_of(command)
+
+    @functools.wraps(command)
+    def run(*args: object, **kwargs: object) -> None:
+        try:
+            command(*args, **kwargs)
+        except PolyakError as error:
+            message = in_flags(str(error), flags, getattr(error, "parameters", ()))
+            if message != str(error):
+                error.args = (message,)  # the same error, said for the command line
+            raise
+
+    return run
 
 
 def _join_torchrun_group() -> str:

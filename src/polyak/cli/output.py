@@ -7,11 +7,15 @@ than a second, so short runs and pipes stay quiet.
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
+from collections.abc import Callable, Iterable, Mapping
+from inspect import signature
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import typer
 from rich.console import Console
 
 if TYPE_CHECKING:
@@ -35,6 +39,53 @@ def one_line(text: str) -> str:
         character if character.isprintable() else character.encode("unicode_escape").decode()
         for character in text
     )
+
+
+def flags_of(command: Callable[..., None]) -> dict[str, str]:
+    """The long flag of each option of a subcommand, by its parameter's name.
+
+    The subcommands name their parameters as the library names the ones they feed
+    (``max_shard_size`` -> ``--max-shard-size``, ``test_data`` -> ``--data``).
+    """
+    flags = {}
+    for name, parameter in signature(command).parameters.items():
+        if isinstance(parameter.default, typer.models.OptionInfo):
+            long = [flag for flag in parameter.default.param_decls if flag.startswith("--")]
+            if long:
+                flags[name] = long[0]
+    return flags
+
+
+def in_flags(message: str, flags: Mapping[str, str], named: Iterable[str] = ()) -> str:
+    """A library message said with the command line's flags instead of the library's names.
+
+    ``name=True`` becomes the flag, ``name='value'`` (or ``name=value``) the flag and the
+    value. A bare name becomes the flag only where the error is about that parameter
+    (``named``, an ``ArgumentError``'s ``parameters``); elsewhere it may be a plain word
+    or the name of a quantity (``sigma_rel``). A name inside a path (``runs/last/``) is
+    left alone.
+
+    Example:
+        >>> flags = {"overwrite": "--overwrite", "integers": "--integers", "last": "--last"}
+        >>> in_flags("Pass overwrite=True to replace it.", flags)
+        'Pass --overwrite to replace it.'
+        >>> in_flags("integers='require-equal' forbids that", flags)
+        '--integers require-equal forbids that'
+        >>> in_flags("last must be a whole number >= 1 or None; received 0.", flags, ["last"])
+        '--last must be a whole number >= 1; received 0.'
+    """
+    named = set(named)
+    before, after = r"(?<![\w/\\.-])", r"(?![\w/\\])"
+    for parameter, flag in flags.items():
+        name = re.escape(parameter)
+        message = re.sub(rf"{before}{name}=True\b", flag, message)
+        value = r"""(['"]?)(\w[\w.:,/+-]*)\1"""
+        message = re.sub(rf"{before}{name}={value}", rf"{flag} \2", message)
+        if parameter in named:
+            message = re.sub(rf"{before}{name}{after}", flag, message)
+    if named:  # an option left out is None already; a command line cannot pass None
+        message = message.replace(" or None;", ";")
+    return message
 
 
 def print_note(note: str) -> None:

@@ -11,24 +11,17 @@ from pathlib import Path
 import typer
 
 from polyak.cli.output import console, error_console, print_json
-from polyak.data import import_callable, load_dataset
-from polyak.discovery import find_checkpoints
-from polyak.distributed import checked_together
-from polyak.distributed import current as current_group
-from polyak.errors import DataError
-from polyak.evaluation import framework_of, sweep_checkpoints
-from polyak.files import check_outputs, is_directory_output
+from polyak.evaluation import SweepOptions, sweep_files
 from polyak.posthoc import parse_widths
-from polyak.report import classic_lines, sweep_table, write_json, write_plot
-from polyak.sweep import write_best
+from polyak.report import classic_lines, sweep_table
 
 
 def sweep_command(
     paths: list[str] = typer.Argument(..., help="Checkpoint files, directories or globs."),
-    data: Path | None = typer.Option(
+    test_data: Path | None = typer.Option(
         None, "--data", help="Test data: .npz with arrays x and y (or use --eval)."
     ),
-    val: Path | None = typer.Option(
+    validation_data: Path | None = typer.Option(
         None, "--val", help="Validation data (.npz x, y): choose the best on it, report on test."
     ),
     evaluate: str | None = typer.Option(
@@ -67,7 +60,7 @@ def sweep_command(
         help="Also evaluate post-hoc EMAs of these widths, e.g. 0.05,0.1, reconstructed "
         "from the EMA profiles the snapshot helper tracked (posthoc/sigma-*/).",
     ),
-    posthoc_dir: Path | None = typer.Option(
+    posthoc_directory: Path | None = typer.Option(
         None, "--posthoc-dir", help="Where the EMA profiles are (default: beside the newest)."
     ),
     device: str | None = typer.Option(
@@ -94,65 +87,33 @@ def sweep_command(
     reading each checkpoint once; print the classic lines, a table and the best, and
     whether its gain over the final model and the best single member is more than
     noise on the test set (95% bootstrap interval; McNemar's p for accuracy)."""
-    group = current_group()
-    with checked_together(group):  # under torchrun, every process refuses together
-        outputs = [(Path(p), False) for p in (json_path, plot_path) if p is not None]
-        if out_model is not None:
-            outputs.append((Path(out_model), is_directory_output(out_model)))
-        read = [Path(p) for p in (data, val, recalibrate, posthoc_dir) if p is not None]
-        if model is not None and Path(model).exists():
-            read.append(Path(model))
-        check_outputs(outputs, read, overwrite=overwrite)  # cheap: before any data is read
-        if (data is None) == (evaluate is None):
-            raise DataError("give test data with --data, or an evaluation function with --eval.")
-        if evaluate is not None and val is not None:
-            raise DataError(
-                "--val goes with --data; with --eval, return {'test': ..., 'validation': ...} "
-                "from the function instead."
-            )
-        if batch_size < 1:
-            raise DataError(f"--batch-size must be at least 1; received {batch_size}.")
-        test = load_dataset(data) if data is not None else None
-        validation = load_dataset(val) if val is not None else None
-        calibration = load_dataset(recalibrate) if recalibrate is not None else None
-        user_evaluate = import_callable(evaluate, "eval") if evaluate is not None else None
-        members = find_checkpoints(paths, last=last)
-        # Every output against every input: a --json or --plot path naming a member
-        # would replace the checkpoint with the report.
-        check_outputs(outputs, [*read, *(m.path for m in members)], overwrite=overwrite)
-        keras_checkpoints = framework_of(members[0].path) == "keras"
-    direction = False if minimize else None
 
     def progress(message: str) -> None:
         if error_console.is_terminal:
             error_console.print(f"[dim]{message}[/dim]", end="\r")
 
-    common = {
-        "evaluate": user_evaluate,
-        "schemes": schemes,
-        "model": model,
-        "metric": metric,
-        "higher_is_better": direction,
-        "batch_size": batch_size,
-        "recalibrate": calibration,
-        "posthoc": parse_widths(posthoc) if posthoc is not None else (),
-        "posthoc_directory": posthoc_dir,
-        "progress": progress,
-    }
-    checkpoints = [member.path for member in members]
-    if keras_checkpoints and (device is not None or key is not None):
-        raise DataError("--device and --key apply to PyTorch checkpoints, not Keras ones.")
-    result = sweep_checkpoints(checkpoints, test, validation, device=device, key=key, **common)
-    # Under torchrun every process has the same result; process 0 writes the files.
-    if group is None or group.is_main:
-        if out_model is not None:
-            write_best(result, out_model, overwrite=overwrite)
-        if json_path is not None:
-            write_json(result, json_path, overwrite=overwrite)
-        if plot_path is not None:
-            write_plot(result, plot_path, overwrite=overwrite)
-    if group is not None:
-        group.barrier()
+    options = SweepOptions(
+        paths,
+        test_data=test_data,
+        validation_data=validation_data,
+        evaluate=evaluate,
+        schemes=schemes,
+        last=last,
+        model=model,
+        metric=metric,
+        higher_is_better=False if minimize else None,
+        recalibrate=recalibrate,
+        posthoc=parse_widths(posthoc) if posthoc is not None else (),
+        posthoc_directory=posthoc_directory,
+        device=device,
+        key=key,
+        batch_size=batch_size,
+        json_path=json_path,
+        plot_path=plot_path,
+        out_model=out_model,
+        overwrite=overwrite,
+    )
+    result = sweep_files(options, progress)
     if print_json_report:
         print_json(result.to_json())
         return

@@ -260,8 +260,8 @@ def format_for_output(path: str | Path, input_format: Format, name: str | None =
         )
     if fmt.name == "dcp":
         raise OutputError(
-            f"output {path}: a DCP checkpoint is a directory; write one with --format dcp "
-            "(format='dcp') and a directory name."
+            f"output {path}: a DCP checkpoint is a directory; write one with format='dcp' "
+            "and a directory name."
         )
     # A .keras archive holds the very file save_weights writes (model.weights.h5).
     from_archive = fmt.name == "keras-weights" and input_format.name == "keras"

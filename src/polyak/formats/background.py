@@ -6,30 +6,8 @@ The streaming writers (safetensors) hand each chunk the engine computes to a
 The engine's numpy work and the thread's ``write`` calls both release the GIL, so on
 two cores the output is written while the next chunks are computed.
 
-Every output is fsynced before it is renamed into place
-(:func:`polyak.files.atomic_output`), so its bytes go to the disk in any case; the
-thread sends them there as it goes rather than leaving it all to that last fsync:
-
-- On Linux the full buffers are written with ``O_DIRECT``, straight from the reused
-  buffers to the disk: the output's pages never enter the page cache, so no fresh
-  memory is taken for them (on these virtual machines a fresh page costs far more
-  than the copy into it). The buffers are page-aligned and every full buffer starts
-  at a multiple of ``BUFFER_BYTES``, as ``O_DIRECT`` requires; the last, partial
-  buffer is written through the page cache. A file system that refuses ``O_DIRECT``
-  (``EINVAL``: tmpfs on older kernels, some network file systems) gets the buffered
-  way below, for the whole file.
-- Elsewhere, buffered writes and ``fdatasync`` every ``SYNC_BYTES``, which starts the
-  disk's work early, in parallel with the computing.
-
-Measured on 10 x 500 MB safetensors on a 2-core virtual machine (bench/average.py
-inputs, output removed and ``sync`` before each run, runs interleaved): writing from
-the engine's thread with one fsync at the end, 1.13 s at best; the thread with
-buffered writes, 1.10 s; the thread with ``O_DIRECT``, 0.89 s (the I/O floor: 0.55 s).
-
-Memory: at most ``BUFFERS`` buffers (16 MiB), made as needed and reused, whatever the
-file's size. A write that fails (a full disk) stops the thread and is raised, as the
-same ``OSError``, by the next :meth:`BackgroundWriter.write` or by
-:meth:`BackgroundWriter.close`.
+How the thread sends the bytes to the disk, what that gained, and its memory:
+:class:`BackgroundWriter`.
 """
 
 from __future__ import annotations
@@ -74,10 +52,35 @@ def _set_direct(descriptor: int, on: bool) -> bool:
 class BackgroundWriter:
     """Write a new binary file from a second thread; use it like a file opened ``"wb"``.
 
+    Every output is fsynced before it is renamed into place
+    (:func:`polyak.files.atomic_output`), so its bytes go to the disk in any case; the
+    thread sends them there as it goes rather than leaving it all to that last fsync:
+
+    - On Linux the full buffers are written with ``O_DIRECT``, straight from the reused
+      buffers to the disk: the output's pages never enter the page cache, so no fresh
+      memory is taken for them (on these virtual machines a fresh page costs far more
+      than the copy into it). The buffers are page-aligned and every full buffer starts
+      at a multiple of ``BUFFER_BYTES``, as ``O_DIRECT`` requires; the last, partial
+      buffer is written through the page cache. A file system that refuses ``O_DIRECT``
+      (``EINVAL``: tmpfs on older kernels, some network file systems) gets the buffered
+      way below, for the whole file.
+    - Elsewhere, buffered writes and ``fdatasync`` every ``SYNC_BYTES``, which starts the
+      disk's work early, in parallel with the computing.
+
+    Measured on 10 x 500 MB safetensors on a 2-core virtual machine (bench/average.py
+    inputs, output removed and ``sync`` before each run, runs interleaved): writing from
+    the engine's thread with one fsync at the end, 1.13 s at best; the thread with
+    buffered writes, 1.10 s; the thread with ``O_DIRECT``, 0.89 s (the I/O floor: 0.55 s).
+
+    Memory: at most ``BUFFERS`` buffers (16 MiB), made as needed and reused, whatever the
+    file's size. A write that fails (a full disk) stops the thread and is raised, as the
+    same ``OSError``, by the next :meth:`BackgroundWriter.write` or by
+    :meth:`BackgroundWriter.close`.
+
     Args:
         path: the file to create (or truncate).
         direct: write full buffers with ``O_DIRECT`` where the platform and the file
-            system allow it (see the module's docstring).
+            system allow it (above).
 
     Example:
         >>> with BackgroundWriter(Path("out.bin")) as file:  # doctest: +SKIP

@@ -16,17 +16,7 @@ Sharded checkpoints (Hugging Face): ``model.safetensors.index.json`` holds
 ``{"metadata": {...}, "weight_map": {tensor name: shard file name}}`` with the shards
 in the same directory.
 
-Writing a checkpoint directory (``write_sharded_safetensors``) follows the layout of
-``huggingface_hub.save_torch_state_dict`` and ``transformers``' ``save_pretrained``:
-shards ``model-00001-of-0000K.safetensors`` ... ``model-0000K-of-0000K.safetensors``
-(five digits) and ``model.safetensors.index.json`` holding
-``{"metadata": {"total_size": bytes of tensor data}, "weight_map": {name: shard}}``
-(with a sharded template, its index's other metadata kept and ``total_parameters``
-recounted), or one ``model.safetensors`` and no index when there is a single shard. Every shard
-keeps the template's ``__metadata__`` (``{"format": "pt"}`` in files from
-transformers). Which tensors go in which shard is decided from the planned names,
-shapes and dtypes before any data is computed (:func:`plan_shards`), so the shards
-are streamed one after the other, one tensor at a time.
+Writing a checkpoint directory in Hugging Face's layout: :func:`write_sharded_safetensors`.
 """
 
 from __future__ import annotations
@@ -34,14 +24,13 @@ from __future__ import annotations
 import json
 import mmap
 import os
-import re
 from collections.abc import Callable, Iterable, Iterator
-from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 
-from polyak.errors import CheckpointError, OutputError
+from polyak.checks import parse_size  # re-exported: its home was here
+from polyak.errors import CheckpointError
 from polyak.formats.background import BackgroundWriter
 from polyak.formats.base import DTYPES, PlannedTensors, ReaderBase, StreamedTensor, TensorInfo
 from polyak.formats.limits import shape_refusal
@@ -84,21 +73,6 @@ _METADATA = "__metadata__"
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 _SHARD_NAME = "model-{number:05d}-of-{count:05d}.safetensors"
-
-# Size units: decimal as huggingface_hub reads them ("5GB" = 5 * 10**9), and binary.
-_SIZE_UNITS = {
-    "": 1,
-    "B": 1,
-    "KB": 10**3,
-    "MB": 10**6,
-    "GB": 10**9,
-    "TB": 10**12,
-    "KIB": 2**10,
-    "MIB": 2**20,
-    "GIB": 2**30,
-    "TIB": 2**40,
-}
-_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*")
 
 
 def _reject_duplicates(pairs: list[tuple[str, object]]) -> dict:
@@ -467,53 +441,6 @@ def write_safetensors(
     _finish(arrays)
 
 
-def parse_size(size: int | str, *, source: str = "max_shard_size") -> int:
-    """A size in bytes from a number of bytes or a string such as ``"500MB"``, ``"1.5GiB"``.
-
-    Units are decimal as in huggingface_hub (``KB`` = 1000 bytes, ``MB``, ``GB``, ``TB``)
-    or binary (``KiB`` = 1024 bytes, ``MiB``, ``GiB``, ``TiB``), case-insensitive;
-    ``B`` or no unit means bytes, which must then be a whole number. Fractions of a
-    byte are rounded down.
-
-    Args:
-        size: the size, e.g. ``2_000_000_000``, ``"2GB"``, ``"1.5 GiB"``, ``"4096"``.
-        source: the option's name, for the message (``"--max-shard-size"`` in the CLI).
-
-    Returns:
-        The size in bytes, at least 1.
-
-    Raises:
-        OutputError: anything else, with what was received.
-
-    Example:
-        >>> parse_size("500MB"), parse_size("1.5KiB"), parse_size(4096)
-        (500000000, 1536, 4096)
-    """
-    problem = (
-        f"{source} must be a size above 0 such as 500MB, 2GB, 1.5GiB or a whole number of "
-        f"bytes; received {size!r}."
-    )
-    if isinstance(size, bool):
-        raise OutputError(problem)
-    if isinstance(size, int):
-        if size < 1:
-            raise OutputError(problem)
-        return size
-    if not isinstance(size, str):
-        raise OutputError(problem)
-    match = _SIZE.fullmatch(size)
-    unit = match.group(2).upper() if match else None
-    if match is None or unit not in _SIZE_UNITS:
-        raise OutputError(problem)
-    value = Fraction(match.group(1))
-    if unit in {"", "B"} and value.denominator != 1:
-        raise OutputError(problem)
-    count = int(value * _SIZE_UNITS[unit])
-    if count < 1:
-        raise OutputError(problem)
-    return count
-
-
 def plan_shards(
     infos: list[tuple[str, TensorInfo]],
     max_shard_size: int | None = None,
@@ -593,6 +520,18 @@ def write_sharded_safetensors(
     write_index: bool = True,
 ) -> list[str]:
     """Write tensors as a safetensors checkpoint directory, shard after shard, streamed.
+
+    The directory follows the layout of ``huggingface_hub.save_torch_state_dict`` and
+    ``transformers``' ``save_pretrained``: shards ``model-00001-of-0000K.safetensors`` ...
+    ``model-0000K-of-0000K.safetensors`` (five digits) and ``model.safetensors.index.json``
+    holding ``{"metadata": {"total_size": bytes of tensor data}, "weight_map": {name:
+    shard}}`` (with a sharded template, its index's other metadata kept and
+    ``total_parameters`` recounted), or one ``model.safetensors`` and no index when there
+    is a single shard. Every shard keeps the template's ``__metadata__``
+    (``{"format": "pt"}`` in files from transformers). Which tensors go in which shard
+    is decided from the planned names, shapes and dtypes before any data is computed
+    (:func:`plan_shards`), so the shards are streamed one after the other, one tensor at
+    a time.
 
     Shards: with ``max_shard_size``, at most that many bytes of tensor data each (see
     :func:`plan_shards`); otherwise, when the template is a sharded checkpoint, the

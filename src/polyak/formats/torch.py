@@ -13,37 +13,9 @@ reader: a file it declines for a safety reason (``torchzip.Refused``: a record s
 its storage, a view declaring more elements than its storage, a pickle beyond its bounds, a
 compressed record beyond the inflation limit) is refused, never handed to ``torch.load``.
 
-Where the weights are:
+Where the weights are in the file, and what else it holds: :class:`TorchReader`.
 
-- a dict of tensors (what ``torch.save(model.state_dict(), path)`` writes) is the state dict;
-- otherwise the entry named by ``key``, or by default the first of ``state_dict``
-  (Lightning, timm), ``model`` (fairseq) and ``state_dict_ema`` (timm's EMA). timm
-  checkpoints hold both ``state_dict`` and ``state_dict_ema``: the default reads
-  ``state_dict``; ``key="state_dict_ema"`` (CLI ``--key state_dict_ema``) reads the EMA.
-
-Inside the state dict only tensors are tensors to average; other values
-(``_extra_state`` entries, for example) are kept as they are in the template. timm's
-``args`` (an ``argparse.Namespace`` of its command line) is read as plain data and
-written back as a Namespace. A prefix that
-every tensor name shares, ``module.`` (DistributedDataParallel) or ``_orig_mod.``
-(``torch.compile``), possibly nested, is stripped from the names and put back on write.
-
-Writing (``write_torch``) streams a state dict of new tensors in the order received: the
-pickle first, then each tensor's data as the engine computes it, in the layout
-``torch.save`` writes (``torch.load`` reads it with or without ``mmap``); tensors tied in
-every member (an embedding shared with the output layer) share one storage in the output,
-as they did in the input. polyak does this
-itself because ``import torch`` costs over a second and ``torch.save`` needs the whole
-output in memory; only a template that torch had to load is written back with
-``torch.save``. With a ``TorchReader`` as template it puts back the template's prefix, its
-non-tensor entries and its ``_metadata`` (module versions used by ``load_state_dict``), and
-if the template was a checkpoint dict, writes a shallow copy of that dict with the weights
-entry replaced. The copy keeps everything else (``epoch``, ``global_step``,
-``hyper_parameters``, callbacks, other weights entries such as timm's ``state_dict_ema``,
-which stay the template's) but drops optimizer and scheduler state (see ``DROPPED_KEYS``):
-averaged weights match no optimizer state, so resuming training from the output starts fresh
-optimizers, while ``load_state_dict`` and Lightning's ``load_from_checkpoint`` work. With
-any other template (conversion from another format) the output is a plain state dict.
+Writing, and what of the template's container the output keeps: :func:`write_torch`.
 
 Example:
     >>> with TorchReader(Path("last.ckpt")) as reader:  # doctest: +SKIP
@@ -255,6 +227,21 @@ def _common_prefix(names: list[str]) -> str:
 class TorchReader(ReaderBase):
     """Reads the weights of a PyTorch checkpoint, loaded as ``weights_only=True`` allows.
 
+    Where the weights are:
+
+    - a dict of tensors (what ``torch.save(model.state_dict(), path)`` writes) is the state dict;
+    - otherwise the entry named by ``key``, or by default the first of ``state_dict``
+      (Lightning, timm), ``model`` (fairseq) and ``state_dict_ema`` (timm's EMA). timm
+      checkpoints hold both ``state_dict`` and ``state_dict_ema``: the default reads
+      ``state_dict``; ``key="state_dict_ema"`` (CLI ``--key state_dict_ema``) reads the EMA.
+
+    Inside the state dict only tensors are tensors to average; other values
+    (``_extra_state`` entries, for example) are kept as they are in the template. timm's
+    ``args`` (an ``argparse.Namespace`` of its command line) is read as plain data and
+    written back as a Namespace. A prefix that
+    every tensor name shares, ``module.`` (DistributedDataParallel) or ``_orig_mod.``
+    (``torch.compile``), possibly nested, is stripped from the names and put back on write.
+
     Attributes:
         path: the checkpoint file.
         format: ``"torch"``.
@@ -332,25 +319,24 @@ class TorchReader(ReaderBase):
             if not isinstance(obj, Mapping):
                 raise CheckpointError(
                     f"checkpoint {self.path}: key={key!r} was given, but the file holds a "
-                    f"{what}, not a dict. Leave out key (CLI --key)."
+                    f"{what}, not a dict; read it without a key."
                 )
             if _is_plain_state_dict(obj) and key not in obj:
                 raise CheckpointError(
                     f"checkpoint {self.path}: key={key!r} was given, but the file is a plain "
-                    f"state dict of {_count_tensors(obj)} tensors. Leave out key (CLI --key)."
+                    f"state dict of {_count_tensors(obj)} tensors; read it without a key."
                 )
             if key not in obj:
                 raise CheckpointError(
                     f"checkpoint {self.path}: has no entry {key!r}; its top-level keys are "
-                    f"{_list_keys(obj)}. Pass one of them as key=... (CLI --key)."
+                    f"{_list_keys(obj)}. Pass one of them as key=NAME."
                 )
             value = obj[key]
             if not isinstance(value, Mapping) or _count_tensors(value) == 0:
                 raise CheckpointError(
                     f"checkpoint {self.path}: entry {key!r} holds a value of type "
-                    f"{type(value).__name__} without tensors, not a state dict. Pass the key of "
-                    "the entry that holds "
-                    f"the weights (CLI --key); the top-level keys are {_list_keys(obj)}."
+                    f"{type(value).__name__} without tensors, not a state dict. Pass key=NAME, "
+                    f"the entry that holds the weights; the top-level keys are {_list_keys(obj)}."
                 )
             return key, value
         if _is_plain_state_dict(obj):
@@ -368,7 +354,7 @@ class TorchReader(ReaderBase):
         raise CheckpointError(
             f"checkpoint {self.path}: found no weights. The file is a dict with top-level keys "
             f"{_list_keys(obj)}, none of which is a state dict polyak looks for ({expected}). "
-            "Pass the key of the entry that holds the weights as key=... (CLI --key)."
+            "Pass key=NAME, the entry that holds the weights."
         )
 
     def _tensor(self, name: str) -> Any:
@@ -581,6 +567,23 @@ def write_torch(
     template: CheckpointReader | None,
 ) -> None:
     """Write tensors as ``torch.save`` does, in the template's container when it is a torch file.
+
+    Writing (``write_torch``) streams a state dict of new tensors in the order received: the
+    pickle first, then each tensor's data as the engine computes it, in the layout
+    ``torch.save`` writes (``torch.load`` reads it with or without ``mmap``); tensors tied in
+    every member (an embedding shared with the output layer) share one storage in the output,
+    as they did in the input. polyak does this
+    itself because ``import torch`` costs over a second and ``torch.save`` needs the whole
+    output in memory; only a template that torch had to load is written back with
+    ``torch.save``. With a ``TorchReader`` as template it puts back the template's prefix, its
+    non-tensor entries and its ``_metadata`` (module versions used by ``load_state_dict``), and
+    if the template was a checkpoint dict, writes a shallow copy of that dict with the weights
+    entry replaced. The copy keeps everything else (``epoch``, ``global_step``,
+    ``hyper_parameters``, callbacks, other weights entries such as timm's ``state_dict_ema``,
+    which stay the template's) but drops optimizer and scheduler state (see ``DROPPED_KEYS``):
+    averaged weights match no optimizer state, so resuming training from the output starts fresh
+    optimizers, while ``load_state_dict`` and Lightning's ``load_from_checkpoint`` work. With
+    any other template (conversion from another format) the output is a plain state dict.
 
     polyak writes the zip format itself (see :mod:`polyak.formats.torchzip`), streaming:
     the pickle first, from the planned names, shapes and dtypes, then each tensor's data

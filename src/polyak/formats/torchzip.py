@@ -21,21 +21,8 @@ stored (uncompressed) records under one folder, ``archive/`` here:
 - ``byteorder`` (``little``), ``version`` (``3``), ``.format_version`` (``1``),
   ``.storage_alignment`` (``64``) and ``.data/serialization_id``.
 
-Reading (:func:`load`) is a subset of ``torch.load(weights_only=True)`` with
-``argparse.Namespace`` allowed: the pickle may use only the opcodes torch's weights-only
-unpickler knows, and only these globals: ``collections.OrderedDict``,
-``torch._utils._rebuild_tensor_v2``/``_v3``, ``torch._utils._rebuild_parameter``, the
-storage classes and dtypes of the dtypes polyak supports, ``_codecs.encode`` (how
-protocol 2 pickles bytes), and ``argparse.Namespace`` (timm's ``train.py`` saves its
-command line as ``args``). The Namespace is never imported or called: it becomes a
-:class:`PickledNamespace` of plain data, pickled back as an ``argparse.Namespace``.
-Nothing else is ever called. Anything outside that (another global, a big-endian file,
-an unknown storage, a compressed or missing record, a malformed zip) raises
-:class:`NotFastPath`, and the caller loads the file with torch (``weights_only``, with
-the same Namespace allowed), which accepts it or refuses it with its own message: this
-module never accepts a file that this fallback refuses.
-
-Writing (:func:`write`) mirrors miniz's layout byte for byte where torch's reader
+Reading (:func:`load`) is a subset of ``torch.load(weights_only=True)``; the allowlist is
+there. Writing (:func:`write`) mirrors miniz's layout byte for byte where torch's reader
 depends on it (data descriptors after non-empty records, ZIP64 fields where a size or
 an offset reaches 4 GiB, ZIP64 end records), so ``torch.load`` reads the output with
 and without ``mmap=True``.
@@ -568,9 +555,23 @@ def _record_data(buffer: np.ndarray, archive: zipfile.ZipFile, name: str) -> np.
 def load(path: Path) -> Any:
     """The object a torch zip checkpoint holds, its tensors :class:`StoredTensor` views.
 
+    Reading (:func:`load`) is a subset of ``torch.load(weights_only=True)`` with
+    ``argparse.Namespace`` allowed: the pickle may use only the opcodes torch's weights-only
+    unpickler knows, and only these globals: ``collections.OrderedDict``,
+    ``torch._utils._rebuild_tensor_v2``/``_v3``, ``torch._utils._rebuild_parameter``, the
+    storage classes and dtypes of the dtypes polyak supports, ``_codecs.encode`` (how
+    protocol 2 pickles bytes), and ``argparse.Namespace`` (timm's ``train.py`` saves its
+    command line as ``args``). The Namespace is never imported or called: it becomes a
+    :class:`PickledNamespace` of plain data, pickled back as an ``argparse.Namespace``.
+    Nothing else is ever called. Anything outside that (another global, a big-endian file,
+    an unknown storage, a compressed or missing record, a malformed zip) raises
+    :class:`NotFastPath`, and the caller loads the file with torch (``weights_only``, with
+    the same Namespace allowed), which accepts it or refuses it with its own message: this
+    module never accepts a file that this fallback refuses.
+
     Raises:
         NotFastPath: the file is anything but a little-endian torch zip checkpoint whose
-            pickle stays inside the allowlist (see the module docstring).
+            pickle stays inside the allowlist (above).
     """
     if sys.byteorder != "little":
         raise NotFastPath("big-endian machine")

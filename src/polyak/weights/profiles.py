@@ -1,7 +1,8 @@
 """Power-function EMA profiles (Karras et al., 2024): their widths, updates and mixtures.
 
 numpy only; the formulas of post-hoc EMA, used by the ``power`` scheme, the online
-``power`` mode and :mod:`polyak.posthoc`.
+``power`` mode and :mod:`polyak.posthoc`. Each formula is in the docstring of the function
+that computes it.
 
 Karras et al., "Analyzing and Improving the Training Dynamics of Diffusion Models"
 (2024), average the weights seen up to training time ``t`` with a power-function
@@ -9,33 +10,10 @@ profile, the weight of time ``tau`` being
 
     p_t(tau) = (gamma + 1) tau^gamma / t^(gamma + 1),   0 <= tau <= t,
 
-whose width relative to ``t`` is
-
-    sigma_rel = sqrt((gamma + 1) / ((gamma + 2)^2 (gamma + 3))).
-
-Tracked during training, one update per step of length ``delta``:
-
-    ema <- beta ema + (1 - beta) theta,   beta = (1 - delta / t)^(gamma + 1),
-
-which gives step ``tau`` (unit steps from 1 to T) exactly the weight
-``(tau^(gamma+1) - (tau-1)^(gamma+1)) / T^(gamma+1)``.
-
-Post-hoc reconstruction: snapshots of such EMAs, saved at times ``t_i`` with
-exponents ``gamma_i`` (two profiles in the paper), combine into the profile of any
-other ``sigma_rel`` at time ``t``: the coefficients ``x`` minimize the L2 distance
-between ``sum_i x_i p_{t_i, gamma_i}`` and ``p_{t, gamma}``, i.e. solve ``A x = b``
-with ``A_ij = <p_i, p_j>`` and ``b_i = <p_i, p_target>``, where for ``t_a <= t_b``
-
-    <p_a, p_b> = (gamma_a + 1)(gamma_b + 1) (t_a / t_b)^gamma_b / ((gamma_a + gamma_b + 1) t_b),
-
-then are scaled to sum to 1 (a profile has unit mass). Coefficients may be negative.
-
-Over plain snapshots (the ``power:SIGMA_REL`` scheme), snapshot ``i`` at position
-``p_i`` (its step, newest first) stands for the steps ``(p_i - d_i, p_i]``, ``d_i`` the
-spacing to its newer neighbour (the newest: to the next older one); its weight is the
-profile's mass there, ``p_i^(gamma+1) - (p_i - d_i)^(gamma+1)``, normalized over the
-snapshots: the profile restricted to the saved window. With a snapshot at every step
-from 1 this is exactly the tracked EMA.
+whose relative width is :func:`sigma_rel_of` (inverse :func:`gamma_of`). It is tracked
+during training with the decay :func:`power_beta`, combined after training by
+:func:`posthoc_coefficients`, and restricted to plain snapshots by
+:func:`power_snapshot_weights`.
 
 Example:
     >>> from polyak.weights.profiles import gamma_of, sigma_rel_of
@@ -98,8 +76,11 @@ def gamma_of(sigma_rel: float) -> float:
 def power_beta(gamma: float, t: float, delta: float = 1.0) -> float:
     """The decay of one tracking update at time ``t`` after a step of ``delta``.
 
+    One update per step: ``ema <- beta ema + (1 - beta) theta`` with
     ``beta = (1 - delta / t)^(gamma + 1)``; 0 at the first step (``t == delta``),
-    so the EMA starts from the weights themselves.
+    so the EMA starts from the weights themselves. With unit steps from 1 to ``T``,
+    step ``tau`` then gets exactly the profile's mass
+    ``(tau^(gamma+1) - (tau-1)^(gamma+1)) / T^(gamma+1)``.
     """
     if not t > 0 or not 0 < delta <= t:
         raise SchemeError(f"power EMA update: need 0 < delta <= t; received t={t}, delta={delta}.")
@@ -132,9 +113,12 @@ def posthoc_coefficients(
 ) -> np.ndarray:
     """Coefficients that combine EMA snapshots into the profile of ``target_sigma_rel``.
 
-    The least-squares fit of ``sum_i x_i p_i`` to the target profile: ``A x = b`` with
-    ``A_ij = <p_i, p_j>`` and ``b_i = <p_i, p_target>`` (:func:`profile_inner_product`),
-    then ``x`` scaled to sum to 1.
+    Snapshots of such EMAs, saved at times ``t_i`` with exponents ``gamma_i`` (two
+    profiles in the paper), combine into the profile of any other ``sigma_rel`` at time
+    ``t``: the coefficients ``x`` minimize the L2 distance between ``sum_i x_i p_i`` and
+    the target profile, i.e. solve ``A x = b`` with ``A_ij = <p_i, p_j>`` and
+    ``b_i = <p_i, p_target>`` (:func:`profile_inner_product`); then ``x`` is scaled to
+    sum to 1 (a profile has unit mass). Coefficients may be negative.
 
     Args:
         times: each snapshot's training time (its step), in any order.
@@ -170,7 +154,7 @@ def posthoc_coefficients(
     # outside, the least-squares fit extrapolates silently (and 0, inf, nan fail in numpy).
     if not first <= target_time <= last:
         raise SchemeError(
-            f"post-hoc EMA: the time (CLI --time) must lie within the snapshots' steps, "
+            f"post-hoc EMA: the time to reconstruct at must lie within the snapshots' steps, "
             f"{first:g} to {last:g}; received {target_time:g}."
         )
     target_gamma = gamma_of(target_sigma_rel)
@@ -183,6 +167,11 @@ def posthoc_coefficients(
 
 def power_snapshot_weights(positions: Sequence[float], sigma_rel: float) -> np.ndarray:
     """Weights of plain snapshots under the power profile of ``sigma_rel`` (``power:`` scheme).
+
+    Snapshot ``i`` at position ``p_i`` (its step, newest first) stands for the steps
+    ``(p_i - d_i, p_i]``; its weight is the profile's mass there, normalized over the
+    snapshots: the profile restricted to the saved window. With a snapshot at every
+    step from 1 this is exactly the tracked EMA.
 
     Args:
         positions: the snapshots' steps, newest first, strictly decreasing, > 0.

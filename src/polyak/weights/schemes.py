@@ -18,22 +18,8 @@ WSM decay       f((n-i)/n) - f((n-i+1)/n), f a decay curve ``wsm:1-sqrt``
 greedy soup     1/k for the k members the soup keeps     ``greedy`` (sweep only)
 =============== ======================================= =========================
 
-``power:SIGMA_REL`` weighs members by a power-function EMA profile of relative width
-SIGMA_REL (Karras et al., 2024), using each member's step; see :mod:`polyak.weights.profiles`.
-
-``wsm:CURVE`` (WSM, Tian et al., 2025, arXiv 2507.17634) gives the average of checkpoints
-taken at a constant learning rate the effect of decaying it over their window by the
-curve f (f(0) = 1 to f(1) = 0): the gradient of the j-th of n equally spaced segments
-counts in every member saved after it, so weights c_j = f((j-1)/n) - f(j/n) (member j
-oldest first; above, i = n - j + 1 newest first) make its learning rate f((j-1)/n).
-``linear`` (f(x) = 1 - x) gives equal weights; ``1-sqrt`` (f(x) = 1 - sqrt(x)) and
-``cosine`` (f(x) = (1 + cos(pi x))/2) are the others.
-
-The greedy soup (Wortsman et al., 2022, "Model soups", Algorithm 1) takes its
-members from evaluation, not from a formula: members are sorted by their own
-validation score, best first; each is added to the soup (a uniform average) if the
-soup's validation score does not get worse. Only ``polyak.sweep`` can build it;
-``Greedy.weights`` refuses.
+Each scheme's class says where its formula comes from (:class:`Power`, :class:`Wsm`,
+:class:`Greedy`).
 
 Example:
     >>> from polyak.schemes import parse_scheme
@@ -49,6 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from polyak.checks import whole_number
 from polyak.errors import SchemeError
 from polyak.weights.profiles import gamma_of, power_snapshot_weights
 
@@ -120,8 +107,7 @@ class Scheme:
             positions: the members' steps, newest first; only schemes with
                 ``uses_positions`` (``power``) need them, the others ignore them.
         """
-        if not isinstance(n, (int, np.integer)) or n < 1:
-            raise SchemeError(f"scheme {self.spec}: the number of members must be >= 1; got {n}.")
+        n = whole_number(n, "n", minimum=1)
         return normalize(self.raw_weights(int(n)), source=f"scheme {self.spec}")
 
     def __str__(self) -> str:
@@ -210,9 +196,10 @@ class Custom(Scheme):
 class Power(Scheme):
     """A power-function EMA profile of relative width ``sigma_rel``, over the members' steps.
 
-    Member i at step p_i (newest first) gets the profile's mass over (p_i - d_i, p_i],
-    d_i the spacing to its newer neighbour: w_i ~ p_i^(g+1) - (p_i - d_i)^(g+1), with
-    g the profile's exponent (:func:`polyak.weights.profiles.gamma_of`). Needs the steps.
+    The profile of Karras et al. (2024), see :mod:`polyak.weights.profiles`. Member i at
+    step p_i (newest first) gets the profile's mass over (p_i - d_i, p_i], d_i the spacing
+    to its newer neighbour: w_i ~ p_i^(g+1) - (p_i - d_i)^(g+1), with g the profile's
+    exponent (:func:`polyak.weights.profiles.gamma_of`). Needs the steps.
     """
 
     sigma_rel: float = 0.1
@@ -226,8 +213,7 @@ class Power(Scheme):
         return f"power:{format_number(self.sigma_rel)}"
 
     def weights(self, n: int, positions: Sequence[float] | None = None) -> np.ndarray:
-        if not isinstance(n, (int, np.integer)) or n < 1:
-            raise SchemeError(f"scheme {self.spec}: the number of members must be >= 1; got {n}.")
+        n = whole_number(n, "n", minimum=1)
         if positions is None or any(p is None for p in positions):
             raise SchemeError(
                 f"scheme {self.spec}: weighs members by their steps, but a checkpoint's name "
@@ -257,8 +243,13 @@ WSM_CURVES = {
 class Wsm(Scheme):
     """Weights that turn a checkpoint average into a learning-rate decay (WSM).
 
-    With n equally spaced members, oldest first j = 1..n, and a decay curve f from
-    f(0) = 1 to f(1) = 0: c_j = f((j-1)/n) - f(j/n). Returned newest first.
+    WSM (Tian et al., 2025, arXiv 2507.17634) gives the average of checkpoints taken at
+    a constant learning rate the effect of decaying it over their window by the curve f
+    (f(0) = 1 to f(1) = 0): the gradient of the j-th of n equally spaced segments counts
+    in every member saved after it, so weights c_j = f((j-1)/n) - f(j/n) (member j
+    oldest first) make its learning rate f((j-1)/n). Returned newest first. ``linear``
+    (f(x) = 1 - x) gives equal weights; ``1-sqrt`` (f(x) = 1 - sqrt(x)) and ``cosine``
+    (f(x) = (1 + cos(pi x))/2) are the others.
 
     Example:
         >>> Wsm("1-sqrt").weights(4).round(4).tolist()  # 1 - sqrt(3/4), ..., sqrt(1/4)
@@ -286,7 +277,14 @@ class Wsm(Scheme):
 
 @dataclass(frozen=True)
 class Greedy(Scheme):
-    """Greedy soup: members chosen by evaluation, averaged equally (sweep only)."""
+    """Greedy soup: members chosen by evaluation, averaged equally (sweep only).
+
+    The greedy soup (Wortsman et al., 2022, "Model soups", Algorithm 1) takes its
+    members from evaluation, not from a formula: members are sorted by their own
+    validation score, best first; each is added to the soup (a uniform average) if the
+    soup's validation score does not get worse. Only :mod:`polyak.sweep` can build it;
+    ``weights`` refuses.
+    """
 
     @property
     def spec(self) -> str:
@@ -296,7 +294,7 @@ class Greedy(Scheme):
         raise SchemeError(
             "scheme greedy: a greedy soup's members come from evaluating them on "
             "validation data, so it has no weights of its own. Use it in a sweep: "
-            "polyak sweep ... --schemes greedy."
+            "polyak.sweep.sweep(..., schemes='greedy'), or polyak sweep --schemes greedy."
         )
 
 
@@ -344,7 +342,7 @@ def parse_scheme(spec: str | Scheme) -> Scheme:
         if "," in argument:
             raise SchemeError(
                 f"scheme '{spec}': one alpha per exponential scheme; for a grid of decay "
-                "rates use a list of schemes, e.g. --schemes exp:0.5,1,2."
+                "rates use a list of schemes, e.g. schemes='exp:0.5,1,2'."
             )
         return Exponential(_number(argument, spec))
     if name == "power":
@@ -353,7 +351,7 @@ def parse_scheme(spec: str | Scheme) -> Scheme:
         if "," in argument:
             raise SchemeError(
                 f"scheme '{spec}': one width per power scheme; for a grid use a list of "
-                "schemes, e.g. --schemes power:0.05,0.1,0.2."
+                "schemes, e.g. schemes='power:0.05,0.1,0.2'."
             )
         return Power(_number(argument, spec))
     if name == "wsm":
