@@ -36,7 +36,7 @@ from polyak.errors import DiscoveryError
 from polyak.files import check_output_path, is_directory_output
 from polyak.formats import format_for_output, format_of
 from polyak.output import write_output
-from polyak.snapshots import read_manifest, verify
+from polyak.snapshots import check_posthoc_widths, read_manifest, verify
 from polyak.weights.profiles import (
     MAX_SIGMA_REL,
     gamma_of,
@@ -106,21 +106,10 @@ def check_profile_arguments(
         >>> check_profile_arguments([0.05, 0.1], 1000, None)
         (0.05, 0.1)
     """
-    if isinstance(posthoc, (str, bytes)) or not isinstance(posthoc, (tuple, list)):
-        raise ValueError(
-            "posthoc takes the widths (sigma_rel) of the EMA profiles to track, as a tuple or "
-            f"list such as (0.05, 0.10), or () for none; received {posthoc!r}."
-        )
-    widths = []
-    for width in posthoc:
-        gamma_of(width)  # a SchemeError (a ValueError) naming the allowed range
-        widths.append(float(width))
-    names = [format_number(width) for width in widths]
-    if len(set(names)) != len(names):
-        raise ValueError(f"posthoc widths must differ from each other; received {posthoc!r}.")
+    widths = check_posthoc_widths(posthoc)
     whole_number(posthoc_keep, "posthoc_keep", minimum=1)
     whole_number(posthoc_every, "posthoc_every", minimum=1, or_none=True)
-    return tuple(widths)
+    return widths
 
 
 def profile_steps(directory: str | Path, sigma_rel: float) -> list[int | None]:

@@ -217,7 +217,7 @@ class SnapshotSchedule:
         )
 
 
-def _check_widths(posthoc: object) -> tuple[float, ...]:
+def check_posthoc_widths(posthoc: object) -> tuple[float, ...]:
     """The ``posthoc`` widths (``sigma_rel``) as floats, in the order given, once checked."""
     if isinstance(posthoc, (str, bytes)) or not isinstance(posthoc, (tuple, list)):
         raise ValueError(
@@ -294,7 +294,7 @@ class SnapshotOptions:
     def __post_init__(self) -> None:
         check_snapshot_arguments(self.directory, self.keep, self.format, self.formats, self.prefix)
         schedule = SnapshotSchedule(self.keep, self.rolling, self.every_epochs, self.every_steps)
-        posthoc = _check_widths(self.posthoc)
+        posthoc = check_posthoc_widths(self.posthoc)
         values = {
             "directory": Path(self.directory),
             "formats": dict(self.formats),
