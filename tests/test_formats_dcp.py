@@ -488,6 +488,43 @@ def test_a_hostile_metadata_never_runs(small, tmp_path):
     assert not marker.exists()
 
 
+def test_metadata_of_torch_before_2_3_is_read_the_same(small, tmp_path):
+    """torch 1.13 to 2.2 pickled TensorProperties from ShardedTensor's module."""
+    from torch.distributed._shard.sharded_tensor import metadata as sharded
+
+    with DcpReader(small) as reader:
+        expected = {name: (reader.info(name), reader.read(name).copy()) for name in reader.names()}
+
+    def as_old_torch_wrote_it(metadata):
+        for value in metadata.state_dict_metadata.values():
+            properties = getattr(value, "properties", None)
+            if properties is not None:
+                value.properties = sharded.TensorProperties(dtype=properties.dtype)
+
+    rewrite_metadata(small, as_old_torch_wrote_it)
+    written = (small / ".metadata").read_bytes()
+    assert b"torch.distributed._shard.sharded_tensor.metadata" in written
+    assert b"MEM_FORMAT_ENCODING" in written and b"_MEM_FORMAT_ENCODING" not in written
+    with DcpReader(small) as reader:
+        got = {name: (reader.info(name), reader.read(name).copy()) for name in reader.names()}
+    assert got.keys() == expected.keys()
+    for name, (info, array) in expected.items():
+        assert got[name][0] == info
+        np.testing.assert_array_equal(got[name][1], array)
+    completed = run([*POLYAK, "inspect", str(small)], tmp_path)
+    assert "model" in completed.stdout
+
+    def another_sharded_tensor_record(metadata):
+        next(iter(metadata.state_dict_metadata.values())).properties = sharded.ShardMetadata(
+            [0], [1], None
+        )
+
+    rewrite_metadata(small, another_sharded_tensor_record)
+    refused = r"refused to unpickle global torch\.distributed\._shard\.metadata\.ShardMetadata"
+    with pytest.raises(CheckpointError, match=refused):
+        DcpReader(small)
+
+
 def test_a_payload_outside_the_directory_is_refused(small):
     def escape(metadata):
         storage_of(metadata, "model.w").relative_path = "../elsewhere.distcp"

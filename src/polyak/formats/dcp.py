@@ -12,8 +12,9 @@ the payload lies: file, offset, length.
 Reading:
 
 - ``.metadata`` is unpickled by :class:`_MetadataUnpickler`, which knows only the
-  records of ``torch.distributed.checkpoint.metadata`` (and ``filesystem._StorageInfo``),
-  ``torch.Size``, the dtypes, the layout and memory-format encodings and ``pathlib``
+  records of ``torch.distributed.checkpoint.metadata`` (and ``filesystem._StorageInfo``;
+  ``TensorProperties`` also under the ShardedTensor module path that torch 1.13 to 2.2
+  wrote), ``torch.Size``, the dtypes, the layout and memory-format encodings and ``pathlib``
   paths, and builds plain Python records of them: it never imports or calls anything
   else. A pickle naming any other global is refused, naming it and the file, before
   anything of it runs. (torch itself reads the file with a plain ``pickle.load``.)
@@ -101,18 +102,30 @@ NON_MODEL_SUBTREES = (
 OUTPUT_FILE = "__0_0.distcp"
 _METADATA_MODULE = "torch.distributed.checkpoint.metadata"
 _FILESYSTEM_MODULE = "torch.distributed.checkpoint.filesystem"
-_RECORDS = {
-    (_METADATA_MODULE, name)
-    for name in (
-        "Metadata",
-        "TensorStorageMetadata",
-        "BytesStorageMetadata",
-        "ChunkStorageMetadata",
-        "TensorProperties",
-        "MetadataIndex",
-        "StorageMeta",
-    )
-} | {(_FILESYSTEM_MODULE, "_StorageInfo")}
+# torch 1.13 to 2.2 pickled TensorProperties (and its memory-format encoding, then
+# named MEM_FORMAT_ENCODING) from ShardedTensor's module; torch 2.3 (pytorch PR
+# #116248) gave DCP its own copy of the same five-field record, which every later
+# torch writes. The other records have lived in _METADATA_MODULE and
+# _FILESYSTEM_MODULE since torch 1.13. Only these old names are accepted beside the
+# current ones; anything else of ShardedTensor's module is refused like any global.
+_SHARDED_TENSOR_MODULE = "torch.distributed._shard.sharded_tensor.metadata"
+_OLD_RECORDS = {(_SHARDED_TENSOR_MODULE, "TensorProperties")}
+_RECORDS = (
+    _OLD_RECORDS
+    | {
+        (_METADATA_MODULE, name)
+        for name in (
+            "Metadata",
+            "TensorStorageMetadata",
+            "BytesStorageMetadata",
+            "ChunkStorageMetadata",
+            "TensorProperties",
+            "MetadataIndex",
+            "StorageMeta",
+        )
+    }
+    | {(_FILESYSTEM_MODULE, "_StorageInfo")}
+)
 # Every dtype torch has, so a checkpoint holding an unsupported one is described, not refused.
 _TORCH_DTYPES = (
     *DTYPES,
@@ -204,6 +217,7 @@ _FUNCTIONS: dict[tuple[str, str], Any] = {
     ("torch", "Size"): _size,
     ("torch.serialization", "_get_layout"): _layout,
     (_METADATA_MODULE, "_MEM_FORMAT_ENCODING"): _memory_format,
+    (_SHARDED_TENSOR_MODULE, "MEM_FORMAT_ENCODING"): _memory_format,  # torch <= 2.2
     ("pathlib", "PosixPath"): _path,
     ("pathlib", "WindowsPath"): _path,
     ("pathlib", "PurePosixPath"): _path,
