@@ -28,11 +28,12 @@ What it measures
     is; see ``contender_environment`` in bench/average.py), so the ratio is like for
     like. The start-up rows say how much of each time is fixed.
 
-    Each contender runs ``--repeats`` times after one warm-up run of ``floor`` (which
-    brings the inputs into the page cache); the table shows the median time and the
+    After one warm-up run of ``floor`` (which brings the inputs into the page cache),
+    ``--repeats`` rounds each run every contender once, in turn, so that a change in
+    the machine's load weighs on all alike; the table shows each one's median time and
     largest peak. The result replaces the README block ``bench-dcp``.
 
-Run: ``python bench/dcp.py [--size 400MB] [--steps 4] [--repeats 3] [--workdir DIR]``.
+Run: ``python bench/dcp.py [--size 400MB] [--steps 4] [--repeats 5] [--workdir DIR]``.
 """
 
 from __future__ import annotations
@@ -142,7 +143,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", default="400MB", help="bytes per DCP step (model + optimizer)")
     parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--workdir", type=Path, default=Path("bench-dcp-work"))
     arguments = parser.parse_args()
     if not has_readme_block(BLOCK):
@@ -183,19 +184,23 @@ def main() -> None:
     }  # fmt: skip
     log = work / "log.txt"
     measure_process(contenders["floor"](str(work / "warm")), log, 3600)  # warm the page cache
-    results: dict[str, tuple[float, float]] = {}
-    for name, command in contenders.items():
-        times, anon = [], 0
-        for _ in range(arguments.repeats):
+    # Round after round, every contender once per round: a change in the machine's load
+    # during the run then weighs on all of them alike, not on whichever ran then.
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    anon: dict[str, int] = dict.fromkeys(contenders, 0)
+    for _ in range(arguments.repeats):
+        for name, command in contenders.items():
             out = str(work / f"out-{name}")
             measurement = measure_process(command(out), log, 3600)
             if measurement.returncode != 0:
                 raise SystemExit(f"{name} failed; see {log}")
-            times.append(measurement.seconds)
-            anon = max(anon, measurement.peak_anon_kb)
+            times[name].append(measurement.seconds)
+            anon[name] = max(anon[name], measurement.peak_anon_kb)
             for suffix in ("", ".safetensors", "-dcp", ".pt"):
                 remove_output(Path(out + suffix))
-        results[name] = (statistics.median(times), anon / 1024)
+    results: dict[str, tuple[float, float]] = {}
+    for name in contenders:
+        results[name] = (statistics.median(times[name]), anon[name] / 1024)
         print(f"{name:12s} {results[name][0]:7.2f} s  {results[name][1]:7.0f} MB", flush=True)
     floor = results["floor"][0]
     lines = [
