@@ -48,7 +48,9 @@ Writing (:func:`write_dcp`): one ``__0_0.distcp`` file holding each averaged ten
 one chunk (a ``torch.save`` zip payload, streamed as the engine computes it), and a
 ``.metadata`` that ``torch.distributed.checkpoint.load`` reads into the same model on
 any number of ranks. Everything else of the newest member (optimizer state, step,
-bytes entries) is copied into it unless ``keep_other=False``.
+bytes entries) is copied into it unless ``keep_other=False``. Under torchrun the
+entries are split into one contiguous run per process, each written to that
+process's ``__p_0.distcp``: the same payloads, spread over P files.
 """
 
 from __future__ import annotations
@@ -1128,8 +1130,8 @@ def write_dcp(
     """Write a DCP directory that ``torch.distributed.checkpoint.load`` reads.
 
     The averaged tensors go under the template's subtree (``model.`` put back), each
-    one chunk of a ``torch.save`` zip payload in ``__0_0.distcp``, streamed; torch
-    reslices them into any number of ranks on load. The template's bytes entries of
+    one chunk of a ``torch.save`` zip payload in ``__0_0.distcp`` (from one process),
+    streamed; torch reslices them into any number of ranks on load. The template's bytes entries of
     that subtree are copied byte for byte. With ``keep_other`` every other entry of
     the template (optimizer state, step, learning-rate schedule...) is copied too, so
     training resumes from the average with the newest member's optimizer state;
