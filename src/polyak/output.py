@@ -144,8 +144,7 @@ def write_output_together(
     bit for bit. A DCP directory: process p writes its share of the entries into
     ``__p_0.distcp`` and process 0 the ``.metadata`` (see
     :func:`polyak.formats.dcp.write_dcp`). A single-file output is written by process
-    0 alone. If any process
-    fails, every process raises and ``out`` is left as it was.
+    0 alone. If any process fails, every process raises and ``out`` is left as it was.
     """
     out = Path(out)
     if output_format.name not in ("sharded-safetensors", "dcp"):
