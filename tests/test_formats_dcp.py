@@ -488,6 +488,43 @@ def test_a_hostile_metadata_never_runs(small, tmp_path):
     assert not marker.exists()
 
 
+def test_metadata_of_torch_before_2_3_is_read_the_same(small, tmp_path):
+    """torch 1.13 to 2.2 pickled TensorProperties from ShardedTensor's module."""
+    from torch.distributed._shard.sharded_tensor import metadata as sharded
+
+    with DcpReader(small) as reader:
+        expected = {name: (reader.info(name), reader.read(name).copy()) for name in reader.names()}
+
+    def as_old_torch_wrote_it(metadata):
+        for value in metadata.state_dict_metadata.values():
+            properties = getattr(value, "properties", None)
+            if properties is not None:
+                value.properties = sharded.TensorProperties(dtype=properties.dtype)
+
+    rewrite_metadata(small, as_old_torch_wrote_it)
+    written = (small / ".metadata").read_bytes()
+    assert b"torch.distributed._shard.sharded_tensor.metadata" in written
+    assert b"MEM_FORMAT_ENCODING" in written and b"_MEM_FORMAT_ENCODING" not in written
+    with DcpReader(small) as reader:
+        got = {name: (reader.info(name), reader.read(name).copy()) for name in reader.names()}
+    assert got.keys() == expected.keys()
+    for name, (info, array) in expected.items():
+        assert got[name][0] == info
+        np.testing.assert_array_equal(got[name][1], array)
+    completed = run([*POLYAK, "inspect", str(small)], tmp_path)
+    assert "model" in completed.stdout
+
+    def another_sharded_tensor_record(metadata):
+        next(iter(metadata.state_dict_metadata.values())).properties = sharded.ShardMetadata(
+            [0], [1], None
+        )
+
+    rewrite_metadata(small, another_sharded_tensor_record)
+    refused = r"refused to unpickle global torch\.distributed\._shard\.metadata\.ShardMetadata"
+    with pytest.raises(CheckpointError, match=refused):
+        DcpReader(small)
+
+
 def test_a_payload_outside_the_directory_is_refused(small):
     def escape(metadata):
         storage_of(metadata, "model.w").relative_path = "../elsewhere.distcp"
@@ -645,11 +682,102 @@ def test_two_processes_write_what_one_process_writes(runs, tmp_path):
     one = {path.name: path.read_bytes() for path in (tmp_path / "one").iterdir()}
     two = {path.name: path.read_bytes() for path in (tmp_path / "two").iterdir()}
     assert len(one) > 2 and one == two
-    run([*POLYAK, "average", *members, "--format", "dcp", "-o", str(tmp_path / "d1")], runs)
-    run([*TORCHRUN, "-m", "polyak", "average", *members, "--format", "dcp", "-o",
-         str(tmp_path / "d2")], runs)  # fmt: skip
-    for name in (".metadata", "__0_0.distcp"):
-        assert (tmp_path / "d1" / name).read_bytes() == (tmp_path / "d2" / name).read_bytes()
+
+
+@pytest.mark.slow
+def test_two_processes_split_a_dcp_output_and_it_reads_and_loads_as_one_processs(runs, tmp_path):
+    members = [runs / "fsdp" / f"step-{step}" for step in (3, 2, 1)]
+    arguments = ["average", *map(str, members), "--format", "dcp", "-o"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    run([*POLYAK, *arguments, str(one)], runs)
+    run([*TORCHRUN, "-m", "polyak", *arguments, str(two)], runs)
+    assert sorted(path.name for path in one.iterdir()) == [".metadata", "__0_0.distcp"]
+    assert sorted(path.name for path in two.iterdir()) == [
+        ".metadata", "__0_0.distcp", "__1_0.distcp"
+    ]  # fmt: skip
+    # Each process wrote a contiguous run of the same payloads (split_by_cost).
+    parts = [(two / f"__{rank}_0.distcp").read_bytes() for rank in (0, 1)]
+    assert parts[0] + parts[1] == (one / "__0_0.distcp").read_bytes()
+    with DcpReader(one, key="model") as first, DcpReader(two, key="model") as second:
+        assert second.world_size() == 2 and list(first.entries) == list(second.entries)
+        for name, entry in first.entries.items():
+            other = second.entries[name]
+            assert (entry.dtype, entry.shape, entry.path) == (other.dtype, other.shape, other.path)
+            if entry.is_tensor:
+                np.testing.assert_array_equal(first.read_entry(entry), second.read_entry(other))
+            else:
+                assert (
+                    first.payload_bytes(entry.payload).tobytes()
+                    == second.payload_bytes(other.payload).tobytes()
+                )
+    # torch loads it into the 2-rank FSDP2 model as it loads one process's, and trains on.
+    references = [reference(member, tmp_path)["model"] for member in members]
+    expected = {name: mean64([r[name].numpy() for r in references]) for name in references[0]}
+    np.savez(tmp_path / "expected.npz", **expected)
+    result = tmp_path / "load.json"
+    run([*TORCHRUN, "dcp_load.py", str(two), str(tmp_path / "expected.npz"), str(result)], runs)
+    loaded = json.loads(result.read_text())
+    assert loaded["difference"] < 1e-6 and loaded["steps"] == [3.0] and loaded["moved"]
+
+
+def test_work_is_split_into_contiguous_runs_of_about_equal_cost():
+    from polyak.formats.dcp import split_by_cost
+
+    rng = np.random.default_rng(5)
+    for parts in (1, 2, 3, 8):
+        for _ in range(50):
+            costs = [int(c) for c in rng.integers(0, 1000, rng.integers(1, 40))]
+            owners = split_by_cost(costs, parts)
+            assert owners == sorted(owners) and set(owners) <= set(range(parts))
+            total, largest = sum(costs), max(costs)
+            for part in range(parts):
+                mine = sum(c for c, o in zip(costs, owners, strict=True) if o == part)
+                assert abs(mine - total / parts) <= largest
+    assert split_by_cost([5, 5, 5, 5], 2) == [0, 0, 1, 1]
+    assert split_by_cost([0, 0], 2) == [0, 0]  # nothing to share: one file
+
+
+@pytest.mark.slow
+def test_a_failure_on_one_process_leaves_no_dcp_output(tmp_path):
+    generator = torch.Generator().manual_seed(4)
+    for step in (1, 2):
+        model = {"w": torch.randn(64, 8, generator=generator), "b": torch.randn(64)}
+        dcp_save({"model": model, "extra": torch.randn(16)}, tmp_path / "run" / f"step-{step}")
+    # The newest member's entry outside the model is damaged: only the process that
+    # copies it (the last one, whose share ends the output) finds out.
+    newest = tmp_path / "run" / "step-2"
+    with DcpReader(newest) as reader:
+        payload = reader.entries["extra"].chunks[0].payload
+    data = bytearray((newest / payload.file).read_bytes())
+    data[payload.offset : payload.offset + 8] = b"damaged!"
+    (newest / payload.file).write_bytes(bytes(data))
+    out = tmp_path / "averaged"
+    command = ["-m", "polyak", "average", str(tmp_path / "run"), "--format", "dcp", "-o", str(out)]
+    completed = run([*TORCHRUN, *command], tmp_path, check=False)
+    assert completed.returncode != 0
+    told = [line for line in completed.stderr.splitlines() if line.startswith("polyak: ")]
+    assert len(told) == 2  # one line from each process
+    assert "(process 1 of 2):" in told[0] + told[1] and "tensor extra:" in told[0] + told[1]
+    assert any(line.startswith("polyak: error (process 0 of 2): process 1 of 2 failed: ")
+               for line in told)  # fmt: skip
+    assert not out.exists()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["run"]  # no temporary left
+    run([sys.executable, *command, "--drop-optimizer"], tmp_path)  # without the damaged entry
+    assert sorted(path.name for path in out.iterdir()) == [".metadata", "__0_0.distcp"]
+
+
+def test_an_entry_polyak_cannot_copy_is_refused_before_writing(tmp_path):
+    for step in (1, 2):
+        state = {
+            "model": {"w": torch.ones(3) * step},
+            "extra": torch.zeros(2, dtype=torch.complex64),
+        }
+        dcp_save(state, tmp_path / "run" / f"step-{step}")
+    out = tmp_path / "averaged"
+    with pytest.raises(OutputError, match=r"entry extra of .*step-2.* has dtype complex64"):
+        average_to(tmp_path / "run", out, format="dcp")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["run"]
+    average_to(tmp_path / "run", out, format="dcp", keep_other=False)
 
 
 def test_chunked_tensors_are_sliced_flat_without_assembling_them(runs):

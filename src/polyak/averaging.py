@@ -284,7 +284,9 @@ def average_to(
                 for _, info in tensors.infos
             )
             on_start(members, weights, total)
-        options = {"keep_other": keep_other} if output_format.name == "dcp" else {}
+        options: dict = {}
+        if output_format.name == "dcp":
+            options = {"keep_other": keep_other, "members": len(readers)}
         if group is None:
             files = write_output(
                 out,

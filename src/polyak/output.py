@@ -158,11 +158,13 @@ def write_output_together(
     process 0 creates beside ``out`` (on storage all of them see), then process 0
     writes the index and, once every process has written and fsynced its shards,
     renames the directory into place. The files are those one process would write,
-    bit for bit. A single-file output is written by process 0 alone. If any process
-    fails, every process raises and ``out`` is left as it was.
+    bit for bit. A DCP directory: process p writes its share of the entries into
+    ``__p_0.distcp`` and process 0 the ``.metadata`` (see
+    :func:`polyak.formats.dcp.write_dcp`). A single-file output is written by process
+    0 alone. If any process fails, every process raises and ``out`` is left as it was.
     """
     out = Path(out)
-    if output_format.name != "sharded-safetensors":
+    if output_format.name not in ("sharded-safetensors", "dcp"):
         error = None
         files: list[Path] = []
         if group.is_main:
@@ -200,16 +202,19 @@ def write_output_together(
         error = None
         names: list[str] = []
         try:
-            names = output_format.write(
-                temporary,
-                tensors,
-                template,
-                max_shard_size=max_shard_size,
-                owned=group.owned,
-                write_index=group.is_main,
-            )
-            mine = [name for number, name in enumerate(names) if group.owned(number)]
-            _fsync_files(temporary / name for name in mine if (temporary / name).exists())
+            if output_format.name == "dcp":  # each process its part, fsynced; see write_dcp
+                names = output_format.write(temporary, tensors, template, group=group, **options)
+            else:
+                names = output_format.write(
+                    temporary,
+                    tensors,
+                    template,
+                    max_shard_size=max_shard_size,
+                    owned=group.owned,
+                    write_index=group.is_main,
+                )
+                mine = [name for number, name in enumerate(names) if group.owned(number)]
+                _fsync_files(temporary / name for name in mine if (temporary / name).exists())
             if group.is_main:
                 names += _copy_companions(companions, temporary)
         except BaseException as failure:

@@ -12,8 +12,9 @@ the payload lies: file, offset, length.
 Reading:
 
 - ``.metadata`` is unpickled by :class:`_MetadataUnpickler`, which knows only the
-  records of ``torch.distributed.checkpoint.metadata`` (and ``filesystem._StorageInfo``),
-  ``torch.Size``, the dtypes, the layout and memory-format encodings and ``pathlib``
+  records of ``torch.distributed.checkpoint.metadata`` (and ``filesystem._StorageInfo``;
+  ``TensorProperties`` also under the ShardedTensor module path that torch 1.13 to 2.2
+  wrote), ``torch.Size``, the dtypes, the layout and memory-format encodings and ``pathlib``
   paths, and builds plain Python records of them: it never imports or calls anything
   else. A pickle naming any other global is refused, naming it and the file, before
   anything of it runs. (torch itself reads the file with a plain ``pickle.load``.)
@@ -47,7 +48,9 @@ Writing (:func:`write_dcp`): one ``__0_0.distcp`` file holding each averaged ten
 one chunk (a ``torch.save`` zip payload, streamed as the engine computes it), and a
 ``.metadata`` that ``torch.distributed.checkpoint.load`` reads into the same model on
 any number of ranks. Everything else of the newest member (optimizer state, step,
-bytes entries) is copied into it unless ``keep_other=False``.
+bytes entries) is copied into it unless ``keep_other=False``. Under torchrun the
+entries are split into one contiguous run per process, each written to that
+process's ``__p_0.distcp``: the same payloads, spread over P files.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ import io
 import json
 import math
 import mmap
+import os
 import pickle
 import re
 import struct
@@ -66,6 +70,7 @@ from typing import Any, BinaryIO, ClassVar
 
 import numpy as np
 
+from polyak.distributed import ProcessGroup
 from polyak.errors import CheckpointError, OutputError
 from polyak.formats import torchzip
 from polyak.formats.base import DTYPES, CheckpointReader, PlannedTensors, ReaderBase, TensorInfo
@@ -74,7 +79,9 @@ __all__ = [
     "METADATA_NAME",
     "NON_MODEL_SUBTREES",
     "DcpReader",
+    "rank_file",
     "read_metadata",
+    "split_by_cost",
     "write_dcp",
 ]
 
@@ -98,21 +105,32 @@ NON_MODEL_SUBTREES = (
     "epoch",
     "args",
 )
-OUTPUT_FILE = "__0_0.distcp"
 _METADATA_MODULE = "torch.distributed.checkpoint.metadata"
 _FILESYSTEM_MODULE = "torch.distributed.checkpoint.filesystem"
-_RECORDS = {
-    (_METADATA_MODULE, name)
-    for name in (
-        "Metadata",
-        "TensorStorageMetadata",
-        "BytesStorageMetadata",
-        "ChunkStorageMetadata",
-        "TensorProperties",
-        "MetadataIndex",
-        "StorageMeta",
-    )
-} | {(_FILESYSTEM_MODULE, "_StorageInfo")}
+# torch 1.13 to 2.2 pickled TensorProperties (and its memory-format encoding, then
+# named MEM_FORMAT_ENCODING) from ShardedTensor's module; torch 2.3 (pytorch PR
+# #116248) gave DCP its own copy of the same five-field record, which every later
+# torch writes. The other records have lived in _METADATA_MODULE and
+# _FILESYSTEM_MODULE since torch 1.13. Only these old names are accepted beside the
+# current ones; anything else of ShardedTensor's module is refused like any global.
+_SHARDED_TENSOR_MODULE = "torch.distributed._shard.sharded_tensor.metadata"
+_OLD_RECORDS = {(_SHARDED_TENSOR_MODULE, "TensorProperties")}
+_RECORDS = (
+    _OLD_RECORDS
+    | {
+        (_METADATA_MODULE, name)
+        for name in (
+            "Metadata",
+            "TensorStorageMetadata",
+            "BytesStorageMetadata",
+            "ChunkStorageMetadata",
+            "TensorProperties",
+            "MetadataIndex",
+            "StorageMeta",
+        )
+    }
+    | {(_FILESYSTEM_MODULE, "_StorageInfo")}
+)
 # Every dtype torch has, so a checkpoint holding an unsupported one is described, not refused.
 _TORCH_DTYPES = (
     *DTYPES,
@@ -204,6 +222,7 @@ _FUNCTIONS: dict[tuple[str, str], Any] = {
     ("torch", "Size"): _size,
     ("torch.serialization", "_get_layout"): _layout,
     (_METADATA_MODULE, "_MEM_FORMAT_ENCODING"): _memory_format,
+    (_SHARDED_TENSOR_MODULE, "MEM_FORMAT_ENCODING"): _memory_format,  # torch <= 2.2
     ("pathlib", "PosixPath"): _path,
     ("pathlib", "WindowsPath"): _path,
     ("pathlib", "PurePosixPath"): _path,
@@ -977,9 +996,9 @@ def _index(name: str, offsets: tuple[int, ...] | None) -> _Object:
     return _Object(_METADATA_MODULE, "MetadataIndex", state)
 
 
-def _storage_info(offset: int, length: int) -> _Object:
+def _storage_info(file: str, offset: int, length: int) -> _Object:
     state = {
-        "relative_path": OUTPUT_FILE,
+        "relative_path": file,
         "offset": offset,
         "length": length,
         "transform_descriptors": None,
@@ -987,14 +1006,34 @@ def _storage_info(offset: int, length: int) -> _Object:
     return _Object(_FILESYSTEM_MODULE, "_StorageInfo", state)
 
 
-class _Output:
-    """The ``.distcp`` file being written and the metadata of what it holds."""
+def rank_file(rank: int) -> str:
+    """The payload file process ``rank`` writes: ``__0_0.distcp`` as one process writes."""
+    return f"__{rank}_0.distcp"
 
-    def __init__(self, file: BinaryIO) -> None:
+
+@dataclass(frozen=True)
+class _Written:
+    """One entry as written into a payload file: plain data, gathered for ``.metadata``.
+
+    A tensor has ``dtype``, ``shape`` and its chunks as ``(offsets, sizes, start,
+    length)``; a bytes entry has ``dtype`` None and one chunk ``((), (), start, length)``.
+    """
+
+    name: str
+    tree: tuple
+    file: str
+    dtype: str | None
+    shape: tuple[int, ...]
+    chunks: tuple[tuple[tuple[int, ...], tuple[int, ...], int, int], ...]
+
+
+class _Output:
+    """One ``.distcp`` file being written, and what it holds."""
+
+    def __init__(self, file: BinaryIO, name: str) -> None:
         self.file = file
-        self.tensors: dict[str, _Object] = {}
-        self.storage: dict[_Object, _Object] = {}
-        self.planner: dict[str, tuple] = {}
+        self.name = name
+        self.written: list[_Written] = []
 
     def _payload(self, write: Any) -> tuple[int, int]:
         start = self.file.tell()
@@ -1014,10 +1053,10 @@ class _Output:
             start, length = self._payload(
                 lambda s=stand_in, a=array: torchzip.write(self.file, s, [s], iter([(name, a)]))
             )
-            chunks.append(_chunk_metadata(offsets, sizes))
-            self.storage[_index(name, offsets)] = _storage_info(start, length)
-        self.tensors[name] = _tensor_metadata(info.dtype, info.shape, chunks)
-        self.planner[name] = tree
+            chunks.append((tuple(offsets), tuple(sizes), start, length))
+        self.written.append(
+            _Written(name, tree, self.name, info.dtype, tuple(info.shape), tuple(chunks))
+        )
 
     def raw(self, name: str, tree: tuple, data: np.ndarray) -> None:
         """A bytes entry, copied as it is."""
@@ -1027,21 +1066,56 @@ class _Output:
                 self.file.write(data[begin : begin + _COPY_BYTES].data)
 
         start, length = self._payload(copy)
-        self.tensors[name] = _Object(_METADATA_MODULE, "BytesStorageMetadata", {})
-        self.storage[_index(name, None)] = _storage_info(start, length)
-        self.planner[name] = tree
+        self.written.append(_Written(name, tree, self.name, None, (), (((), (), start, length),)))
 
-    def metadata(self, version: str | None) -> bytes:
-        state = {
-            "state_dict_metadata": self.tensors,
-            "planner_data": self.planner,
-            "storage_data": self.storage,
-            "storage_meta": None,
-            "version": version or "1.0.0",
-        }
-        buffer = io.BytesIO()
-        _MetadataPickler(buffer, protocol=2).dump(_Object(_METADATA_MODULE, "Metadata", state))
-        return buffer.getvalue()
+
+def _metadata(written: Iterable[_Written], version: str | None) -> bytes:
+    """The ``.metadata`` pickle of everything written, in the order given."""
+    tensors: dict[str, _Object] = {}
+    storage: dict[_Object, _Object] = {}
+    planner: dict[str, tuple] = {}
+    for entry in written:
+        if entry.dtype is None:
+            (_, _, start, length) = entry.chunks[0]
+            tensors[entry.name] = _Object(_METADATA_MODULE, "BytesStorageMetadata", {})
+            storage[_index(entry.name, None)] = _storage_info(entry.file, start, length)
+        else:
+            chunks = []
+            for offsets, sizes, start, length in entry.chunks:
+                chunks.append(_chunk_metadata(offsets, sizes))
+                storage[_index(entry.name, offsets)] = _storage_info(entry.file, start, length)
+            tensors[entry.name] = _tensor_metadata(entry.dtype, entry.shape, chunks)
+        planner[entry.name] = entry.tree
+    state = {
+        "state_dict_metadata": tensors,
+        "planner_data": planner,
+        "storage_data": storage,
+        "storage_meta": None,
+        "version": version or "1.0.0",
+    }
+    buffer = io.BytesIO()
+    _MetadataPickler(buffer, protocol=2).dump(_Object(_METADATA_MODULE, "Metadata", state))
+    return buffer.getvalue()
+
+
+def split_by_cost(costs: list[int], parts: int) -> list[int]:
+    """Which of ``parts`` processes takes each item: contiguous runs of about equal cost.
+
+    Item ``i`` goes to the process whose share ``[p, p + 1) * total / parts`` holds the
+    middle of the item's cost, so the runs keep the items' order, an item is never
+    split, and each process's cost is within one item of ``total / parts``.
+
+    Example:
+        >>> split_by_cost([1, 1, 1, 1, 4], 2)
+        [0, 0, 0, 0, 1]
+    """
+    total = sum(costs)
+    owners, before = [], 0
+    for cost in costs:
+        middle = before + cost / 2
+        owners.append(min(parts - 1, int(middle * parts / total)) if total else 0)
+        before += cost
+    return owners
 
 
 def write_dcp(
@@ -1050,28 +1124,44 @@ def write_dcp(
     template: CheckpointReader | None,
     *,
     keep_other: bool = True,
+    members: int = 1,
+    group: ProcessGroup | None = None,
 ) -> list[str]:
     """Write a DCP directory that ``torch.distributed.checkpoint.load`` reads.
 
     The averaged tensors go under the template's subtree (``model.`` put back), each
-    one chunk of a ``torch.save`` zip payload in ``__0_0.distcp``, streamed; torch
-    reslices them into any number of ranks on load. The template's bytes entries of
+    one chunk of a ``torch.save`` zip payload in ``__0_0.distcp`` (from one process),
+    streamed; torch reslices them into any number of ranks on load. The template's bytes entries of
     that subtree are copied byte for byte. With ``keep_other`` every other entry of
     the template (optimizer state, step, learning-rate schedule...) is copied too, so
     training resumes from the average with the newest member's optimizer state;
     without it the output holds the subtree alone.
 
+    With a ``group`` of P processes (torchrun), the entries are split into P
+    contiguous runs of about equal work (:func:`split_by_cost`: an averaged tensor
+    costs its bytes once per member and once written, a copied entry its bytes read
+    and written); process p averages or copies its run alone into ``__p_0.distcp``
+    (the others' tensors are never computed there) and fsyncs it; process 0 gathers
+    what each wrote and writes ``.metadata``. The payloads are those one process
+    writes, in the same order, only spread over P files, so ``dcp.load`` and polyak
+    read the same state. If any process fails, every process raises.
+
     Args:
-        path: the directory to write into (created empty by the caller).
+        path: the directory to write into (created empty by the caller; under
+            torchrun, one directory every process sees).
         tensors: ``(name, array)`` pairs, best a ``PlannedTensors`` (streamed).
         template: the newest member's :class:`DcpReader`.
         keep_other: copy the entries outside the averaged subtree.
+        members: how many checkpoints are averaged (weighs the work split).
+        group: the processes writing together, or None for this one alone.
 
     Returns:
-        The names of the files written, ``[".metadata", "__0_0.distcp"]``.
+        The names of the files written, ``.metadata`` first: ``__0_0.distcp`` from
+        one process, and one ``__p_0.distcp`` per process that holds entries.
 
     Raises:
         OutputError: the template is not a DCP checkpoint, or the file cannot be written.
+        DistributedError: another process of the group failed.
     """
     path = Path(path)
     if not isinstance(template, DcpReader):
@@ -1083,35 +1173,85 @@ def write_dcp(
         tensors = PlannedTensors.from_arrays(
             (name, np.array(array, copy=True)) for name, array in tensors
         )
-    infos = dict(tensors.infos)
+    rank, size = (0, 1) if group is None else (group.rank, group.size)
+    averaged = {template.full_name(name) for name, _ in tensors.infos}
+    copied = [
+        entry
+        for full, entry in template.entries.items()
+        if full not in averaged and (keep_other or template.selects(full))
+    ]
+    for entry in copied:
+        if entry.is_tensor and entry.dtype not in DTYPES:
+            raise OutputError(
+                f"output {path}: entry {entry.name} of {template.path} has dtype "
+                f"{entry.dtype}, which polyak cannot copy; write without the other entries "
+                "(--drop-optimizer)."
+            )
+    costs = [info.nbytes * (members + 1) for _, info in tensors.infos]
+    costs += [2 * (e.nbytes if e.is_tensor else e.payload.length) for e in copied]  # type: ignore[union-attr]
+    owners = split_by_cost(costs, size)
+    files = [rank_file(owner) for owner in sorted(set(owners))]
+    error: BaseException | None = None
+    written: list[_Written] = []
     try:
-        with open(path / OUTPUT_FILE, "wb") as file:
-            output = _Output(file)
-            for name, array in tensors:
-                full = template.full_name(name)
+        if rank in owners:
+            written = _write_part(path, tensors, template, copied, owners, rank)
+    except BaseException as failure:  # every process learns of it below
+        error = failure
+    if group is None:
+        if error is not None:
+            raise error
+        parts = [written]
+    else:
+        group.check(error)
+        parts = group.gather(written)
+        if not group.is_main:
+            return [METADATA_NAME, *files]
+    try:
+        metadata = _metadata((entry for part in parts for entry in part), template.version)
+        (path / METADATA_NAME).write_bytes(metadata)
+    except OSError as failure:
+        reason = failure.strerror or str(failure)
+        raise OutputError(f"output {path}: cannot be written ({reason}).") from failure
+    return [METADATA_NAME, *files]
+
+
+def _write_part(
+    path: Path,
+    tensors: PlannedTensors,
+    template: DcpReader,
+    copied: list[Entry],
+    owners: list[int],
+    rank: int,
+) -> list[_Written]:
+    """Write this process's run of the entries into its ``.distcp`` file, fsynced."""
+    infos = dict(tensors.infos)
+    name = rank_file(rank)
+    count = len(tensors.infos)
+    try:
+        with open(path / name, "wb") as file:
+            output = _Output(file, name)
+            for number, (short, array) in enumerate(tensors):
+                if owners[number] != rank:
+                    continue  # another process's: a StreamedTensor never computed here
+                full = template.full_name(short)
                 entry = template.entries.get(full)
                 tree = entry.path if entry is not None else tuple(full.split("."))
-                output.tensor(full, tree, infos[name], array)
-            for full, entry in template.entries.items():
-                if full in output.tensors or not (keep_other or template.selects(full)):
+                output.tensor(full, tree, infos[short], array)
+            for number, entry in enumerate(copied, start=count):
+                if owners[number] != rank:
                     continue
-                if entry.is_tensor:
-                    if entry.dtype not in DTYPES:
-                        raise OutputError(
-                            f"output {path}: entry {full} of {template.path} has dtype "
-                            f"{entry.dtype}, which polyak cannot copy; write without the "
-                            "other entries (--drop-optimizer)."
-                        )
-                    info = TensorInfo(entry.shape, str(entry.dtype))
-                    parts = [
-                        (c.offsets, c.sizes, template.chunk_array(entry, c)) for c in entry.chunks
-                    ]
-                    output.chunk(full, entry.path, info, parts)
-                else:
-                    output.raw(full, entry.path, template.payload_bytes(entry.payload))
-            metadata = output.metadata(template.version)
-        (path / METADATA_NAME).write_bytes(metadata)
+                if not entry.is_tensor:
+                    output.raw(entry.name, entry.path, template.payload_bytes(entry.payload))  # type: ignore[arg-type]
+                    continue
+                info = TensorInfo(entry.shape, str(entry.dtype))
+                parts = [(c.offsets, c.sizes, template.chunk_array(entry, c)) for c in entry.chunks]
+                output.chunk(entry.name, entry.path, info, parts)
+            file.flush()
+            os.fsync(file.fileno())
+    except OutputError:
+        raise
     except OSError as error:
         reason = error.strerror or str(error)
         raise OutputError(f"output {path}: cannot be written ({reason}).") from error
-    return [METADATA_NAME, OUTPUT_FILE]
+    return output.written
