@@ -150,3 +150,28 @@ def test_the_errors_and_the_argument_checks_stand_on_nothing_else():
     graph = import_graph()
     for module, allowed in GROUND_FLOOR.items():
         assert graph[module] <= allowed, f"{module} imports {sorted(graph[module] - allowed)}"
+
+
+#: The only polyak modules that may be imported inside a function: the adapters, which
+#: import their framework (keras, torch, lightning) when imported, so a command that does
+#: not need the framework does not pay its start-up.
+LAZY_ALLOWED = ("polyak.keras", "polyak.torch", "polyak.lightning")
+
+
+def test_polyak_imports_itself_at_the_top_of_each_file_but_the_framework_adapters():
+    modules = module_names()
+    late = []
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text())
+        top = {id(node) for node in tree.body}
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in top:
+                found = imported_modules(
+                    ast.unparse(node), name, path.name == "__init__.py", set(modules)
+                )
+                late += [
+                    f"{name}:{node.lineno} imports {target}"
+                    for target in sorted(found)
+                    if not target.startswith(LAZY_ALLOWED)
+                ]
+    assert late == []

@@ -23,6 +23,8 @@ import numpy as np
 
 from polyak.errors import require
 from polyak.keras_backend import choose_keras_backend
+from polyak.report import write_json, write_plot
+from polyak.sweep import write_best
 
 __all__ = ["DemoResult", "classic_data", "run_demo"]
 
@@ -108,8 +110,6 @@ def run_demo(
 
     from polyak.keras import SnapshotCheckpoint
     from polyak.keras.evaluation import sweep
-    from polyak.report import write_json, write_plot
-    from polyak.sweep import write_best
 
     started = time.perf_counter()
     out = Path(out)

@@ -24,6 +24,14 @@ from polyak.cli.output import (
 from polyak.discovery import Checkpoint
 from polyak.errors import SchemeError
 
+# What to do with an averaged Lightning checkpoint (the README says it too).
+LIGHTNING_ADVICE = (
+    "The averaged .ckpt holds the weights, hyper-parameters and Lightning's entries but no "
+    "optimizer or scheduler state: load it with YourModule.load_from_checkpoint(path) (or "
+    "trainer.validate/test(model, ckpt_path=path)) and start a new fit from that model; "
+    "Trainer.fit(ckpt_path=path) cannot resume from it."
+)
+
 
 def average_command(
     paths: list[str] = typer.Argument(..., help="Checkpoint files, directories or globs."),
@@ -186,8 +194,6 @@ def average_command(
             "state (optimizer, scheduler, trainer state) was not copied."
         )
     if result.format == "torch" and output is not None and output.name.lower().endswith(".ckpt"):
-        from polyak.formats.torch import LIGHTNING_ADVICE  # only for .ckpt outputs
-
         console.print(LIGHTNING_ADVICE)
     if result.selection is not None:
         console.print(f"Averaged {result.selection}.")

@@ -19,6 +19,7 @@ import typer
 from polyak import __version__
 from polyak.cli import average, demo, inspect, posthoc, sweep
 from polyak.cli.output import console, flags_of, in_flags, one_line, print_note
+from polyak.distributed import init_from_environment, launched_by_torchrun, shut_down
 from polyak.errors import PolyakError, PolyakNote
 
 app = typer.Typer(
@@ -100,8 +101,6 @@ def _join_torchrun_group() -> str:
     Returns:
         How errors name this process (empty in a plain process).
     """
-    from polyak.distributed import init_from_environment, launched_by_torchrun
-
     if not launched_by_torchrun():
         return ""
     group = init_from_environment()
@@ -128,8 +127,6 @@ def main(argv: list[str] | None = None) -> None:
         _run(arguments, where)
     finally:
         if where:  # in a torchrun group: leave it before the interpreter exits
-            from polyak.distributed import shut_down
-
             exit_code = getattr(sys.exc_info()[1], "code", 1)
             shut_down(clean=exit_code in (0, None))
 

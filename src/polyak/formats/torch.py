@@ -57,7 +57,6 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_KEYS",
     "DROPPED_KEYS",
-    "LIGHTNING_ADVICE",
     "STRIPPED_PREFIXES",
     "TorchReader",
     "check_torch_output",
@@ -87,14 +86,6 @@ DROPPED_KEYS = (
 
 # The entry every Lightning checkpoint has, which load_from_checkpoint requires.
 LIGHTNING_VERSION_KEY = "pytorch-lightning_version"
-
-# What to do with an averaged Lightning checkpoint (the README and `polyak average` say it).
-LIGHTNING_ADVICE = (
-    "The averaged .ckpt holds the weights, hyper-parameters and Lightning's entries but no "
-    "optimizer or scheduler state: load it with YourModule.load_from_checkpoint(path) (or "
-    "trainer.validate/test(model, ckpt_path=path)) and start a new fit from that model; "
-    "Trainer.fit(ckpt_path=path) cannot resume from it."
-)
 
 _ZIP_MAGIC = b"PK\x03\x04"
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
