@@ -278,6 +278,32 @@ def test_the_callback_keeps_its_arguments_as_one_checked_options_record(tmp_path
     assert (callback.directory, callback.keep, callback.every_steps) == (tmp_path, 3, 5)
 
 
+def test_every_steps_skips_the_steps_a_loss_scale_optimizer_skips(tmp_path: Path) -> None:
+    # mixed_float16: the LossScaleOptimizer skips the first steps (its first loss scale
+    # overflows float16) and iterations stays; snapshots are named and taken by the
+    # optimizer's steps, each step once, not by batches.
+    x, y = data()
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((2,)),
+            keras.layers.Dense(25, activation="relu", dtype="mixed_float16"),
+            keras.layers.Dense(3, activation="softmax", dtype="mixed_float16"),
+        ]
+    )
+    model.compile(
+        optimizer=keras.optimizers.LossScaleOptimizer(
+            keras.optimizers.SGD(0.01, momentum=0.9), initial_scale=2**30
+        ),
+        loss="categorical_crossentropy",
+    )
+    checkpoint = SnapshotCheckpoint(tmp_path, keep=100, every_steps=1)
+    model.fit(x, y, epochs=4, batch_size=16, verbose=0, callbacks=[checkpoint])
+    taken = int(keras.ops.convert_to_numpy(model.optimizer.iterations))
+    assert 0 < taken < 16, f"the fixture must skip some steps and take some: {taken}"
+    assert [s.step for s in verify(tmp_path)] == list(range(1, taken + 1))
+
+
 def test_every_steps_counts_optimizer_steps_with_gradient_accumulation(tmp_path: Path) -> None:
     # Two batches a step: 64 samples in batches of 16 make 2 steps an epoch, 6 in 3 epochs;
     # steps 2, 4, 6 end on batches 4, 8, 12, where the weights change.

@@ -390,6 +390,48 @@ def test_a_mixed_bfloat16_model_is_averaged_in_float32_and_evaluated_with_it(tmp
     assert abs(raw.evaluate(X_VAL, Y_VAL, batch_size=BATCH, verbose=0) - loss) > 1e-3 * loss
 
 
+def mixed_float16_model_that_skips_steps() -> keras.Model:
+    """mixed_float16 under a LossScaleOptimizer whose first loss scale overflows float16.
+
+    The optimizer skips the steps whose scaled gradients are not finite, halving the
+    scale each time: the first batches change nothing and ``iterations`` stays at 0.
+    """
+    model = make_model(dtype="mixed_float16", compiled=False)
+    inner = keras.optimizers.SGD(0.05, momentum=0.9)
+    optimizer = keras.optimizers.LossScaleOptimizer(inner, initial_scale=2**20)
+    model.compile(optimizer=optimizer, loss="mse")
+    return model
+
+
+class IterationsRecorder(Recorder):
+    """The weights after every batch and the optimizer's ``iterations`` then."""
+
+    def __init__(self):
+        super().__init__()
+        self.iterations: list[int] = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        super().on_train_batch_end(batch, logs)
+        self.iterations.append(int(ops.convert_to_numpy(self.model.optimizer.iterations)))
+
+
+def test_steps_a_loss_scale_optimizer_skips_are_not_averaged(tmp_path):
+    # A skipped step leaves the weights as they were; counting it as a step (as counting
+    # batches would) would average the same weights twice. The average follows the
+    # optimizer's iterations: one update per step taken, none for a skipped one.
+    model, recorder = mixed_float16_model_that_skips_steps(), IterationsRecorder()
+    average = OnlineAverage()
+    model.fit(X, Y, batch_size=BATCH, epochs=3, shuffle=False, callbacks=[recorder, average],
+              verbose=0)  # fmt: skip
+    taken = recorder.iterations
+    assert 0 < taken[-1] < len(taken), f"the fixture must skip some steps and take some: {taken}"
+    stepped = [b for b, it in enumerate(taken) if it > (taken[b - 1] if b else 0)]
+    assert average.step == taken[-1] and average.updates == len(stepped) == taken[-1]
+    assert_average_is(
+        average, tmp_path / "average.npz", mean([recorder.weights[b] for b in stepped])
+    )
+
+
 @pytest.mark.skipif(
     keras.backend.backend() == "torch",
     reason="Keras refuses steps_per_execution > 1 on the torch backend",

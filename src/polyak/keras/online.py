@@ -293,7 +293,9 @@ class OnlineAverage(SwappableAverage, keras.callbacks.Callback):
     def on_train_batch_end(self, batch: int, logs: Mapping[str, Any] | None = None) -> None:
         # With gradient accumulation, several batches make one step: the average is
         # updated on the batches that change the weights (advance() skips repeated steps).
-        self._step = self._counter.after_batch(batch)
+        self._step = self._counter.after_batch(
+            batch, self.model if self._counter.skips_steps else None
+        )
         if not self._started:
             return
         self._state, decay = advance(self._schedule, self._state, self._step)

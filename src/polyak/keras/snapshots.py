@@ -369,7 +369,7 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
     def on_train_batch_end(self, batch: int, logs: Mapping[str, Any] | None = None) -> None:
         # With gradient accumulation, several batches make one step; the step that ends
         # them is the one that saves, and the profiles skip repeated steps.
-        step = self._counter.after_batch(batch)
+        step = self._counter.after_batch(batch, self.model if self._counter.skips_steps else None)
         previous, self._step = self._step, step
         if self.posthoc:
             self.model  # noqa: B018  (on JAX, reading the model syncs its state to the variables)

@@ -60,6 +60,12 @@ class StepCounter:
     own ``use_ema`` updates its average after every batch instead: it averages unchanged
     weights ``k`` times, its momentum applying ``k`` times per optimizer step.)
 
+    A ``LossScaleOptimizer`` (``mixed_float16``) skips the steps whose scaled gradients
+    overflow: the weights stay as they were and ``iterations`` does not move. Batches do
+    not tell those apart, so with such an optimizer (:attr:`skips_steps`) the count is
+    read from ``iterations`` after each batch instead, and a skipped step repeats the
+    step before it (the callbacks ignore a repeated step: no second update or snapshot).
+
     Call :meth:`start` in ``on_train_begin`` (with the steps taken so far), :meth:`new_epoch`
     in ``on_epoch_begin`` and :meth:`after_batch` in ``on_train_batch_end``. A model
     saved mid-accumulation resumes with the batches it had accumulated counted.
@@ -68,6 +74,7 @@ class StepCounter:
     def __init__(self) -> None:
         self.accumulation = 1
         self.batches = 0
+        self.skips_steps = False
         self._epoch_start = 0
 
     @property
@@ -82,6 +89,7 @@ class StepCounter:
         since the last update still count.
         """
         accumulation = _accumulation(model)
+        self.skips_steps = hasattr(getattr(model, "optimizer", None), "inner_optimizer")
         if step != self.step or accumulation != self.accumulation:
             self.accumulation, self.batches = accumulation, step * accumulation
             if accumulation > 1:
@@ -91,8 +99,15 @@ class StepCounter:
     def new_epoch(self) -> None:
         self._epoch_start = self.batches
 
-    def after_batch(self, batch: int) -> int:
+    def after_batch(self, batch: int, model: Any = None) -> int:
         """The step after batch ``batch`` of this epoch (Keras passes the index of the last
-        batch run, also with ``steps_per_execution > 1``)."""
+        batch run, also with ``steps_per_execution > 1``).
+
+        Where :attr:`skips_steps`, give the callback's ``model`` (read after the batch, so
+        that on JAX its variables hold the batch's state): the step is its optimizer's.
+        """
         self.batches = self._epoch_start + batch + 1
+        taken = optimizer_steps(model) if self.skips_steps and model is not None else None
+        if taken is not None:
+            self.batches = taken * self.accumulation + self.batches % self.accumulation
         return self.step
