@@ -44,7 +44,7 @@ keras-backends: $(STAMP)
 # FUZZ_SECONDS; an input that breaks one is saved in tests/fuzz_regressions/TARGET/,
 # which `make test` replays.
 FUZZ_SECONDS ?= 120
-FUZZ_TARGETS := safetensors_header safetensors_file safetensors_index torch_zip npz keras_archive manifest
+FUZZ_TARGETS := safetensors_header safetensors_file safetensors_index torch_zip npz keras_archive manifest dcp_directory
 fuzz: $(STAMP)
 	POLYAK_FUZZ_EXAMPLES=5000 $(BIN)/python -m pytest tests/test_fuzz.py -q --hypothesis-show-statistics
 	status=0; for target in $(FUZZ_TARGETS); do \

@@ -118,6 +118,32 @@ def keras_archive(data: bytes) -> None:
             pass
 
 
+def _dcp_pair(metadata: bytes, payload: bytes) -> bytes:
+    """A DCP directory of one payload file as one input: 4 bytes of length, then each."""
+    return len(metadata).to_bytes(4, "little") + metadata + payload
+
+
+def dcp_directory(data: bytes) -> None:
+    """polyak's DCP reader on a ``.metadata`` (an allowlisted pickle) and ``__0_0.distcp``.
+
+    The input is ``_dcp_pair(metadata, payload)``; where the length does not fit, the
+    whole input is the ``.metadata``, with an empty payload.
+    """
+    from polyak.formats.dcp import DcpReader
+
+    size = int.from_bytes(data[:4], "little")
+    metadata, payload = (
+        (data[4 : 4 + size], data[4 + size :]) if size <= len(data) - 4 else (data, b"")
+    )
+    with tempfile.TemporaryDirectory() as directory:
+        (Path(directory) / ".metadata").write_bytes(metadata)
+        (Path(directory) / "__0_0.distcp").write_bytes(payload)
+        try:
+            _read_all(DcpReader(Path(directory)))
+        except PolyakError:
+            pass
+
+
 def manifest(data: bytes) -> None:
     with tempfile.TemporaryDirectory() as directory:
         (Path(directory) / MANIFEST_NAME).write_bytes(data)
@@ -135,6 +161,7 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "npz": npz,
     "keras_archive": keras_archive,
     "manifest": manifest,
+    "dcp_directory": dcp_directory,
 }
 
 
@@ -178,6 +205,8 @@ def seeds(target: str) -> list[bytes]:
             path = Path(directory) / "model.keras"
             model.save(path)
             return [path.read_bytes()]
+    if target == "dcp_directory":
+        return _dcp_seeds(tensors)
     if target == "manifest":
         record = {
             "format": "polyak-snapshots",
@@ -189,3 +218,25 @@ def seeds(target: str) -> list[bytes]:
         }  # fmt: skip
         return [json.dumps(record).encode()]
     raise KeyError(target)
+
+
+def _dcp_seeds(tensors: dict[str, np.ndarray]) -> list[bytes]:
+    """``dcp.save`` in one process (no process group), with torch's two payload kinds."""
+    import warnings
+
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.filesystem import SerializationFormat
+
+    state = {"model": {k: torch.from_numpy(v) for k, v in tensors.items()}, "step": 3}
+    found = []
+    for options in ({}, {"serialization_format": SerializationFormat.SAFETENSORS}):
+        with tempfile.TemporaryDirectory() as directory, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "assuming the intent is to save in a single process"
+            dcp.save(state, storage_writer=dcp.FileSystemWriter(directory, **options))
+            payloads = sorted(Path(directory).glob("*.distcp"))
+            assert [p.name for p in payloads] == ["__0_0.distcp"], payloads
+            found.append(
+                _dcp_pair((Path(directory) / ".metadata").read_bytes(), payloads[0].read_bytes())
+            )
+    return found

@@ -505,6 +505,22 @@ def test_control_characters_in_names_are_escaped_in_the_one_line_error(tmp_path,
     assert "has tensor w\\npolyak: done \\x1b[2J that a_1.safetensors lacks" in err
 
 
+def test_a_hostile_names_length_is_bounded_in_the_one_line_error(tmp_path, capsys):
+    """Before: an index naming a 10,000-character shard printed all of it on one line."""
+    checkpoint = tmp_path / "ck"
+    checkpoint.mkdir()
+    save_file({"a": np.zeros(2, np.float32)}, str(checkpoint / "model-00001-of-00001.safetensors"))
+    index = {"metadata": {}, "weight_map": {"a": "x" * 10_000 + ".safetensors"}}
+    (checkpoint / "model.safetensors.index.json").write_text(json.dumps(index))
+    code, _, err = run(["inspect", str(checkpoint)], capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"polyak: error: checkpoint {checkpoint}")
+    from polyak.cli import output
+
+    assert len(err) <= len("polyak: error: ") + output.MAX_MESSAGE + 50
+    assert "characters left out" in err
+
+
 def test_control_characters_in_a_note_are_escaped(tmp_path, capsys):
     # The one-member note names the member: its path may hold a newline too.
     run_dir = tmp_path / "run\npolyak: done"

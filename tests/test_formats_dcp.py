@@ -579,6 +579,28 @@ def test_a_storage_transform_is_refused_by_name(small):
         DcpReader(small)
 
 
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            lambda m: setattr(storage_of(m, "model.b"), "transform_descriptors", 7),
+            r"model\.b is stored with the transform\(s\) 7,",
+        ),
+        (
+            lambda m: setattr(storage_of(m, "model.b"), "relative_path", "x" * 10_000),
+            r"model\.b is stored in 'x+\.\.\.x+', which is missing",
+        ),
+    ],
+)
+def test_malformed_storage_records_are_refused_in_one_short_line(small, change, message):
+    # (A storage key that is not hashable, which the fuzzer found, is replayed from
+    # tests/fuzz_regressions/dcp_directory/.)
+    rewrite_metadata(small, change)
+    with pytest.raises(CheckpointError, match=message) as refused:
+        DcpReader(small)
+    assert len(str(refused.value)) < 400
+
+
 def test_members_with_different_global_shapes_are_refused(small, tmp_path):
     other = tmp_path / "step-2"
     dcp_save({"model": {"w": torch.zeros(5, 2), "b": torch.zeros(6)}}, other)

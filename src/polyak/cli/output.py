@@ -30,15 +30,25 @@ def print_json(data: Any) -> None:
     print(json.dumps(data, indent=2, default=str))
 
 
+#: The longest message printed whole; a longer one (a hostile file's 10,000-character
+#: tensor name, say) keeps its start, which names the file, and its end, the fix.
+MAX_MESSAGE = 2000
+
+
 def one_line(text: str) -> str:
     """``text`` with control characters escaped (``\\n``, ``\\x1b``...), so a message
-    stays one line whatever a file's tensor or member names hold."""
-    if text.isprintable():
-        return text
-    return "".join(
-        character if character.isprintable() else character.encode("unicode_escape").decode()
-        for character in text
-    )
+    stays one line whatever a file's tensor or member names hold, and at most
+    :data:`MAX_MESSAGE` characters long (the middle of a longer one is left out)."""
+    if not text.isprintable():
+        text = "".join(
+            character if character.isprintable() else character.encode("unicode_escape").decode()
+            for character in text
+        )
+    if len(text) > MAX_MESSAGE:
+        head, tail = MAX_MESSAGE * 3 // 5, MAX_MESSAGE // 5
+        left_out = len(text) - head - tail
+        text = f"{text[:head]} [... {left_out} characters left out ...] {text[-tail:]}"
+    return text
 
 
 def flags_of(command: Callable[..., None]) -> dict[str, str]:

@@ -62,6 +62,8 @@ import mmap
 import os
 import pickle
 import re
+import reprlib
+import stat
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -202,7 +204,7 @@ def _size(values: object = ()) -> tuple[int, ...]:
 
 def _layout(name: object) -> str:
     if name != "torch.strided":
-        raise _Refused(f"tensor layout {name!r} (polyak reads dense, strided tensors)")
+        raise _Refused(f"tensor layout {reprlib.repr(name)} (polyak reads dense, strided tensors)")
     return name
 
 
@@ -430,26 +432,34 @@ def _payload(info: Any, directory: Path, path: Path, name: str, sizes: dict[str,
     if type(file) is not str or not _SAFE_FILE_NAME.fullmatch(file) or file in (".", ".."):
         raise _fail(
             path,
-            f"entry {name} names the payload file {file!r}, which is not a file of the "
+            f"entry {name} names the payload file {reprlib.repr(file)}, which is not a file of the "
             "checkpoint directory; refused.",
         )
     transforms = info.get("transform_descriptors")
     if transforms:
+        names = (
+            ", ".join(t if type(t) is str and len(t) <= 40 else reprlib.repr(t) for t in transforms)
+            if type(transforms) in (list, tuple)
+            else reprlib.repr(transforms)
+        )
         raise _fail(
             path,
-            f"entry {name} is stored with the transform(s) {', '.join(map(str, transforms))}, "
+            f"entry {name} is stored with the transform(s) {names}, "
             "which polyak does not read (it reads payloads as torch.distributed.checkpoint "
             "writes them by default). Save without storage extensions.",
         )
     if file not in sizes:
-        target = directory / file
-        if not target.is_file() or target.is_symlink():
+        try:  # lstat: a symbolic link is not a regular file, and is not followed
+            status = os.lstat(directory / file)
+        except OSError:  # missing, or a name the file system refuses (too long...)
+            status = None
+        if status is None or not stat.S_ISREG(status.st_mode):
             raise _fail(
                 path,
-                f"entry {name} is stored in {file}, which is missing (or a symbolic link, "
-                "which polyak does not follow out of a checkpoint directory).",
+                f"entry {name} is stored in {reprlib.repr(file)}, which is missing (or a "
+                "symbolic link, which polyak does not follow out of a checkpoint directory).",
             )
-        sizes[file] = target.stat().st_size
+        sizes[file] = status.st_size
     if type(offset) is not int or type(length) is not int or offset < 0 or length < 0:
         raise _fail(path, f"entry {name} has a malformed offset or length.")
     if offset + length > sizes[file]:
@@ -522,12 +532,16 @@ def read_metadata(path: str | Path) -> Metadata:
     for index, info in storage.items():
         index = _record(index, "MetadataIndex", path, "a storage key")
         fqn, offset = index.get("fqn"), index.get("offset")
+        if type(fqn) is not str:
+            raise _fail(path, "a storage key has a name (fqn) that is not a string.")
+        if offset is not None:
+            offset = _int_tuple(offset, path, f"the offset of the storage key of {fqn}")
         where[(fqn, offset)] = info
     sizes: dict[str, int] = {}
     entries: dict[str, Entry] = {}
     for name, value in tensors.items():
         if type(name) is not str:
-            raise _fail(path, f"entry {name!r} has a name that is not a string.")
+            raise _fail(path, f"entry {reprlib.repr(name)} has a name that is not a string.")
         planned = planner.get(name)
         tree = planned if type(planned) is tuple else tuple(name.split("."))
         if type(value) is _Record and value.kind == "BytesStorageMetadata":
