@@ -182,6 +182,21 @@ def test_missing_path_exits_2(tmp_path, capsys):
     assert f"checkpoint {tmp_path / 'nope.pt'}: no such file or directory" in err
 
 
+@pytest.mark.parametrize("where", ["input", "output", "glob"])
+def test_a_path_the_file_system_refuses_is_a_one_line_error(run_dir, tmp_path, where, capsys):
+    """Before: a name too long for the file system was an "internal error" (OSError)."""
+    long = str(tmp_path / ("x" * 5000))
+    arguments = {
+        "input": ["average", long, str(run_dir), "-o", str(tmp_path / "a.safetensors")],
+        "output": ["average", str(run_dir), "-o", long + ".safetensors"],
+        "glob": ["inspect", long + "/*.pt"],
+    }[where]
+    code, _, err = run(arguments, capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith("polyak: error: ") and "File name too long" in err, err
+    assert not (tmp_path / "a.safetensors").exists()
+
+
 def test_a_bug_exits_1_with_a_hint(monkeypatch, run_dir, tmp_path, capsys):
     import polyak.cli.average as average_module
 

@@ -1,7 +1,7 @@
 """The ``polyak`` entry point: subcommands, one-line errors and exit codes.
 
-Exit codes: 0 done, 2 bad input or refused (any ``PolyakError`` or usage error),
-1 a bug. ``-v`` shows the traceback. Under torchrun every process joins torch's
+Exit codes: 0 done, 2 bad input or refused (any ``PolyakError``, a usage error, or
+a file the file system refuses: a name too long, a full disk), 1 a bug. ``-v`` shows the traceback. Under torchrun every process joins torch's
 process group (``polyak.distributed``) and only process 0 prints results.
 """
 
@@ -13,6 +13,7 @@ import sys
 import traceback
 import warnings
 from collections.abc import Callable
+from typing import NoReturn
 
 import typer
 
@@ -156,13 +157,27 @@ def _run(arguments: list[str], where: str) -> None:
     except KeyboardInterrupt:
         print("polyak: interrupted.", file=sys.stderr)
         sys.exit(130)
-    except Exception as error:  # a bug: say so, and how to see more
+    except OSError as error:
+        if error.filename is None:  # not about a file: a bug, below
+            _internal_error(error)
+        # The file system refused a file: a name too long, no permission, a full disk.
         if STATE.verbose:
             traceback.print_exc()
-        print(
-            "polyak: internal error (a bug, please report it): "
-            f"{type(error).__name__}: {one_line(str(error))}"
-            + ("" if STATE.verbose else " (run with -v for the traceback)"),
-            file=sys.stderr,
-        )
-        sys.exit(1)
+        reason = error.strerror or type(error).__name__
+        print(f"polyak: error{where}: {one_line(f'{error.filename}: {reason}.')}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as error:
+        _internal_error(error)
+
+
+def _internal_error(error: Exception) -> NoReturn:
+    """A bug: say so, and how to see more; exit 1."""
+    if STATE.verbose:
+        traceback.print_exc()
+    print(
+        "polyak: internal error (a bug, please report it): "
+        f"{type(error).__name__}: {one_line(str(error))}"
+        + ("" if STATE.verbose else " (run with -v for the traceback)"),
+        file=sys.stderr,
+    )
+    sys.exit(1)
