@@ -22,6 +22,7 @@ from polyak.formats.base import (
     CheckpointReader,
     PlannedTensors,
 )
+from polyak.formats.safetensors import ShardedParts
 
 __all__ = [
     "companions_of",
@@ -122,8 +123,14 @@ def write_output(
     except PolyakError:
         raise
     except OSError as error:
-        reason = error.strerror or str(error)
-        raise OutputError(f"output {out}: cannot be written ({reason}).") from None
+        raise _cannot_write(out, error) from None
+
+
+def _cannot_write(out: Path, error: OSError) -> PolyakError:
+    """An ``OSError`` of writing ``out`` as the one-line error that names it."""
+    if isinstance(error, PolyakError):
+        return error
+    return OutputError(f"output {out}: cannot be written ({error.strerror or error}).")
 
 
 def _copy_companions(companions: Sequence[Path], directory: Path) -> list[str]:
@@ -153,12 +160,15 @@ def write_output_together(
 ) -> list[Path]:
     """:func:`write_output` by every process of a torchrun group, each its share.
 
-    An output directory: every process plans the same shards; shard ``k`` is
-    averaged and written by process ``k mod P`` into one temporary directory that
-    process 0 creates beside ``out`` (on storage all of them see), then process 0
-    writes the index and, once every process has written and fsynced its shards,
-    renames the directory into place. The files are those one process would write,
-    bit for bit. A DCP directory: process p writes its share of the entries into
+    An output directory: every process plans the same shards and the same split of
+    the tensors into P contiguous runs of about equal bytes, across shard boundaries;
+    process p averages its run alone into its own files, inside one temporary
+    directory that process 0 creates beside ``out`` (on storage all of them see), and
+    fsyncs them; once all have, each shard cut between processes is put together by
+    the process that began it, and process 0 writes the index and renames the
+    directory into place (:class:`polyak.formats.safetensors.ShardedParts`; no two
+    processes ever write one file). The files are those one process would write, bit
+    for bit. A DCP directory: process p writes its share of the entries into
     ``__p_0.distcp`` and process 0 the ``.metadata`` (see
     :func:`polyak.formats.dcp.write_dcp`). A single-file output is written by process
     0 alone. If any process fails, every process raises and ``out`` is left as it was.
@@ -201,22 +211,30 @@ def write_output_together(
             temporary = Path(value)
         error = None
         names: list[str] = []
+        parts = None
         try:
             if output_format.name == "dcp":  # each process its part, fsynced; see write_dcp
                 names = output_format.write(temporary, tensors, template, group=group, **options)
-            else:
-                names = output_format.write(
-                    temporary,
-                    tensors,
-                    template,
-                    max_shard_size=max_shard_size,
-                    owned=group.owned,
-                    write_index=group.is_main,
+            else:  # each process its run of tensors, in its own files; see ShardedParts
+                parts = ShardedParts(
+                    tensors.infos, template, max_shard_size=max_shard_size, processes=group.size
                 )
-                mine = [name for number, name in enumerate(names) if group.owned(number)]
-                _fsync_files(temporary / name for name in mine if (temporary / name).exists())
+                _fsync_files(parts.write(temporary, tensors, group.rank))
+                names = list(parts.files)
+        except OSError as failure:
+            error = _cannot_write(out, failure)
+        except BaseException as failure:
+            error = failure
+        group.check(error)
+        try:  # every process has written its files: the cut shards are put together
+            if parts is not None:
+                parts.assemble(temporary, group.rank)
+                if group.is_main:
+                    parts.write_index(temporary)
             if group.is_main:
                 names += _copy_companions(companions, temporary)
+        except OSError as failure:
+            error = _cannot_write(out, failure)
         except BaseException as failure:
             error = failure
         group.check(error)
