@@ -143,23 +143,20 @@ def _index_or_names(directory: Path) -> str:
 
 
 @pytest.mark.slow
-def test_a_failure_on_one_process_fails_all_and_leaves_nothing(sharded_run, tmp_path):
+@pytest.mark.parametrize(
+    "output", [pytest.param(["--max-shard-size", "1GB", "-o", "out/"], id="one-shard"),
+               pytest.param(["-o", "out.safetensors"], id="one-file")],
+)  # fmt: skip
+def test_a_failure_on_one_process_fails_all_and_leaves_nothing(sharded_run, tmp_path, output):
     """Process 1 alone averages the last layer, which one member holds NaN in; process 0
-    has written its part of the one shard by then: nothing of it is left."""
+    has written its part of the one shard (or file) by then: nothing of it is left."""
     damaged = tmp_path / "run"
     shutil.copytree(sharded_run, damaged)
     shard = damaged / "checkpoint-200" / "model-00004-of-00004.safetensors"
     tensors = load_file(shard)
     tensors["layer4.weight"][5, 7] = np.nan
     save_file(tensors, str(shard), {"format": "pt"})
-    arguments = [
-        "average",
-        str(damaged),
-        "--max-shard-size",
-        "1GB",
-        "-o",
-        str(tmp_path / "out") + "/",
-    ]
+    arguments = ["average", str(damaged), *output]
     completed = run([*TORCHRUN, "-m", "polyak", *arguments], tmp_path, check=False)
     assert completed.returncode != 0
     # One line per process that got to say it (torchrun stops the other once one has
@@ -177,12 +174,18 @@ def test_a_failure_on_one_process_fails_all_and_leaves_nothing(sharded_run, tmp_
 
 
 def test_average_to_a_single_file_is_identical_with_two_processes(sharded_run, tmp_path):
+    (tmp_path / "counting.py").write_text(COUNTING)
     arguments = ["average", str(sharded_run), "--scheme", "exp:1"]
     run([*POLYAK, *arguments, "-o", str(tmp_path / "one.safetensors")], tmp_path)
-    run([*TORCHRUN, "-m", "polyak", *arguments, "-o", str(tmp_path / "two.safetensors")], tmp_path)
-    assert (tmp_path / "one.safetensors").read_bytes() == (
-        tmp_path / "two.safetensors"
-    ).read_bytes()
+    run([*TORCHRUN, "counting.py", *arguments, "-o", str(tmp_path / "two.safetensors")], tmp_path)
+    assert filecmp.cmp(tmp_path / "one.safetensors", tmp_path / "two.safetensors", shallow=False)
+    leftovers = sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith((".py", ".json")))
+    assert leftovers == ["one.safetensors", "two.safetensors"]  # no temporaries, no pieces
+    with safe_open(tmp_path / "one.safetensors", framework="numpy") as opened:
+        order = [name for name in opened.keys() if "steps" not in name]
+    first, second = (json.loads((tmp_path / f"averaged-{r}.json").read_text()) for r in (0, 1))
+    assert first and second and not set(first) & set(second)  # both averaged, apart
+    assert sorted(first + second) == sorted(order)
 
 
 def test_a_refusal_fails_every_process_and_writes_nothing(sharded_run, tmp_path):

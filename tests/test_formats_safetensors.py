@@ -997,7 +997,7 @@ def test_one_shard_between_two_processes_is_cut_and_put_together(tmp_path: Path)
     assert parts.files == ["model.safetensors"]
     assert [(piece.process, piece.file) for piece in parts.pieces] == [
         (0, "model.safetensors"),
-        (1, ".model.safetensors.from-1"),
+        (1, "model.safetensors.from-1"),
     ]
     assert parts.tensors_of(0) and parts.tensors_of(1)
 

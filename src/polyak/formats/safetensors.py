@@ -606,7 +606,7 @@ class ShardedParts:
     1. :meth:`write`: process p averages its run alone (the others' tensors are never
        computed there) and streams it, in output order, into the shard files its run
        starts (header first) and, for a shard begun by an earlier process, into a
-       piece file ``.<shard>.from-<p>`` of its own.
+       piece file ``<shard>.from-<p>`` of its own.
     2. Once every process has written (the caller's barrier), :meth:`assemble`: the
        process that began a cut shard appends the later pieces to it, in order (by
        ``os.copy_file_range`` where the file system allows, else through one reused
@@ -622,6 +622,9 @@ class ShardedParts:
         template: as for :func:`write_sharded_safetensors`.
         max_shard_size: as for :func:`write_sharded_safetensors`.
         processes: how many processes write together.
+        file_name: write one safetensors file of this name instead of a checkpoint
+            directory (a single-file output, as :func:`write_safetensors` writes it);
+            the pieces are written beside it.
     """
 
     def __init__(
@@ -631,14 +634,19 @@ class ShardedParts:
         *,
         max_shard_size: int | str | None = None,
         processes: int = 1,
+        file_name: str | None = None,
     ) -> None:
         self.infos = infos
         self.template = template
-        limit = None if max_shard_size is None else parse_size(max_shard_size)
-        names = [name for name, _ in infos]
-        layout = None if limit is not None else _template_layout(template, names)
-        self.shards = plan_shards(infos, limit, layout)
-        self.shard_files = shard_names(len(self.shards))
+        if file_name is not None:  # one file, as write_safetensors writes it
+            self.shards = plan_shards(infos)
+            self.shard_files = [file_name]
+        else:
+            limit = None if max_shard_size is None else parse_size(max_shard_size)
+            names = [name for name, _ in infos]
+            layout = None if limit is not None else _template_layout(template, names)
+            self.shards = plan_shards(infos, limit, layout)
+            self.shard_files = shard_names(len(self.shards))
         self.metadata = _string_metadata(template)
         self.owners = split_by_cost([info.nbytes for _, info in infos], processes)
         self.pieces: list[_Piece] = []
@@ -652,7 +660,7 @@ class ShardedParts:
             for stop in range(1, len(tensors) + 1):
                 if stop == len(tensors) or owners[stop] != owners[start]:
                     first = start == 0
-                    piece_file = file_name if first else f".{file_name}.from-{owners[start]}"
+                    piece_file = file_name if first else f"{file_name}.from-{owners[start]}"
                     self.pieces.append(
                         _Piece(shard, owners[start], tensors[start:stop], piece_file, first)
                     )
@@ -719,6 +727,12 @@ class ShardedParts:
                 (directory / piece.file).unlink()
             done.append(path)
         return done
+
+    def remove_pieces(self, directory: Path) -> None:
+        """Delete every piece file that is left (after a failure: any process's)."""
+        for piece in self.pieces:
+            if not piece.first:
+                (Path(directory) / piece.file).unlink(missing_ok=True)
 
     def write_index(self, directory: Path) -> None:
         """Step 3: the index, for more than one shard (one process writes it)."""
