@@ -164,7 +164,7 @@ def write_output_together(
     the tensors into P contiguous runs of about equal bytes, across shard boundaries;
     process p averages its run alone into its own files, inside one temporary
     directory that process 0 creates beside ``out`` (on storage all of them see), and
-    fsyncs them; once all have, each shard cut between processes is put together by
+    fsyncs its shard files; once all have, each shard cut between processes is put together by
     the process that began it, and process 0 writes the index and renames the
     directory into place (:class:`polyak.formats.safetensors.ShardedParts`; no two
     processes ever write one file). The files are those one process would write, bit

@@ -681,7 +681,17 @@ class ShardedParts:
         self, directory: Path, tensors: Iterable[tuple[str, np.ndarray]], process: int
     ) -> list[Path]:
         """Step 1: stream ``process``'s run of ``tensors`` (all of them, in output order,
-        e.g. the engine's lazy ``PlannedTensors``) into its files; the files written."""
+        e.g. the engine's lazy ``PlannedTensors``) into its files.
+
+        A shard file goes to the disk as it is written (``O_DIRECT``, see
+        :class:`BackgroundWriter`); a piece file through the page cache, where it is
+        read back from when appended and deleted, so that on a local file system its
+        bytes need not reach the disk at all (on NFS, closing it sends them to the
+        server, where the appending process reads them).
+
+        Returns:
+            The shard files written (to be fsynced); not the pieces.
+        """
         directory = Path(directory)
         arrays = iter(tensors)
         written = []
@@ -689,11 +699,12 @@ class ShardedParts:
             if piece.process != process:
                 _pass_over(piece.tensors, arrays)
                 continue
-            with BackgroundWriter(directory / piece.file) as file:
+            with BackgroundWriter(directory / piece.file, direct=piece.first) as file:
                 if piece.first:
                     file.write(_header_bytes(self.shards[piece.shard], self.metadata))
                 _write_arrays(file, piece.tensors, arrays)
-            written.append(directory / piece.file)
+            if piece.first:
+                written.append(directory / piece.file)
         _finish(arrays)
         return written
 
