@@ -595,7 +595,8 @@ class _Piece:
 
 
 class ShardedParts:
-    """A checkpoint directory that ``processes`` processes write together, each its share.
+    """A checkpoint directory (or one safetensors file) that ``processes`` processes
+    write together, each its share.
 
     Every process builds the same plan from the planned tensors: the shards of
     :func:`write_sharded_safetensors`, and the tensors cut into one contiguous run
@@ -699,7 +700,10 @@ class ShardedParts:
             if piece.process != process:
                 _pass_over(piece.tensors, arrays)
                 continue
-            with BackgroundWriter(directory / piece.file, direct=piece.first) as file:
+            scratch = not piece.first
+            with BackgroundWriter(
+                directory / piece.file, direct=not scratch, sync=not scratch
+            ) as file:
                 if piece.first:
                     file.write(_header_bytes(self.shards[piece.shard], self.metadata))
                 _write_arrays(file, piece.tensors, arrays)
@@ -767,7 +771,7 @@ _NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, er
 
 
 def append_file(target: BinaryIO, source: Path, size: int, *, kernel: bool = True) -> None:
-    """Append the ``size`` bytes of the file ``source`` at ``target``'s position.
+    """Append the ``size`` bytes of the file ``source`` to ``target`` (positioned at its end).
 
     By ``os.copy_file_range`` (the kernel copies, or the file server on NFS 4.2, or the
     file system shares the blocks) where it works, else through one reused buffer of
