@@ -511,7 +511,7 @@ def failing_after_first_shard(monkeypatch):
     """Make the shard writer fail as a full disk would, once the first shard is written."""
     import polyak.formats.safetensors as module
 
-    real = module._write_tensors
+    real = module._write_arrays
     written = []
 
     def write(file, *args, **kwargs):
@@ -520,7 +520,7 @@ def failing_after_first_shard(monkeypatch):
         real(file, *args, **kwargs)
         written.append(file.name)
 
-    monkeypatch.setattr(module, "_write_tensors", write)
+    monkeypatch.setattr(module, "_write_arrays", write)
     return written
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import filecmp
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -15,7 +18,8 @@ import pytest
 torch = pytest.importorskip("torch")
 datasets = pytest.importorskip("sklearn.datasets")
 
-from safetensors.numpy import save_file  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+from safetensors.numpy import load_file, save_file  # noqa: E402
 
 from polyak.distributed import ProcessGroup, current, launched_by_torchrun  # noqa: E402
 
@@ -73,28 +77,115 @@ def test_a_plain_process_has_no_group():
     assert current() is None
 
 
-@pytest.mark.parametrize("extra", [[], ["--max-shard-size", "20KB"]])
+# Runs polyak's command line, recording which floating tensors this process read from
+# the members: the engine reads a tensor only to average it, so these are the tensors
+# this process averaged (integer tensors, taken from the newest member, left out).
+COUNTING = """
+import json, os, sys
+from polyak.cli.main import main
+from polyak.formats.base import is_floating
+from polyak.formats.safetensors import SafetensorsReader
+
+read, averaged = SafetensorsReader.read, set()
+
+def counting(self, name):
+    if is_floating(self.info(name).dtype):
+        averaged.add(name)
+    return read(self, name)
+
+SafetensorsReader.read = counting
+try:
+    main()
+finally:
+    with open(f"averaged-{os.environ.get('RANK', 'alone')}.json", "w") as file:
+        json.dump(sorted(averaged), file)
+"""
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        pytest.param([], id="the-inputs-shards"),
+        pytest.param(["--max-shard-size", "20KB"], id="several-shards"),
+        pytest.param(["--max-shard-size", "1GB"], id="one-shard", marks=pytest.mark.slow),
+    ],
+)
 def test_average_of_a_sharded_checkpoint_is_identical_with_two_processes(
     sharded_run, tmp_path, extra
 ):
+    (tmp_path / "counting.py").write_text(COUNTING)
     arguments = ["average", str(sharded_run), "--scheme", "linear", *extra]
     run([*POLYAK, *arguments, "-o", str(tmp_path / "one") + "/"], tmp_path)
     completed = run(
-        [*TORCHRUN, "-m", "polyak", *arguments, "-o", str(tmp_path / "two") + "/"], tmp_path
+        [*TORCHRUN, "counting.py", *arguments, "-o", str(tmp_path / "two") + "/"], tmp_path
     )
     one, two = files_of(tmp_path / "one"), files_of(tmp_path / "two")
-    assert len(one) > 2 and one == two  # every shard and the index, byte for byte
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]  # no temporaries
+    assert len(one) >= (1 if "1GB" in extra else 3) and one == two  # byte for byte
+    assert filecmp.dircmp(tmp_path / "one", tmp_path / "two").diff_files == []
+    leftovers = sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith((".py", ".json")))
+    assert leftovers == ["one", "two"]  # no temporaries, no pieces
     assert completed.stdout.count("Wrote ") == 1  # process 0 alone prints
+    # Both processes averaged: each its own contiguous run of the tensors, together all.
+    first, second = (json.loads((tmp_path / f"averaged-{r}.json").read_text()) for r in (0, 1))
+    order = [name for name in json.loads(_index_or_names(tmp_path / "one")) if "steps" not in name]
+    assert first and second and not set(first) & set(second)
+    assert sorted(first + second) == sorted(order)
+    assert max(order.index(name) for name in first) < min(order.index(name) for name in second)
+
+
+def _index_or_names(directory: Path) -> str:
+    """The tensor names of an output directory, in output order, as JSON."""
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        return json.dumps(list(json.loads(index.read_text())["weight_map"]))
+    with safe_open(directory / "model.safetensors", framework="numpy") as opened:
+        return json.dumps(list(opened.keys()))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "output", [pytest.param(["--max-shard-size", "1GB", "-o", "out/"], id="one-shard"),
+               pytest.param(["-o", "out.safetensors"], id="one-file")],
+)  # fmt: skip
+def test_a_failure_on_one_process_fails_all_and_leaves_nothing(sharded_run, tmp_path, output):
+    """Process 1 alone averages the last layer, which one member holds NaN in; process 0
+    has written its part of the one shard (or file) by then: nothing of it is left."""
+    damaged = tmp_path / "run"
+    shutil.copytree(sharded_run, damaged)
+    shard = damaged / "checkpoint-200" / "model-00004-of-00004.safetensors"
+    tensors = load_file(shard)
+    tensors["layer4.weight"][5, 7] = np.nan
+    save_file(tensors, str(shard), {"format": "pt"})
+    arguments = ["average", str(damaged), *output]
+    completed = run([*TORCHRUN, "-m", "polyak", *arguments], tmp_path, check=False)
+    assert completed.returncode != 0
+    # One line per process that got to say it (torchrun stops the other once one has
+    # exited), each naming the file and the tensor; torchrun's own report follows.
+    errors = [line for line in completed.stderr.splitlines() if line.startswith("polyak:")]
+    assert 1 <= len(errors) <= 2, completed.stderr
+    for line in errors:
+        # Process 1 failed; process 0 says that process 1 failed, and why.
+        assert re.match(
+            r"polyak: error \(process (1 of 2\)|0 of 2\): process 1 of 2 failed): checkpoint ", line
+        ), line
+        assert "checkpoint-200/model.safetensors.index.json: tensor layer4.weight holds NaN" in line
+    assert not re.search(r'File ".*/polyak/', completed.stderr)  # no traceback of polyak's
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no output, no temporary
 
 
 def test_average_to_a_single_file_is_identical_with_two_processes(sharded_run, tmp_path):
+    (tmp_path / "counting.py").write_text(COUNTING)
     arguments = ["average", str(sharded_run), "--scheme", "exp:1"]
     run([*POLYAK, *arguments, "-o", str(tmp_path / "one.safetensors")], tmp_path)
-    run([*TORCHRUN, "-m", "polyak", *arguments, "-o", str(tmp_path / "two.safetensors")], tmp_path)
-    assert (tmp_path / "one.safetensors").read_bytes() == (
-        tmp_path / "two.safetensors"
-    ).read_bytes()
+    run([*TORCHRUN, "counting.py", *arguments, "-o", str(tmp_path / "two.safetensors")], tmp_path)
+    assert filecmp.cmp(tmp_path / "one.safetensors", tmp_path / "two.safetensors", shallow=False)
+    leftovers = sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith((".py", ".json")))
+    assert leftovers == ["one.safetensors", "two.safetensors"]  # no temporaries, no pieces
+    with safe_open(tmp_path / "one.safetensors", framework="numpy") as opened:
+        order = [name for name in opened.keys() if "steps" not in name]
+    first, second = (json.loads((tmp_path / f"averaged-{r}.json").read_text()) for r in (0, 1))
+    assert first and second and not set(first) & set(second)  # both averaged, apart
+    assert sorted(first + second) == sorted(order)
 
 
 def test_a_refusal_fails_every_process_and_writes_nothing(sharded_run, tmp_path):

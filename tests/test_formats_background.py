@@ -145,3 +145,15 @@ def test_direct_writes_end_with_a_buffered_tail(tmp_path: Path) -> None:
     file.close()
     assert not file.direct  # switched off for the last, partial buffer
     assert path.read_bytes() == data.tobytes()
+
+
+@pytest.mark.parametrize("sync", [True, False])
+def test_a_scratch_file_is_not_synced_as_it_goes(tmp_path: Path, monkeypatch, sync) -> None:
+    calls = []
+    monkeypatch.setattr(background, "_sync", lambda descriptor: calls.append(descriptor))
+    monkeypatch.setattr(background, "SYNC_BYTES", 2 * BUFFER_BYTES)
+    data = np.random.default_rng(3).integers(0, 256, 5 * BUFFER_BYTES, dtype=np.uint8)
+    with BackgroundWriter(tmp_path / "out.bin", direct=False, sync=sync) as file:
+        file.write(data)
+    assert (tmp_path / "out.bin").read_bytes() == data.tobytes()
+    assert (len(calls) == 2) if sync else (calls == [])

@@ -778,10 +778,17 @@ def test_a_failure_on_one_process_leaves_no_dcp_output(tmp_path):
     completed = run([*TORCHRUN, *command], tmp_path, check=False)
     assert completed.returncode != 0
     told = [line for line in completed.stderr.splitlines() if line.startswith("polyak: ")]
-    assert len(told) == 2  # one line from each process
-    assert "(process 1 of 2):" in told[0] + told[1] and "tensor extra:" in told[0] + told[1]
-    assert any(line.startswith("polyak: error (process 0 of 2): process 1 of 2 failed: ")
-               for line in told)  # fmt: skip
+    # One line from each process that got to say it: torchrun stops the others as soon
+    # as one has exited, at times before they print. Each says that process 1 failed.
+    assert 1 <= len(told) <= 2, completed.stderr
+    for line in told:
+        assert line.startswith(
+            (
+                "polyak: error (process 1 of 2): ",
+                "polyak: error (process 0 of 2): process 1 of 2 failed: ",
+            )
+        ), line
+        assert "tensor extra:" in line
     assert not out.exists()
     assert sorted(path.name for path in tmp_path.iterdir()) == ["run"]  # no temporary left
     run([sys.executable, *command, "--drop-optimizer"], tmp_path)  # without the damaged entry

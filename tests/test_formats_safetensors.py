@@ -23,11 +23,13 @@ from polyak.formats import (
     format_of,
     open_checkpoint,
 )
-from polyak.formats.base import PlannedTensors, TensorInfo
+from polyak.formats.base import PlannedTensors, StreamedTensor, TensorInfo
 from polyak.formats.safetensors import (
     INDEX_NAME,
     SafetensorsReader,
+    ShardedParts,
     ShardedSafetensorsReader,
+    append_file,
     parse_size,
     plan_shards,
     shard_names,
@@ -921,6 +923,98 @@ def test_sharded_writer_refuses_tensors_that_differ_from_the_plan(tmp_path: Path
         )
     with pytest.raises(ValueError, match="tensor x: does not match the planned a"):
         write_sharded_safetensors(tmp_path, PlannedTensors(infos, [("x", two)]), None)
+
+
+def parts_tensors() -> dict[str, np.ndarray]:
+    """Tensors of uneven sizes, an empty one and an integer one among them."""
+    rng = np.random.default_rng(7)
+    sizes = [300, 7, 0, 1000, 64, 513, 2, 800, 90, 45]
+    tensors = {f"t{i}": rng.normal(size=n).astype(np.float32) for i, n in enumerate(sizes)}
+    tensors["steps"] = np.array([3, 4], np.int64)
+    tensors["half"] = rng.normal(size=(20, 33)).astype(np.float16)
+    return tensors
+
+
+def streamed(tensors: dict[str, np.ndarray], computed: list[str]) -> PlannedTensors:
+    """``tensors`` as the engine gives them: lazy, each one's chunks computed only when
+    a writer asks; ``computed`` records which were."""
+
+    def chunks(name: str, array: np.ndarray):
+        computed.append(name)
+        flat = array.reshape(-1)
+        for start in range(0, max(flat.size, 1), 128):
+            yield flat[start : start + 128].copy()
+
+    infos = PlannedTensors.from_arrays(tensors.items()).infos
+    pairs = (
+        (name, StreamedTensor(info, lambda n=name, a=tensors[name]: chunks(n, a)))
+        for name, info in infos
+    )
+    return PlannedTensors(infos, pairs)
+
+
+@pytest.mark.parametrize("processes", [1, 2, 3, 5, 16])
+@pytest.mark.parametrize("max_shard_size", [None, 40, 1500, "1GB"])
+def test_processes_writing_their_parts_give_the_one_process_files(
+    tmp_path: Path, processes, max_shard_size
+) -> None:
+    """The steps of a torchrun write, taken here process after process; each process
+    computes its run of tensors alone, and the files are the one-process files."""
+    tensors = parts_tensors()
+    one, together = tmp_path / "one", tmp_path / "together"
+    one.mkdir()
+    together.mkdir()
+    files = write_sharded_safetensors(one, tensors.items(), None, max_shard_size=max_shard_size)
+    infos = PlannedTensors.from_arrays(tensors.items()).infos
+    plans = [
+        ShardedParts(infos, None, max_shard_size=max_shard_size, processes=processes)
+        for _ in range(processes)
+    ]  # every process plans alike
+    runs = []
+    for process, parts in enumerate(plans):
+        computed: list[str] = []
+        parts.write(together, streamed(tensors, computed), process)
+        assert computed == parts.tensors_of(process)  # never another process's tensor
+        runs.append(computed)
+    assert [name for run in runs for name in run] == list(tensors)  # contiguous runs, in order
+    sizes = [sum(tensors[name].nbytes for name in run) for run in runs]
+    largest = max(array.nbytes for array in tensors.values())
+    total = sum(sizes)
+    assert max(sizes) <= total / processes + largest  # about equal bytes
+    for process, parts in enumerate(plans):
+        parts.assemble(together, process)
+    plans[0].write_index(together)
+    assert plans[0].files == files
+    assert sorted(p.name for p in together.iterdir()) == sorted(files)  # no piece left
+    for name in files:
+        assert (together / name).read_bytes() == (one / name).read_bytes(), name
+
+
+def test_one_shard_between_two_processes_is_cut_and_put_together(tmp_path: Path) -> None:
+    tensors = parts_tensors()
+    infos = PlannedTensors.from_arrays(tensors.items()).infos
+    parts = ShardedParts(infos, None, max_shard_size="1GB", processes=2)
+    assert parts.files == ["model.safetensors"]
+    assert [(piece.process, piece.file) for piece in parts.pieces] == [
+        (0, "model.safetensors"),
+        (1, "model.safetensors.from-1"),
+    ]
+    assert parts.tensors_of(0) and parts.tensors_of(1)
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_append_file_copies_in_pieces_of_bounded_size(tmp_path: Path, kernel, monkeypatch):
+    monkeypatch.setattr("polyak.formats.safetensors._COPY_BYTES", 1000)
+    data = np.random.default_rng(1).integers(0, 256, 4567, dtype=np.uint8).tobytes()
+    (tmp_path / "piece").write_bytes(data)
+    (tmp_path / "shard").write_bytes(b"head")
+    with open(tmp_path / "shard", "r+b") as target:
+        target.seek(0, 2)
+        append_file(target, tmp_path / "piece", len(data), kernel=kernel)
+        append_file(target, tmp_path / "piece", len(data), kernel=kernel)
+    assert (tmp_path / "shard").read_bytes() == b"head" + data + data
+    with open(tmp_path / "shard", "r+b") as target, pytest.raises(OSError, match="not 4568"):
+        append_file(target, tmp_path / "piece", len(data) + 1, kernel=kernel)
 
 
 @pytest.mark.parametrize(

@@ -34,6 +34,7 @@ __all__ = [
     "init_from_environment",
     "launched_by_torchrun",
     "shut_down",
+    "split_by_cost",
 ]
 
 
@@ -190,3 +191,23 @@ class ProcessGroup:
     def owned(self, index: int) -> bool:
         """Whether work item ``index`` is this rank's (round robin)."""
         return index % self.size == self.rank
+
+
+def split_by_cost(costs: list[int], parts: int) -> list[int]:
+    """Which of ``parts`` processes takes each item: contiguous runs of about equal cost.
+
+    Item ``i`` goes to the process whose share ``[p, p + 1) * total / parts`` holds the
+    middle of the item's cost, so the runs keep the items' order, an item is never
+    split, and each process's cost is within one item of ``total / parts``.
+
+    Example:
+        >>> split_by_cost([1, 1, 1, 1, 4], 2)
+        [0, 0, 0, 0, 1]
+    """
+    total = sum(costs)
+    owners, before = [], 0
+    for cost in costs:
+        middle = before + cost / 2
+        owners.append(min(parts - 1, int(middle * parts / total)) if total else 0)
+        before += cost
+    return owners

@@ -1,5 +1,5 @@
 """Writing an average's result atomically: one file, a shard directory, or a torchrun
-group's shards.
+group's share of either.
 
 Nothing is visible at the output's path until the whole output is written and fsynced
 (:func:`polyak.files.atomic_output`, :func:`polyak.files.atomic_directory`).
@@ -22,6 +22,7 @@ from polyak.formats.base import (
     CheckpointReader,
     PlannedTensors,
 )
+from polyak.formats.safetensors import ShardedParts
 
 __all__ = [
     "companions_of",
@@ -122,8 +123,14 @@ def write_output(
     except PolyakError:
         raise
     except OSError as error:
-        reason = error.strerror or str(error)
-        raise OutputError(f"output {out}: cannot be written ({reason}).") from None
+        raise _cannot_write(out, error) from None
+
+
+def _cannot_write(out: Path, error: OSError) -> PolyakError:
+    """An ``OSError`` of writing ``out`` as the one-line error that names it."""
+    if isinstance(error, PolyakError):
+        return error
+    return OutputError(f"output {out}: cannot be written ({error.strerror or error}).")
 
 
 def _copy_companions(companions: Sequence[Path], directory: Path) -> list[str]:
@@ -153,18 +160,27 @@ def write_output_together(
 ) -> list[Path]:
     """:func:`write_output` by every process of a torchrun group, each its share.
 
-    An output directory: every process plans the same shards; shard ``k`` is
-    averaged and written by process ``k mod P`` into one temporary directory that
-    process 0 creates beside ``out`` (on storage all of them see), then process 0
-    writes the index and, once every process has written and fsynced its shards,
-    renames the directory into place. The files are those one process would write,
-    bit for bit. A DCP directory: process p writes its share of the entries into
+    An output directory: every process plans the same shards and the same split of
+    the tensors into P contiguous runs of about equal bytes, across shard boundaries;
+    process p averages its run alone into its own files, inside one temporary
+    directory that process 0 creates beside ``out`` (on storage all of them see), and
+    fsyncs its shard files; once all have, each shard cut between processes is put together by
+    the process that began it, and process 0 writes the index and renames the
+    directory into place (:class:`polyak.formats.safetensors.ShardedParts`; no two
+    processes ever write one file). The files are those one process would write, bit
+    for bit. A DCP directory: process p writes its share of the entries into
     ``__p_0.distcp`` and process 0 the ``.metadata`` (see
-    :func:`polyak.formats.dcp.write_dcp`). A single-file output is written by process
-    0 alone. If any process fails, every process raises and ``out`` is left as it was.
+    :func:`polyak.formats.dcp.write_dcp`). A single ``.safetensors`` file is split
+    the same way, as a directory of one shard whose pieces lie beside the temporary
+    file; any other single-file output is written by process 0 alone. If any process
+    fails, every process raises, and once process 0 has removed what was written
+    ``out`` is left as it was.
     """
     out = Path(out)
-    if output_format.name not in ("sharded-safetensors", "dcp"):
+    single = output_format.name == "safetensors"
+    if max_shard_size is not None and single:
+        raise shards_need_a_directory(out, output_format)
+    if output_format.name not in ("sharded-safetensors", "dcp", "safetensors"):
         error = None
         files: list[Path] = []
         if group.is_main:
@@ -182,49 +198,90 @@ def write_output_together(
                 error = failure
         group.check(error)
         return group.broadcast(files)
-    with contextlib.ExitStack() as written:
-        # Process 0 holds the temporary directory; leaving this block with an exception
-        # (any process's failure, raised by group.check) removes it, out left as it was.
-        if group.is_main:
-            try:
-                temporary = written.enter_context(
-                    atomic_directory(out, companions, overwrite=overwrite)
+    try:
+        with contextlib.ExitStack() as written:
+            # Process 0 holds the temporary file or directory; leaving this block with an
+            # exception (any process's failure, raised by group.check) removes it, out left
+            # as it was.
+            if single:
+                temporary = _shared_temporary(
+                    written, group, atomic_output(out, overwrite=overwrite)
                 )
-            except BaseException as failure:
-                group.broadcast(("failed", str(failure)))
-                raise
-            group.broadcast(("ready", str(temporary)))
-        else:
-            state, value = group.broadcast(None)
-            if state == "failed":
-                raise DistributedError(f"process 0 of {group.size} failed: {value}")
-            temporary = Path(value)
-        error = None
-        names: list[str] = []
-        try:
-            if output_format.name == "dcp":  # each process its part, fsynced; see write_dcp
-                names = output_format.write(temporary, tensors, template, group=group, **options)
             else:
-                names = output_format.write(
-                    temporary,
-                    tensors,
-                    template,
-                    max_shard_size=max_shard_size,
-                    owned=group.owned,
-                    write_index=group.is_main,
-                )
-                mine = [name for number, name in enumerate(names) if group.owned(number)]
-                _fsync_files(temporary / name for name in mine if (temporary / name).exists())
-            if group.is_main:
-                names += _copy_companions(companions, temporary)
-        except BaseException as failure:
-            error = failure
-        group.check(error)
-        commit = written.pop_all()  # every process wrote its shards: commit, outside
+                made = atomic_directory(out, companions, overwrite=overwrite)
+                temporary = _shared_temporary(written, group, made)
+            directory = temporary.parent if single else temporary
+            error = None
+            names: list[str] = []
+            parts = None
+            try:
+                if output_format.name == "dcp":  # each process its part, fsynced; see write_dcp
+                    names = output_format.write(
+                        temporary, tensors, template, group=group, **options
+                    )
+                else:  # each process its run of tensors, in its own files; see ShardedParts
+                    parts = ShardedParts(
+                        tensors.infos,
+                        template,
+                        max_shard_size=max_shard_size,
+                        processes=group.size,
+                        file_name=temporary.name if single else None,
+                    )
+                    if single and group.is_main:  # pieces beside out: removed on a failure
+                        written.callback(parts.remove_pieces, directory)
+                    _fsync_files(parts.write(directory, tensors, group.rank))
+                    names = list(parts.files)
+            except OSError as failure:
+                error = _cannot_write(out, failure)
+            except BaseException as failure:
+                error = failure
+            group.check(error)
+            try:  # every process has written its files: the cut shards are put together
+                if parts is not None:
+                    parts.assemble(directory, group.rank)
+                    if group.is_main and not single:
+                        parts.write_index(directory)
+                if group.is_main and not single:
+                    names += _copy_companions(companions, temporary)
+            except OSError as failure:
+                error = _cannot_write(out, failure)
+            except BaseException as failure:
+                error = failure
+            group.check(error)
+            commit = written.pop_all()  # every process wrote its files: commit, outside
+    except BaseException:
+        # Every process raises here together (each exception above is raised at a
+        # collective), and process 0 has removed the temporary files on leaving the
+        # block: wait for it, so that no process exits first (torchrun then stops the
+        # others) while something is left.
+        with contextlib.suppress(Exception):
+            group.barrier()
+        raise
     commit_error = None
     try:
-        commit.close()  # process 0: fsync and rename the directory into place
+        commit.close()  # process 0: fsync and rename into place
     except BaseException as failure:
         commit_error = failure
     group.check(commit_error)
-    return [out / name for name in names]
+    return [out] if single else [out / name for name in names]
+
+
+def _shared_temporary(
+    stack: contextlib.ExitStack,
+    group: ProcessGroup,
+    make: contextlib.AbstractContextManager[Path],
+) -> Path:
+    """The temporary path of ``make`` (an atomic output), entered on process 0 and told
+    to every process; a failure to make it is raised on every process."""
+    if group.is_main:
+        try:
+            temporary = stack.enter_context(make)
+        except BaseException as failure:
+            group.broadcast(("failed", str(failure)))
+            raise
+        group.broadcast(("ready", str(temporary)))
+        return temporary
+    state, value = group.broadcast(None)
+    if state == "failed":
+        raise DistributedError(f"process 0 of {group.size} failed: {value}")
+    return Path(value)

@@ -81,6 +81,9 @@ class BackgroundWriter:
         path: the file to create (or truncate).
         direct: write full buffers with ``O_DIRECT`` where the platform and the file
             system allow it (above).
+        sync: without ``O_DIRECT``, ``fdatasync`` every ``SYNC_BYTES`` (above); False
+            for a scratch file that is read back and deleted, whose bytes need never
+            reach the disk.
 
     Example:
         >>> with BackgroundWriter(Path("out.bin")) as file:  # doctest: +SKIP
@@ -89,8 +92,9 @@ class BackgroundWriter:
         ...         file.write(chunk)  # copied at once: the chunk may be reused
     """
 
-    def __init__(self, path: Path, *, direct: bool = True) -> None:
+    def __init__(self, path: Path, *, direct: bool = True, sync: bool = True) -> None:
         self.path = Path(path)
+        self.sync = sync
         self.name = str(self.path)
         self._file = open(self.path, "wb", buffering=0)
         try:
@@ -211,7 +215,7 @@ class BackgroundWriter:
                 if self._error is None and not self._stopping:
                     self._write_buffer(buffer, filled)
                     unsynced += filled
-                    if not self.direct and unsynced >= SYNC_BYTES:
+                    if self.sync and not self.direct and unsynced >= SYNC_BYTES:
                         _sync(self._file.fileno())
                         unsynced = 0
             except BaseException as error:  # raised in the caller's thread

@@ -72,7 +72,7 @@ from typing import Any, BinaryIO, ClassVar
 
 import numpy as np
 
-from polyak.distributed import ProcessGroup
+from polyak.distributed import ProcessGroup, split_by_cost  # split_by_cost: its home was here
 from polyak.errors import CheckpointError, OutputError
 from polyak.formats import torchzip
 from polyak.formats.base import DTYPES, CheckpointReader, PlannedTensors, ReaderBase, TensorInfo
@@ -1110,26 +1110,6 @@ def _metadata(written: Iterable[_Written], version: str | None) -> bytes:
     buffer = io.BytesIO()
     _MetadataPickler(buffer, protocol=2).dump(_Object(_METADATA_MODULE, "Metadata", state))
     return buffer.getvalue()
-
-
-def split_by_cost(costs: list[int], parts: int) -> list[int]:
-    """Which of ``parts`` processes takes each item: contiguous runs of about equal cost.
-
-    Item ``i`` goes to the process whose share ``[p, p + 1) * total / parts`` holds the
-    middle of the item's cost, so the runs keep the items' order, an item is never
-    split, and each process's cost is within one item of ``total / parts``.
-
-    Example:
-        >>> split_by_cost([1, 1, 1, 1, 4], 2)
-        [0, 0, 0, 0, 1]
-    """
-    total = sum(costs)
-    owners, before = [], 0
-    for cost in costs:
-        middle = before + cost / 2
-        owners.append(min(parts - 1, int(middle * parts / total)) if total else 0)
-        before += cost
-    return owners
 
 
 def write_dcp(

@@ -21,15 +21,19 @@ Writing a checkpoint directory in Hugging Face's layout: :func:`write_sharded_sa
 
 from __future__ import annotations
 
+import errno
 import json
 import mmap
 import os
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
 from polyak.checks import parse_size  # re-exported: its home was here
+from polyak.distributed import split_by_cost
 from polyak.errors import CheckpointError
 from polyak.formats.background import BackgroundWriter
 from polyak.formats.base import DTYPES, PlannedTensors, ReaderBase, StreamedTensor, TensorInfo
@@ -40,7 +44,9 @@ __all__ = [
     "INDEX_NAME",
     "SINGLE_NAME",
     "SafetensorsReader",
+    "ShardedParts",
     "ShardedSafetensorsReader",
+    "append_file",
     "parse_size",
     "plan_shards",
     "shard_names",
@@ -391,6 +397,13 @@ def _write_tensors(
 ) -> None:
     """Write one safetensors file: the header of ``infos``, then their arrays, in order."""
     file.write(_header_bytes(infos, metadata))
+    _write_arrays(file, infos, arrays)
+
+
+def _write_arrays(
+    file, infos: list[tuple[str, TensorInfo]], arrays: Iterator[tuple[str, np.ndarray]]
+) -> None:
+    """Write the data of the planned ``infos``, taking their arrays from ``arrays``."""
     for planned_name, info in infos:
         try:
             name, array = next(arrays)
@@ -516,8 +529,6 @@ def write_sharded_safetensors(
     template: object | None = None,
     *,
     max_shard_size: int | str | None = None,
-    owned: Callable[[int], bool] | None = None,
-    write_index: bool = True,
 ) -> list[str]:
     """Write tensors as a safetensors checkpoint directory, shard after shard, streamed.
 
@@ -540,6 +551,8 @@ def write_sharded_safetensors(
     as ``model-0000i-of-0000K.safetensors`` and ``model.safetensors.index.json``,
     written last. Every shard keeps the template's ``__metadata__``.
 
+    Several processes writing one directory together (torchrun): :class:`ShardedParts`.
+
     Args:
         directory: an existing, empty directory (the caller renames it into place,
             see :func:`polyak.files.atomic_directory`).
@@ -547,47 +560,254 @@ def write_sharded_safetensors(
             each array is written at once and not kept.
         template: the reader whose shard layout and ``__metadata__`` are copied.
         max_shard_size: bytes per shard, or a size string such as ``"2GB"``.
-        owned: for one of several processes writing one checkpoint together
-            (torchrun): ``owned(k)`` says whether this process writes shard ``k``; the
-            others' tensors are passed over without being computed.
-        write_index: whether to write the index (one process writes it).
 
     Returns:
-        The names of every file of the checkpoint, the index last (also those that
-        other processes write).
+        The names of every file of the checkpoint, the index last.
 
     Example:
         >>> write_sharded_safetensors(Path("out"), {"w": w, "b": b}.items(),  # doctest: +SKIP
         ...                           max_shard_size="2GB")
         ['model.safetensors']
     """
-    directory = Path(directory)
     planned = (
         tensors if isinstance(tensors, PlannedTensors) else PlannedTensors.from_arrays(tensors)
     )
-    limit = None if max_shard_size is None else parse_size(max_shard_size)
-    names = [name for name, _ in planned.infos]
-    layout = None if limit is not None else _template_layout(template, names)
-    shards = plan_shards(planned.infos, limit, layout)
-    files = shard_names(len(shards))
-    metadata = _string_metadata(template)
-    arrays = iter(planned)
-    weight_map: dict[str, str] = {}
-    for number, (file_name, shard) in enumerate(zip(files, shards, strict=True)):
-        if owned is None or owned(number):
-            with BackgroundWriter(directory / file_name) as file:
-                _write_tensors(file, shard, arrays, metadata)
+    parts = ShardedParts(planned.infos, template, max_shard_size=max_shard_size)
+    parts.write(directory, planned, 0)
+    parts.write_index(directory)
+    return parts.files
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """A run of one shard's tensors that one process writes: the shard's first run
+    into the shard file itself, header first; any later run into a file of its own."""
+
+    shard: int
+    process: int
+    tensors: list[tuple[str, TensorInfo]]
+    file: str
+    first: bool
+
+    @property
+    def nbytes(self) -> int:
+        return sum(info.nbytes for _, info in self.tensors)
+
+
+class ShardedParts:
+    """A checkpoint directory (or one safetensors file) that ``processes`` processes
+    write together, each its share.
+
+    Every process builds the same plan from the planned tensors: the shards of
+    :func:`write_sharded_safetensors`, and the tensors cut into one contiguous run
+    per process of about equal bytes (:func:`polyak.distributed.split_by_cost`),
+    across shard boundaries. A shard whose tensors fall in several runs is cut into
+    pieces, one per process. No two processes ever write one file:
+
+    1. :meth:`write`: process p averages its run alone (the others' tensors are never
+       computed there) and streams it, in output order, into the shard files its run
+       starts (header first) and, for a shard begun by an earlier process, into a
+       piece file ``<shard>.from-<p>`` of its own.
+    2. Once every process has written (the caller's barrier), :meth:`assemble`: the
+       process that began a cut shard appends the later pieces to it, in order (by
+       ``os.copy_file_range`` where the file system allows, else through one reused
+       buffer), fsyncs it and deletes the pieces.
+    3. One process writes the index (:meth:`write_index`).
+
+    The files are those one process writes, byte for byte. With one process there
+    is one piece per shard and step 2 has nothing to do. Memory per process: the
+    engine's chunk buffers and one :class:`BackgroundWriter`'s, whatever the size.
+
+    Args:
+        infos: ``(name, info)`` of every tensor, in output order.
+        template: as for :func:`write_sharded_safetensors`.
+        max_shard_size: as for :func:`write_sharded_safetensors`.
+        processes: how many processes write together.
+        file_name: write one safetensors file of this name instead of a checkpoint
+            directory (a single-file output, as :func:`write_safetensors` writes it);
+            the pieces are written beside it.
+    """
+
+    def __init__(
+        self,
+        infos: list[tuple[str, TensorInfo]],
+        template: object | None = None,
+        *,
+        max_shard_size: int | str | None = None,
+        processes: int = 1,
+        file_name: str | None = None,
+    ) -> None:
+        self.infos = infos
+        self.template = template
+        if file_name is not None:  # one file, as write_safetensors writes it
+            self.shards = plan_shards(infos)
+            self.shard_files = [file_name]
         else:
-            _pass_over(shard, arrays)
-        weight_map.update((name, file_name) for name, _ in shard)
-    _finish(arrays)
-    if len(files) == 1:
-        return files
-    if write_index:
-        metadata = {**_index_metadata(template, planned.infos), MARK_KEY: MARK_VALUE}
+            limit = None if max_shard_size is None else parse_size(max_shard_size)
+            names = [name for name, _ in infos]
+            layout = None if limit is not None else _template_layout(template, names)
+            self.shards = plan_shards(infos, limit, layout)
+            self.shard_files = shard_names(len(self.shards))
+        self.metadata = _string_metadata(template)
+        self.owners = split_by_cost([info.nbytes for _, info in infos], processes)
+        self.pieces: list[_Piece] = []
+        number = 0
+        for shard, (file_name, tensors) in enumerate(
+            zip(self.shard_files, self.shards, strict=True)
+        ):
+            owners = self.owners[number : number + len(tensors)]
+            number += len(tensors)
+            start = 0
+            for stop in range(1, len(tensors) + 1):
+                if stop == len(tensors) or owners[stop] != owners[start]:
+                    first = start == 0
+                    piece_file = file_name if first else f"{file_name}.from-{owners[start]}"
+                    self.pieces.append(
+                        _Piece(shard, owners[start], tensors[start:stop], piece_file, first)
+                    )
+                    start = stop
+
+    @property
+    def files(self) -> list[str]:
+        """The names of every file of the checkpoint, the index last if there is one."""
+        return self.shard_files if len(self.shard_files) == 1 else [*self.shard_files, INDEX_NAME]
+
+    def tensors_of(self, process: int) -> list[str]:
+        """The names of the tensors ``process`` averages and writes."""
+        return [
+            name for piece in self.pieces if piece.process == process for name, _ in piece.tensors
+        ]
+
+    def write(
+        self, directory: Path, tensors: Iterable[tuple[str, np.ndarray]], process: int
+    ) -> list[Path]:
+        """Step 1: stream ``process``'s run of ``tensors`` (all of them, in output order,
+        e.g. the engine's lazy ``PlannedTensors``) into its files.
+
+        A shard file goes to the disk as it is written (``O_DIRECT``, see
+        :class:`BackgroundWriter`); a piece file through the page cache, where it is
+        read back from when appended and deleted, so that on a local file system its
+        bytes need not reach the disk at all (on NFS, closing it sends them to the
+        server, where the appending process reads them).
+
+        Returns:
+            The shard files written (to be fsynced); not the pieces.
+        """
+        directory = Path(directory)
+        arrays = iter(tensors)
+        written = []
+        for piece in self.pieces:
+            if piece.process != process:
+                _pass_over(piece.tensors, arrays)
+                continue
+            scratch = not piece.first
+            with BackgroundWriter(
+                directory / piece.file, direct=not scratch, sync=not scratch
+            ) as file:
+                if piece.first:
+                    file.write(_header_bytes(self.shards[piece.shard], self.metadata))
+                _write_arrays(file, piece.tensors, arrays)
+            if piece.first:
+                written.append(directory / piece.file)
+        _finish(arrays)
+        return written
+
+    def assemble(self, directory: Path, process: int) -> list[Path]:
+        """Step 2: append the later pieces of the cut shards ``process`` began; fsync them.
+
+        Returns:
+            The shard files completed here.
+        """
+        directory = Path(directory)
+        done = []
+        for shard, file_name in enumerate(self.shard_files):
+            pieces = [piece for piece in self.pieces if piece.shard == shard]
+            if len(pieces) < 2 or pieces[0].process != process:
+                continue
+            path = directory / file_name
+            expected = len(_header_bytes(self.shards[shard], self.metadata)) + sum(
+                piece.nbytes for piece in pieces
+            )
+            with open(path, "r+b") as target:
+                target.seek(0, os.SEEK_END)
+                for piece in pieces[1:]:
+                    append_file(target, directory / piece.file, piece.nbytes)
+                if target.tell() != expected:
+                    raise OSError(
+                        errno.EIO, f"{file_name} holds {target.tell()} bytes, not {expected}"
+                    )
+                target.flush()
+                os.fsync(target.fileno())
+            for piece in pieces[1:]:
+                (directory / piece.file).unlink()
+            done.append(path)
+        return done
+
+    def remove_pieces(self, directory: Path) -> None:
+        """Delete every piece file that is left (after a failure: any process's)."""
+        for piece in self.pieces:
+            if not piece.first:
+                (Path(directory) / piece.file).unlink(missing_ok=True)
+
+    def write_index(self, directory: Path) -> None:
+        """Step 3: the index, for more than one shard (one process writes it)."""
+        if len(self.shard_files) == 1:
+            return
+        weight_map = {
+            name: file_name
+            for file_name, shard in zip(self.shard_files, self.shards, strict=True)
+            for name, _ in shard
+        }
+        metadata = {**_index_metadata(self.template, self.infos), MARK_KEY: MARK_VALUE}
         index = {"metadata": metadata, "weight_map": weight_map}
-        (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-    return [*files, INDEX_NAME]
+        text = json.dumps(index, indent=2) + "\n"
+        (Path(directory) / INDEX_NAME).write_text(text, encoding="utf-8")
+
+
+# One buffer of a copy where the kernel cannot copy between the files itself.
+_COPY_BYTES = 1 << 20
+# copy_file_range's refusals that mean "not between these files": copy by hand then.
+_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP}
+
+
+def append_file(target: BinaryIO, source: Path, size: int, *, kernel: bool = True) -> None:
+    """Append the ``size`` bytes of the file ``source`` to ``target`` (positioned at its end).
+
+    By ``os.copy_file_range`` (the kernel copies, or the file server on NFS 4.2, or the
+    file system shares the blocks) where it works, else through one reused buffer of
+    ``_COPY_BYTES``: never the whole file in memory.
+
+    Raises:
+        OSError: ``source`` is not ``size`` bytes long, or a read or write failed.
+    """
+    target.flush()
+    with open(source, "rb") as file:
+        actual = os.fstat(file.fileno()).st_size
+        if actual != size:
+            raise OSError(errno.EIO, f"{source.name} holds {actual} bytes, not {size}")
+        copied = 0
+        if kernel and hasattr(os, "copy_file_range"):
+            try:
+                while copied < size:
+                    count = os.copy_file_range(
+                        file.fileno(), target.fileno(), size - copied, copied
+                    )
+                    if count == 0:
+                        raise OSError(errno.EIO, f"{source.name} ended early")
+                    copied += count
+            except OSError as error:
+                if error.errno not in _NO_KERNEL_COPY or copied:
+                    raise
+            target.seek(0, os.SEEK_END)
+        if copied < size:
+            buffer = bytearray(min(_COPY_BYTES, size))
+            view = memoryview(buffer)
+            while copied < size:
+                count = file.readinto(view[: min(len(buffer), size - copied)])
+                if not count:
+                    raise OSError(errno.EIO, f"{source.name} ended early")
+                target.write(view[:count])
+                copied += count
 
 
 def _index_metadata(
