@@ -1,8 +1,9 @@
 """The ``polyak`` entry point: subcommands, one-line errors and exit codes.
 
 Exit codes: 0 done, 2 bad input or refused (any ``PolyakError``, a usage error, or
-a file the file system refuses: a name too long, a full disk), 1 a bug. ``-v`` shows the traceback. Under torchrun every process joins torch's
-process group (``polyak.distributed``) and only process 0 prints results.
+a file the file system refuses: a name too long, a full disk), 1 a bug. ``-v`` shows
+the traceback. Under torchrun every process joins torch's process group
+(``polyak.distributed``) and only process 0 prints results.
 """
 
 from __future__ import annotations
