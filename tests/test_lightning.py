@@ -411,6 +411,9 @@ def test_the_callback_keeps_its_arguments_as_one_checked_options_record(tmp_path
     )
     assert callback.schedule is callback.options.schedule
     assert (callback.directory, callback.keep, callback.posthoc) == (tmp_path, 4, (0.1,))
+    assert (callback.rolling, callback.every_epochs, callback.every_steps) == (True, 1, None)
+    with pytest.raises(AttributeError):
+        callback.rolling = False
 
 
 def run_python(script: str) -> subprocess.CompletedProcess:

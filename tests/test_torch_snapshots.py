@@ -454,6 +454,11 @@ def test_the_saver_keeps_its_arguments_as_one_checked_options_record(tmp_path: P
     )
     assert (saver.directory, saver.keep, saver.posthoc) == (tmp_path, 3, (0.05,))
     assert type(saver.keep) is int
+    # The attributes show the checked record, read-only: no way around the checks.
+    with pytest.raises(AttributeError):
+        saver.keep = 0
+    # The loop decides when to save: no epoch schedule to show.
+    assert not hasattr(saver, "every_epochs") and not hasattr(saver, "schedule")
 
 
 @pytest.mark.parametrize(

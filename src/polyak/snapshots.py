@@ -38,10 +38,12 @@ from polyak.weights.schemes import format_number
 
 __all__ = [
     "MANIFEST_NAME",
+    "ScheduledSnapshotSettings",
     "Snapshot",
     "SnapshotDirectory",
     "SnapshotOptions",
     "SnapshotSchedule",
+    "SnapshotSettings",
     "check_snapshot_arguments",
     "is_whole_number",
     "read_manifest",
@@ -318,6 +320,41 @@ class SnapshotOptions:
 
 
 # ---------------------------------------------------------------- reading
+
+
+def _option(name: str) -> property:
+    return property(
+        lambda self: getattr(self.options, name),
+        doc=f"``options.{name}``, checked (read-only).",
+    )
+
+
+class SnapshotSettings:
+    """The checked arguments of a snapshot helper, read as its own attributes.
+
+    The Keras and Lightning callbacks and the torch saver each keep their
+    :class:`SnapshotOptions` as ``options``; this mixin shows its fields as
+    ``helper.keep``, ``helper.directory``... so the three read alike.
+    """
+
+    options: SnapshotOptions
+    directory = _option("directory")
+    format = _option("format")
+    keep = _option("keep")
+    prefix = _option("prefix")
+    posthoc = _option("posthoc")
+    posthoc_keep = _option("posthoc_keep")
+    posthoc_every = _option("posthoc_every")
+
+
+class ScheduledSnapshotSettings(SnapshotSettings):
+    """:class:`SnapshotSettings` and the schedule of a callback that saves by itself
+    (Keras, Lightning), where the torch saver saves when the loop calls it."""
+
+    rolling = _option("rolling")
+    every_epochs = _option("every_epochs")
+    every_steps = _option("every_steps")
+    schedule = _option("schedule")
 
 
 def _check_file_name(name: object) -> str | None:

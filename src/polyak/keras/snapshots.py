@@ -22,7 +22,13 @@ from polyak.errors import OutputError, require
 from polyak.keras.saving import save_model_file
 from polyak.keras.steps import StepCounter, optimizer_steps
 from polyak.posthoc import DEFAULT_PROFILE_KEEP, PROFILES_DIRECTORY, profile_directory
-from polyak.snapshots import Snapshot, SnapshotDirectory, SnapshotOptions, read_manifest
+from polyak.snapshots import (
+    ScheduledSnapshotSettings,
+    Snapshot,
+    SnapshotDirectory,
+    SnapshotOptions,
+    read_manifest,
+)
 from polyak.weights.schedule import AveragingSchedule, AveragingState, advance
 
 keras = require("keras", "keras", "polyak.keras")
@@ -194,7 +200,7 @@ class _Profiles:
         return committed
 
 
-class SnapshotCheckpoint(keras.callbacks.Callback):
+class SnapshotCheckpoint(ScheduledSnapshotSettings, keras.callbacks.Callback):
     """Save snapshots of the model during ``fit`` into a crash-safe snapshot directory.
 
     The callback has Keras serialize the model into memory (its ``.keras`` writer, given a
@@ -314,17 +320,6 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
             posthoc_keep=posthoc_keep,
             posthoc_every=posthoc_every,
         )
-        self.schedule = options.schedule
-        self.directory = options.directory
-        self.keep = options.keep
-        self.rolling = options.rolling
-        self.every_epochs = options.every_epochs
-        self.every_steps = options.every_steps
-        self.format = options.format
-        self.prefix = options.prefix
-        self.posthoc = options.posthoc
-        self.posthoc_keep = options.posthoc_keep
-        self.posthoc_every = options.posthoc_every
         self._profiles = _Profiles(
             options.directory, options.posthoc, options.posthoc_keep, options.format, options.prefix
         )

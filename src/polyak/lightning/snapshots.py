@@ -19,7 +19,7 @@ from typing import Any
 from polyak.checks import as_whole_number
 from polyak.lightning.framework import pl, sharded_strategy, torch
 from polyak.posthoc import DEFAULT_PROFILE_KEEP
-from polyak.snapshots import Snapshot, SnapshotDirectory, SnapshotOptions
+from polyak.snapshots import ScheduledSnapshotSettings, Snapshot, SnapshotDirectory, SnapshotOptions
 from polyak.torch.snapshots import (
     SUFFIXES,
     PosthocProfiles,
@@ -44,7 +44,7 @@ def _numbers(metrics: Any) -> dict[str, float | int]:
     return numbers
 
 
-class SnapshotCallback(pl.Callback):
+class SnapshotCallback(ScheduledSnapshotSettings, pl.Callback):
     """Save snapshots of a LightningModule during ``fit`` into a crash-safe snapshot directory.
 
     File names carry the numbers polyak orders checkpoints by:
@@ -155,17 +155,6 @@ class SnapshotCallback(pl.Callback):
             posthoc_keep=posthoc_keep,
             posthoc_every=posthoc_every,
         )
-        self.schedule = options.schedule
-        self.directory = options.directory
-        self.keep = options.keep
-        self.rolling = options.rolling
-        self.every_epochs = options.every_epochs
-        self.every_steps = options.every_steps
-        self.format = options.format
-        self.prefix = options.prefix
-        self.posthoc = options.posthoc
-        self.posthoc_keep = options.posthoc_keep
-        self.posthoc_every = options.posthoc_every
         self.saved: list[Snapshot] = []
         self._snapshots: SnapshotDirectory | None = None
         self._step = 0

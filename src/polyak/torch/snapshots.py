@@ -25,7 +25,7 @@ from typing import Any
 from polyak.checks import as_whole_number
 from polyak.errors import require
 from polyak.posthoc import DEFAULT_PROFILE_KEEP, profile_directory, profile_steps
-from polyak.snapshots import Snapshot, SnapshotDirectory, SnapshotOptions
+from polyak.snapshots import Snapshot, SnapshotDirectory, SnapshotOptions, SnapshotSettings
 from polyak.torch.online import OnlineAverage
 from polyak.torch.saving import (
     SUFFIXES,
@@ -331,7 +331,7 @@ def _width_key(width: float) -> str:
     return format_number(width)
 
 
-class SnapshotSaver:
+class SnapshotSaver(SnapshotSettings):
     """Save snapshots of a PyTorch model from a training loop into a snapshot directory.
 
     Each snapshot is committed through :class:`polyak.snapshots.SnapshotDirectory`:
@@ -453,13 +453,6 @@ class SnapshotSaver:
             posthoc_keep=posthoc_keep,
             posthoc_every=posthoc_every,
         )
-        self.directory = options.directory
-        self.keep = options.keep
-        self.format = options.format
-        self.prefix = options.prefix
-        self.posthoc = options.posthoc
-        self.posthoc_keep = options.posthoc_keep
-        self.posthoc_every = options.posthoc_every
         suffix = re.escape(options.suffix)
         self._by_step = re.compile(rf"{re.escape(prefix)}_step\d+{suffix}")
         self._by_epoch = re.compile(rf"{re.escape(prefix)}_\d+{suffix}")
