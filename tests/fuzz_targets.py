@@ -41,6 +41,19 @@ def _read_all(reader) -> None:
             reader.read(name)
 
 
+def _read_files(files: dict[str, bytes], open_reader: Callable[[Path], object]) -> None:
+    """Write ``files`` (name -> bytes) into a fresh directory, open it with
+    ``open_reader(directory)`` and read everything; a clean refusal is a pass."""
+    with tempfile.TemporaryDirectory() as directory:
+        folder = Path(directory)
+        for name, data in files.items():
+            (folder / name).write_bytes(data)
+        try:
+            _read_all(open_reader(folder))
+        except PolyakError:
+            pass
+
+
 def safetensors_header(data: bytes) -> None:
     try:
         parse_header(Path("fuzz.safetensors"), data, 1 << 20)
@@ -49,27 +62,15 @@ def safetensors_header(data: bytes) -> None:
 
 
 def safetensors_file(data: bytes) -> None:
-    with tempfile.TemporaryDirectory() as directory:
-        path = Path(directory) / "fuzz.safetensors"
-        path.write_bytes(data)
-        try:
-            _read_all(SafetensorsReader(path))
-        except PolyakError:
-            pass
+    _read_files({"fuzz.safetensors": data}, lambda d: SafetensorsReader(d / "fuzz.safetensors"))
 
 
 def safetensors_index(data: bytes) -> None:
-    with tempfile.TemporaryDirectory() as directory:
-        folder = Path(directory)
-        from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
-        save_file({"a": np.ones(2, np.float32)}, str(folder / _SHARD_NAME))
-        index = folder / "model.safetensors.index.json"
-        index.write_bytes(data)
-        try:
-            _read_all(ShardedSafetensorsReader(index))
-        except PolyakError:
-            pass
+    index = "model.safetensors.index.json"
+    shard = save({"a": np.ones(2, np.float32)})
+    _read_files({_SHARD_NAME: shard, index: data}, lambda d: ShardedSafetensorsReader(d / index))
 
 
 def _walk(value: object) -> None:
@@ -97,25 +98,13 @@ def torch_zip(data: bytes) -> None:
 
 
 def npz(data: bytes) -> None:
-    with tempfile.TemporaryDirectory() as directory:
-        path = Path(directory) / "fuzz.npz"
-        path.write_bytes(data)
-        try:
-            _read_all(NpzReader(path))
-        except PolyakError:
-            pass
+    _read_files({"fuzz.npz": data}, lambda d: NpzReader(d / "fuzz.npz"))
 
 
 def keras_archive(data: bytes) -> None:
     from polyak.formats.keras import KerasArchiveReader
 
-    with tempfile.TemporaryDirectory() as directory:
-        path = Path(directory) / "fuzz.keras"
-        path.write_bytes(data)
-        try:
-            _read_all(KerasArchiveReader(path))
-        except PolyakError:
-            pass
+    _read_files({"fuzz.keras": data}, lambda d: KerasArchiveReader(d / "fuzz.keras"))
 
 
 def _dcp_pair(metadata: bytes, payload: bytes) -> bytes:
@@ -135,13 +124,7 @@ def dcp_directory(data: bytes) -> None:
     metadata, payload = (
         (data[4 : 4 + size], data[4 + size :]) if size <= len(data) - 4 else (data, b"")
     )
-    with tempfile.TemporaryDirectory() as directory:
-        (Path(directory) / ".metadata").write_bytes(metadata)
-        (Path(directory) / "__0_0.distcp").write_bytes(payload)
-        try:
-            _read_all(DcpReader(Path(directory)))
-        except PolyakError:
-            pass
+    _read_files({".metadata": metadata, "__0_0.distcp": payload}, DcpReader)
 
 
 def manifest(data: bytes) -> None:
