@@ -8,7 +8,7 @@ from safetensors.numpy import save_file
 
 from polyak.discovery import order_key
 from polyak.formats import format_for_output, format_of
-from polyak.output import companions_of, companions_to_copy
+from polyak.output import carries_companions, companions_of, companions_to_copy
 
 
 def test_only_a_directory_output_carries_the_newest_members_companions(tmp_path):
@@ -24,6 +24,7 @@ def test_only_a_directory_output_carries_the_newest_members_companions(tmp_path)
     assert companions_to_copy(member, directory) == [newest / "config.json"]
     single = format_for_output(tmp_path / "averaged.safetensors", input_format)
     assert companions_to_copy(member, single) == []
+    assert carries_companions(directory) and not carries_companions(single)
 
 
 def test_a_file_member_has_no_companions(tmp_path):

@@ -36,8 +36,8 @@ from polyak.formats.base import (
     is_floating,
 )
 from polyak.output import (
+    carries_companions,
     companions_of,
-    companions_to_copy,
     shards_need_a_directory,
     write_output,
     write_output_together,
@@ -250,8 +250,8 @@ def average_to(
                 raise shards_need_a_directory(out, output_format)
             if limit is None and output_format.name == "sharded-safetensors":
                 limit = DCP_MAX_SHARD_SIZE if input_format.name == "dcp" else None
-            beside = companions_of(members[0])
-            companions = companions_to_copy(members[0], output_format)
+            beside = companions_of(members[0])  # listed once: copied, or said left behind
+            companions = beside if carries_companions(output_format) else []
             notes = _notes(members, beside, companions)
             check_output_path(
                 out,

@@ -25,6 +25,7 @@ from polyak.formats.base import (
 from polyak.formats.safetensors import ShardedParts
 
 __all__ = [
+    "carries_companions",
     "companions_of",
     "companions_to_copy",
     "write_output",
@@ -52,11 +53,16 @@ def companions_of(newest: Checkpoint) -> list[Path]:
     return companion_files(newest.path)
 
 
+def carries_companions(output_format: Format) -> bool:
+    """A safetensors directory output is the one output that can carry companion files."""
+    return output_format.name == "sharded-safetensors"
+
+
 def companions_to_copy(newest: Checkpoint, output_format: Format) -> list[Path]:
     """The files :func:`write_output` copies beside the weights: the newest member's
-    companions (:func:`companions_of`) for a safetensors directory output, the one output
-    that can carry them; none for any other."""
-    return companions_of(newest) if output_format.name == "sharded-safetensors" else []
+    companions (:func:`companions_of`) where the output :func:`carries_companions`;
+    none for any other."""
+    return companions_of(newest) if carries_companions(output_format) else []
 
 
 def write_output(
