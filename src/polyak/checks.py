@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import operator
 import re
-from fractions import Fraction
 
 from polyak.errors import ArgumentError
 
@@ -113,6 +112,8 @@ def parse_size(size: object, name: str = "max_shard_size") -> int:
         match = _SIZE.fullmatch(size)
         unit = match.group(2).upper() if match else None
         if match is not None and unit in _SIZE_UNITS:
+            from fractions import Fraction  # here: exact, and only a size string needs it
+
             value = Fraction(match.group(1))
             if unit not in {"", "B"} or value.denominator == 1:
                 count = int(value * _SIZE_UNITS[unit]) or None

@@ -11,10 +11,9 @@ import contextlib
 import functools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
-from threadpoolctl import ThreadpoolController
 
 from polyak.discovery import Checkpoint
 from polyak.errors import (
@@ -32,6 +31,9 @@ from polyak.formats.base import (
     numpy_dtype,
 )
 from polyak.weights.schemes import normalize
+
+if TYPE_CHECKING:
+    from threadpoolctl import ThreadpoolController
 
 __all__ = [
     "INTEGER_POLICIES",
@@ -166,7 +168,10 @@ class _Scratch:
 
 @functools.cache
 def _blas_controller() -> ThreadpoolController:
-    """threadpoolctl's view of the loaded BLAS libraries, inspected once."""
+    """threadpoolctl's view of the loaded BLAS libraries, inspected once (imported here,
+    when a first average is computed, not by every command at start-up)."""
+    from threadpoolctl import ThreadpoolController
+
     return ThreadpoolController()
 
 

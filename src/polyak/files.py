@@ -16,10 +16,9 @@ Which outputs are directories: a path that ends with ``/`` or has no suffix at a
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import errno
 import filecmp
+import functools
 import glob
 import os
 import re
@@ -307,12 +306,19 @@ def _naming_the_output(error: OutputError, temporary: Path, out: Path) -> Output
     return error if renamed == message else OutputError(renamed)
 
 
+@functools.cache
 def _renameat2() -> object | None:
-    """libc's ``renameat2``, or None where the C library has none (not Linux, old glibc)."""
+    """libc's ``renameat2``, or None where the C library has none (not Linux, old glibc).
+
+    Looked up on the first commit, in the symbols the process has already loaded
+    (``CDLL(None)``: Python itself links the C library), so no command pays for it at
+    start-up, and nothing runs ``ldconfig`` as ``ctypes.util.find_library`` does.
+    """
+    import ctypes  # here: only committing an output needs it
+
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        function = libc.renameat2
-    except (OSError, AttributeError):
+        function = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError, TypeError):  # TypeError: CDLL(None) on Windows
         return None
     function.argtypes = [
         ctypes.c_int,
@@ -325,9 +331,6 @@ def _renameat2() -> object | None:
     return function
 
 
-_RENAMEAT2 = _renameat2()
-
-
 def _rename_no_replace(source: Path, target: Path) -> bool:
     """Rename ``source`` to ``target`` unless ``target`` exists, in one step.
 
@@ -338,13 +341,16 @@ def _rename_no_replace(source: Path, target: Path) -> bool:
         FileExistsError: ``target`` exists (created meanwhile by another writer).
         OSError: any other failure.
     """
-    if _RENAMEAT2 is None:
+    renameat2 = _renameat2()
+    if renameat2 is None:
         return False
-    result = _RENAMEAT2(  # type: ignore[operator]
+    result = renameat2(  # type: ignore[operator]
         _AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target), _RENAME_NOREPLACE
     )
     if result == 0:
         return True
+    import ctypes
+
     code = ctypes.get_errno()
     if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
         return False

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -485,6 +484,8 @@ def read_manifest(directory: str | Path) -> list[Snapshot] | None:
 
 def _digest(path: Path, *, sync: bool = False) -> tuple[str, int]:
     """SHA-256 and size of a file; with ``sync``, fsync it too."""
+    import hashlib  # here: OpenSSL's start-up cost is paid only where files are hashed
+
     digest = hashlib.sha256()
     size = 0
     with open(path, "rb+" if sync else "rb") as file:
