@@ -204,11 +204,9 @@ def _average_floating(
         for start in range(0, info.size, block.chunk):
             stop = min(start + block.chunk, info.size)
             length = stop - start
-            if own_dtype:
-                base = sources[0][start:stop]
-            else:
-                base = block.base[:length]
-                np.copyto(base, sources[0][start:stop], casting="unsafe")
+            base = sources[0][start:stop]
+            if not (own_dtype and base.flags.aligned):
+                base = _staged(base, block.base[:length])
             summed = block.summed[:length]
             # NaN and infinity are checked below (or allowed): numpy's warnings about
             # them would only add lines to the one-line error on stderr.
@@ -216,9 +214,10 @@ def _average_floating(
                 if len(sources) > 1:
                     differences = block.differences[: len(sources) - 1, :length]
                     for row, source in enumerate(sources[1:]):
-                        np.subtract(
-                            source[start:stop], base, out=differences[row], dtype=accumulate
-                        )
+                        part = source[start:stop]
+                        if part.dtype == accumulate and not part.flags.aligned:
+                            part = _staged(part, differences[row])
+                        np.subtract(part, base, out=differences[row], dtype=accumulate)
                     np.matmul(rest, differences, out=summed)
                     np.add(summed, base, out=summed)
                 else:
@@ -248,6 +247,20 @@ def _average_floating(
                 yield output[:length]
 
     return StreamedTensor(info, chunks)
+
+
+def _staged(part: np.ndarray, row: np.ndarray) -> np.ndarray:
+    """``part`` copied into the scratch ``row`` (converted to its dtype); returns the row.
+
+    A member's data that does not start on a multiple of its item size (DCP stores a
+    rank's chunks at whatever offset the file had reached) is copied once, as bytes, into
+    the aligned scratch: numpy computes on misaligned arrays through small buffered
+    copies instead, which made the engine's pass over the DCP benchmark's inputs about
+    20% slower (0.25 s against 0.21 s, medians of 6). The arithmetic after the copy is
+    the same, so the result is too, bit for bit.
+    """
+    np.copyto(row, part, casting="unsafe")
+    return row
 
 
 def _flat(reader: CheckpointReader, name: str) -> np.ndarray:
