@@ -847,6 +847,24 @@ def test_chunked_tensors_are_sliced_flat_without_assembling_them(runs):
             bounds += [tuple(sorted(rng.integers(0, whole.size + 1, 2))) for _ in range(50)]
             for start, stop in bounds:
                 np.testing.assert_array_equal(flat[start:stop], whole[start:stop])
+                # views(): the rows of each chunk that a slice reads (what the prefetcher
+                # brings in), in the chunks' order, none of them copied.
+                views = flat.views(start, stop)
+                assert all(view.base is not None for view in views)
+                row = whole.size // flat.shape[0]
+                first, last = start // row, -(-stop // row)
+                touched = [
+                    chunk
+                    for chunk, _ in flat._parts
+                    if stop > start
+                    and max(first, chunk.offsets[0]) < min(last, chunk.offsets[0] + chunk.sizes[0])
+                ]
+                assert len(views) == len(touched)
+                for view, chunk in zip(views, touched, strict=True):
+                    top = max(first, chunk.offsets[0])
+                    bottom = min(last, chunk.offsets[0] + chunk.sizes[0])
+                    region = (slice(top, bottom), *chunk.slices[1:])
+                    np.testing.assert_array_equal(view, whole.reshape(flat.shape)[region])
             np.testing.assert_array_equal(np.asarray(flat), whole)
 
 

@@ -30,6 +30,7 @@ from polyak.formats.base import (
     is_floating,
     numpy_dtype,
 )
+from polyak.formats.prefetch import Prefetcher
 from polyak.weights.schemes import normalize
 
 if TYPE_CHECKING:
@@ -58,6 +59,11 @@ MIN_CHUNK_ELEMENTS = 1 << 12
 
 
 _MAX_LISTED_DIFFERENCES = 5
+
+
+# The prefetcher is handed the next chunks' pages this many chunks at a time (a few
+# blocks' worth, about 16 MiB), and keeps one to two such groups ahead of the engine.
+LOOKAHEAD_CHUNKS = 4
 
 
 #: Any reader with ``close()``.
@@ -186,12 +192,16 @@ def _average_floating(
     weights: np.ndarray,
     scratch: _Scratch,
     allow_nonfinite: bool,
+    prefetcher: Prefetcher,
+    position: int,
 ) -> StreamedTensor:
     """The weighted mean of one floating tensor, computed chunk by chunk as it is written.
 
     Per chunk: the differences ``x_i - x_1`` of the other members go into a
     cache-resident block, one matrix-vector product (BLAS gemv) weighs and sums them,
-    and ``x_1`` is added back. Each member's data is read once, from its memory map.
+    and ``x_1`` is added back. Each member's data is read once, from its memory map,
+    whose pages for the next ``LOOKAHEAD_CHUNKS`` chunks the ``prefetcher`` brings in
+    meanwhile (its positions: this tensor's chunks count on from ``position``).
     """
     accumulate = _accumulator_dtype(info.dtype)
     rest = np.ascontiguousarray(weights[1:], dtype=accumulate)
@@ -201,7 +211,24 @@ def _average_floating(
         sources = [_flat(reader, name) for reader in readers]
         block = scratch.block(accumulate)
         output = None if own_dtype else scratch.output(info.dtype, block.chunk)
-        for start in range(0, info.size, block.chunk):
+        starts = range(0, info.size, block.chunk)
+
+        def ahead(first: int) -> None:  # the LOOKAHEAD_CHUNKS chunks from ``first`` on
+            last = min(first + LOOKAHEAD_CHUNKS, len(starts)) - 1
+            views = [
+                view
+                for start in starts[first : last + 1]
+                for source in sources
+                for view in _views(source, start, min(start + block.chunk, info.size))
+            ]
+            if views:
+                prefetcher.ahead(position + last, views)
+
+        ahead(1)
+        for index, start in enumerate(starts):
+            prefetcher.reached(position + index)
+            if index % LOOKAHEAD_CHUNKS == 1 or LOOKAHEAD_CHUNKS == 1:
+                ahead(index + LOOKAHEAD_CHUNKS)  # so 1 to 2 groups ahead
             stop = min(start + block.chunk, info.size)
             length = stop - start
             base = sources[0][start:stop]
@@ -261,6 +288,12 @@ def _staged(part: np.ndarray, row: np.ndarray) -> np.ndarray:
     """
     np.copyto(row, part, casting="unsafe")
     return row
+
+
+def _views(source: np.ndarray, start: int, stop: int) -> list[np.ndarray]:
+    """The memory that reading ``source[start:stop]`` touches, as views, none gathered."""
+    views = getattr(source, "views", None)  # a chunked DCP source
+    return views(start, stop) if views is not None else [source[start:stop]]
 
 
 def _flat(reader: CheckpointReader, name: str) -> np.ndarray:
@@ -380,14 +413,17 @@ def average_readers(
 
     def generate() -> Iterator[tuple[str, np.ndarray]]:
         scratch = _Scratch(len(readers), plan)
+        position = 0  # chunks of the tensors before, for the prefetcher
         # Each product is small and cache-resident: BLAS threads only fight over the
         # cores (measured 60x slower on 2 busy cores), so the engine runs BLAS on one.
-        with _blas_controller().limit(limits=1, user_api="blas"):
+        with _blas_controller().limit(limits=1, user_api="blas"), Prefetcher() as prefetcher:
             for name, info in plan:
                 if is_floating(info.dtype):
                     array = _average_floating(
-                        name, info, readers, normalized, scratch, allow_nonfinite
-                    )
+                        name, info, readers, normalized, scratch, allow_nonfinite,
+                        prefetcher, position,
+                    )  # fmt: skip
+                    position += -(-info.size // scratch.block(_accumulator_dtype(info.dtype)).chunk)
                     done = info.nbytes * len(readers)
                 else:
                     array = _carry_integer(name, readers, integers)

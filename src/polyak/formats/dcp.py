@@ -890,6 +890,23 @@ class FlatChunks:
         whole = self[0 : self.size].copy()
         return whole if dtype is None else whole.astype(dtype, copy=False)
 
+    def views(self, start: int, stop: int) -> list[np.ndarray]:
+        """The chunks' rows that hold ``[start:stop]``, as views: nothing is gathered.
+
+        What slicing that range will read (whole rows of each chunk), for
+        :class:`polyak.formats.prefetch.Prefetcher`.
+        """
+        if stop <= start:
+            return []
+        first, last = start // self._row, -(-stop // self._row)  # rows [first, last)
+        views = []
+        for chunk, array in self._parts:
+            low, high = chunk.offsets[0], chunk.offsets[0] + chunk.sizes[0]
+            top, bottom = max(first, low), min(last, high)
+            if top < bottom:
+                views.append(array[top - low : bottom - low])
+        return views
+
     def __getitem__(self, key: slice) -> np.ndarray:
         if type(key) is not slice or key.step not in (None, 1):
             raise TypeError("a FlatChunks is sliced [start:stop] only.")

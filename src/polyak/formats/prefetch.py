@@ -1,0 +1,138 @@
+"""Members' mapped pages brought in by a second thread, ahead of the averaging engine.
+
+The engine reads members through memory maps; the first touch of each page costs a
+page fault (and a disk read where the page is not cached). :class:`Prefetcher` asks the
+kernel to map the next chunks' pages (``madvise(MADV_POPULATE_READ)``) from its own
+thread while the engine computes the current chunk, so the two overlap.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import mmap
+import sys
+import threading
+from collections.abc import Callable, Iterable
+
+import numpy as np
+
+__all__ = ["MADV_POPULATE_READ", "Prefetcher"]
+
+#: Linux 5.14 and later: fault the range's pages in, readable, as a read would.
+MADV_POPULATE_READ = 22
+
+_PAGE = mmap.PAGESIZE
+
+
+class Prefetcher:
+    """Map the pages of the arrays the engine will read next, from a second thread.
+
+    Only an optimization: the engine's results do not depend on it, and a page it has
+    not reached yet is faulted in by the engine's own read as before.
+
+    - ``ahead(position, arrays)`` queues the memory of ``arrays`` (views of the
+      members' maps, for the chunk at ``position``); the thread populates them in order,
+      with ``madvise(MADV_POPULATE_READ)``, which the C library call does without the
+      GIL. ``reached(position)`` tells it where the engine is: it skips what the engine
+      has already read, so it never works behind the engine.
+    - Where the call is refused (not Linux, a kernel before 5.14: ``EINVAL``), the
+      thread stops at the first refusal and the engine reads as it always did. Any
+      other failure (a range no longer mapped) skips that range.
+
+    Measured on 4 DCP steps of 400 MB on a 2-core machine (bench/dcp.py's inputs, model
+    half averaged and written, medians of 8 interleaved runs): 0.225 s instead of
+    0.255 s for the files as torch wrote them, whose pages the kernel maps 4 KiB at a
+    time; no difference for fresh copies of the same files (mapped in large folios),
+    for 10 safetensors files of 100 MB, or with nothing cached (the kernel's readahead
+    already keeps the disk busy).
+
+    Example:
+        >>> with Prefetcher() as prefetcher:  # doctest: +SKIP
+        ...     prefetcher.ahead(1, [member[start:stop] for member in members])
+    """
+
+    def __init__(self) -> None:
+        self._madvise = _madvise() if sys.platform.startswith("linux") else None
+        self._condition = threading.Condition()
+        self._queue: collections.deque[tuple[int, list[tuple[int, int]]]] = collections.deque()
+        self._position = 0
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        if self._madvise is not None:
+            self._thread = threading.Thread(target=self._run, name="polyak-prefetch", daemon=True)
+            self._thread.start()
+
+    @property
+    def active(self) -> bool:
+        """Whether pages are being brought in (False where the kernel cannot)."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def ahead(self, position: int, arrays: Iterable[np.ndarray]) -> None:
+        """Queue the memory of ``arrays``, to be read by the engine at ``position``."""
+        if not self.active:
+            return
+        ranges = [_span(array) for array in arrays]
+        with self._condition:
+            self._queue.append((position, [span for span in ranges if span is not None]))
+            self._condition.notify()
+
+    def reached(self, position: int) -> None:
+        """The engine now reads ``position``: anything queued before it is dropped."""
+        self._position = position  # read by the thread without the lock: a hint
+
+    def close(self) -> None:
+        """Stop the thread (after the range it is populating) and wait for it."""
+        with self._condition:
+            self._closed = True
+            self._queue.clear()
+            self._condition.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+    def __enter__(self) -> Prefetcher:
+        return self
+
+    def __exit__(self, *exception: object) -> None:
+        self.close()
+
+    def _run(self) -> None:
+        import ctypes
+
+        madvise = self._madvise
+        assert madvise is not None
+        while True:
+            with self._condition:
+                while not self._queue and not self._closed:
+                    self._condition.wait()
+                if self._closed:
+                    return
+                position, ranges = self._queue.popleft()
+            if position < self._position:
+                continue  # the engine has been there already
+            for address, length in ranges:
+                if madvise(address, length, MADV_POPULATE_READ) != 0:
+                    if ctypes.get_errno() in (errno.EINVAL, errno.ENOSYS):
+                        return  # this kernel cannot: the engine faults pages in itself
+
+
+def _span(array: np.ndarray) -> tuple[int, int] | None:
+    """The page-aligned address range an array's data lies in (None: empty, strided)."""
+    if array.size == 0 or not array.flags.c_contiguous:
+        return None
+    start = array.ctypes.data
+    first = start - start % _PAGE
+    return first, start + array.nbytes - first
+
+
+def _madvise() -> Callable[[int, int, int], int] | None:
+    """The C library's ``madvise``, called without the GIL (ctypes releases it)."""
+    import ctypes  # here: only an average needs it, not every command's start-up
+
+    try:
+        function = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError, TypeError):
+        return None
+    function.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    function.restype = ctypes.c_int
+    return function
