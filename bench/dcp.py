@@ -28,10 +28,12 @@ What it measures
     is; see ``contender_environment`` in bench/average.py), so the ratio is like for
     like. The start-up rows say how much of each time is fixed.
 
-    After one warm-up run of ``floor`` (which brings the inputs into the page cache),
     ``--repeats`` rounds each run every contender once, in turn, so that a change in
     the machine's load weighs on all alike; the table shows each one's median time and
-    largest peak. The result replaces the README block ``bench-dcp``.
+    largest peak. Before every timed run the inputs are read once, untimed, so every
+    contender finds them in the page cache: on these machines the kernel pages out
+    files left alone for a minute (DAMON reclaim), and a contender that met such pages
+    would pay for the disk. The result replaces the README block ``bench-dcp``.
 
 Run: ``python bench/dcp.py [--size 400MB] [--steps 4] [--repeats 5] [--workdir DIR]``.
 """
@@ -132,6 +134,15 @@ torch.save({name: tensor / len(steps) for name, tensor in total.items()}, out)
 """
 
 
+def warm(files: list[Path]) -> None:
+    """Read every byte of ``files`` (untimed), so that all of them are in the page cache."""
+    buffer = bytearray(16 << 20)
+    for path in files:
+        with open(path, "rb", buffering=0) as file:
+            while file.readinto(buffer):
+                pass
+
+
 def shape_for(member_bytes: int) -> tuple[int, int, int]:
     """Tensors of 2048 x 2048 float32 (16 MiB); half the member is the model."""
     rows = columns = 2048
@@ -183,7 +194,7 @@ def main() -> None:
         "start-polyak": lambda out: [python, "-m", "polyak", "--version"],
     }  # fmt: skip
     log = work / "log.txt"
-    measure_process(contenders["floor"](str(work / "warm")), log, 3600)  # warm the page cache
+    inputs = sorted(path for path in run.rglob("*") if path.is_file())
     # Round after round, every contender once per round: a change in the machine's load
     # during the run then weighs on all of them alike, not on whichever ran then.
     times: dict[str, list[float]] = {name: [] for name in contenders}
@@ -191,6 +202,7 @@ def main() -> None:
     for _ in range(arguments.repeats):
         for name, command in contenders.items():
             out = str(work / f"out-{name}")
+            warm(inputs)
             measurement = measure_process(command(out), log, 3600)
             if measurement.returncode != 0:
                 raise SystemExit(f"{name} failed; see {log}")
