@@ -115,14 +115,23 @@ def _join_torchrun_group() -> str:
     return f" (process {group.rank} of {group.size})"
 
 
+def run() -> None:
+    """The ``polyak`` command: :func:`main` as the whole life of its process.
+
+    The console script and ``python -m polyak`` call this. The objects the imports made
+    (numpy, typer, rich, polyak: tens of thousands) live until the process ends; frozen
+    here (``gc.freeze``), the garbage collector no longer walks them, in its
+    collections while the command runs and in the last one at exit, which took 60 to
+    70 ms of every command on a 2-core machine (``polyak --version`` 0.32 s -> 0.25 s).
+    Objects made from here on are collected as usual. :func:`main`, which a program or
+    a test may call many times in one process, freezes nothing.
+    """
+    gc.freeze()
+    main()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the command line; never returns (exits with the command's code)."""
-    # The objects the imports made (numpy, typer, rich, polyak: tens of thousands) live
-    # until the process ends: frozen, the garbage collector no longer walks them, in
-    # its collections while the command runs and in the last one at exit, which took
-    # 60 to 70 ms of every command on a 2-core machine (`polyak --version` 0.32 s ->
-    # 0.25 s). Objects made from here on are collected as usual.
-    gc.freeze()
     _register()
     arguments = sys.argv[1:] if argv is None else argv
     STATE.verbose = "-v" in arguments or "--verbose" in arguments
