@@ -58,8 +58,25 @@ def test_the_pages_of_queued_arrays_are_mapped_by_the_thread(tmp_path):
     with Prefetcher() as prefetcher:
         assert prefetcher.active
         prefetcher.ahead(1, [data[: 4 << 20]])
+        thread = prefetcher._thread
         assert wait_for(lambda: resident_kb(data) >= 4 << 10)
-    assert not [t for t in threading.enumerate() if t.name == "polyak-prefetch"]
+    assert thread is not None and not thread.is_alive()  # closing waited for it
+
+
+@linux_only
+def test_an_idle_thread_ends_and_the_next_request_starts_another(tmp_path, monkeypatch):
+    # An average abandoned half-way never closes its prefetcher: it must hold no thread.
+    monkeypatch.setattr(prefetch, "IDLE_SECONDS", 0.05)
+    first = mapped_file(tmp_path / "first.bin", 1 << 20)
+    second = mapped_file(tmp_path / "second.bin", 1 << 20)
+    prefetcher = Prefetcher()
+    prefetcher.ahead(1, [first])
+    thread = prefetcher._thread
+    assert wait_for(lambda: resident_kb(first) >= 1 << 10)
+    assert wait_for(lambda: not thread.is_alive())
+    prefetcher.ahead(2, [second])
+    assert wait_for(lambda: resident_kb(second) >= 1 << 10)
+    prefetcher.close()
 
 
 @linux_only
@@ -110,4 +127,5 @@ def test_the_average_is_the_same_with_and_without_the_prefetcher(tmp_path, monke
     without = polyak.average(tmp_path, scheme="linear")
     for name, array in with_it.items():
         assert array.tobytes() == without[name].tobytes()
-    assert not [t for t in threading.enumerate() if t.name == "polyak-prefetch"]
+    # Each average closed its prefetcher; any other test's idle thread ends within a second.
+    assert wait_for(lambda: not [t for t in threading.enumerate() if t.name == "polyak-prefetch"])
