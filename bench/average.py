@@ -28,8 +28,8 @@ What it measures
       once (``numpy.bitwise_or.reduce`` over the mapping as uint64 words, 1 MiB at a
       time: no copy out of the page cache), then writes one output file of the size of
       one member in 1 MiB ``write`` calls and fsyncs it (as ``polyak average`` fsyncs
-      its output). The inputs are in the page cache (no root to drop caches, and the
-      warm-up run reads them), so this is the warm-cache floor.
+      its output). The inputs are in the page cache (the harness reads them before
+      every run), so this is the warm-cache floor.
     - ``floor-read``: the same with ``readinto`` of every input into one reused 1 MiB
       buffer instead of the mapping (one more copy per byte), for comparison.
     - ``polyak``: ``polyak average DIR -o OUT.safetensors --overwrite`` (the console
@@ -79,8 +79,10 @@ How
     checked, and it warms the page cache), then ``--repeats`` rounds, interleaved and
     in a rotating order so that the contenders share the machine's noise. Before every
     run the harness deletes the previous output and calls ``sync`` (untimed), so that
-    no contender pays for another's write-back. polyak and the floor fsync their
-    output; the others do not (their code as people write it), which favours them.
+    no contender pays for another's write-back, and reads every input byte (untimed,
+    :func:`warm`), so that none pays for inputs the kernel paged out meanwhile. polyak
+    and the floor fsync their output; the others do not (their code as people write
+    it), which favours them.
     The table reports the min and the median seconds, the ratio of mins to the
     floor's min, and the largest peak RSS and peak anonymous memory over all runs.
 
@@ -823,6 +825,20 @@ def measure_process(argv: list[str], log_path: Path, timeout: float) -> Measurem
     )
 
 
+def warm(files: list[Path]) -> None:
+    """Read every byte of ``files`` (untimed), so that all of them are in the page cache.
+
+    These machines page out files left alone for about a minute (DAMON reclaim): read
+    again before every timed run, the inputs are cached for every contender alike,
+    instead of whichever one met paged-out inputs paying for the disk.
+    """
+    buffer = bytearray(16 << 20)
+    for path in files:
+        with open(path, "rb", buffering=0) as file:
+            while file.readinto(buffer):
+                pass
+
+
 def remove_output(path: Path) -> None:
     """Delete an output (file or directory) and polyak-style temporaries beside it."""
     if path.is_dir():
@@ -875,6 +891,8 @@ def benchmark_dataset(
     def run(row: Row, label: str) -> Measurement:
         out = row.contender.output(outputs)
         remove_output(out)
+        if dataset is not None:
+            warm(dataset.members)
         measurement = measure_process(row.contender.command(dataset, out), log_path, timeout)
         row.record(measurement)
         log(

@@ -50,7 +50,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from average import measure_process, parse_size, remove_output, size_label
+from average import measure_process, parse_size, remove_output, size_label, warm
 from readme_block import has_readme_block, replace_readme_block
 
 BLOCK = "bench-dcp"
@@ -132,15 +132,6 @@ for step in steps:
         total[name] += tensor
 torch.save({name: tensor / len(steps) for name, tensor in total.items()}, out)
 """
-
-
-def warm(files: list[Path]) -> None:
-    """Read every byte of ``files`` (untimed), so that all of them are in the page cache."""
-    buffer = bytearray(16 << 20)
-    for path in files:
-        with open(path, "rb", buffering=0) as file:
-            while file.readinto(buffer):
-                pass
 
 
 def shape_for(member_bytes: int) -> tuple[int, int, int]:
