@@ -52,7 +52,7 @@ def batch():
 """
 
 SAVE = """
-import io, json, sys
+import io, json, os, sys
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -111,10 +111,16 @@ if dist.get_rank() == 0:
 # active exception"), as polyak.distributed.shut_down avoids for polyak's own runs.
 dist.barrier()
 dist.destroy_process_group()
+# Even so, a rank can still abort that way in torch's C++ teardown after this point
+# (exit code -6, seen in CI): all this script writes is written, so it leaves without
+# the interpreter's teardown, which is torch's, not what the tests are about.
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(0)
 """
 
 LOAD = """
-import json, sys
+import json, os, sys
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -157,6 +163,12 @@ if dist.get_rank() == 0:
 # active exception"), as polyak.distributed.shut_down avoids for polyak's own runs.
 dist.barrier()
 dist.destroy_process_group()
+# Even so, a rank can still abort that way in torch's C++ teardown after this point
+# (exit code -6, seen in CI): all this script writes is written, so it leaves without
+# the interpreter's teardown, which is torch's, not what the tests are about.
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(0)
 """
 
 
