@@ -379,9 +379,12 @@ def average_readers(
     block (``BLOCK_BYTES``, about 4 MiB) allocated once and reused. Per chunk, the
     differences ``x_i - x_1`` are computed into the block straight from the members'
     memory maps, and one BLAS matrix-vector product weighs and sums them, so each input
-    byte is read once. Formats that need whole tensors (npz, Keras, and ``torch.save``
-    for a template only torch could load) collect each one as it is written. The
-    streaming writers hand the chunks to a second thread that writes them to disk
+    byte is read once (a chunk stored at a misaligned address is first copied into the
+    block, where numpy computes at full speed). Meanwhile a second thread maps the
+    pages of the next chunks (:class:`~polyak.formats.prefetch.Prefetcher`). Formats
+    that need whole tensors (npz, Keras, and ``torch.save`` for a template only torch
+    could load) collect each one as it is written. The streaming writers hand the
+    chunks to a third thread that writes them to disk
     (:class:`~polyak.formats.background.BackgroundWriter`) while the next are computed.
 
     Args:
