@@ -193,7 +193,7 @@ def _average_floating(
     scratch: _Scratch,
     allow_nonfinite: bool,
     prefetcher: Prefetcher,
-    position: int,
+    tensor: int,
 ) -> StreamedTensor:
     """The weighted mean of one floating tensor, computed chunk by chunk as it is written.
 
@@ -201,7 +201,8 @@ def _average_floating(
     cache-resident block, one matrix-vector product (BLAS gemv) weighs and sums them,
     and ``x_1`` is added back. Each member's data is read once, from its memory map,
     whose pages for the next ``LOOKAHEAD_CHUNKS`` chunks the ``prefetcher`` brings in
-    meanwhile (its positions: this tensor's chunks count on from ``position``).
+    meanwhile (its positions: ``(tensor, chunk)``, ``tensor`` this one's place in the
+    plan).
     """
     accumulate = _accumulator_dtype(info.dtype)
     rest = np.ascontiguousarray(weights[1:], dtype=accumulate)
@@ -222,11 +223,11 @@ def _average_floating(
                 for view in _views(source, start, min(start + block.chunk, info.size))
             ]
             if views:
-                prefetcher.ahead(position + last, views)
+                prefetcher.ahead((tensor, last), views)
 
         ahead(1)
         for index, start in enumerate(starts):
-            prefetcher.reached(position + index)
+            prefetcher.reached((tensor, index))
             if index % LOOKAHEAD_CHUNKS == 1 or LOOKAHEAD_CHUNKS == 1:
                 ahead(index + LOOKAHEAD_CHUNKS)  # so 1 to 2 groups ahead
             stop = min(start + block.chunk, info.size)
@@ -416,17 +417,15 @@ def average_readers(
 
     def generate() -> Iterator[tuple[str, np.ndarray]]:
         scratch = _Scratch(len(readers), plan)
-        position = 0  # chunks of the tensors before, for the prefetcher
         # Each product is small and cache-resident: BLAS threads only fight over the
         # cores (measured 60x slower on 2 busy cores), so the engine runs BLAS on one.
         with _blas_controller().limit(limits=1, user_api="blas"), Prefetcher() as prefetcher:
-            for name, info in plan:
+            for tensor, (name, info) in enumerate(plan):
                 if is_floating(info.dtype):
                     array = _average_floating(
                         name, info, readers, normalized, scratch, allow_nonfinite,
-                        prefetcher, position,
+                        prefetcher, tensor,
                     )  # fmt: skip
-                    position += -(-info.size // scratch.block(_accumulator_dtype(info.dtype)).chunk)
                     done = info.nbytes * len(readers)
                 else:
                     array = _carry_integer(name, readers, integers)

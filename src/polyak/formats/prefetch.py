@@ -14,6 +14,7 @@ import mmap
 import sys
 import threading
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -35,7 +36,8 @@ class Prefetcher:
     not reached yet is faulted in by the engine's own read as before.
 
     - ``ahead(position, arrays)`` queues the memory of ``arrays`` (views of the
-      members' maps, for the chunk at ``position``); the thread populates them in order,
+      members' maps, for the chunk at ``position``: anything the engine's positions
+      are ordered by, such as ``(tensor, chunk)``); the thread populates them in order,
       with ``madvise(MADV_POPULATE_READ)``, which the C library call does without the
       GIL. ``reached(position)`` tells it where the engine is: it skips what the engine
       has already read, so it never works behind the engine.
@@ -60,8 +62,8 @@ class Prefetcher:
     def __init__(self) -> None:
         self._madvise = _madvise() if sys.platform.startswith("linux") else None
         self._condition = threading.Condition()
-        self._queue: collections.deque[tuple[int, list[tuple[int, int]]]] = collections.deque()
-        self._position = 0
+        self._queue: collections.deque[tuple[Any, list[tuple[int, int]]]] = collections.deque()
+        self._position: Any = None  # where the engine is: None before it starts
         self._closed = False
         self._refused = self._madvise is None
         self._thread: threading.Thread | None = None  # started by ahead(), gone when idle
@@ -71,7 +73,7 @@ class Prefetcher:
         """Whether pages are brought in (False where the kernel cannot, or once closed)."""
         return not (self._refused or self._closed)
 
-    def ahead(self, position: int, arrays: Iterable[np.ndarray]) -> None:
+    def ahead(self, position: Any, arrays: Iterable[np.ndarray]) -> None:
         """Queue the memory of ``arrays``, to be read by the engine at ``position``."""
         if not self.active:
             return
@@ -86,7 +88,7 @@ class Prefetcher:
             else:
                 self._condition.notify()
 
-    def reached(self, position: int) -> None:
+    def reached(self, position: Any) -> None:
         """The engine now reads ``position``: anything queued before it is dropped."""
         self._position = position  # read by the thread without the lock: a hint
 
@@ -126,7 +128,8 @@ class Prefetcher:
                 if self._closed:
                     return
                 position, ranges = self._queue.popleft()
-            if position < self._position:
+            reached = self._position
+            if reached is not None and position < reached:
                 continue  # the engine has been there already
             for address, length in ranges:
                 if madvise(address, length, MADV_POPULATE_READ) == 0:
