@@ -23,7 +23,7 @@ import glob
 import os
 import re
 import shutil
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 from polyak.errors import OutputError
@@ -35,6 +35,7 @@ __all__ = [
     "CHECKPOINT_DIRECTORY_FILES",
     "atomic_directory",
     "atomic_output",
+    "c_function",
     "check_output_path",
     "check_outputs",
     "companion_files",
@@ -306,29 +307,37 @@ def _naming_the_output(error: OutputError, temporary: Path, out: Path) -> Output
     return error if renamed == message else OutputError(renamed)
 
 
-@functools.cache
-def _renameat2() -> object | None:
-    """libc's ``renameat2``, or None where the C library has none (not Linux, old glibc).
+def c_function(name: str, *argtypes: object) -> Callable[..., int] | None:
+    """The C library's function ``name`` returning an int, or None where it has none.
 
-    Looked up on the first commit, in the symbols the process has already loaded
-    (``CDLL(None)``: Python itself links the C library), so no command pays for it at
-    start-up, and nothing runs ``ldconfig`` as ``ctypes.util.find_library`` does.
+    Looked up in the symbols the process has already loaded (``CDLL(None)``: Python
+    itself links the C library), so nothing runs ``ldconfig`` as
+    ``ctypes.util.find_library`` does. ctypes releases the GIL during the call and keeps
+    ``errno`` for ``ctypes.get_errno()``.
+
+    Args:
+        name: the function, e.g. ``"renameat2"``.
+        argtypes: the ctypes types of its arguments.
     """
-    import ctypes  # here: only committing an output needs it
+    import ctypes  # here: only committing an output or prefetching pages needs it
 
     try:
-        function = ctypes.CDLL(None, use_errno=True).renameat2
+        function = getattr(ctypes.CDLL(None, use_errno=True), name)
     except (OSError, AttributeError, TypeError):  # TypeError: CDLL(None) on Windows
         return None
-    function.argtypes = [
-        ctypes.c_int,
-        ctypes.c_char_p,
-        ctypes.c_int,
-        ctypes.c_char_p,
-        ctypes.c_uint,
-    ]
+    function.argtypes = list(argtypes)
     function.restype = ctypes.c_int
     return function
+
+
+@functools.cache
+def _renameat2() -> Callable[..., int] | None:
+    """libc's ``renameat2`` (None: not Linux, old glibc), looked up on the first commit."""
+    import ctypes
+
+    return c_function(
+        "renameat2", ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint
+    )
 
 
 def _rename_no_replace(source: Path, target: Path) -> bool:

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from polyak.files import c_function
+
 __all__ = ["MADV_POPULATE_READ", "Prefetcher"]
 
 #: Linux 5.14 and later: fault the range's pages in, readable, as a read would.
@@ -151,14 +153,8 @@ def _span(array: np.ndarray) -> tuple[int, int] | None:
     return first, start + array.nbytes - first
 
 
-def _madvise() -> Callable[[int, int, int], int] | None:
+def _madvise() -> Callable[..., int] | None:
     """The C library's ``madvise``, called without the GIL (ctypes releases it)."""
     import ctypes  # here: only an average needs it, not every command's start-up
 
-    try:
-        function = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError, TypeError):
-        return None
-    function.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    function.restype = ctypes.c_int
-    return function
+    return c_function("madvise", ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
